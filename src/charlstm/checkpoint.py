@@ -1,0 +1,274 @@
+"""Self-describing, crash-safe checkpoints that load without running any code.
+
+A checkpoint is ONE safetensors file. Its tensors are the model weights (``model.*``) and, for the
+``last/`` checkpoint, everything needed to resume exactly (``optim.*``, ``rng.*``, ``hidden.*``). Its
+header metadata holds a JSON document: format and version, the model configuration, the vocabulary,
+the whole run configuration, the step, the metrics and the resumable counters. One file means one
+atomic ``os.replace``: a crash or a full disk at any moment leaves either the old file or the new one,
+never a mixture.
+
+Loading never unpickles. Before safetensors parses anything we check the first bytes (a pickle or a
+``torch.save`` zip is refused by name), the header length (a hostile header cannot make us allocate
+gigabytes) and the file length (a truncated file is named as such); then the JSON is validated
+against the schema and the tensor shapes against the configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from charlstm.config import ModelConfig, RunConfig, apply_overrides, from_dict
+from charlstm.errors import CheckpointError, UserError
+from charlstm.vocabulary import Vocabulary
+
+FORMAT = "charlstm-checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.safetensors"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_FILE_BYTES = 8 * 1024**3
+
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds once validated."""
+
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return model_config_from_meta(self.meta)
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return Vocabulary.from_list(self.meta["vocab"])
+
+    @property
+    def run_config(self) -> RunConfig:
+        return from_dict(self.meta["config"])
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+
+    def group(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) + 1:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def _write_all(fh, data: bytes) -> None:
+    """The single place bytes reach the disk; tests replace it to simulate a full disk."""
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    On any failure the temporary file is removed and the previous `path` is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write_all(fh, data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Serialise and atomically write one checkpoint file; a failed write keeps the previous one."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = st_save(cpu, metadata={"charlstm": json.dumps(meta, ensure_ascii=False)})
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint is "
+            "intact; free some disk space and resume with --resume"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _read_header(path: Path, data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is truncated ({len(data)} bytes); use an intact copy")
+    if data.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(
+            f"{path} is a pickle (torch.save) file; charlstm never unpickles, since loading a pickle "
+            "can run code; use a charlstm safetensors checkpoint"
+        )
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path} claims a {n:,}-byte header (limit {MAX_HEADER_BYTES:,}); it is corrupt or hostile"
+        )
+    if 8 + n > len(data):
+        raise CheckpointError(f"{path} is truncated (header cut short); use an intact copy")
+    try:
+        header = json.loads(data[8: 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not an object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise CheckpointError(f"{path} has a malformed entry for tensor {name!r}")
+        end = max(end, int(offsets[1]))
+    if 8 + n + end > len(data):
+        raise CheckpointError(
+            f"{path} is truncated ({len(data):,} of {8 + n + end:,} bytes); use an intact copy"
+        )
+    return header
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint file; every failure is a one-line `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}; give a run folder made by `charlstm train`")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(f"{path} is {size:,} bytes, larger than any charlstm checkpoint")
+    data = path.read_bytes()
+    header = _read_header(path, data)
+    raw_meta = (header.get("__metadata__") or {}).get("charlstm")
+    if raw_meta is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a charlstm checkpoint")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has unreadable charlstm metadata") from None
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+    ckpt = Checkpoint(path, meta, tensors)
+    validate_checkpoint(ckpt)
+    return ckpt
+
+
+def model_config_from_meta(meta: dict[str, Any]) -> ModelConfig:
+    return apply_overrides(RunConfig(), dict(meta["model"])).model
+
+
+def validate_checkpoint(ckpt: Checkpoint) -> None:
+    """The schema: format, version, model config, vocabulary, and tensors that fit them."""
+    from charlstm.model import CharRNN
+
+    meta, path = ckpt.meta, ckpt.path
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a charlstm checkpoint (wrong format tag)")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}; this charlstm reads version "
+            f"{FORMAT_VERSION}; use the charlstm release that wrote it"
+        )
+    for key in ("model", "vocab", "config", "step"):
+        if key not in meta:
+            raise CheckpointError(f"{path} metadata lacks {key!r}; the file is damaged")
+    try:
+        mc = model_config_from_meta(meta)
+        from_dict(meta["config"])
+    except (UserError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path} has an invalid configuration ({exc})") from None
+    vocab = meta["vocab"]
+    if not (isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
+        raise CheckpointError(f"{path} has a malformed vocabulary")
+    if len(set(vocab)) != len(vocab):
+        raise CheckpointError(f"{path} has a vocabulary with repeated characters")
+    if len(vocab) != mc.vocab_size:
+        raise CheckpointError(
+            f"{path}: vocabulary has {len(vocab)} characters but the model expects {mc.vocab_size}"
+        )
+    with torch.device("meta"):
+        expected = CharRNN(mc).state_dict()
+    state = ckpt.model_state()
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state))[:3]
+        extra = sorted(set(state) - set(expected))[:3]
+        raise CheckpointError(f"{path} weights do not match the model (missing {missing}, extra {extra})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the configuration says "
+                f"{tuple(expected[name].shape)}"
+            )
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} holds non-finite or non-float values")
+    if not isinstance(meta["step"], int) or meta["step"] < 0:
+        raise CheckpointError(f"{path} has an invalid step count")
+    for key, value in (meta.get("metrics") or {}).items():
+        if isinstance(value, float) and not math.isfinite(value) and key != "best_val_loss":
+            raise CheckpointError(f"{path} metric {key} is not finite")
+
+
+# ---------------------------------------------------------------------------------------- run folders
+
+
+def checkpoint_path(run_dir: Path, which: str) -> Path:
+    return Path(run_dir) / which / CHECKPOINT_FILE
+
+
+def is_run_dir(path: Path) -> bool:
+    path = Path(path)
+    return (path / "config.toml").is_file() or any(
+        checkpoint_path(path, w).is_file() for w in ("best", "last")
+    )
+
+
+def find_checkpoint(run: str | Path, prefer: str = "best") -> Path:
+    """The checkpoint file of a run folder (best by default), or a checkpoint file given directly."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.exists():
+        raise CheckpointError(f"run folder {str(run)!r} does not exist; give a folder made by `charlstm train`")
+    order = [prefer] + [w for w in ("best", "last") if w != prefer]
+    for which in order:
+        p = checkpoint_path(run, which)
+        if p.is_file():
+            return p
+    raise CheckpointError(
+        f"{str(run)!r} is not a charlstm run folder (no best/ or last/ checkpoint); "
+        "give a folder made by `charlstm train`"
+    )

@@ -1,0 +1,220 @@
+"""The `charlstm` command: a thin layer that parses options and calls library functions.
+
+Every option of `charlstm train` is generated from the configuration dataclasses, so a new field is
+a new flag with no second list to keep in sync. Errors meant for the user (`UserError`) are printed as
+one line on stderr with exit status 2; Ctrl-C during training exits 130 (SIGTERM 143) after saving.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from charlstm.config import RunConfig, _type_options, field_index, load_toml
+from charlstm.errors import TrainingStopped, UserError
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"charlstm: error: {message}", err=True)
+    sys.exit(code)
+
+
+class CharlstmGroup(click.Group):
+    """Turns library errors into one-line messages and exit codes instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            _fail(str(exc), exc.exit_code)
+        except TrainingStopped as exc:
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+
+@click.group(cls=CharlstmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="charlstm")
+def main() -> None:
+    """Train a character-level LSTM on any text, generate from it, and see what it learned."""
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def _config_options(func):
+    """Add one --flag per configuration field (default None = keep the preset's value)."""
+    for name, (section, f) in reversed(list(field_index().items())):
+        if name in ("vocab_size",):
+            continue
+        opts = _type_options(f.type)
+        flag = "--" + name.replace("_", "-")
+        help_text = f"[{section}] default: {f.default!r}"
+        if bool in opts:
+            func = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None,
+                                help=help_text)(func)
+        else:
+            kind = float if float in opts else int if int in opts else str
+            func = click.option(flag, name, type=kind, default=None, help=help_text)(func)
+    return func
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML preset; flags override it.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder to write (default runs/<dataset>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this folder from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Replace the run files already in --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@_config_options
+def train(config_path, out, resume_dir, force, no_progress, **fields) -> None:
+    """Train a model on --dataset NAME or --text FILE and write a run folder."""
+    from charlstm.training import resume_config
+    from charlstm.training import train as train_run
+
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    if overrides.get("text"):
+        overrides.setdefault("dataset", None)
+    if resume_dir:
+        if config_path:
+            raise UserError("--config cannot be combined with --resume; the run keeps its own config")
+        if out and Path(out) != Path(resume_dir):
+            raise UserError("--out cannot differ from --resume; the run continues in its own folder")
+        config = resume_config(Path(resume_dir), overrides)
+        train_run(config, resume_dir, resume=True, progress=not no_progress)
+        return
+    config = load_toml(config_path) if config_path else RunConfig()
+    config = config.replace(**overrides)
+    if out is None:
+        name = Path(config.data.text).stem if config.data.text else config.data.dataset
+        out = str(Path("runs") / str(name))
+    train_run(config, out, force=force, progress=not no_progress)
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+
+def _parse_temperatures(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--temperatures takes numbers separated by commas, got {value!r}") from None
+
+
+def _write_output(out: str | None, text: str) -> None:
+    if out is None:
+        click.echo(text)
+        return
+    from charlstm.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(out), text)
+    click.echo(f"wrote {out}", err=True)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--start-text", default=" ", show_default=True, help="Text the samples continue.")
+@click.option("--length", default=200, show_default=True, type=int, help="Characters to generate.")
+@click.option("--temperature", default=0.3, show_default=True, type=float, help="0 = greedy.")
+@click.option("--temperatures", help="Comma-separated temperatures: one sample per value, side by side.")
+@click.option("--top-k", type=int, help="Keep the k most likely characters.")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold in (0, 1].")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--num-samples", default=1, show_default=True, type=int)
+@click.option("--seed", type=int, help="Seed for reproducible samples.")
+@click.option("--stop", multiple=True, help="Stop a sample at this string (repeatable).")
+@click.option("--max-lines", type=int, help="Stop after this many lines.")
+@click.option("--max-stanzas", type=int, help="Stop after this many blank-line-separated stanzas.")
+@click.option("--unknown", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+              help="What to do with start-text characters the model never saw.")
+@click.option("--stream", is_flag=True, help="Print text as it is produced.")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the samples to this file.")
+def generate(run, start_text, length, temperature, temperatures, top_k, top_p, repetition_penalty,
+             num_samples, seed, stop, max_lines, max_stanzas, unknown, stream, which, device, out) -> None:
+    """Generate text from a trained RUN folder."""
+    from charlstm.api import load
+
+    model = load(run, which=which, device=device)
+    extra = dict(repetition_penalty=repetition_penalty, stop=stop, max_lines=max_lines,
+                 max_stanzas=max_stanzas, unknown=unknown)
+    temps = _parse_temperatures(temperatures)
+    if temps:
+        from charlstm.textutil import side_by_side
+
+        columns = []
+        for temp in temps:
+            text = model.generate(start_text, length, temp, top_k, top_p, 1, seed, **extra)[0]
+            columns.append((f"temperature {temp:g}", text))
+        _write_output(out, side_by_side(columns))
+        return
+    if stream and out is None:
+        for i in range(num_samples):
+            s = None if seed is None else seed + i
+            for texts in model.stream(start_text, length, temperature, top_k, top_p, 1, s, **extra):
+                click.echo(texts.get(0, ""), nl=False)
+            click.echo("\n" if i < num_samples - 1 else "")
+        return
+    samples = model.generate(start_text, length, temperature, top_k, top_p, num_samples, seed, **extra)
+    sep = "\n\n" + "-" * 40 + "\n\n"
+    _write_output(out, sep.join(samples))
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--text", "text_path", type=click.Path(), help="Evaluate on this file.")
+@click.option("--dataset", help="Evaluate on the validation split of this named dataset.")
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--unknown", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None:
+    """Loss (nats/char), bits/char and perplexity of RUN on a text (default: its validation split)."""
+    from charlstm.api import load
+    from charlstm.config import from_dict
+    from charlstm.corpus import load_corpus, read_text, split_text
+
+    model = load(run, which=which)
+    if text_path:
+        text, source = read_text(text_path, encoding), text_path
+    else:
+        cfg = from_dict(model.meta["config"])
+        name = dataset or cfg.data.dataset
+        path = None if dataset else cfg.data.text
+        full, source = load_corpus(name, path, cfg.data.encoding)
+        text = split_text(full, cfg.data.val_fraction)[1]
+        source += " (validation split)"
+    result = {"source": source, **model.evaluate(text, unknown=unknown)}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{source}: {result['loss']:.4f} nats/char, {result['bits_per_char']:.4f} bits/char, "
+                   f"perplexity {result['perplexity']:.3f} over {result['characters']:,} characters")
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def datasets(as_json) -> None:
+    """List the named corpora and whether a verified local copy exists."""
+    from charlstm import datasets as ds
+
+    rows = ds.status()
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    for row in rows:
+        state = row["local"] or "not cached (downloaded on first use)"
+        click.echo(f"{row['name']:<16} {row['description']}\n{'':<16} {state}")

@@ -1,0 +1,173 @@
+"""Named corpora: where each one comes from, and how a local copy is found or fetched.
+
+Each dataset has a pinned address and a sha256. A copy is looked for in ``$CHARLSTM_DATA`` (tests and
+CI point it at the read-only shared folder), then in the user cache, and only then downloaded. Every
+copy is checked against the sha256 before use: a mismatch is an error, never a silent substitute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from charlstm.errors import UserError
+
+DATA_ENV = "CHARLSTM_DATA"
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    name: str
+    filename: str
+    url: str
+    sha256: str
+    description: str
+
+
+DATASETS: dict[str, NamedDataset] = {
+    d.name: d
+    for d in (
+        NamedDataset(
+            "byron-ru",
+            "byron_ru.txt",
+            "https://raw.githubusercontent.com/Rapptarr/Laba2/"
+            "4fc6526fe6db928aeec03a8bbeaf3520e59a1f28/train_text.txt",
+            "06d921a6b5dc1ea38dc94b8c33c05fcf16b15f8101d713df96bafab20b3fa11d",
+            "Byron's poems in Russian translation, the lab's corpus (12,285 characters)",
+        ),
+        NamedDataset(
+            "onegin-ru",
+            "onegin_ru.txt",
+            "https://raw.githubusercontent.com/attatrol/data_sources/"
+            "c7958eb325e371b4e31792815fcf5f80d85d2878/onegin.txt",
+            "2990bb79495c017175794596e9b5f98e9e10cf569197e4c561bdd9a2853fb948",
+            "Pushkin, 'Eugene Onegin', Russian verse (152,374 characters)",
+        ),
+        NamedDataset(
+            "tinyshakespeare",
+            "tinyshakespeare.txt",
+            "https://raw.githubusercontent.com/karpathy/char-rnn/"
+            "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt",
+            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            "40,000 lines of Shakespeare, the standard char-level benchmark (1,115,394 characters)",
+        ),
+    )
+}
+
+DEFAULT_DATASET = "byron-ru"
+
+
+def cache_dir() -> Path:
+    """The per-user cache folder for downloaded corpora."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "charlstm" / "datasets"
+
+
+def get_dataset(name: str) -> NamedDataset:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (see `charlstm datasets`)"
+            " or give your own file with --text"
+        ) from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def candidate_paths(ds: NamedDataset) -> list[Path]:
+    """Where a local copy may lie, in the order they are tried."""
+    paths = []
+    if os.environ.get(DATA_ENV):
+        paths.append(Path(os.environ[DATA_ENV]) / ds.filename)
+    paths.append(cache_dir() / ds.filename)
+    return paths
+
+
+def _verified(path: Path, ds: NamedDataset) -> Path:
+    actual = sha256_file(path)
+    if actual != ds.sha256:
+        raise UserError(
+            f"{path} does not match the pinned sha256 of {ds.name} (got {actual[:12]}…, expected "
+            f"{ds.sha256[:12]}…); delete it so a fresh copy is downloaded, or fix {DATA_ENV}"
+        )
+    return path
+
+
+def find_local(name: str) -> Path | None:
+    """A verified local copy of the dataset, or None if there is none (a bad copy is an error)."""
+    ds = get_dataset(name)
+    for path in candidate_paths(ds):
+        if path.is_file():
+            return _verified(path, ds)
+    return None
+
+
+def download(ds: NamedDataset, dest: Path, progress: bool = True) -> Path:
+    """Download to a temporary file beside `dest`, check the sha256, then rename into place."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{ds.filename}.", dir=dest.parent)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(ds.url, timeout=30) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=ds.name, disable=not progress) as bar:
+                for block in iter(lambda: resp.read(1 << 16), b""):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+        if digest.hexdigest() != ds.sha256:
+            raise UserError(
+                f"the download of {ds.name} from {ds.url} does not match its pinned sha256; "
+                "try again later or place a verified copy in " + str(dest.parent)
+            )
+        os.replace(tmp, dest)
+        return dest
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        places = " or ".join(str(p.parent) for p in candidate_paths(ds))
+        raise UserError(
+            f"cannot download {ds.name} from {ds.url} ({reason}); put {ds.filename} in {places} "
+            f"(or point {DATA_ENV} at a folder holding it)"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve(name: str, allow_download: bool = True, progress: bool = True) -> Path:
+    """The path of a verified copy of the named dataset, downloading it into the cache if needed."""
+    ds = get_dataset(name)
+    local = find_local(name)
+    if local is not None:
+        return local
+    if not allow_download:
+        places = " or ".join(str(p.parent) for p in candidate_paths(ds))
+        raise UserError(f"no local copy of {ds.name}; put {ds.filename} in {places}")
+    return download(ds, cache_dir() / ds.filename, progress=progress)
+
+
+def status() -> list[dict[str, str | None]]:
+    """One row per dataset: its name, description and the verified local copy, if any."""
+    rows = []
+    for ds in DATASETS.values():
+        try:
+            where = find_local(ds.name)
+            state = str(where) if where else None
+        except UserError:
+            state = "corrupt copy (sha256 mismatch)"
+        rows.append({"name": ds.name, "description": ds.description, "local": state, "url": ds.url})
+    return rows

@@ -1,0 +1,73 @@
+"""The network: Embedding → recurrent layers → Dropout → Linear, as in the lab.
+
+The lab names its parts ``encoder`` (the embedding), ``lstm``, ``dropout`` and ``fc``; we keep
+``encoder``, ``dropout`` and ``fc`` and call the recurrent part ``rnn`` because ``--cell`` may make it a
+GRU or a plain RNN for comparison. The module is plain: no optimizer, vocabulary or file I/O inside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from charlstm.config import ModelConfig
+
+# An LSTM's state is (h, c); a GRU's or plain RNN's is h alone.
+Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class CharRNN(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set from the vocabulary")
+        self.config = config
+        self.encoder = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.rnn = _CELLS[config.cell](
+            config.embedding_size,
+            config.hidden_size,
+            config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.fc = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> Hidden:
+        shape = (self.config.num_layers, batch_size, self.config.hidden_size)
+        h = torch.zeros(shape, device=device)
+        if self.config.cell == "lstm":
+            return (h, torch.zeros(shape, device=device))
+        return h
+
+    def forward(self, idx: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+        """idx (B, T) of character indices → logits (B, T, V) and the new hidden state."""
+        x = self.embedding_dropout(self.encoder(idx))  # (B, T, E)
+        out, hidden = self.rnn(x, hidden)  # (B, T, H)
+        logits = self.fc(self.dropout(out))  # (B, T, V)
+        return logits, hidden
+
+
+def detach_hidden(hidden: Hidden | None) -> Hidden | None:
+    """Cut the graph between windows: without it, backward would run through every window since the
+    start of the epoch, and memory and time would grow without bound."""
+    if hidden is None:
+        return None
+    if isinstance(hidden, tuple):
+        return tuple(h.detach() for h in hidden)  # type: ignore[return-value]
+    return hidden.detach()
+
+
+def hidden_tensors(hidden: Hidden) -> list[torch.Tensor]:
+    return list(hidden) if isinstance(hidden, tuple) else [hidden]
+
+
+def hidden_from_tensors(tensors: list[torch.Tensor], cell: str) -> Hidden:
+    return (tensors[0], tensors[1]) if cell == "lstm" else tensors[0]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

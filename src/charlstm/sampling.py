@@ -1,0 +1,272 @@
+"""Turning a trained model into text: sampling controls and a batched, incremental generator.
+
+Semantics follow the lab: feed ``start_text`` through the model, then draw one character at a time
+from ``softmax(logits / temperature)``. Added controls: temperature 0 is greedy (argmax), ``top_k``
+keeps the k most likely characters, ``top_p`` keeps the smallest set whose probability reaches p,
+and a repetition penalty lowers the logits of characters seen in the last few positions.
+
+Randomness is counter-based: stream i with seed s draws its t-th uniform from splitmix64(s, t). That
+makes every stream's text depend only on its own seed, not on how many other streams share the batch
+or on any global RNG, and it lets the fast paths reproduce the reference draws exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from charlstm.errors import UserError
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = (np.uint64(s) for s in (30, 27, 31, 11))
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+def uniforms(seeds: np.ndarray, counter: int) -> np.ndarray:
+    """The `counter`-th uniform in [0, 1) of each stream (splitmix64; vectorised over streams)."""
+    with np.errstate(over="ignore"):
+        state = seeds.astype(np.uint64) + np.uint64(counter + 1) * _GAMMA
+        return (_mix64(state) >> _S11).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def stream_seeds(seed: int | None, n: int) -> np.ndarray:
+    """Independent per-stream seeds derived from one user seed (a fresh random one if None)."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    with np.errstate(over="ignore"):
+        base = np.uint64(seed % (1 << 64))
+        return _mix64(base + np.arange(1, n + 1, dtype=np.uint64) * _M2)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.3
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    repetition_window: int = 20
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise UserError(f"temperature must be a finite number >= 0, got {t!r}; 0 means greedy")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise UserError(f"top_k must be a whole number >= 0, got {self.top_k!r}; 0 disables it")
+        p = self.top_p
+        if p is not None and (not isinstance(p, int | float) or not math.isfinite(p) or not 0 < p <= 1):
+            raise UserError(f"top_p must be in (0, 1], got {p!r}")
+        r = self.repetition_penalty
+        if not isinstance(r, int | float) or not math.isfinite(r) or r < 1:
+            raise UserError(f"repetition_penalty must be a finite number >= 1, got {r!r}; 1 disables it")
+        if self.repetition_window < 1:
+            raise UserError(f"repetition_window must be >= 1, got {self.repetition_window}")
+
+
+def apply_repetition_penalty(logits: np.ndarray, recent: np.ndarray | None, penalty: float) -> np.ndarray:
+    """CTRL's penalty: shrink the logits of recently produced characters. `recent` is (N, W) of ids,
+    -1 where empty."""
+    if penalty == 1.0 or recent is None or recent.size == 0:
+        return logits
+    logits = logits.copy()
+    rows = np.repeat(np.arange(logits.shape[0]), recent.shape[1])
+    cols = recent.reshape(-1)
+    keep = cols >= 0
+    rows, cols = rows[keep], cols[keep]
+    vals = logits[rows, cols]
+    logits[rows, cols] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def next_token_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """(N, V) float64 logits → (N, V) probabilities after temperature, top-k and top-p."""
+    z = logits / params.temperature
+    V = z.shape[1]
+    if params.top_k and params.top_k < V:
+        kth = np.partition(z, V - params.top_k, axis=1)[:, V - params.top_k][:, None]
+        z = np.where(z >= kth, z, -np.inf)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    if params.top_p is not None and params.top_p < 1.0:
+        order = np.argsort(-p, axis=1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=1)
+        before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly before each entry
+        drop_sorted = before >= params.top_p  # keeps the smallest prefix reaching top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+def sample_step(logits: np.ndarray, params: SamplingParams, seeds: np.ndarray, counter: int,
+                recent: np.ndarray | None = None) -> np.ndarray:
+    """The reference sampler: one character index per row of `logits` (N, V)."""
+    logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float64), recent,
+                                      params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(axis=1)
+    p = next_token_probs(logits, params)
+    cdf = np.cumsum(p, axis=1)
+    u = uniforms(seeds, counter) * cdf[:, -1]
+    idx = (cdf <= u[:, None]).sum(axis=1)
+    return np.minimum(idx, p.shape[1] - 1)
+
+
+# ---------------------------------------------------------------------------------------- stopping
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a stream is finished: a stop string, a number of lines, or a number of stanzas."""
+
+    stop: tuple[str, ...] = ()
+    max_lines: int | None = None
+    max_stanzas: int | None = None
+
+    def __post_init__(self) -> None:
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must not be empty")
+        for name in ("max_lines", "max_stanzas"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise UserError(f"{name} must be >= 1, got {v}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stop) or self.max_lines is not None or self.max_stanzas is not None
+
+    def cut(self, generated: str) -> int | None:
+        """The length to keep if `generated` (text after the start text) is finished, else None."""
+        ends = []
+        for s in self.stop:
+            i = generated.find(s)
+            if i >= 0:
+                ends.append(i)
+        if self.max_lines is not None:
+            i = _nth(generated, "\n", self.max_lines)
+            if i is not None:
+                ends.append(i)
+        if self.max_stanzas is not None:
+            i = _nth_stanza_end(generated, self.max_stanzas)
+            if i is not None:
+                ends.append(i)
+        return min(ends) if ends else None
+
+
+def _nth(text: str, sub: str, n: int) -> int | None:
+    i = -1
+    for _ in range(n):
+        i = text.find(sub, i + 1)
+        if i < 0:
+            return None
+    return i
+
+
+def _nth_stanza_end(text: str, n: int) -> int | None:
+    """Index of the blank line that closes the n-th stanza (a stanza needs some non-blank text)."""
+    count, i, seen_text = 0, 0, False
+    while True:
+        j = text.find("\n\n", i)
+        if j < 0:
+            return None
+        if text[i:j].strip():
+            seen_text = True
+        if seen_text:
+            count += 1
+            seen_text = False
+            if count == n:
+                return j
+        i = j + 1
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class StreamChunk:
+    """New text for some streams after one step; `finished` lists streams that ended at this step."""
+
+    texts: dict[int, str]
+    finished: list[int]
+
+
+def _prime(model, prompts: Sequence[Sequence[int]], device: torch.device):
+    """Feed each start text through the model; return the last logits (N, V) and stacked state."""
+    last_logits, states = [], []
+    for ids in prompts:
+        x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        logits, hidden = model(x)
+        last_logits.append(logits[0, -1])
+        states.append(hidden)
+    logits = torch.stack(last_logits)
+    if isinstance(states[0], tuple):
+        hidden = tuple(torch.cat([s[k] for s in states], dim=1) for k in range(len(states[0])))
+    else:
+        hidden = torch.cat(states, dim=1)
+    return logits, hidden
+
+
+@torch.inference_mode()
+def generate_stream(model, prompts: Sequence[Sequence[int]], length: int, params: SamplingParams,
+                    seeds: np.ndarray, decode, stop: StopRule | None = None,
+                    device: torch.device | str = "cpu") -> Iterator[StreamChunk]:
+    """Yield text as it is produced for N streams at once (one model step per character).
+
+    Streams finish early when their `stop` rule fires; the step loop ends when all have finished or
+    `length` characters were drawn. Each stream's draws depend only on its own seed.
+    """
+    if length < 1:
+        raise UserError(f"length must be >= 1, got {length}")
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("the start text is empty after removing unknown characters; give a start text")
+    model.eval()
+    device = torch.device(device)
+    n = len(prompts)
+    stop = stop or StopRule()
+    logits, hidden = _prime(model, prompts, device)
+    active = np.ones(n, dtype=bool)
+    generated = [""] * n
+    W = params.repetition_window
+    recent = np.full((n, W), -1, dtype=np.int64)
+    for ids, row in zip(prompts, recent):
+        tail = list(ids)[-W:]
+        row[W - len(tail):] = tail
+    use_recent = params.repetition_penalty != 1.0
+    for t in range(length):
+        idx = sample_step(logits.double().cpu().numpy(), params, seeds, t, recent if use_recent else None)
+        if use_recent:
+            recent = np.concatenate([recent[:, 1:], idx[:, None]], axis=1)
+        texts, finished = {}, []
+        for i in np.flatnonzero(active):
+            ch = decode([idx[i]])
+            if stop.active:
+                keep = stop.cut(generated[i] + ch)
+                if keep is not None:
+                    ch = (generated[i] + ch)[len(generated[i]):keep]
+                    active[i] = False
+                    finished.append(int(i))
+            generated[i] += ch
+            if ch:
+                texts[int(i)] = ch
+        if t == length - 1:
+            finished.extend(int(i) for i in np.flatnonzero(active))
+            active[:] = False
+        yield StreamChunk(texts, finished)
+        if not active.any():
+            return
+        x = torch.from_numpy(idx).to(device).view(n, 1)
+        out, hidden = model(x, hidden)
+        logits = out[:, -1]

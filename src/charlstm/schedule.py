@@ -1,0 +1,69 @@
+"""Learning-rate schedules as small pure functions and one tiny stateful plateau rule.
+
+``plateau`` is the lab's rule (halve the rate when the monitored loss has not improved for 5
+evaluations; factor and patience configurable), applied here to the validation loss. ``cosine``
+decays from the base rate to ``min_lr`` over the run's budget, measured as the larger of the step
+fraction and the time fraction, so a run with only ``--max-time`` still anneals. ``constant`` keeps the
+base rate. All three share a linear warm-up over ``warmup_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from charlstm.config import OptimConfig, TrainConfig
+
+
+@dataclass
+class Plateau:
+    """Multiply the rate by `factor` after `patience` evaluations without improvement."""
+
+    factor: float
+    patience: int
+    min_scale: float = 0.0
+    best: float = math.inf
+    bad: int = 0
+    scale: float = 1.0
+
+    def update(self, loss: float) -> float:
+        # A relative threshold (as torch's ReduceLROnPlateau) so that noise does not count as progress.
+        if loss < self.best * (1 - 1e-4):
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.bad > self.patience:
+                self.scale = max(self.scale * self.factor, self.min_scale)
+                self.bad = 0
+        return self.scale
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def budget_progress(step: int, elapsed: float, train: TrainConfig) -> float:
+    """How far through its budget the run is, in [0, 1]."""
+    fractions = []
+    if train.max_steps:
+        fractions.append(step / train.max_steps)
+    if train.max_time:
+        fractions.append(elapsed / train.max_time)
+    return min(1.0, max(fractions)) if fractions else 0.0
+
+
+def learning_rate(step: int, progress: float, plateau_scale: float, optim: OptimConfig) -> float:
+    """The rate for the next step."""
+    # 1) linear warm-up
+    warm = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+    # 2) the schedule proper
+    if optim.schedule == "cosine":
+        base = optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif optim.schedule == "plateau":
+        base = max(optim.lr * plateau_scale, optim.min_lr)
+    else:
+        base = optim.lr
+    return base * warm

@@ -1,0 +1,479 @@
+"""The training loop, from a configuration to a run folder.
+
+`train` reads the corpus, builds the vocabulary and the model, and runs Adam on the cross-entropy of
+next-character prediction until a budget (steps or seconds), early stopping, a signal or a numerical
+fault ends it. Every `eval_interval` steps it measures the validation loss, feeds the plateau schedule
+and early stopping, keeps the best weights in ``best/`` and everything needed to resume in ``last/``.
+
+Exact resume: the ``last/`` checkpoint holds the weights, Adam's moments, the schedule, the torch RNG,
+the batcher's position and RNG, the carried hidden state and every counter. A run interrupted at step
+N and resumed to 2N ends with the same weights as a run that went straight to 2N (same seed, same
+thread count, CPU). A stop in the middle only *reports* a validation loss; it never feeds the
+schedule or early stopping, which must see exactly the evaluations an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from charlstm import checkpoint as ckpt_io
+from charlstm.batching import make_batcher
+from charlstm.config import RunConfig, from_dict, to_toml
+from charlstm.corpus import load_corpus, split_text
+from charlstm.errors import NonFiniteLoss, TrainingStopped, UserError
+from charlstm.evaluation import evaluate_ids, loss_metrics
+from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
+from charlstm.model import CharRNN, count_parameters, detach_hidden, hidden_from_tensors, hidden_tensors
+from charlstm.sampling import SamplingParams, generate_stream, stream_seeds
+from charlstm.schedule import Plateau, budget_progress, learning_rate
+from charlstm.vocabulary import Vocabulary
+
+RUN_FILES = ("config.toml", "metrics.jsonl", "samples.txt", "best", "last", "report.html", "report.md")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    vocab: Vocabulary
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    source: str
+    train_text: str
+
+
+def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> PreparedData:
+    """Read the corpus, split it, and encode it with `vocab` (built from the whole text if None)."""
+    d = config.data
+    text, source = load_corpus(d.dataset, d.text, d.encoding)
+    train_text, val_text = split_text(text, d.val_fraction)
+    if vocab is None:
+        vocab = Vocabulary.from_text(text)
+    elif vocab.unknown(text):
+        missing = "".join(vocab.unknown(text)[:20])
+        raise UserError(
+            f"the text {source} has characters the run's vocabulary lacks ({missing!r}); a run can "
+            "only resume on the text it was trained on: train a new run (or fine-tune with --init-from)"
+        )
+    return PreparedData(vocab, vocab.encode_array(train_text), vocab.encode_array(val_text), source,
+                        train_text)
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class Counters:
+    """Everything about the run's progress that is not a tensor. Saved with every checkpoint."""
+
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training, summed over resumes
+    chars: int = 0
+    evals: int = 0
+    best_val: float = math.inf  # best of the scheduled evaluations (drives early stopping)
+    best_step: int = -1
+    bad_evals: int = 0
+    best_saved_val: float = math.inf  # loss of the weights in best/ (may come from a final evaluation)
+    nonfinite: int = 0
+
+
+class SignalGuard:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps.
+
+    The first signal asks the run to stop after the current step; signals that arrive while the final
+    checkpoint is being written are ignored, so a second Ctrl-C cannot interrupt the save (which is
+    atomic anyway: the previous file stays until the new one is complete).
+    """
+
+    CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested: signal.Signals | None = None
+        self.log = log
+        self._old: dict = {}
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.CODES:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is None:
+            self.requested = signal.Signals(signum)
+            self.log(f"\n{self.requested.name}: finishing this step and saving; please wait")
+        else:
+            self.log(f"\n{signal.Signals(signum).name}: already saving, the checkpoint is safe")
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def stop_error(self) -> TrainingStopped:
+        assert self.requested is not None
+        return TrainingStopped(self.requested.name, self.CODES[self.requested])
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split Adam's state into tensors (for safetensors) and a JSON-able remainder."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in sd["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in info["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+class Run:
+    """One training run: its folder, model, optimizer, batcher and counters."""
+
+    def __init__(self, config: RunConfig, out: Path, data: PreparedData, log: Callable[[str], None],
+                 progress: bool) -> None:
+        t = config.train
+        self.out = out
+        self.data = data
+        self.log = log
+        self.progress = progress
+        self.threads = set_threads(t.threads)
+        self.device = pick_device(t.device)
+        self.precision = pick_precision(t.precision, self.device)
+        self.config = replace(config, model=replace(config.model, vocab_size=len(data.vocab)))
+        torch.manual_seed(t.seed)
+        self.model = CharRNN(self.config.model).to(self.device)
+        o = self.config.optim
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
+                                    amsgrad=o.amsgrad)
+        self.plateau = Plateau(o.plateau_factor, o.plateau_patience)
+        d = self.config.data
+        self.batcher = make_batcher(d.batching, data.train_ids, d.batch_size, d.seq_len, t.seed)
+        self.hidden = None
+        self.counters = Counters()
+        self.loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _meta(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": asdict(self.config.model),
+            "vocab": self.data.vocab.to_list(),
+            "config": self.config.to_dict(),
+            "step": self.counters.step,
+            "metrics": metrics,
+            "source": self.data.source,
+        }
+
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"model.{k}": v for k, v in self.model.state_dict().items()}
+
+    def save_best(self, val_loss: float) -> None:
+        meta = self._meta({"val_loss": val_loss, **self._progress_metrics()})
+        ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(self.out, "best"), self._model_tensors(), meta)
+        self.counters.best_saved_val = val_loss
+
+    def save_last(self) -> None:
+        tensors = self._model_tensors()
+        opt_tensors, opt_info = _optimizer_tensors(self.opt)
+        tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.hidden is not None:
+            for i, h in enumerate(hidden_tensors(self.hidden)):
+                tensors[f"hidden.{i}"] = h
+        meta = self._meta(self._progress_metrics())
+        meta["resume"] = {
+            "counters": asdict(self.counters),
+            "optimizer": opt_info,
+            "plateau": self.plateau.state_dict(),
+            "batcher": self.batcher.state_dict(),
+            "threads": self.threads,
+        }
+        ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(self.out, "last"), tensors, meta)
+
+    def restore(self, ck: ckpt_io.Checkpoint) -> None:
+        info = ck.meta.get("resume")
+        if info is None:
+            raise UserError(f"{ck.path} holds no training state; resume from a run's last/ checkpoint")
+        self.model.load_state_dict(ck.model_state())
+        _load_optimizer(self.opt, ck.group("optim"), info["optimizer"])
+        self.plateau.load_state_dict(info["plateau"])
+        self.batcher.load_state_dict(info["batcher"])
+        self.counters = Counters(**info["counters"])
+        torch.set_rng_state(ck.tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in ck.tensors:
+            torch.cuda.set_rng_state(ck.tensors["rng.cuda"], self.device)
+        hidden = ck.group("hidden")
+        if hidden:
+            tensors = [hidden[str(i)].to(self.device) for i in range(len(hidden))]
+            self.hidden = hidden_from_tensors(tensors, self.config.model.cell)
+        if info.get("threads") != self.threads:
+            self.log(f"note: resuming with {self.threads} threads (the run used {info.get('threads')}); "
+                     "results will not be bitwise identical to an uninterrupted run")
+
+    def _progress_metrics(self) -> dict[str, Any]:
+        c = self.counters
+        return {"elapsed": round(c.elapsed, 3), "chars": c.chars, "best_val_loss": c.best_saved_val,
+                "best_step": c.best_step, "device": self.device.type, "precision": self.precision}
+
+    # -- pieces of the loop --------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        return evaluate_ids(self.model, self.data.val_ids, n_streams=self.config.train.eval_streams,
+                            device=self.device, precision=self.precision)
+
+    def sample(self, seed: int) -> str:
+        t = self.config.train
+        vocab = self.data.vocab
+        start = "\n" if "\n" in vocab else vocab.chars[0]
+        chunks = generate_stream(self.model, [vocab.encode(start)], t.sample_length,
+                                 SamplingParams(temperature=t.sample_temperature),
+                                 stream_seeds(seed, 1), vocab.decode, device=self.device)
+        text = "".join(c.texts.get(0, "") for c in chunks)
+        self.model.train()
+        return start + text
+
+    def train_step(self, batch) -> float | None:
+        """One optimisation step; returns the loss, or None when the step was non-finite and skipped."""
+        x = batch.x.to(self.device, non_blocking=True)
+        y = batch.y.to(self.device, non_blocking=True)
+        hidden = None if batch.reset else self.hidden
+        lr = learning_rate(self.counters.step, budget_progress(self.counters.step, self.counters.elapsed,
+                                                               self.config.train),
+                           self.plateau.scale, self.config.optim)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, self.precision):
+            logits, hidden = self.model(x, hidden)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if self.loss_hook is not None:
+            loss = self.loss_hook(self.counters.step, loss)
+        self.opt.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            clip = self.config.optim.grad_clip
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+            finite = bool(torch.isfinite(norm))
+        if not finite:
+            self.opt.zero_grad(set_to_none=True)
+            self.hidden = None
+            self.counters.nonfinite += 1
+            allowed = self.config.train.skip_nonfinite
+            if self.counters.nonfinite > allowed:
+                raise NonFiniteLoss(
+                    f"the loss or gradient became non-finite at step {self.counters.step} "
+                    f"({self.counters.nonfinite} time(s), {allowed} allowed); the last good checkpoint "
+                    "is kept: lower --lr, raise --grad-clip, or allow skips with --skip-nonfinite N"
+                )
+            self.log(f"warning: non-finite loss at step {self.counters.step}, step skipped "
+                     f"({self.counters.nonfinite}/{allowed})")
+            return None
+        self.opt.step()
+        self.hidden = detach_hidden(hidden) if self.config.data.batching == "stream" else None
+        return float(loss.detach())
+
+
+def _prepare_out(out: Path, resume: bool, force: bool) -> None:
+    if resume:
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            what = "holds a run" if ckpt_io.is_run_dir(out) else "is not empty and is not a charlstm run"
+            raise UserError(
+                f"--out {str(out)!r} {what}; continue it with --resume, choose another --out, or pass "
+                "--force to replace the run's files"
+            )
+        for name in RUN_FILES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
+    """The stored configuration of `run_dir`, with budget-like overrides applied."""
+    ck = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run_dir, "last")) \
+        if ckpt_io.checkpoint_path(run_dir, "last").is_file() else None
+    if ck is None:
+        raise UserError(f"{str(run_dir)!r} has no last/ checkpoint to resume from; train a new run")
+    config = from_dict(ck.meta["config"])
+    changed_model = {k for k in overrides if k in asdict(config.model) and overrides[k] != getattr(config.model, k)}
+    if changed_model:
+        raise UserError(
+            f"cannot change the model's {', '.join(sorted(changed_model))} when resuming; "
+            "train a new run or fine-tune with --init-from"
+        )
+    return config.replace(**overrides)
+
+
+def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False,
+          progress: bool = True, log: Callable[[str], None] | None = None,
+          loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> Path:
+    """Train a model as `config` says and write the run to `out`; returns the run folder.
+
+    With ``resume=True``, `out` must hold a run; it continues from its ``last/`` checkpoint (the
+    caller passes the stored configuration, see `resume_config`). Raises `UserError` for bad input,
+    `TrainingStopped` after a SIGINT/SIGTERM (having saved), `NonFiniteLoss` on a numerical fault.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out)
+    _prepare_out(out, resume, force)
+    last_ckpt = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(out, "last")) if resume else None
+    data = prepare_data(config, last_ckpt.vocab if last_ckpt else None)
+    run = Run(config, out, data, log, progress)
+    run.loss_hook = loss_hook
+    if last_ckpt is not None:
+        run.restore(last_ckpt)
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    ckpt_io.atomic_write_text(out / "config.toml", to_toml(run.config))
+    log(f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
+        f"characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
+        f"{run.config.model.num_layers}×{run.config.model.hidden_size}, "
+        f"{count_parameters(run.model):,} parameters; {run.device.type}, {run.precision}, "
+        f"{run.threads} threads")
+    with SignalGuard(log) as guard:
+        reason = _loop(run, guard)
+    log(f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
+        f"{run.counters.best_saved_val:.4f} nats/char ({run.counters.best_saved_val / math.log(2):.3f} "
+        f"bits/char) at step {run.counters.best_step}; run folder {out}")
+    return out
+
+
+def _loop(run: Run, guard: SignalGuard) -> str:
+    from tqdm import tqdm
+
+    t = run.config.train
+    c = run.counters
+    base_elapsed = c.elapsed
+    start = time.monotonic()
+    window_losses: list[float] = []
+    window_chars, window_start = 0, start
+    chars_per_step = run.config.data.batch_size * run.config.data.seq_len
+    total = t.max_steps if t.max_steps else None
+    bar = tqdm(total=total, initial=c.step if total else 0, disable=not run.progress, unit="step",
+               dynamic_ncols=True, file=sys.stderr, leave=False)
+    last_val: float | None = None
+    reason = "budget"
+    try:
+        while True:
+            c.elapsed = base_elapsed + (time.monotonic() - start)
+            if guard.requested:
+                raise guard.stop_error()
+            if t.max_steps and c.step >= t.max_steps:
+                reason = f"max_steps {t.max_steps}"
+                break
+            if t.max_time and c.elapsed >= t.max_time:
+                reason = f"max_time {t.max_time:g}s"
+                break
+            loss = run.train_step(run.batcher.next())
+            if loss is None:
+                continue
+            c.step += 1
+            c.chars += chars_per_step
+            window_losses.append(loss)
+            window_chars += chars_per_step
+            bar.update(1)
+            if c.step % t.eval_interval:
+                continue
+            # -- a scheduled evaluation: it feeds the schedule, early stopping and best/ ----------
+            val = run.evaluate()
+            last_val = val
+            c.evals += 1
+            now = time.monotonic()
+            c.elapsed = base_elapsed + (now - start)
+            speed = window_chars / max(now - window_start, 1e-9)
+            record = {"step": c.step, "time": round(c.elapsed, 3),
+                      "train_loss": float(np.mean(window_losses)), "val_loss": val,
+                      "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"],
+                      "chars_per_s": round(speed, 1)}
+            _append_line(run.out / "metrics.jsonl", json.dumps(record))
+            window_losses, window_chars, window_start = [], 0, now
+            if run.config.optim.schedule == "plateau":
+                run.plateau.update(val)
+            if val < c.best_val * (1 - 1e-4):
+                c.best_val, c.best_step, c.bad_evals = val, c.step, 0
+            else:
+                c.bad_evals += 1
+            if val < c.best_saved_val:
+                run.save_best(val)
+            run.save_last()
+            bar.set_postfix_str(f"train {record['train_loss']:.3f} val {val:.3f} "
+                                f"({val / math.log(2):.2f} bpc) lr {record['lr']:.2e} "
+                                f"{speed / 1000:.1f}k ch/s", refresh=False)
+            if t.sample_every and c.evals % t.sample_every == 0:
+                text = run.sample(seed=t.seed + c.step)
+                _append_line(run.out / "samples.txt", f"--- step {c.step}, val {val:.3f}\n{text}\n")
+                bar.write(f"--- step {c.step}, val {val:.3f} ---\n{text}\n", file=sys.stderr)
+            if t.early_stopping and c.bad_evals >= t.early_stopping:
+                reason = f"early stopping: no improvement in {t.early_stopping} evaluations"
+                break
+    except TrainingStopped:
+        _finish(run, last_val, report_only=True)
+        run.log(f"charlstm: saved at step {run.counters.step}; continue with: "
+                f"charlstm train --resume {run.out}")
+        raise
+    finally:
+        bar.close()
+    _finish(run, last_val, report_only=False)
+    return reason
+
+
+def _finish(run: Run, last_val: float | None, report_only: bool) -> None:
+    """Save the final state. A final evaluation (when the last step was not evaluated) can improve
+    best/ but never touches the counters that drive the schedule, so resume stays exact."""
+    c = run.counters
+    if c.step and (last_val is None or c.step % run.config.train.eval_interval):
+        val = run.evaluate()
+        if val < c.best_saved_val:
+            run.save_best(val)
+            c.best_step = c.step
+        if not report_only:
+            _append_line(run.out / "metrics.jsonl", json.dumps(
+                {"step": c.step, "time": round(c.elapsed, 3), "val_loss": val,
+                 "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"], "final": True}))
+    run.save_last()
