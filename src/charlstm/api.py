@@ -20,7 +20,8 @@ from charlstm.errors import UserError
 from charlstm.evaluation import evaluate_ids, loss_metrics
 from charlstm.hardware import pick_device
 from charlstm.model import CharRNN
-from charlstm.sampling import SamplingParams, StopRule, generate_stream, stream_seeds
+from charlstm.generation import generate_stream
+from charlstm.sampling import SamplingParams, StopRule, stream_seeds
 from charlstm.vocabulary import Vocabulary
 
 
@@ -75,10 +76,11 @@ class TextModel:
         else:
             stream_seed_arr = stream_seeds(seed, len(prompts))
         yield {i: self.vocab.decode(p) for i, p in enumerate(prompts)}
-        for chunk in generate_stream(self.model, prompts, length, params, stream_seed_arr,
-                                     self.vocab.decode, rule, self.device):
-            if chunk.texts:
-                yield chunk.texts
+        for outputs in generate_stream(self.model, prompts, length, params, stream_seed_arr,
+                                       self.vocab.decode, rule, self.device):
+            texts = {i: o.text for i, o in outputs.items() if o.text}
+            if texts:
+                yield texts
 
     def generate(self, start_text: str | Sequence[str] = " ", length: int = 200, temperature: float = 0.3,
                  top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,

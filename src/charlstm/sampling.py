@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from charlstm.errors import UserError
 
@@ -34,10 +32,14 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> _S31)
 
 
-def uniforms(seeds: np.ndarray, counter: int) -> np.ndarray:
-    """The `counter`-th uniform in [0, 1) of each stream (splitmix64; vectorised over streams)."""
+def uniforms(seeds: np.ndarray, counter: int | np.ndarray) -> np.ndarray:
+    """The `counter`-th uniform in [0, 1) of each stream (splitmix64; vectorised over streams).
+
+    `counter` is one step index for all streams or one per stream (streams that joined a batch at
+    different times are at different steps)."""
     with np.errstate(over="ignore"):
-        state = seeds.astype(np.uint64) + np.uint64(counter + 1) * _GAMMA
+        steps = np.asarray(counter, dtype=np.uint64) + np.uint64(1)
+        state = seeds.astype(np.uint64) + steps * _GAMMA
         return (_mix64(state) >> _S11).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -111,7 +113,7 @@ def next_token_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
-def sample_step(logits: np.ndarray, params: SamplingParams, seeds: np.ndarray, counter: int,
+def sample_step(logits: np.ndarray, params: SamplingParams, seeds: np.ndarray, counter: int | np.ndarray,
                 recent: np.ndarray | None = None) -> np.ndarray:
     """The reference sampler: one character index per row of `logits` (N, V)."""
     logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float64), recent,
@@ -190,83 +192,3 @@ def _nth_stanza_end(text: str, n: int) -> int | None:
             if count == n:
                 return j
         i = j + 1
-
-
-# ---------------------------------------------------------------------------------------- generation
-
-
-@dataclass
-class StreamChunk:
-    """New text for some streams after one step; `finished` lists streams that ended at this step."""
-
-    texts: dict[int, str]
-    finished: list[int]
-
-
-def _prime(model, prompts: Sequence[Sequence[int]], device: torch.device):
-    """Feed each start text through the model; return the last logits (N, V) and stacked state."""
-    last_logits, states = [], []
-    for ids in prompts:
-        x = torch.tensor([list(ids)], dtype=torch.long, device=device)
-        logits, hidden = model(x)
-        last_logits.append(logits[0, -1])
-        states.append(hidden)
-    logits = torch.stack(last_logits)
-    if isinstance(states[0], tuple):
-        hidden = tuple(torch.cat([s[k] for s in states], dim=1) for k in range(len(states[0])))
-    else:
-        hidden = torch.cat(states, dim=1)
-    return logits, hidden
-
-
-@torch.inference_mode()
-def generate_stream(model, prompts: Sequence[Sequence[int]], length: int, params: SamplingParams,
-                    seeds: np.ndarray, decode, stop: StopRule | None = None,
-                    device: torch.device | str = "cpu") -> Iterator[StreamChunk]:
-    """Yield text as it is produced for N streams at once (one model step per character).
-
-    Streams finish early when their `stop` rule fires; the step loop ends when all have finished or
-    `length` characters were drawn. Each stream's draws depend only on its own seed.
-    """
-    if length < 1:
-        raise UserError(f"length must be >= 1, got {length}")
-    if any(len(p) == 0 for p in prompts):
-        raise UserError("the start text is empty after removing unknown characters; give a start text")
-    model.eval()
-    device = torch.device(device)
-    n = len(prompts)
-    stop = stop or StopRule()
-    logits, hidden = _prime(model, prompts, device)
-    active = np.ones(n, dtype=bool)
-    generated = [""] * n
-    W = params.repetition_window
-    recent = np.full((n, W), -1, dtype=np.int64)
-    for ids, row in zip(prompts, recent):
-        tail = list(ids)[-W:]
-        row[W - len(tail):] = tail
-    use_recent = params.repetition_penalty != 1.0
-    for t in range(length):
-        idx = sample_step(logits.double().cpu().numpy(), params, seeds, t, recent if use_recent else None)
-        if use_recent:
-            recent = np.concatenate([recent[:, 1:], idx[:, None]], axis=1)
-        texts, finished = {}, []
-        for i in np.flatnonzero(active):
-            ch = decode([idx[i]])
-            if stop.active:
-                keep = stop.cut(generated[i] + ch)
-                if keep is not None:
-                    ch = (generated[i] + ch)[len(generated[i]):keep]
-                    active[i] = False
-                    finished.append(int(i))
-            generated[i] += ch
-            if ch:
-                texts[int(i)] = ch
-        if t == length - 1:
-            finished.extend(int(i) for i in np.flatnonzero(active))
-            active[:] = False
-        yield StreamChunk(texts, finished)
-        if not active.any():
-            return
-        x = torch.from_numpy(idx).to(device).view(n, 1)
-        out, hidden = model(x, hidden)
-        logits = out[:, -1]

@@ -39,7 +39,8 @@ from charlstm.errors import NonFiniteLoss, TrainingStopped, UserError
 from charlstm.evaluation import evaluate_ids, loss_metrics
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
 from charlstm.model import CharRNN, count_parameters, detach_hidden, hidden_from_tensors, hidden_tensors
-from charlstm.sampling import SamplingParams, generate_stream, stream_seeds
+from charlstm.generation import generate_stream
+from charlstm.sampling import SamplingParams, stream_seeds
 from charlstm.schedule import Plateau, budget_progress, learning_rate
 from charlstm.vocabulary import Vocabulary
 
@@ -263,7 +264,7 @@ class Run:
         chunks = generate_stream(self.model, [vocab.encode(start)], t.sample_length,
                                  SamplingParams(temperature=t.sample_temperature),
                                  stream_seeds(seed, 1), vocab.decode, device=self.device)
-        text = "".join(c.texts.get(0, "") for c in chunks)
+        text = "".join(o[0].text for o in chunks if 0 in o)
         self.model.train()
         return start + text
 
