@@ -218,3 +218,33 @@ def datasets(as_json) -> None:
     for row in rows:
         state = row["local"] or "not cached (downloaded on first use)"
         click.echo(f"{row['name']:<16} {row['description']}\n{'':<16} {state}")
+
+
+# ---------------------------------------------------------------------------------------- serve
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 exposes the server to the network).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-length", default=4000, show_default=True, type=int,
+              help="Most characters one sample may ask for.")
+@click.option("--max-concurrency", default=64, show_default=True, type=int,
+              help="Most streams generating at once; more are answered 429 with Retry-After.")
+@click.option("--max-batch", type=int,
+              help="Most streams per model step (default: --max-concurrency); the rest wait.")
+@click.option("--time-limit", default=120.0, show_default=True, type=float,
+              help="Seconds one generation may take before it ends with an error.")
+@click.option("--threads", default=1, show_default=True, type=int, help="Torch intra-op threads.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(runs, host, port, max_length, max_concurrency, max_batch, time_limit, threads,
+          log_level) -> None:
+    """Serve RUNS over HTTP: a JSON and streaming API, its docs at /docs, and a page at /."""
+    from charlstm.server import ServerConfig
+    from charlstm.server import serve as serve_runs
+
+    config = ServerConfig(max_length=max_length, max_concurrency=max_concurrency, max_batch=max_batch,
+                          time_limit=time_limit)
+    serve_runs(runs, host=host, port=port, config=config, threads=threads, log_level=log_level)
