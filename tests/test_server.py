@@ -1,0 +1,443 @@
+"""The HTTP API through an in-process client: generation, streaming, every limit and error, and the
+continuous batching that lets concurrent requests share the model's steps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from click.testing import CliRunner
+
+import charlstm
+from charlstm.checkpoint import checkpoint_path, save_checkpoint
+from charlstm.cli import main
+from charlstm.config import ModelConfig, RunConfig
+from charlstm.model import CharRNN
+from charlstm.server import STATIC_DIR, ServerConfig, create_app
+
+VOCAB = "abcdefghijklmnopqrstuvwxyz ,.\n"
+LONG = 4000  # a generation that outlasts every test step that reads it (thousands of steps)
+
+
+def write_run(folder: Path, seed: int = 0, val_loss: float = 2.5) -> Path:
+    """A run folder holding an untrained tiny model (a few thousand parameters)."""
+    torch.manual_seed(seed)
+    mc = ModelConfig(embedding_size=8, hidden_size=16, num_layers=1, dropout=0.0,
+                     embedding_dropout=0.0, vocab_size=len(VOCAB))
+    model = CharRNN(mc)
+    meta = {"model": asdict(mc), "vocab": list(VOCAB), "config": replace(RunConfig(), model=mc).to_dict(),
+            "step": 10, "metrics": {"val_loss": val_loss}, "source": "test"}
+    save_checkpoint(checkpoint_path(folder, "best"),
+                    {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> charlstm.TextModel:
+    return charlstm.load(write_run(tmp_path_factory.mktemp("srv") / "run"))
+
+
+def run(coro):
+    """Run one test coroutine with a time limit, so that a hang fails instead of stalling CI."""
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@contextlib.asynccontextmanager
+async def serving(models, **config):
+    app = create_app(models if isinstance(models, list) else [models], ServerConfig(**config))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        try:
+            yield app, client
+        finally:
+            await app.state.server.shutdown()
+
+
+def call(model, method: str, path: str, config: dict | None = None, **kwargs) -> httpx.Response:
+    async def go():
+        async with serving(model, **(config or {})) as (_, client):
+            return await client.request(method, path, **kwargs)
+
+    return run(go())
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """Events of a complete SSE body; asserts the framing (event and data lines, blank line after)."""
+    assert text.endswith("\n\n")
+    events = []
+    for block in text[:-2].split("\n\n"):
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: ")
+        events.append((lines[0][len("event: "):], json.loads(lines[1][len("data: "):])))
+    return events
+
+
+class RawStream:
+    """Drives the ASGI app by hand, so that a test can read part of a response and then leave."""
+
+    def __init__(self, app, body: dict, path: str = "/v1/generate/stream") -> None:
+        data = json.dumps(body).encode()
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.sent: asyncio.Queue = asyncio.Queue()
+        self.inbox.put_nowait({"type": "http.request", "body": data, "more_body": False})
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "server": ("test", 80), "client": ("127.0.0.1", 5000),
+            "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(data)).encode())],
+        }
+        self.buffer = ""
+        self.task = asyncio.create_task(app(scope, self.inbox.get, self.sent.put))
+
+    async def status(self) -> int:
+        message = await asyncio.wait_for(self.sent.get(), 10)
+        assert message["type"] == "http.response.start"
+        return message["status"]
+
+    async def event(self) -> tuple[str, dict]:
+        while "\n\n" not in self.buffer:
+            message = await asyncio.wait_for(self.sent.get(), 10)
+            self.buffer += message.get("body", b"").decode()
+        block, self.buffer = self.buffer.split("\n\n", 1)
+        return parse_sse(block + "\n\n")[0]
+
+    async def until(self, name: str) -> dict:
+        while True:
+            event, data = await self.event()
+            if event == name:
+                return data
+
+    async def leave(self) -> None:
+        self.inbox.put_nowait({"type": "http.disconnect"})
+        await asyncio.wait_for(self.task, 10)
+
+
+async def eventually(condition, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    assert condition()
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+
+def test_generate_returns_samples_model_and_timing(model) -> None:
+    """A sample is the start text plus `length` characters, the same as the library's for the same
+    seed; the answer names the model, the seed and the timing."""
+    body = {"start_text": "the ", "length": 50, "temperature": 0.8, "seed": 11}
+    r = call(model, "POST", "/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"] == "run" and out["seed"] == 11
+    assert out["samples"] == model.generate("the ", 50, 0.8, seed=11)
+    assert len(out["samples"][0]) == len("the ") + 50
+    assert out["finish_reasons"] == ["length"]
+    assert out["timing"]["characters"] == 50 and out["timing"]["total_ms"] > 0
+
+
+def test_generate_without_seed_reports_the_seed_it_drew(model) -> None:
+    """With no seed the server draws one and returns it, so the text can be made again."""
+    first = call(model, "POST", "/v1/generate", json={"start_text": "a", "length": 30}).json()
+    again = call(model, "POST", "/v1/generate",
+                 json={"start_text": "a", "length": 30, "seed": first["seed"]}).json()
+    assert again["samples"] == first["samples"]
+
+
+def test_stream_is_server_sent_events_start_chunks_done(model) -> None:
+    """The stream is `start`, one `chunk` per piece of text, then `done` holding the whole samples."""
+    body = {"start_text": "the ", "length": 300, "num_samples": 3, "seed": 5}
+    r = call(model, "POST", "/v1/generate/stream", json=body)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    assert events[0] == ("start", {"model": "run", "start_text": "the ", "num_samples": 3, "seed": 5})
+    assert events[-1][0] == "done"
+    chunks = events[1:-1]
+    assert chunks and all(name == "chunk" for name, _ in chunks)
+    texts = ["the "] * 3
+    for _, data in chunks:
+        texts[data["index"]] += data["text"]
+    assert texts == events[-1][1]["samples"] == model.generate("the ", 300, num_samples=3, seed=5)
+    assert len(set(texts)) == 3  # each sample has its own seed
+
+
+def test_stop_string_and_max_lines_end_a_sample_early(model) -> None:
+    """A stop rule ends the sample before the stop string, and says so in finish_reasons."""
+    r = call(model, "POST", "/v1/generate", json={"start_text": "a", "length": 2000, "seed": 1,
+                                                   "temperature": 1.0, "stop": ["e"], "max_lines": 2})
+    out = r.json()
+    assert out["finish_reasons"] == ["stop"]
+    generated = out["samples"][0][1:]
+    assert "e" not in generated and generated.count("\n") <= 1 and len(generated) < 2000
+
+
+def test_unknown_characters_are_dropped_on_request(model) -> None:
+    """With unknown: "skip" characters the model never saw are dropped from the start text."""
+    r = call(model, "POST", "/v1/generate",
+             json={"start_text": "Hello", "unknown": "skip", "length": 5, "seed": 1})
+    assert r.status_code == 200
+    assert r.json()["samples"][0].startswith("ello")
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+BAD_BODIES = [
+    ({"temperature": -0.5}, "temperature"),
+    ('{"start_text": "a", "temperature": NaN}', "temperature"),
+    ('{"start_text": "a", "temperature": Infinity}', "temperature"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"length": 0}, "length"),
+    ({"length": 101}, "length"),  # the server below allows 100
+    ({"start_text": ""}, "start_text"),
+    ({"start_text": "a" * 41}, "start_text"),  # and 40 start-text characters
+    ({"start_text": "Hello"}, "start_text"),  # H is unknown
+    ({"start_text": "HELLO", "unknown": "skip"}, "start_text"),  # nothing left after skipping
+    ({"unknown": "maybe"}, "unknown"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"num_samples": 5}, "num_samples"),  # more than max_num_samples
+    ({"repetition_penalty": 0.5}, "repetition_penalty"),
+    ({"seed": -1}, "seed"),
+    ({"stop": [""]}, "stop[0]"),
+    ({"max_lines": 0}, "max_lines"),
+    ({"model": "nope"}, "model"),
+    ({"tempreature": 0.5}, "tempreature"),  # a misspelt field is an error, never ignored
+    ("{not json", "body"),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/generate/stream"])
+@pytest.mark.parametrize(("body", "field"), BAD_BODIES)
+def test_invalid_requests_are_422_naming_the_field_and_reason(model, path, body, field) -> None:
+    """Every invalid field is answered 422 with the field's name and a reason, on both endpoints."""
+    if isinstance(body, dict):
+        kwargs = {"json": {"start_text": "a", **body}}
+    else:
+        kwargs = {"content": body, "headers": {"content-type": "application/json"}}
+    config = {"max_length": 100, "max_start_chars": 40, "max_num_samples": 4}
+    r = call(model, "POST", path, config=config, **kwargs)
+    assert r.status_code == 422, r.text
+    details = r.json()["detail"]
+    assert field in [d["field"] for d in details]
+    assert all(d["reason"] for d in details)
+
+
+def test_unknown_character_error_names_the_characters(model) -> None:
+    r = call(model, "POST", "/v1/generate", json={"start_text": "aXb€"})
+    reason = r.json()["detail"][0]["reason"]
+    assert "'X'" in reason and "'€'" in reason and '"unknown": "skip"' in reason
+
+
+def test_bodies_over_the_limit_are_413(model) -> None:
+    """A body over max_body_bytes is refused with 413, whether it declares its length or not."""
+    big = json.dumps({"start_text": "a" * 5000}).encode()
+
+    async def chunked():
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    config = {"max_body_bytes": 4096}
+    r = call(model, "POST", "/v1/generate", config=config, content=big,
+             headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "4096" in r.json()["detail"]
+    r = call(model, "POST", "/v1/generate", config=config, content=chunked(),
+             headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+# ---------------------------------------------------------------------------------------- limits
+
+
+def test_beyond_max_concurrency_is_429_with_retry_after(model) -> None:
+    """With every slot taken the next request gets 429 and Retry-After; a slot freed admits it."""
+
+    async def go():
+        async with serving(model, max_concurrency=2) as (app, client):
+            streams = [RawStream(app, {"start_text": "a", "length": LONG}) for _ in range(2)]
+            for s in streams:
+                assert await s.status() == 200
+                await s.until("chunk")
+            r = await client.post("/v1/generate", json={"start_text": "a", "length": 5})
+            assert r.status_code == 429
+            assert int(r.headers["Retry-After"]) >= 1
+            r = await client.post("/v1/generate/stream", json={"start_text": "a", "length": 5})
+            assert r.status_code == 429
+            await streams[0].leave()
+            r = await client.post("/v1/generate", json={"start_text": "a", "length": 5})
+            assert r.status_code == 200
+            await streams[1].leave()
+
+    run(go())
+
+
+def test_a_generation_past_its_time_limit_ends_with_an_error(model) -> None:
+    """Past the time limit a stream ends with an `error` event (time_limit), a plain request with
+    504, and both free their slots."""
+
+    async def go():
+        async with serving(model, time_limit=0.05) as (app, client):
+            r = await client.post("/v1/generate/stream", json={"start_text": "a", "length": LONG})
+            events = parse_sse(r.text)
+            name, data = events[-1]
+            assert name == "error" and data["error"] == "time_limit"
+            assert "time limit" in data["message"]
+            assert sum(len(d["text"]) for n, d in events if n == "chunk") < LONG
+            r = await client.post("/v1/generate", json={"start_text": "a", "length": LONG})
+            assert r.status_code == 504 and "time limit" in r.json()["detail"]
+            assert app.state.server.used == 0
+            await eventually(lambda: app.state.server.workers["run"].engine.active == 0)
+
+    run(go())
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(model) -> None:
+    """Disconnecting mid-stream frees the slot before the response task ends and drops the stream
+    from the engine's batch at the next step."""
+
+    async def go():
+        async with serving(model) as (app, _):
+            server, worker = app.state.server, app.state.server.workers["run"]
+            stream = RawStream(app, {"start_text": "a", "length": LONG})
+            assert await stream.status() == 200
+            await stream.until("chunk")
+            assert server.used == 1 and worker.engine.active == 1
+            await stream.leave()
+            assert server.used == 0
+            await eventually(lambda: worker.engine.active == 0)
+
+    run(go())
+
+
+def test_a_client_that_leaves_a_plain_request_frees_its_slot(model) -> None:
+    async def go():
+        async with serving(model) as (app, _):
+            server, worker = app.state.server, app.state.server.workers["run"]
+            request = RawStream(app, {"start_text": "a", "length": LONG}, path="/v1/generate")
+            await eventually(lambda: worker.engine.active == 1)
+            await request.leave()
+            assert server.used == 0
+            await eventually(lambda: worker.engine.active == 0)
+
+    run(go())
+
+
+def test_concurrent_requests_share_the_batch_and_keep_their_own_text(model) -> None:
+    """Two overlapping requests are rows of one engine batch (continuous batching), and a request's
+    text does not depend on its neighbours."""
+    body = {"start_text": "the ", "length": 200, "temperature": 0.9, "seed": 3}
+
+    async def go():
+        async with serving(model) as (app, client):
+            worker = app.state.server.workers["run"]
+            long_stream = RawStream(app, {"start_text": "a", "length": LONG, "seed": 1})
+            await long_stream.until("chunk")
+            r = await client.post("/v1/generate", json=body)  # joins the running batch
+            assert worker.peak_active >= 2
+            await long_stream.leave()
+            return r.json()["samples"]
+
+    shared = run(go())
+    alone = call(model, "POST", "/v1/generate", json=body).json()["samples"]
+    assert shared == alone
+
+
+def test_max_batch_makes_streams_wait_for_a_row(model) -> None:
+    """With max_batch 1 the second request waits for the first to finish, and both complete."""
+
+    async def go():
+        async with serving(model, max_batch=1) as (app, client):
+            bodies = [{"start_text": "a", "length": 100, "seed": s} for s in (1, 2)]
+            rs = await asyncio.gather(*(client.post("/v1/generate", json=b) for b in bodies))
+            assert [r.status_code for r in rs] == [200, 200]
+            assert app.state.server.workers["run"].peak_active == 1
+
+    run(go())
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def test_model_info_has_configuration_vocabulary_and_validation_loss(model) -> None:
+    info = call(model, "GET", "/v1/model").json()
+    assert info["name"] == "run"
+    assert info["vocab_size"] == len(VOCAB) and info["vocabulary"] == VOCAB
+    assert info["model"]["hidden_size"] == 16
+    assert info["val_loss"] == 2.5 and math.isclose(info["val_bits_per_char"], 2.5 / math.log(2))
+    assert info["metrics"]["val_loss"] == 2.5
+    assert info["limits"]["max_length"] == 4000
+
+
+def test_several_models_are_chosen_by_the_model_field(model, tmp_path) -> None:
+    """Two runs with the same folder name are served as run and run-2; `model` picks one."""
+    other = charlstm.load(write_run(tmp_path / "run", seed=1, val_loss=1.5))
+
+    async def go():
+        async with serving([model, other]) as (_, client):
+            listing = (await client.get("/v1/models")).json()
+            assert listing["default"] == "run"
+            assert [m["name"] for m in listing["models"]] == ["run", "run-2"]
+            assert (await client.get("/v1/model", params={"model": "run-2"})).json()["val_loss"] == 1.5
+            assert (await client.get("/v1/model", params={"model": "nope"})).status_code == 404
+            body = {"start_text": "a", "length": 40, "seed": 2}
+            first = (await client.post("/v1/generate", json=body)).json()
+            second = (await client.post("/v1/generate", json={**body, "model": "run-2"})).json()
+            assert first["model"] == "run" and second["model"] == "run-2"
+            assert second["samples"] == other.generate("a", 40, seed=2)
+            assert first["samples"] != second["samples"]
+
+    run(go())
+
+
+def test_healthz(model) -> None:
+    r = call(model, "GET", "/healthz")
+    assert r.json() == {"status": "ok", "models": ["run"], "streams": 0, "max_concurrency": 64}
+
+
+# ---------------------------------------------------------------------------------------- page, docs
+
+
+def test_page_and_docs_are_served_without_any_cdn(model) -> None:
+    """The page, its assets and the API docs all come from the app: no file points elsewhere."""
+
+    async def go():
+        async with serving(model) as (_, client):
+            page = await client.get("/")
+            assert page.status_code == 200 and 'id="generate"' in page.text and 'id="stop"' in page.text
+            for name in ("app.js", "style.css"):
+                assert (await client.get(f"/static/{name}")).status_code == 200
+            docs = (await client.get("/docs")).text
+            assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn" not in docs
+            assert (await client.get("/docs-assets/swagger-ui-bundle.js")).status_code == 200
+            spec = (await client.get("/openapi.json")).json()
+            assert {"/v1/generate", "/v1/generate/stream", "/v1/model", "/healthz"} <= set(spec["paths"])
+            schema = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+            assert schema["length"]["maximum"] == 4000
+
+    run(go())
+    for path in STATIC_DIR.iterdir():
+        assert "http://" not in path.read_text() and "https://" not in path.read_text(), path
+
+
+def test_serve_cli_reports_a_missing_run_without_traceback(tmp_path) -> None:
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_serve_cli_help_lists_the_limits() -> None:
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    for flag in ("--host", "--port", "--max-length", "--max-concurrency", "--max-batch", "--time-limit"):
+        assert flag in result.output
