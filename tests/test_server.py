@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import math
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from charlstm.model import CharRNN
 from charlstm.server import STATIC_DIR, ServerConfig, create_app
 
 VOCAB = "abcdefghijklmnopqrstuvwxyz ,.\n"
-LONG = 4000  # a generation that outlasts every test step that reads it (thousands of steps)
+LONG = 4000  # with the paced model, a generation of at least 4 s: it outlasts every check on it
 
 
 def write_run(folder: Path, seed: int = 0, val_loss: float = 2.5) -> Path:
@@ -42,6 +43,24 @@ def write_run(folder: Path, seed: int = 0, val_loss: float = 2.5) -> Path:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> charlstm.TextModel:
     return charlstm.load(write_run(tmp_path_factory.mktemp("srv") / "run"))
+
+
+class Paced(torch.nn.Module):
+    """A model whose every call takes at least a millisecond, so that a long generation is still
+    running when a test looks at it however fast the engine becomes."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx, hidden=None):
+        time.sleep(0.001)
+        return self.inner(idx, hidden)
+
+
+@pytest.fixture(scope="module")
+def paced(model) -> charlstm.TextModel:
+    return charlstm.TextModel(Paced(model.model), model.vocab, model.meta, model.path, model.device)
 
 
 def run(coro):
@@ -261,11 +280,11 @@ def test_bodies_over_the_limit_are_413(model) -> None:
 # ---------------------------------------------------------------------------------------- limits
 
 
-def test_beyond_max_concurrency_is_429_with_retry_after(model) -> None:
+def test_beyond_max_concurrency_is_429_with_retry_after(paced) -> None:
     """With every slot taken the next request gets 429 and Retry-After; a slot freed admits it."""
 
     async def go():
-        async with serving(model, max_concurrency=2) as (app, client):
+        async with serving(paced, max_concurrency=2) as (app, client):
             streams = [RawStream(app, {"start_text": "a", "length": LONG}) for _ in range(2)]
             for s in streams:
                 assert await s.status() == 200
@@ -283,12 +302,12 @@ def test_beyond_max_concurrency_is_429_with_retry_after(model) -> None:
     run(go())
 
 
-def test_a_generation_past_its_time_limit_ends_with_an_error(model) -> None:
+def test_a_generation_past_its_time_limit_ends_with_an_error(paced) -> None:
     """Past the time limit a stream ends with an `error` event (time_limit), a plain request with
     504, and both free their slots."""
 
     async def go():
-        async with serving(model, time_limit=0.05) as (app, client):
+        async with serving(paced, time_limit=0.05) as (app, client):
             r = await client.post("/v1/generate/stream", json={"start_text": "a", "length": LONG})
             events = parse_sse(r.text)
             name, data = events[-1]
@@ -303,12 +322,12 @@ def test_a_generation_past_its_time_limit_ends_with_an_error(model) -> None:
     run(go())
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(model) -> None:
+def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(paced) -> None:
     """Disconnecting mid-stream frees the slot before the response task ends and drops the stream
     from the engine's batch at the next step."""
 
     async def go():
-        async with serving(model) as (app, _):
+        async with serving(paced) as (app, _):
             server, worker = app.state.server, app.state.server.workers["run"]
             stream = RawStream(app, {"start_text": "a", "length": LONG})
             assert await stream.status() == 200
@@ -321,9 +340,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(model) -> None:
     run(go())
 
 
-def test_a_client_that_leaves_a_plain_request_frees_its_slot(model) -> None:
+def test_a_client_that_leaves_a_plain_request_frees_its_slot(paced) -> None:
     async def go():
-        async with serving(model) as (app, _):
+        async with serving(paced) as (app, _):
             server, worker = app.state.server, app.state.server.workers["run"]
             request = RawStream(app, {"start_text": "a", "length": LONG}, path="/v1/generate")
             await eventually(lambda: worker.engine.active == 1)
@@ -334,13 +353,13 @@ def test_a_client_that_leaves_a_plain_request_frees_its_slot(model) -> None:
     run(go())
 
 
-def test_concurrent_requests_share_the_batch_and_keep_their_own_text(model) -> None:
+def test_concurrent_requests_share_the_batch_and_keep_their_own_text(model, paced) -> None:
     """Two overlapping requests are rows of one engine batch (continuous batching), and a request's
     text does not depend on its neighbours."""
     body = {"start_text": "the ", "length": 200, "temperature": 0.9, "seed": 3}
 
     async def go():
-        async with serving(model) as (app, client):
+        async with serving(paced) as (app, client):
             worker = app.state.server.workers["run"]
             long_stream = RawStream(app, {"start_text": "a", "length": LONG, "seed": 1})
             await long_stream.until("chunk")
