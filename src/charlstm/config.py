@@ -35,8 +35,8 @@ class DataConfig:
     encoding: str = "utf-8"
     val_fraction: float = 0.1
     batching: str = "stream"
-    batch_size: int = 32
-    seq_len: int = 64
+    batch_size: int = 8
+    seq_len: int = 32
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class ModelConfig:
     embedding_size: int = 64
     hidden_size: int = 256
     num_layers: int = 2
-    dropout: float = 0.3  # between recurrent layers and before the output layer
-    embedding_dropout: float = 0.1
+    dropout: float = 0.5  # between recurrent layers and before the output layer
+    embedding_dropout: float = 0.2
+    weight_drop: float = 0.6  # DropConnect on the hidden-to-hidden weights (AWD-LSTM), training only
     vocab_size: int = 0
 
 
@@ -65,6 +66,7 @@ class OptimConfig:
     plateau_patience: int = 5
     warmup_steps: int = 0
     min_lr: float = 1e-5
+    ema: float = 0.999  # decay of an exponential moving average of the weights; 0 disables it
 
 
 @dataclass(frozen=True)
@@ -236,10 +238,12 @@ def validate(config: RunConfig) -> None:
         _check_positive(name, getattr(d, name))
     for name in ("embedding_size", "hidden_size", "num_layers"):
         _check_positive(name, getattr(m, name))
-    for name in ("dropout", "embedding_dropout"):
+    for name in ("dropout", "embedding_dropout", "weight_drop"):
         if not 0.0 <= getattr(m, name) < 1.0:
             raise UserError(f"{name} must be in [0, 1), got {getattr(m, name)}")
     _check_positive("lr", o.lr)
+    if not 0 <= o.ema < 1:
+        raise UserError(f"ema must be in [0, 1), got {o.ema}; e.g. 0.99, or 0 to disable")
     if o.weight_decay < 0:
         raise UserError(f"weight_decay must be >= 0, got {o.weight_decay}")
     if not 0 < o.plateau_factor < 1:

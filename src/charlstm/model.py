@@ -8,7 +8,9 @@ GRU or a plain RNN for comparison. The module is plain: no optimizer, vocabulary
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from charlstm.config import ModelConfig
 
@@ -46,7 +48,14 @@ class CharRNN(nn.Module):
     def forward(self, idx: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
         """idx (B, T) of character indices → logits (B, T, V) and the new hidden state."""
         x = self.embedding_dropout(self.encoder(idx))  # (B, T, E)
-        out, hidden = self.rnn(x, hidden)  # (B, T, H)
+        if self.training and self.config.weight_drop > 0:
+            # DropConnect on the recurrent weights (AWD-LSTM): one mask per forward pass, shared by
+            # every time step, so the recurrence itself is regularised, not just its inputs.
+            dropped = {name: F.dropout(w, self.config.weight_drop)
+                       for name, w in self.rnn.named_parameters() if name.startswith("weight_hh")}
+            out, hidden = functional_call(self.rnn, dropped, (x, hidden), strict=False)
+        else:
+            out, hidden = self.rnn(x, hidden)  # (B, T, H)
         logits = self.fc(self.dropout(out))  # (B, T, V)
         return logits, hidden
 

@@ -1,0 +1,33 @@
+# The two commands of the README. Both create .venv and install what they need on a fresh machine:
+# torch first through constraints.txt (the CPU build on this machine's disk), then the package.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= $(abspath ../shared/data)
+export CHARLSTM_DATA ?= $(if $(wildcard $(DATA)),$(DATA),)
+
+.PHONY: setup demo test test-reliability bench clean
+
+$(BIN)/charlstm: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(BIN)/charlstm
+
+# Train on Byron's poems (the lab's corpus) for at most 5 minutes, then print three poems.
+demo: setup
+	$(BIN)/charlstm train --config configs/byron.toml --out runs/byron --force --max-time 300
+	$(BIN)/charlstm generate runs/byron --start-text "Мне " --temperature 0.5 --length 600 \
+		--num-samples 3 --seed 7 --max-stanzas 2
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-reliability: setup
+	$(BIN)/python -m pytest -q -m reliability
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

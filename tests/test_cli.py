@@ -1,0 +1,163 @@
+"""The CLI as a user meets it: end to end on a tiny corpus, and every bad input as one line + exit 2."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from charlstm.cli import main
+
+TINY = ["--batch-size", "4", "--seq-len", "16", "--embedding-size", "8", "--hidden-size", "16",
+        "--num-layers", "1", "--eval-interval", "5", "--threads", "1", "--precision", "fp32",
+        "--no-progress", "--sample-every", "0"]
+
+
+def _without(args, flag):
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def trained(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = run("train", "--text", corpus, "--out", out, "--max-steps", 10, *TINY)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("charlstm: error: "), result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_train_generate_evaluate_end_to_end(trained, corpus, tmp_path):
+    """Train → generate (to stdout and to a file) → evaluate --json, on a corpus the test wrote."""
+    result = run("generate", trained, "--start-text", "Ты ", "--length", 40, "--num-samples", 2,
+                 "--seed", 7, "--temperature", 0.5)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Ты ")
+    again = run("generate", trained, "--start-text", "Ты ", "--length", 40, "--num-samples", 2,
+                "--seed", 7, "--temperature", 0.5)
+    assert again.output == result.output
+    out_file = tmp_path / "samples.txt"
+    assert run("generate", trained, "--length", 30, "--out", out_file).exit_code == 0
+    assert out_file.read_text(encoding="utf-8").startswith(" ")
+    held_out = tmp_path / "held.txt"
+    held_out.write_text(corpus.read_text(encoding="utf-8")[:300], encoding="utf-8")
+    ev = run("evaluate", trained, "--text", held_out, "--json")
+    assert ev.exit_code == 0, ev.output
+    metrics = json.loads(ev.output)
+    assert {"loss", "bits_per_char", "perplexity"} <= set(metrics) and metrics["loss"] > 0
+    assert run("evaluate", trained).exit_code == 0  # default: the run's own validation split
+
+
+def test_config_file_and_flags_override(corpus, tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text("[model]\nhidden_size = 12\n[train]\nmax_steps = 5\n", encoding="utf-8")
+    out = tmp_path / "run"
+    result = run("train", "--config", preset, "--text", corpus, "--out", out, "--max-steps", 6,
+                 *_without(TINY, "--hidden-size"))
+    assert result.exit_code == 0, result.output
+    cfg = (out / "config.toml").read_text(encoding="utf-8")
+    assert "hidden_size = 12" in cfg and "max_steps = 6" in cfg
+
+
+def test_resume_continues(trained):
+    result = run("train", "--resume", trained, "--max-steps", 15, "--no-progress")
+    assert result.exit_code == 0, result.output
+    from charlstm.checkpoint import checkpoint_path, read_checkpoint
+
+    assert read_checkpoint(checkpoint_path(trained, "last")).meta["step"] == 15
+
+
+def test_datasets_lists_named_corpora():
+    result = run("datasets", "--json")
+    names = [r["name"] for r in json.loads(result.output)]
+    assert names == ["byron-ru", "onegin-ru", "tinyshakespeare"]
+
+
+# -- bad input: one line naming the problem and the fix, exit code 2, nothing damaged --------------
+
+
+def test_missing_file(tmp_path):
+    _one_line_error(run("train", "--text", tmp_path / "nope.txt", "--out", tmp_path / "r", *TINY),
+                    "does not exist")
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.txt"
+    p.write_bytes(b"")
+    _one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "empty")
+
+
+def test_binary_file(tmp_path):
+    p = tmp_path / "blob.bin"
+    p.write_bytes(bytes(range(256)) * 20)
+    _one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "--encoding")
+
+
+def test_non_utf8_file_names_the_offset(tmp_path):
+    p = tmp_path / "cp1251.txt"
+    p.write_bytes("Мой дядя самых честных правил".encode("cp1251") * 100)
+    _one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "byte offset 0",
+                    "--encoding")
+
+
+def test_other_encoding_is_accepted(tmp_path):
+    p = tmp_path / "cp1251.txt"
+    p.write_bytes(("Мой дядя самых честных правил,\nКогда не в шутку занемог\n" * 40).encode("cp1251"))
+    result = run("train", "--text", p, "--encoding", "cp1251", "--out", tmp_path / "r",
+                 "--max-steps", 2, *TINY)
+    assert result.exit_code == 0, result.output
+
+
+def test_corpus_shorter_than_a_window(tmp_path):
+    p = tmp_path / "short.txt"
+    p.write_text("tiny text\n" * 5, encoding="utf-8")
+    _one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "needs at least",
+                    "--seq-len")
+
+
+def test_out_holding_another_run_is_refused(trained, corpus):
+    before = (trained / "last" / "checkpoint.safetensors").read_bytes()
+    _one_line_error(run("train", "--text", corpus, "--out", trained, *TINY), "--resume", "--force")
+    assert (trained / "last" / "checkpoint.safetensors").read_bytes() == before
+    assert run("train", "--text", corpus, "--out", trained, "--force", "--max-steps", 2,
+               *TINY).exit_code == 0
+
+
+def test_unknown_config_key(tmp_path, corpus):
+    preset = tmp_path / "bad.toml"
+    preset.write_text("hiden_size = 3\n", encoding="utf-8")
+    _one_line_error(run("train", "--config", preset, "--text", corpus, "--out", tmp_path / "r"),
+                    "hiden_size", "hidden_size")
+
+
+def test_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "notarun").mkdir()
+    _one_line_error(run("generate", tmp_path / "notarun"), "not a charlstm run")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--temperature", "-1"], "temperature"),
+    (["--temperature", "nan"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--length", "0"], "length"),
+    (["--start-text", "☃"], "--unknown skip"),
+])
+def test_bad_generation_options(trained, args, needle):
+    _one_line_error(run("generate", trained, *args), needle)
+
+
+def test_unknown_start_text_skip(trained):
+    result = run("generate", trained, "--start-text", "Ты☃ ", "--unknown", "skip", "--length", 5)
+    assert result.exit_code == 0 and result.output.startswith("Ты ")
