@@ -1,0 +1,174 @@
+"""Quality per second of training, and how close the training step runs to this machine's peak.
+
+One run of `quality_per_time` prints:
+
+- the validation loss reached within a wall-clock budget (a full pass over the validation split
+  with carried state, exactly as `charlstm evaluate` computes it, on the best checkpoint);
+- steps, characters/s, and the achieved GFLOP/s of the training step (counted analytically below);
+- the matrix-multiply GFLOP/s of this machine measured in the same run, at the same precision and
+  thread count, so that their ratio is a roofline figure and not a guess;
+- the library's training step against a bare PyTorch loop over the same model and batches, timed
+  alternately in the same run, so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from charlstm.config import ModelConfig, RunConfig, load_toml
+from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def matmul_gflops(precision: str, seconds: float = 1.0, sizes: tuple[int, ...] = (1024, 2048)) -> float:
+    """The best GFLOP/s of square matrix products at `precision` on the current threads."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        count, start = 0, _now()
+        while _now() - start < seconds:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / (_now() - start) / 1e9)
+    return best
+
+
+def training_flops_per_char(m: ModelConfig) -> float:
+    """Multiply-add FLOPs of one training step per character: the gate products of every recurrent
+    layer and the output layer, forward (×1) and backward (×2: gradients of inputs and weights)."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[m.cell]
+    forward = 0.0
+    for layer in range(m.num_layers):
+        fan_in = m.embedding_size if layer == 0 else m.hidden_size
+        forward += 2 * (fan_in + m.hidden_size) * gates * m.hidden_size
+    forward += 2 * m.hidden_size * m.vocab_size
+    return 3 * forward
+
+
+def _bare_step(model, opt, x, y, hidden, device, precision, clip):
+    """The textbook loop, written without the library's machinery."""
+    with autocast(device, precision):
+        logits, hidden = model(x, hidden)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
+
+
+def step_speed(config: RunConfig, seconds: float = 6.0) -> dict[str, float]:
+    """Characters/s of the library's step (`Run.train_step`) and of a bare loop on the same model
+    and batches, timed in alternating slices so that both see the same machine load."""
+    from charlstm.training import Run, prepare_data
+
+    data = prepare_data(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Run(config, Path(tmp), data, log=lambda s: None, progress=False)
+        bare = type(run.model)(run.config.model).to(run.device)
+        bare.load_state_dict(run.model.state_dict())
+        opt = torch.optim.Adam(bare.parameters(), lr=config.optim.lr)
+        batches = [run.batcher.next() for _ in range(16)]
+        chars = config.data.batch_size * config.data.seq_len
+        timings = {"library": 0.0, "bare": 0.0}
+        steps = {"library": 0, "bare": 0}
+        hidden = None
+        for b in batches[:3]:  # warm-up both
+            run.train_step(b)
+            hidden = _bare_step(bare, opt, b.x, b.y, hidden, run.device, run.precision,
+                                config.optim.grad_clip)
+        deadline = _now() + seconds
+        i = 0
+        while _now() < deadline:
+            for name in ("library", "bare"):
+                start = _now()
+                for _ in range(4):
+                    b = batches[i % len(batches)]
+                    i += 1
+                    if name == "library":
+                        run.train_step(b)
+                    else:
+                        hidden = _bare_step(bare, opt, b.x.to(run.device), b.y.to(run.device),
+                                            None if b.reset else hidden, run.device, run.precision,
+                                            config.optim.grad_clip)
+                timings[name] += _now() - start
+                steps[name] += 4
+    lib = steps["library"] * chars / timings["library"]
+    bare_speed = steps["bare"] * chars / timings["bare"]
+    return {"library_chars_per_s": lib, "bare_chars_per_s": bare_speed, "library_vs_bare": lib / bare_speed}
+
+
+def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
+                     progress: bool = False) -> dict[str, Any]:
+    """Train for `budget` seconds and measure everything listed in the module docstring."""
+    from charlstm.api import load
+    from charlstm.corpus import load_corpus, split_text
+    from charlstm.training import train
+
+    config = config.replace(max_time=budget, max_steps=None)
+    threads = set_threads(config.train.threads)
+    device = pick_device(config.train.device)
+    precision = pick_precision(config.train.precision, device)
+    peak = matmul_gflops(precision) if device.type == "cpu" else float("nan")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(out) if out else Path(tmp) / "run"
+        start = _now()
+        train(config, run_dir, force=True, progress=progress, log=lambda s: None)
+        wall = _now() - start
+        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        model = load(run_dir, which="best", device=config.train.device)
+        text, _ = load_corpus(config.data.dataset, config.data.text, config.data.encoding)
+        val = model.evaluate(split_text(text, config.data.val_fraction)[1])
+        m = model.model.config
+    steps = max(x["step"] for x in metrics)
+    chars = steps * config.data.batch_size * config.data.seq_len
+    train_time = metrics[-1]["time"]
+    speed = chars / train_time
+    gflops = speed * training_flops_per_char(m) / 1e9
+    speeds = step_speed(config)
+    step_gflops = speeds["library_chars_per_s"] * training_flops_per_char(m) / 1e9
+    return {
+        "dataset": config.data.dataset or config.data.text,
+        "budget_s": budget,
+        "val_loss": round(val["loss"], 4),
+        "val_bpc": round(val["bits_per_char"], 4),
+        "best_step": min(metrics, key=lambda r: r["val_loss"])["step"],
+        "steps": steps,
+        "chars_per_s": round(speed, 1),
+        "train_gflops": round(gflops, 2),
+        "step_gflops": round(step_gflops, 2),
+        "matmul_gflops": round(peak, 1),
+        "roofline": round(step_gflops / peak, 3) if math.isfinite(peak) else None,
+        "library_chars_per_s": round(speeds["library_chars_per_s"], 1),
+        "bare_chars_per_s": round(speeds["bare_chars_per_s"], 1),
+        "library_vs_bare": round(speeds["library_vs_bare"], 3),
+        "precision": precision,
+        "threads": threads,
+        "device": device.type,
+        "parameters": sum(p.numel() for p in model.model.parameters()),
+        "wall_s": round(wall, 1),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
+
+
+def main_config(preset: str | None, dataset: str | None, overrides: dict[str, Any]) -> RunConfig:
+    config = load_toml(preset) if preset else RunConfig()
+    if dataset:
+        overrides = {"dataset": dataset, "text": None, **overrides}
+    return config.replace(**overrides)
