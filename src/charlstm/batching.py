@@ -140,6 +140,15 @@ def make_batcher(kind: str, ids: np.ndarray, batch_size: int, seq_len: int, seed
     raise UserError(f"batching must be 'stream' or 'random', got {kind!r}")
 
 
+def stream_layout(n_ids: int, n_streams: int) -> tuple[int, int]:
+    """(S, L): how `eval_streams` cuts the n_ids - 1 predictions of a text into S rows of L."""
+    n_pred = n_ids - 1
+    if n_pred < 1:
+        raise UserError("the validation text needs at least 2 characters")
+    S = max(1, min(n_streams, n_pred // 64 or 1))
+    return S, -(-n_pred // S)  # ceil
+
+
 def eval_streams(ids: np.ndarray, n_streams: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a text into `n_streams` contiguous rows covering every prediction exactly once.
 
@@ -147,10 +156,7 @@ def eval_streams(ids: np.ndarray, n_streams: int) -> tuple[torch.Tensor, torch.T
     the loss) so that the mean over non-padded targets is exactly the per-character loss of the text.
     """
     n_pred = len(ids) - 1
-    if n_pred < 1:
-        raise UserError("the validation text needs at least 2 characters")
-    S = max(1, min(n_streams, n_pred // 64 or 1))
-    L = -(-n_pred // S)  # ceil
+    S, L = stream_layout(len(ids), n_streams)
     x = np.zeros(S * L, dtype=np.int64)
     y = np.full(S * L, -100, dtype=np.int64)
     x[:n_pred] = ids[:-1]

@@ -77,7 +77,7 @@ def train(config_path, out, resume_dir, force, no_progress, **fields) -> None:
     from charlstm.training import train as train_run
 
     overrides = {k: v for k, v in fields.items() if v is not None}
-    if overrides.get("text"):
+    if overrides.get("text") or overrides.get("prepared"):
         overrides.setdefault("dataset", None)
     if resume_dir:
         if config_path:
@@ -90,7 +90,8 @@ def train(config_path, out, resume_dir, force, no_progress, **fields) -> None:
     config = load_toml(config_path) if config_path else RunConfig()
     config = config.replace(**overrides)
     if out is None:
-        name = Path(config.data.text).stem if config.data.text else config.data.dataset
+        name = (Path(config.data.prepared).name if config.data.prepared else
+                Path(config.data.text).stem if config.data.text else config.data.dataset)
         out = str(Path("runs") / str(name))
     train_run(config, out, force=force, progress=not no_progress)
 
@@ -248,3 +249,33 @@ def serve(runs, host, port, max_length, max_concurrency, max_batch, time_limit, 
     config = ServerConfig(max_length=max_length, max_concurrency=max_concurrency, max_batch=max_batch,
                           time_limit=time_limit)
     serve_runs(runs, host=host, port=port, config=config, threads=threads, log_level=log_level)
+
+
+# ---------------------------------------------------------------------------------------- prepare
+
+
+@main.command()
+@click.option("--text", "text_path", type=click.Path(dir_okay=False), help="The text file to prepare.")
+@click.option("--dataset", help="A named corpus to prepare instead (see `charlstm datasets`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write ids.bin, vocab.json and meta.json to.")
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--val-fraction", default=0.1, show_default=True, type=float,
+              help="Recorded in meta.json; training cuts by its own --val-fraction.")
+@click.option("--force", is_flag=True, help="Replace a prepared corpus already in --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def prepare(text_path, dataset, out, encoding, val_fraction, force, no_progress) -> None:
+    """Encode a corpus larger than memory once; then train on it with --prepared OUT."""
+    from charlstm import datasets as ds
+    from charlstm.prepared import describe
+    from charlstm.prepared import prepare as prepare_corpus
+
+    if bool(text_path) == bool(dataset):
+        raise UserError("give exactly one of --text FILE or --dataset NAME")
+    source = text_path
+    if dataset:
+        text_path, encoding, source = ds.resolve(dataset, progress=not no_progress), "utf-8", dataset
+    result = prepare_corpus(text_path, out, encoding=encoding, val_fraction=val_fraction,
+                            source=source, force=force, progress=not no_progress)
+    click.echo(describe(result), err=True)
+

@@ -32,6 +32,7 @@ class DataConfig:
 
     dataset: str | None = "byron-ru"
     text: str | None = None  # a file path; takes precedence over `dataset`
+    prepared: str | None = None  # a folder made by `charlstm prepare` (memory-mapped); over both
     encoding: str = "utf-8"
     val_fraction: float = 0.1
     batching: str = "stream"

@@ -70,17 +70,24 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
     return text
 
 
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """Split into (train, validation): the last `val_fraction` of the characters is validation."""
+def split_point(length: int, val_fraction: float) -> int:
+    """Where a text of `length` characters is cut: the last `val_fraction` of it is validation.
+    (`prepared` cuts its memory-mapped ids at the same point, so both paths train on the same split.)"""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
-    n_val = int(round(len(text) * val_fraction))
+    n_val = int(round(length * val_fraction))
     if val_fraction > 0 and n_val < 2:
         raise UserError(
-            f"the text has {len(text)} characters, too few for a validation split of {val_fraction}; "
+            f"the text has {length} characters, too few for a validation split of {val_fraction}; "
             "use a longer text or a larger --val-fraction"
         )
-    return text[: len(text) - n_val], text[len(text) - n_val:]
+    return length - n_val
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """Split into (train, validation): the last `val_fraction` of the characters is validation."""
+    cut = split_point(len(text), val_fraction)
+    return text[:cut], text[cut:]
 
 
 def load_corpus(dataset: str | None, text_path: str | None, encoding: str = "utf-8",

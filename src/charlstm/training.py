@@ -53,15 +53,30 @@ RUN_FILES = ("config.toml", "metrics.jsonl", "samples.txt", "best", "last", "rep
 @dataclass
 class PreparedData:
     vocab: Vocabulary
-    train_ids: np.ndarray
+    train_ids: np.ndarray  # a numpy.memmap view for a corpus made by `charlstm prepare`
     val_ids: np.ndarray
     source: str
-    train_text: str
+    _train_text: str | None = field(default=None, repr=False)
+
+    @property
+    def train_text(self) -> str:
+        """The training text (for analysis); decoded from the ids on first use when the corpus was
+        prepared on disk, since training itself never needs it as a string."""
+        if self._train_text is None:
+            from charlstm.prepared import decode_ids
+
+            self._train_text = decode_ids(self.vocab, self.train_ids)
+        return self._train_text
 
 
 def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> PreparedData:
-    """Read the corpus, split it, and encode it with `vocab` (built from the whole text if None)."""
+    """Read the corpus, split it, and encode it with `vocab` (built from the whole text if None).
+    A prepared corpus (`data.prepared`) is memory-mapped instead: no string of it is ever built."""
     d = config.data
+    if d.prepared:
+        from charlstm.prepared import load_split
+
+        return PreparedData(*load_split(d.prepared, d.val_fraction, vocab))
     text, source = load_corpus(d.dataset, d.text, d.encoding)
     train_text, val_text = split_text(text, d.val_fraction)
     if vocab is None:

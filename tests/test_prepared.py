@@ -1,0 +1,158 @@
+"""`charlstm prepare` and training from a memory-mapped corpus: the same vocabulary, ids, split and
+weights as the in-memory path, at any chunk boundary."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from charlstm import checkpoint as ckpt_io
+from charlstm import prepared
+from charlstm.cli import main
+from charlstm.corpus import read_text, split_text
+from charlstm.errors import UserError
+from charlstm.training import prepare_data, train
+from charlstm.vocabulary import Vocabulary
+
+WORDS = ("мороз и солнце день чудесный ещё ты дремлешь друг прелестный ёж "
+         "the quick brown fox jumps over a lazy dog — «quoted» 1812 ✓").split()
+
+
+def generated_corpus(path, n_bytes, seed=0, crlf=True, bom=True):
+    """Random lines of Russian and English words, some CRLF and lone-CR line ends, a BOM."""
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_bytes:
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+        end = rng.choice(["\n", "\n", "\r\n", "\r", "\n\n"]) if crlf else "\n"
+        piece = (line + end).encode("utf-8")
+        parts.append(piece)
+        size += len(piece)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"".join(parts))
+    return path
+
+
+def _in_memory(path):
+    text = read_text(path)
+    vocab = Vocabulary.from_text(text)
+    return text, vocab, vocab.encode_array(text)
+
+
+def test_prepare_matches_in_memory_path(tmp_path, monkeypatch):
+    """A 2 MB generated corpus (BOM, CRLF, lone CR, Cyrillic, symbols) read in 64 KiB chunks gives
+    the vocabulary of `Vocabulary.from_text`, the ids of `encode_array`, and honest checksums."""
+    monkeypatch.setattr(prepared, "CHUNK_BYTES", 65536 + 1)  # odd: boundaries split characters
+    src = generated_corpus(tmp_path / "big.txt", 2_000_000)
+    result = prepared.prepare(src, tmp_path / "prep", val_fraction=0.05, progress=False)
+    text, vocab, ids = _in_memory(src)
+    corpus = prepared.open_prepared(tmp_path / "prep")
+    assert corpus.vocab == vocab == result.vocab
+    assert isinstance(corpus.ids, np.memmap) and corpus.ids.dtype == vocab.index_dtype
+    assert np.array_equal(corpus.ids, ids)
+    meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+    assert meta["length"] == len(text) and meta["split"] == len(split_text(text, 0.05)[0])
+    assert meta["source_sha256"] == prepared.sha256_file(src)
+    assert meta["ids_sha256"] == prepared.sha256_file(tmp_path / "prep" / "ids.bin")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_every_chunk_boundary(tmp_path, monkeypatch, chunk):
+    """With tiny chunks every CRLF, BOM and multi-byte character is split somewhere: the result is
+    still exactly `read_text`'s."""
+    monkeypatch.setattr(prepared, "CHUNK_BYTES", chunk)
+    src = tmp_path / "t.txt"
+    src.write_bytes("\ufeffа\r\nб\r\rв\n\r\nё✓ x\r".encode("utf-8") * 3)
+    prepared.prepare(src, tmp_path / "p", progress=False, val_fraction=0.2)
+    corpus = prepared.open_prepared(tmp_path / "p")
+    _, vocab, ids = _in_memory(src)
+    assert corpus.vocab == vocab and np.array_equal(corpus.ids, ids)
+
+
+def test_other_encoding_and_utf16_bom(tmp_path):
+    """cp1251 and UTF-16 (whose codec consumes the BOM) decode as `read_text` decodes them."""
+    text = "Мороз и солнце;\r\nдень чудесный!\n" * 50
+    for name, encoding in (("a.txt", "cp1251"), ("b.txt", "utf-16")):
+        src = tmp_path / name
+        src.write_bytes(text.encode(encoding))
+        prepared.prepare(src, tmp_path / name.replace(".txt", ""), encoding=encoding, progress=False)
+        corpus = prepared.open_prepared(tmp_path / name.replace(".txt", ""))
+        expected = read_text(src, encoding)
+        assert prepared.decode_ids(corpus.vocab, corpus.ids) == expected
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "is empty"),
+    (b"  \n\t\r\n", "only whitespace"),
+    ("ok text".encode() + b"\xff\xfe" + b"x" * 10, "byte 0xff at byte offset 7"),
+    (b"\x00\x01\x02" * 100, "looks binary"),
+])
+def test_bad_text_is_one_clear_error(tmp_path, content, needle):
+    src = tmp_path / "bad.txt"
+    src.write_bytes(content)
+    with pytest.raises(UserError, match=needle):
+        prepared.prepare(src, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p" / "meta.json").exists()
+
+
+def test_damaged_or_foreign_folder_is_refused(tmp_path, corpus):
+    prepared.prepare(corpus, tmp_path / "p", progress=False)
+    with pytest.raises(UserError, match="does not exist"):
+        prepared.open_prepared(tmp_path / "nope")
+    ids = tmp_path / "p" / "ids.bin"
+    data = bytearray(ids.read_bytes())
+    data[10] ^= 1
+    ids.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256"):
+        prepared.open_prepared(tmp_path / "p")
+    ids.write_bytes(bytes(data[:-1]))
+    with pytest.raises(UserError, match="bytes, expected"):
+        prepared.open_prepared(tmp_path / "p")
+    with pytest.raises(UserError, match="not an empty folder"):
+        prepared.prepare(corpus, tmp_path / "p", progress=False)
+
+
+def test_training_from_memmap_equals_training_from_text(tmp_path, corpus, tiny):
+    """The prepared path never builds the corpus string, and trains bitwise the same weights."""
+    prepared.prepare(corpus, tmp_path / "p", progress=False)
+    cfg = tiny(corpus, max_steps=10)
+    from_prep = cfg.replace(prepared=str(tmp_path / "p"))
+    data = prepare_data(from_prep)
+    assert isinstance(data.train_ids.base, np.memmap) or isinstance(data.train_ids, np.memmap)
+    assert data._train_text is None  # lazy: built only if analysis asks for it
+    assert data.train_text == split_text(read_text(corpus), cfg.data.val_fraction)[0]
+    a = train(cfg, tmp_path / "a", progress=False)
+    b = train(from_prep, tmp_path / "b", progress=False)
+    wa = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(a, "last")).model_state()
+    wb = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(b, "last")).model_state()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_needs_the_same_vocabulary(tmp_path, corpus, tiny):
+    prepared.prepare(corpus, tmp_path / "p", progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text("abc abd\n" * 200, encoding="utf-8")
+    prepared.prepare(other, tmp_path / "q", progress=False)
+    with pytest.raises(UserError, match="different vocabulary"):
+        prepare_data(tiny(corpus, prepared=str(tmp_path / "q")),
+                     prepared.open_prepared(tmp_path / "p").vocab)
+
+
+def test_cli_prepare_then_train(tmp_path, corpus):
+    """Through the CLI: prepare --text, then train --prepared (no --text, no --dataset)."""
+    runner = CliRunner()
+    result = runner.invoke(main, ["prepare", "--text", str(corpus), "--out", str(tmp_path / "p"),
+                                  "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "prepared" in result.output and "MB/s" in result.output
+    result = runner.invoke(main, [
+        "train", "--prepared", str(tmp_path / "p"), "--out", str(tmp_path / "run"), "--max-steps",
+        "5", "--batch-size", "4", "--seq-len", "16", "--embedding-size", "8", "--hidden-size", "16",
+        "--num-layers", "1", "--eval-interval", "5", "--threads", "1", "--no-progress",
+        "--sample-every", "0", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "last" / "checkpoint.safetensors").is_file()
+    bad = runner.invoke(main, ["prepare", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "exactly one of" in bad.output
