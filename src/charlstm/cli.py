@@ -279,3 +279,73 @@ def prepare(text_path, dataset, out, encoding, val_fraction, force, no_progress)
                             source=source, force=force, progress=not no_progress)
     click.echo(describe(result), err=True)
 
+
+# ---------------------------------------------------------------------------------------- analyze, report
+
+
+def _analysis_options(func):
+    """The options `charlstm analyze` and `charlstm report` share."""
+    options = [
+        click.option("--samples", default=8, show_default=True, type=int,
+                     help="Samples generated at each temperature."),
+        click.option("--length", default=1000, show_default=True, type=int,
+                     help="Characters in each sample."),
+        click.option("--temperatures", default="0.2,0.5,0.8,1.0", show_default=True,
+                     help="Comma-separated sampling temperatures."),
+        click.option("--text", "text_path", type=click.Path(),
+                     help="Analyse this file instead of generating."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the samples."),
+        click.option("--which", type=click.Choice(["best", "last"]), default="last", show_default=True,
+                     help="Checkpoint: the weights training ended with, or the best on validation."),
+        click.option("--threads", type=int, help="Torch threads (default: PyTorch's, one per core)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_analysis(run, samples, length, temperatures, text_path, seed, which, threads) -> dict:
+    from charlstm.corpus import read_text
+    from charlstm.report import analyze_run
+
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    text = read_text(text_path) if text_path else None
+    return analyze_run(run, samples=samples, length=length,
+                       temperatures=_parse_temperatures(temperatures) or [], text=text,
+                       text_label=str(text_path), seed=seed, which=which,
+                       log=lambda msg: click.echo(msg, err=True))
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@_analysis_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def analyze(run, samples, length, temperatures, text_path, seed, which, threads, as_json) -> None:
+    """Compare what RUN generates (or --text) with its training text: copies, novelty, structure."""
+    from charlstm.report import format_table
+
+    analysis = _run_analysis(run, samples, length, temperatures, text_path, seed, which, threads)
+    if as_json:
+        click.echo(json.dumps(analysis, ensure_ascii=False))
+    else:
+        click.echo(format_table(analysis))
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@_analysis_options
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for report.html, report.md and report/ (default: the run folder).")
+def report(run, samples, length, temperatures, text_path, seed, which, threads, out) -> None:
+    """Write RUN's report: report.html (self-contained), report.md and the plots in report/."""
+    from charlstm.report import report_folder, write_report
+
+    folder = report_folder(run, out)
+    analysis = _run_analysis(run, samples, length, temperatures, text_path, seed, which, threads)
+    paths = write_report(analysis, folder)
+    click.echo(f"wrote {paths['html']} and {paths['md']}")

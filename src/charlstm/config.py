@@ -87,6 +87,7 @@ class TrainConfig:
     threads: int | None = None
     skip_nonfinite: int = 0  # non-finite steps to skip before stopping
     eval_streams: int = 8
+    report: bool = False  # write report.html and report.md (`charlstm report`) when training ends
 
 
 SECTIONS: dict[str, type] = {

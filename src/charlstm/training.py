@@ -44,7 +44,8 @@ from charlstm.sampling import SamplingParams, stream_seeds
 from charlstm.schedule import Plateau, budget_progress, learning_rate
 from charlstm.vocabulary import Vocabulary
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "samples.txt", "best", "last", "report.html", "report.md")
+RUN_FILES = ("config.toml", "metrics.jsonl", "samples.txt", "best", "last", "report.html", "report.md",
+             "report")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -397,6 +398,11 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     log(f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
         f"{run.counters.best_saved_val:.4f} nats/char ({run.counters.best_saved_val / math.log(2):.3f} "
         f"bits/char) at step {run.counters.best_step}; run folder {out}")
+    if run.config.train.report:
+        from charlstm.report import report_run
+
+        paths = report_run(out, log=log)
+        log(f"charlstm: wrote {paths['html']} and {paths['md']}")
     return out
 
 

@@ -1,0 +1,206 @@
+"""`analyze_run`, the report writer and their CLI commands, on a tiny model trained by the test.
+
+The tiny model learns almost nothing, so the memorisation figures that matter are checked on
+planted texts given with --text: an excerpt of the training text must come out ~100% copied, and
+its words shuffled must not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from charlstm.cli import main
+from charlstm.config import RunConfig
+from charlstm.report import _md_sample, analyze_run, format_table, write_report
+from charlstm.training import train
+
+VERSE = (
+    "Прощай, свободная стихия!\nВ последний раз передо мной\n"
+    "Ты катишь волны голубые\nИ блещешь гордою красой.\n\n"
+    "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n"
+    "Rough winds do shake the darling buds of May,\n"
+    "And summer's lease hath all too short a date.\n\n"
+)
+CORPUS = VERSE * 8
+TRAIN_TEXT = CORPUS[: len(CORPUS) - round(len(CORPUS) * 0.1)]  # the run's training split
+SMALL = {"samples": 2, "length": 150, "temperatures": (0.2, 1.0), "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run of a 1 × 16 LSTM trained 20 steps on CORPUS (about a second)."""
+    folder = tmp_path_factory.mktemp("report")
+    corpus = folder / "poems.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    config = RunConfig().replace(
+        text=str(corpus), dataset=None, batch_size=4, seq_len=16, embedding_size=8, hidden_size=16,
+        num_layers=1, dropout=0.0, embedding_dropout=0.0, weight_drop=0.0, ema=0.0, max_steps=20,
+        max_time=None, eval_interval=5, sample_every=0, threads=1, precision="fp32", device="cpu")
+    return train(config, folder / "run", progress=False, log=lambda msg: None)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A file holding 1,000 characters of the run's training text."""
+    path = tmp_path / "planted.txt"
+    path.write_text(TRAIN_TEXT[137:1137], encoding="utf-8")
+    return path
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("charlstm: error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_analyze_generated_samples(run_dir):
+    """Generated samples give every figure per temperature, in range, JSON-able and reproducible."""
+    a = analyze_run(run_dir, **SMALL)
+    assert {"run", "checkpoint", "corpus", "validation", "uniform_loss", "history", "metrics",
+            "settings", "training_structure", "results", "seconds"} <= set(a)
+    assert a["checkpoint"]["which"] == "last" and a["checkpoint"]["step"] == 20
+    assert a["corpus"]["training_chars"] == len(TRAIN_TEXT)
+    v = a["validation"]
+    assert 0 < v["loss"] < 2 * a["uniform_loss"]
+    assert v["bits_per_char"] == pytest.approx(v["loss"] / math.log(2))
+    assert a["history"]["last_step"] == 20 and a["history"]["evaluations"] == 4
+    assert [r["temperature"] for r in a["results"]] == [0.2, 1.0]
+    for r in a["results"]:
+        assert r["chars"] == 2 * 150 + 2  # two samples joined by a blank line
+        m = r["memorisation"]
+        assert 0 <= m["longest_copy_length"] <= r["chars"]
+        assert all(0 <= m["coverage"][k] <= 1 for k in (20, 50))
+        assert m["coverage"][50] <= m["coverage"][20]
+        assert 0 <= r["distance"]["structure_distance"] <= 1
+        assert r["excerpt"]["text"] and r["structure"]["n_lines"] > 0
+    json.dumps(a)
+    again = analyze_run(run_dir, **SMALL)
+    assert [r["excerpt"] for r in again["results"]] == [r["excerpt"] for r in a["results"]]
+    assert "longest copy" in format_table(a) and "T = 0.2" in format_table(a)
+
+
+def test_planted_training_excerpt_is_all_copied(run_dir, planted):
+    """A training excerpt given as --text is 100% copied, with the whole excerpt as longest copy."""
+    text = planted.read_text(encoding="utf-8")
+    a = analyze_run(run_dir, text=text, text_label="planted")
+    (r,) = a["results"]
+    m = r["memorisation"]
+    assert r["temperature"] is None and r["source"] == "planted"
+    assert m["longest_copy_length"] == len(text) and m["longest_copy_text"] == text
+    assert m["coverage"][50] == 1.0 and m["coverage"][20] == 1.0
+    assert m["novel_ngram_share"][3] == 0.0
+    assert m["lines_reproduced"] == m["lines_considered"] > 0
+    assert r["excerpt"]["copied_spans"] == [[0, len(r["excerpt"]["text"])]]
+
+
+def test_shuffled_words_have_no_long_copies(run_dir):
+    """The training text's words in a shuffled order share almost no copies of 50 characters."""
+    words = TRAIN_TEXT.split()
+    random.Random(0).shuffle(words)
+    lines = [" ".join(words[i:i + 6]) for i in range(0, len(words), 6)]
+    a = analyze_run(run_dir, text="\n".join(lines), text_label="shuffled")
+    m = a["results"][0]["memorisation"]
+    assert m["coverage"][50] < 0.02 and m["longest_copy_length"] < 50
+
+
+def test_report_files_are_self_contained(run_dir, planted, tmp_path):
+    """report.html embeds its PNGs and loads nothing; report.md links PNGs that exist; copies are
+    highlighted in both; the report can be written again from its own analysis.json."""
+    a = analyze_run(run_dir, text=planted.read_text(encoding="utf-8"), text_label="planted")
+    paths = write_report(a, tmp_path / "out")
+    page = paths["html"].read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    images = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    assert "<mark>" in page
+    md = paths["md"].read_text(encoding="utf-8")
+    linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert {"report/loss.png", "report/lr.png", "report/lengths.png"} <= set(linked)
+    for link in linked:
+        assert (tmp_path / "out" / link).read_bytes().startswith(b"\x89PNG")
+    assert "**" in md
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+    reloaded = json.loads(paths["json"].read_text(encoding="utf-8"))  # int keys became strings
+    write_report(reloaded, tmp_path / "again")
+    assert (tmp_path / "again" / "report.md").read_text(encoding="utf-8") == md
+
+
+def test_markdown_sample_bolds_copies_line_by_line():
+    """Bold never spans a line break or starts with a space, and Markdown syntax is escaped."""
+    text = "one *two*\nthree four\n\nfive"
+    out = _md_sample(text, [(4, 15)])  # "*two*\nthree"
+    assert out == "one **\\*two\\***\\\n**three** four\n\nfive"
+
+
+def test_cli_analyze_and_report(run_dir, planted):
+    """`analyze` prints tables or JSON; `report` writes into the run folder."""
+    table = cli("analyze", run_dir, "--samples", 1, "--length", 80, "--temperatures", "0.5,1")
+    assert table.exit_code == 0, table.output
+    assert "T = 0.5" in table.output and "structure distance" in table.output
+    as_json = cli("analyze", run_dir, "--text", planted, "--json", "--which", "best")
+    assert as_json.exit_code == 0, as_json.output
+    doc = json.loads(as_json.output.splitlines()[-1])
+    assert doc["results"][0]["memorisation"]["coverage"]["50"] == 1.0
+    assert doc["checkpoint"]["which"] == "best"
+    rep = cli("report", run_dir, "--samples", 1, "--length", 80, "--temperatures", "0.2,0.5,1")
+    assert rep.exit_code == 0, rep.output
+    assert (run_dir / "report.html").is_file()
+    assert (run_dir / "report" / "temperature.png").is_file()
+
+
+def test_train_report_flag(tmp_path):
+    """`charlstm train --report` ends with the run's report."""
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    out = tmp_path / "run"
+    result = cli("train", "--text", corpus, "--out", out, "--max-steps", 5, "--batch-size", 4,
+                 "--seq-len", 16, "--embedding-size", 8, "--hidden-size", 16, "--num-layers", 1,
+                 "--eval-interval", 5, "--threads", 1, "--precision", "fp32", "--no-progress",
+                 "--sample-every", 0, "--report")
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert "report = true" in (out / "config.toml").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--text", "missing.txt"], "does not exist"),
+    (["--temperatures", "hot"], "--temperatures"),
+    (["--samples", "0"], "--samples"),
+    (["--length", "-5"], "--length"),
+    (["--temperatures", "-1"], "temperatures"),
+    (["--threads", "0"], "--threads"),
+])
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_bad_options_are_one_line_errors(run_dir, tmp_path, command, args, needle):
+    """Each bad option ends in one line on stderr and exit status 2, before any work is done."""
+    fixed = [str(tmp_path / a) if a == "missing.txt" else a for a in args]
+    _one_line_error(cli(command, run_dir, *fixed), needle)
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_not_a_run_is_a_one_line_error(tmp_path, command):
+    """An empty folder, a missing folder and a stray file are refused in one line."""
+    _one_line_error(cli(command, tmp_path), "not a charlstm run folder")
+    _one_line_error(cli(command, tmp_path / "nope"), "does not exist")
+
+
+def test_report_of_a_checkpoint_file_needs_out(run_dir, tmp_path):
+    """A checkpoint copied out of its run folder has nowhere obvious to put the report."""
+    ck = tmp_path / "model.safetensors"
+    ck.write_bytes((run_dir / "last" / "checkpoint.safetensors").read_bytes())
+    _one_line_error(cli("report", ck), "--out")
+    ok = cli("report", ck, "--out", tmp_path / "rep", "--samples", 1, "--length", 50)
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "rep" / "report.html").is_file()
