@@ -41,6 +41,12 @@ class CharlstmGroup(click.Group):
 @click.version_option(package_name="charlstm")
 def main() -> None:
     """Train a character-level LSTM on any text, generate from it, and see what it learned."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"charlstm: warning: {message}", err=True)
+
+    warnings.showwarning = show
 
 
 # ---------------------------------------------------------------------------------------- train
