@@ -1,4 +1,4 @@
-"""The generation engine: many streams advanced together, one character per step.
+"""The generation engine: many streams advanced together, one character (or a few) per step.
 
 An :class:`Engine` holds the recurrent state of every active stream as rows of one batch. `add`
 primes a new stream with its start text and appends its row; `step` draws the next character for
@@ -6,6 +6,10 @@ every row, applies each stream's stop rule, drops finished rows, and runs one ba
 Streams may join and leave between any two steps, which is what lets a server share one model step
 among requests that arrive at different times (continuous batching). Each stream keeps its own
 sampling parameters and its own counter-based seed, so its text does not depend on its neighbours.
+
+`step(max_chars)` draws up to that many characters per stream in one call. That is what makes
+generation fast: an LSTM on the CPU then runs all of them inside compiled code (`kernels`), and the
+Python work per stream (decoding, stop rules) is paid once per step instead of once per character.
 """
 
 from __future__ import annotations
@@ -38,92 +42,149 @@ class Request:
 @dataclass
 class _Stream:
     request: Request
-    generated: str = ""
-    emitted: int = 0  # length of `generated` already handed out
     drawn: int = 0  # characters drawn so far (the RNG counter)
-    recent: list[int] = field(default_factory=list)
+    pending: str = ""  # text generated but not handed out yet (a possible start of a stop)
+    tail: str = ""  # the last characters kept, enough to match a stop string across steps
+    recent: list[int] = field(default_factory=list)  # for the repetition penalty (reference path)
     newlines: int = 0
     stanzas: int = 0
     stanza_has_text: bool = False
+
+    @property
+    def tail_size(self) -> int:
+        return max([1] + [len(s) - 1 for s in self.request.stop.stop])
 
 
 @dataclass
 class StepOutput:
     text: str  # new text for this stream (may be empty when a stop string was cut away)
     finished: bool
+    drawn: int = 1  # characters drawn for it in this step (`Engine.step(max_chars)` may draw more)
 
 
-def _held_back(s: _Stream) -> int:
-    """How many trailing characters to hold back because they may be the start of a stop string:
-    streamed text cannot be taken back once a client has it."""
-    text = s.generated
-    held = 0
-    for stop in s.request.stop.stop:
-        for k in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:k]):
-                held = k
-                break
-    return held
+def _stop_cut(s: _Stream, new: str) -> int | None:
+    """Feed new text to a stream's stop rule; where to cut `new` if the rule fires in it (negative:
+    the cut falls in the held-back text before it).
 
-
-def _stop_cut(s: _Stream, ch: str) -> int | None:
-    """Feed one character to a stream's stop rule; the length of text to keep if it fires.
-
-    Incremental twin of `StopRule.cut`: constant work per character instead of rescanning the text."""
+    Incremental twin of `StopRule.cut`: it fires at the first character after which `cut` of the
+    text so far is not None, and cuts at the same place; the work is per stop string and per
+    newline, with no rescan of the text."""
     rule = s.request.stop
-    text = s.generated  # already includes ch
-    pos = len(text) - 1
-    cuts = []
-    for stop in rule.stop:
-        if text.endswith(stop):
-            cuts.append(len(text) - len(stop))
-    if ch == "\n":
+    fired: tuple[int, int] | None = None  # (end of the event in `new`, cut), the earliest end wins
+    if rule.stop:
+        window = s.tail + new
+        base = len(s.tail)
+        for stop in rule.stop:
+            i = window.find(stop)  # an occurrence inside `tail` alone would have fired already
+            if i >= 0:
+                fired = min(fired or (len(new) + 1, 0), (i + len(stop) - base, i - base))
+    last = 0  # start of the text not yet scanned for stanza content
+    pos = new.find("\n")
+    while pos >= 0 and (fired is None or pos < fired[0]):
+        if new[last:pos].strip():
+            s.stanza_has_text = True
+        last = pos + 1
         s.newlines += 1
+        cuts = []
         if rule.max_lines is not None and s.newlines == rule.max_lines:
             cuts.append(pos)
-        if pos > 0 and text[pos - 1] == "\n" and s.stanza_has_text:
+        prev = new[pos - 1] if pos > 0 else s.tail[-1:]
+        if prev == "\n" and s.stanza_has_text:
             s.stanzas += 1
             s.stanza_has_text = False
             if rule.max_stanzas is not None and s.stanzas == rule.max_stanzas:
                 cuts.append(pos - 1)
-    elif not ch.isspace():
+        if cuts:
+            fired = min(fired or (len(new) + 1, 0), (pos + 1, min(cuts)))
+            break
+        pos = new.find("\n", pos + 1)
+    if fired is None and new[last:].strip():
         s.stanza_has_text = True
-    return min(cuts) if cuts else None
+    s.tail = (s.tail + new)[-s.tail_size:]
+    return None if fired is None else fired[1]
+
+
+def _held_back(s: _Stream) -> int:
+    """How many trailing characters to hold back because they may be the start of a stop: streamed
+    text cannot be taken back once a client has it. `s.tail` ends the text."""
+    rule, text = s.request.stop, s.tail
+    held = 0
+    for stop in rule.stop:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    if rule.max_stanzas is not None and s.stanza_has_text and text.endswith("\n"):
+        held = max(held, 1)  # a second newline would end the stanza before this one
+    return held
+
+
+def _codepoints(decode: Callable[[Sequence[int]], str], vocab_size: int | None) -> np.ndarray | None:
+    """Each id's code point, when `decode` maps ids to single characters: then a whole row of ids
+    decodes with one numpy take and one bytes.decode instead of a Python call per character."""
+    if not vocab_size:
+        return None
+    try:
+        chars = decode(list(range(vocab_size)))
+    except Exception:  # noqa: BLE001 - any decode we cannot probe just takes the general path
+        return None
+    if not isinstance(chars, str) or len(chars) != vocab_size:
+        return None
+    return np.array([ord(c) for c in chars], dtype="<u4")
 
 
 class Engine:
-    """Batched, incremental generation over a `CharRNN`-like model."""
+    """Batched, incremental generation over a `CharRNN`-like model.
+
+    An LSTM on the CPU runs in compiled kernels (`charlstm.kernels`, when numba is installed);
+    any other model, or CUDA, runs the reference path: one module call per step and
+    `sampling.sample_step`. Both draw the same characters from the same logits. `fast=False`
+    forces the reference path, `fast=True` the compiled one."""
 
     def __init__(self, model: torch.nn.Module, decode: Callable[[Sequence[int]], str],
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", *, fast: bool | None = None) -> None:
         self.model = model.eval()
         self.decode = decode
         self.device = torch.device(device)
         self.ids: list[int] = []  # stream id of each batch row
         self.streams: dict[int, _Stream] = {}
-        self.logits: torch.Tensor | None = None  # (N, V) next-character logits per row
-        self.hidden = None  # per-layer state with N rows in dim 1
+        self.logits: torch.Tensor | None = None  # reference path: (N, V) next-character logits
+        self.hidden = None  # reference path: per-layer state with N rows in dim 1
         self._next_id = 0
+        self._rows = _compiled_rows(model, self.device) if fast is not False else None
+        if fast and self._rows is None:
+            raise UserError("the compiled generator needs numba and an LSTM on the CPU")
+        fc = getattr(model, "fc", None)
+        self._codepoints = _codepoints(decode, getattr(fc, "out_features", None))
 
     @property
     def active(self) -> int:
         return len(self.ids)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether this engine runs the compiled kernels (else the reference module calls)."""
+        return self._rows is not None
+
     @torch.inference_mode()
     def add(self, request: Request) -> int:
         """Prime a stream with its start text and add it to the batch; returns its id."""
-        x = torch.tensor([list(request.prompt)], dtype=torch.long, device=self.device)
-        logits, hidden = self.model(x)
         sid = self._next_id
-        self._next_id += 1
-        self.streams[sid] = _Stream(request, recent=list(request.prompt)[-request.params.repetition_window:])
-        self.ids.append(sid)
-        row_logits = logits[:, -1]
-        if self.logits is None:
-            self.logits, self.hidden = row_logits, hidden
+        if self._rows is not None:
+            self._rows.add(request.prompt, request.params, request.seed)
         else:
-            self.logits = torch.cat([self.logits, row_logits])
-            self.hidden = _cat_hidden(self.hidden, hidden)
+            x = torch.tensor([list(request.prompt)], dtype=torch.long, device=self.device)
+            logits, hidden = self.model(x)
+            row_logits = logits[:, -1]
+            if self.logits is None:
+                self.logits, self.hidden = row_logits, hidden
+            else:
+                self.logits = torch.cat([self.logits, row_logits])
+                self.hidden = _cat_hidden(self.hidden, hidden)
+        self._next_id += 1
+        recent = list(request.prompt)[-request.params.repetition_window:]
+        self.streams[sid] = _Stream(request, recent=recent)
+        self.ids.append(sid)
         return sid
 
     def cancel(self, sid: int) -> None:
@@ -132,20 +193,24 @@ class Engine:
             self._keep([i for i, s in enumerate(self.ids) if s != sid])
 
     def _keep(self, rows: list[int]) -> None:
-        for i, sid in enumerate(self.ids):
-            if i not in set(rows):
+        kept = {self.ids[i] for i in rows}
+        for sid in self.ids:
+            if sid not in kept:
                 self.streams.pop(sid, None)
-        if not rows:
-            self.ids, self.logits, self.hidden = [], None, None
-            return
         if len(rows) == len(self.ids):
             return
-        index = torch.tensor(rows, device=self.device)
         self.ids = [self.ids[i] for i in rows]
-        self.logits = self.logits.index_select(0, index)
-        self.hidden = _select_hidden(self.hidden, index)
+        if self._rows is not None:
+            self._rows.keep(rows)
+        elif not rows:
+            self.logits, self.hidden = None, None
+        else:
+            index = torch.tensor(rows, device=self.device)
+            self.logits = self.logits.index_select(0, index)
+            self.hidden = _select_hidden(self.hidden, index)
 
-    def _sample(self) -> np.ndarray:
+    def _sample(self, t: int = 0) -> np.ndarray:
+        """Reference path: each row's next character, the t-th of this step."""
         logits = self.logits.double().cpu().numpy()
         out = np.empty(len(self.ids), dtype=np.int64)
         groups: dict[SamplingParams, list[int]] = {}
@@ -154,7 +219,7 @@ class Engine:
         for params, rows in groups.items():
             streams = [self.streams[self.ids[r]] for r in rows]
             seeds = np.array([s.request.seed for s in streams], dtype=np.uint64)
-            counters = np.array([s.drawn for s in streams], dtype=np.uint64)
+            counters = np.array([s.drawn + t for s in streams], dtype=np.uint64)
             recent = None
             if params.repetition_penalty != 1.0:
                 W = params.repetition_window
@@ -166,37 +231,77 @@ class Engine:
             out[rows] = sample_step(logits[rows], params, seeds, counters, recent)
         return out
 
+    def _reference_advance(self, k: int, limits: np.ndarray) -> np.ndarray:
+        """Reference path: k steps of sample_step and one module call each."""
+        out = np.full((len(self.ids), k), -1, dtype=np.int64)
+        for t in range(k):
+            idx = self._sample(t)
+            for row, sid in enumerate(self.ids):
+                if t < limits[row]:
+                    out[row, t] = idx[row]
+                    s = self.streams[sid]
+                    if s.request.params.repetition_penalty != 1.0:
+                        s.recent.append(int(idx[row]))
+                        del s.recent[: -s.request.params.repetition_window]
+            if t + 1 < k or (limits == k).any():  # the last module call only feeds rows that go on
+                x = torch.from_numpy(idx).to(self.device).view(-1, 1)
+                out_logits, self.hidden = self.model(x, self.hidden)
+                self.logits = out_logits[:, -1]
+        return out
+
+    def _decode(self, ids: np.ndarray) -> str:
+        if self._codepoints is not None:
+            return self._codepoints[ids].tobytes().decode("utf-32-le")
+        return self.decode(ids.tolist())
+
     @torch.inference_mode()
-    def step(self) -> dict[int, StepOutput]:
-        """Advance every active stream by one character."""
+    def step(self, max_chars: int = 1) -> dict[int, StepOutput]:
+        """Advance every active stream by one character, or by up to `max_chars` in one call
+        (far less overhead per character; a stream that stops early wastes the rest of its step)."""
         if not self.ids:
             return {}
-        idx = self._sample()
+        if max_chars < 1:
+            raise UserError(f"max_chars must be >= 1, got {max_chars}")
+        streams = [self.streams[sid] for sid in self.ids]
+        limits = np.array([min(max_chars, s.request.length - s.drawn) for s in streams], np.int64)
+        if self._rows is not None:
+            ids = self._rows.advance(max_chars, limits)
+        else:
+            ids = self._reference_advance(max_chars, limits)
         outputs: dict[int, StepOutput] = {}
         keep: list[int] = []
-        for row, sid in enumerate(self.ids):
-            s = self.streams[sid]
-            ch = self.decode([idx[row]])
-            s.generated += ch
-            s.drawn += 1
-            if s.request.params.repetition_penalty != 1.0:
-                s.recent.append(int(idx[row]))
-                del s.recent[: -s.request.params.repetition_window]
-            cut = _stop_cut(s, ch) if s.request.stop.active else None
-            if cut is not None:
-                s.generated = s.generated[:cut]
-            finished = cut is not None or s.drawn >= s.request.length
-            end = len(s.generated) if finished else len(s.generated) - _held_back(s)
-            outputs[sid] = StepOutput(s.generated[s.emitted:end], finished)
-            s.emitted = max(s.emitted, end)
-            if not finished:
+        for row, (sid, s) in enumerate(zip(self.ids, streams)):
+            n = int(limits[row])
+            outputs[sid] = _hand_out(s, self._decode(ids[row, :n]), n)
+            if not outputs[sid].finished:
                 keep.append(row)
         self._keep(keep)
-        if self.ids:
-            x = torch.from_numpy(idx[keep]).to(self.device).view(-1, 1)
-            out, self.hidden = self.model(x, self.hidden)
-            self.logits = out[:, -1]
         return outputs
+
+
+def _hand_out(s: _Stream, new: str, drawn: int) -> StepOutput:
+    """Give a stream its newly drawn text: apply its stop rule, and hold back what a stop string
+    could still claim (streamed text cannot be taken back once a client has it)."""
+    s.drawn += drawn
+    buf = s.pending + new
+    cut = _stop_cut(s, new) if s.request.stop.active else None
+    finished = cut is not None or s.drawn >= s.request.length
+    if cut is not None:
+        buf = buf[: max(0, len(s.pending) + cut)]
+    held = 0 if finished else min(_held_back(s), len(buf))
+    s.pending = buf[len(buf) - held:] if held else ""
+    return StepOutput(buf[: len(buf) - held], finished, drawn)
+
+
+def _compiled_rows(model: torch.nn.Module, device: torch.device):
+    """The compiled path's rows for this model, or None where it does not apply."""
+    try:
+        from charlstm import kernels
+    except ImportError:  # numba is missing: the reference path still works
+        return None
+    if not kernels.supports(model, device):
+        return None
+    return kernels.LSTMRows(kernels.LSTMWeights.from_model(model))
 
 
 def _cat_hidden(a, b):
@@ -213,10 +318,14 @@ def _select_hidden(h, index: torch.Tensor):
 
 def generate_stream(model, prompts: Sequence[Sequence[int]], length: int, params: SamplingParams,
                     seeds: np.ndarray, decode, stop: StopRule | None = None,
-                    device: torch.device | str = "cpu") -> Iterator[dict[int, StepOutput]]:
-    """Run N streams to completion, yielding each step's outputs (stream index → StepOutput)."""
-    engine = Engine(model, decode, device)
+                    device: torch.device | str = "cpu", max_chars: int = 64,
+                    fast: bool | None = None) -> Iterator[dict[int, StepOutput]]:
+    """Run N streams to completion, yielding each step's outputs (stream index → StepOutput).
+
+    Each step draws up to `max_chars` characters per stream: 64 keeps the per-step Python work
+    small next to the arithmetic while text still arrives every fraction of a millisecond."""
+    engine = Engine(model, decode, device, fast=fast)
     for prompt, seed in zip(prompts, seeds):
         engine.add(Request(prompt, length, params, int(seed), stop or StopRule()))
     while engine.active:
-        yield engine.step()
+        yield engine.step(max_chars)

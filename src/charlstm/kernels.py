@@ -1,0 +1,715 @@
+"""Compiled LSTM generation on the CPU: the model step and the sampler without per-call overhead.
+
+One character of the lab-sized model (2 × 85, vocabulary 74) is about 93 k multiply-adds, a few µs of
+arithmetic, while one PyTorch module call costs tens of µs. So generation runs here, in numba:
+
+- `LSTMWeights` rearranges a `CharRNN`'s weights once. Layer 0's input projection is a table, one row
+  of 4H gate inputs per character (embedding @ W_ih0ᵀ + both biases), so layer 0 only multiplies its
+  own state. Layers above see [h_below, h_own] as one vector and use one stacked matrix.
+- A stream's state is one row of `S` (N, L·H), the layers' h side by side, and of `C` (cells). Layer
+  l's input [h_{l-1}, h_l] is then the contiguous slice S[:, (l-1)H:(l+1)H], so the batched path feeds
+  views of `S` straight to a matrix multiply with no copies.
+- Few streams (`advance_rows`): each row runs its characters inside one compiled call, matrix-vector
+  products over weights that stay in cache. Many streams (`sample_rows` and `lstm_cells` between
+  BLAS matrix multiplies): one step of every row at a time, where the GEMM reuses each weight across
+  rows.
+
+Numerics: weights, state and gates are float32 like the reference module; sigmoid and tanh use a
+rational approximation that vectorises (a few float32 ulps from PyTorch's). Sampling follows
+`sampling.sample_step` operation by operation in float64: the same splitmix64 uniforms, temperature,
+top-k, top-p and repetition penalty, and the same cdf inversion, so given the same logits it draws the
+same characters (tests check this against `sample_step`).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import threading
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+import torch
+
+# float32 arithmetic may use FMA and reciprocals; no flag that changes inf/NaN handling, because the
+# sampler relies on -inf for top-k (and those functions use no fast-math at all).
+_FAST = {"contract", "arcp", "nsz", "afn"}
+
+# ---------------------------------------------------------------------------------------- activations
+
+# tanh as an odd/even rational function on [-c, c] (the approximation Eigen and TensorFlow use for
+# float32): branch-free, so LLVM vectorises the gate loops, unlike calls to libm's tanhf/expf.
+_CLAMP = np.float32(7.90531110763549805)
+_A1, _A3, _A5, _A7 = (np.float32(v) for v in (4.89352455891786e-03, 6.37261928875436e-04,
+                                              1.48572235717979e-05, 5.12229709037114e-08))
+_A9, _A11, _A13 = (np.float32(v) for v in (-8.60467152213735e-11, 2.00018790482477e-13,
+                                           -2.76076847742355e-16))
+_B0, _B2, _B4, _B6 = (np.float32(v) for v in (4.89352518554385e-03, 2.26843463243900e-03,
+                                              1.18534705686654e-04, 1.19825839466702e-06))
+_HALF = np.float32(0.5)
+
+
+@nb.njit(fastmath=_FAST, error_model="numpy", cache=True, inline="always")
+def _tanh(x):
+    x = min(max(x, -_CLAMP), _CLAMP)
+    x2 = x * x
+    p = x2 * _A13 + _A11
+    p = x2 * p + _A9
+    p = x2 * p + _A7
+    p = x2 * p + _A5
+    p = x2 * p + _A3
+    p = x2 * p + _A1
+    q = x2 * _B6 + _B4
+    q = x2 * q + _B2
+    q = x2 * q + _B0
+    return x * p / q
+
+
+@nb.njit(fastmath=_FAST, error_model="numpy", cache=True, inline="always")
+def _sigmoid(x):
+    return _HALF * _tanh(_HALF * x) + _HALF
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class LSTMWeights:
+    """A `CharRNN` LSTM's weights, float32 and laid out for `advance_rows` and the batched step."""
+
+    table: np.ndarray  # (V, 4H) layer 0's gate inputs per character, both biases included
+    w_hh0: np.ndarray  # (H, 4H)
+    w_up: np.ndarray  # (L-1, 2H, 4H) layers >= 1: [W_ih; W_hh]ᵀ acting on [h_below, h_own]
+    b_up: np.ndarray  # (L-1, 4H)
+    w_fc: np.ndarray  # (H, V)
+    b_fc: np.ndarray  # (V,)
+    # The same matrices as nn.Linear keeps them, (out, in), for the batched path's oneDNN GEMMs.
+    lin_hh0: torch.Tensor
+    lin_up: tuple[torch.Tensor, ...]
+    lin_fc: torch.Tensor
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_hh0.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.w_up.shape[0] + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.table.shape[0]
+
+    @classmethod
+    @torch.no_grad()
+    def from_model(cls, model: torch.nn.Module) -> LSTMWeights:
+        rnn, fc = model.rnn, model.fc
+        L, H = rnn.num_layers, rnn.hidden_size
+
+        def f32(t: torch.Tensor) -> np.ndarray:
+            return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+
+        def bias(name: str) -> torch.Tensor:
+            b = getattr(rnn, name, None)
+            return torch.zeros(4 * H) if b is None else b.float().cpu()
+
+        emb = model.encoder.weight.float().cpu()  # (V, E)
+        table = emb @ rnn.weight_ih_l0.float().cpu().T + bias("bias_ih_l0") + bias("bias_hh_l0")
+        w_up = [torch.cat([getattr(rnn, f"weight_ih_l{l}"), getattr(rnn, f"weight_hh_l{l}")], 1).T
+                for l in range(1, L)]
+        b_up = [bias(f"bias_ih_l{l}") + bias(f"bias_hh_l{l}") for l in range(1, L)]
+        w_up = f32(torch.stack(w_up)) if w_up else np.zeros((0, 2 * H, 4 * H), np.float32)
+        w_hh0, w_fc = f32(rnn.weight_hh_l0.T), f32(fc.weight.T)
+
+        def lin(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a.T))
+
+        return cls(
+            table=f32(table),
+            w_hh0=w_hh0,
+            w_up=w_up,
+            b_up=f32(torch.stack(b_up)) if b_up else np.zeros((0, 4 * H), np.float32),
+            w_fc=w_fc,
+            b_fc=f32(fc.bias) if fc.bias is not None else np.zeros(fc.out_features, np.float32),
+            lin_hh0=lin(w_hh0),
+            lin_up=tuple(lin(a) for a in w_up),
+            lin_fc=lin(w_fc),
+        )
+
+
+def supports(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether `LSTMWeights` can run this model: a plain LSTM (no projections) on the CPU."""
+    rnn = getattr(model, "rnn", None)
+    return (device.type == "cpu" and isinstance(rnn, torch.nn.LSTM) and rnn.batch_first
+            and not rnn.bidirectional and getattr(rnn, "proj_size", 0) == 0
+            and all(hasattr(model, n) for n in ("encoder", "fc")))
+
+
+# ---------------------------------------------------------------------------------------- the step
+
+
+@nb.njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _cell(g, h, c):
+    """Gates g (4H,) in PyTorch's order i, f, g, o → new c (H,) and h (H,) in place.
+
+    Every array is indexed by the bare loop variable: numba adds a negative-index check to an
+    expression like H + j, and that check alone stops LLVM from vectorising the loop."""
+    H = h.shape[0]
+    gi, gf, gg, go = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
+    for j in range(H):
+        cj = _sigmoid(gf[j]) * c[j] + _sigmoid(gi[j]) * _tanh(gg[j])
+        c[j] = cj
+        h[j] = _sigmoid(go[j]) * _tanh(cj)
+
+
+@nb.njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _matvec_add(h, W, g):
+    """g += h @ W for h (K,), W (K, N), in axpy order (g[j] += h[k]·W[k, j]) so that the inner loop
+    runs along contiguous memory and vectorises; four rows of W per pass of g quarter the loads
+    and stores of g, which bound this loop."""
+    K = h.shape[0]
+    K4 = K - K % 4
+    for k in range(0, K4, 4):
+        h0, h1, h2, h3 = h[k], h[k + 1], h[k + 2], h[k + 3]
+        w0, w1, w2, w3 = W[k], W[k + 1], W[k + 2], W[k + 3]
+        for j in range(g.shape[0]):
+            g[j] += h0 * w0[j] + h1 * w1[j] + h2 * w2[j] + h3 * w3[j]
+    for k in range(K4, K):
+        hk, wk = h[k], W[k]
+        for j in range(g.shape[0]):
+            g[j] += hk * wk[j]
+
+
+@nb.njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _step_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, x, g):
+    """Feed character x to row r: update its state and write its next logits (without the fc bias)."""
+    H = w_hh0.shape[0]
+    g[:] = table[x]
+    _matvec_add(S[r, :H], w_hh0, g)
+    _cell(g, S[r, :H], C[r, :H])
+    for l in range(w_up.shape[0]):
+        g[:] = b_up[l]
+        lo = l * H  # layer l+1 reads [h_l (just updated), h_{l+1} (previous step)]
+        _matvec_add(S[r, lo:lo + 2 * H], w_up[l], g)
+        _cell(g, S[r, lo + H:lo + 2 * H], C[r, lo + H:lo + 2 * H])
+    top = w_up.shape[0] * H
+    logits[r, :] = 0.0
+    _matvec_add(S[r, top:top + H], w_fc, logits[r])
+
+
+@nb.njit(error_model="numpy", cache=True, nogil=True)
+def prime_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, prompt):
+    """Run a start text through row r (whose state the caller has zeroed)."""
+    g = np.empty(4 * w_hh0.shape[0], np.float32)
+    for t in range(prompt.shape[0]):
+        _step_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, prompt[t], g)
+
+
+@nb.njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
+def lstm_cells(G, bias, S, C, layer):
+    """Batched step of layer >= 1, after the GEMM G = [h_below, h_own] @ W: add the bias to every
+    row's gates, then update c and h of `layer` in place."""
+    H = G.shape[1] // 4
+    off = layer * H
+    for r in range(G.shape[0]):
+        g = G[r]
+        for j in range(4 * H):
+            g[j] += bias[j]
+        _cell(g, S[r, off:off + H], C[r, off:off + H])
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = (np.uint64(s) for s in (30, 27, 31, 11))
+_ONE = np.uint64(1)
+_INV53 = 1.0 / (1 << 53)
+
+
+@nb.njit(error_model="numpy", cache=True)
+def _uniform(seed, counter):
+    """`sampling.uniforms` for one stream (splitmix64 of seed + (counter + 1)·γ)."""
+    z = seed + (counter + _ONE) * _GAMMA
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    z = z ^ (z >> _S31)
+    return np.float64(z >> _S11) * _INV53
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split in two (fdlibm): n·_LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+_EXP_MIN = -708.0  # below this exp(x) is subnormal, and 0 changes no cdf comparison
+# 1/k!: the Taylor series of exp(r) to r^13, for |r| <= ln2/2 (truncation error < 0.1 ulp).
+_F2, _F3, _F4, _F5, _F6, _F7, _F8, _F9, _F10, _F11, _F12, _F13 = (
+    1.0 / math.factorial(k) for k in range(2, 14))
+
+
+@nb.njit(fastmath={"contract"}, error_model="numpy", cache=True)
+def _exp_nonpositive(z, out, bits):
+    """out[v] = exp(z[v]) for z <= 0 (-inf allowed), in float64 to about 1 ulp (np.exp is within
+    1 ulp too). numba's np.exp calls libm once per element; this one vectorises: x = n·ln2 + r, a
+    polynomial for exp(r), and 2^n built in the exponent bits of `bits` (int64 scratch)."""
+    scale = bits.view(np.float64)
+    for v in range(z.shape[0]):
+        x = max(z[v], _EXP_MIN)
+        n = np.floor(x * _LOG2E + 0.5)
+        r = (x - n * _LN2_HI) - n * _LN2_LO
+        p = _F13 * r + _F12
+        p = p * r + _F11
+        p = p * r + _F10
+        p = p * r + _F9
+        p = p * r + _F8
+        p = p * r + _F7
+        p = p * r + _F6
+        p = p * r + _F5
+        p = p * r + _F4
+        p = p * r + _F3
+        p = p * r + _F2
+        p = p * r + 1.0
+        p = p * r + 1.0
+        out[v] = p if z[v] >= _EXP_MIN else 0.0
+        bits[v] = (np.int64(n) + 1023) << 52
+    for v in range(z.shape[0]):
+        out[v] *= scale[v]
+
+
+@nb.njit(error_model="numpy", cache=True)
+def _sum_block(a, lo, hi):
+    """numpy's pairwise_sum for one block of at most 128 elements: 8 running sums, then a tree."""
+    n = hi - lo
+    if n < 8:
+        res = 0.0
+        for i in range(lo, hi):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    end = hi - n % 8
+    for i in range(lo + 8, end, 8):
+        r0 += a[i]
+        r1 += a[i + 1]
+        r2 += a[i + 2]
+        r3 += a[i + 3]
+        r4 += a[i + 4]
+        r5 += a[i + 5]
+        r6 += a[i + 6]
+        r7 += a[i + 7]
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for i in range(end, hi):
+        res += a[i]
+    return res
+
+
+@nb.njit(error_model="numpy", cache=True)
+def _sum(a):
+    """numpy's pairwise sum of `a` (the order `ndarray.sum` adds a row in), so that normalising
+    gives bit for bit the reference's probabilities. numpy halves blocks above 128 elements
+    recursively; this walks the same tree with an explicit stack (recursive numba functions do
+    not survive its on-disk cache)."""
+    if a.shape[0] <= 128:
+        return _sum_block(a, 0, a.shape[0])
+    los = np.empty(64, np.int64)
+    his = np.empty(64, np.int64)
+    stage = np.zeros(64, np.int64)  # 0: split, 1: left done, 2: right done
+    left = np.empty(64)
+    los[0], his[0], sp, ret = 0, a.shape[0], 1, 0.0
+    while sp > 0:
+        f = sp - 1
+        lo, hi = los[f], his[f]
+        if hi - lo <= 128:
+            ret = _sum_block(a, lo, hi)
+            sp -= 1
+            continue
+        mid = (hi - lo) // 2
+        mid = lo + mid - mid % 8
+        if stage[f] == 0:
+            stage[f] = 1
+            los[sp], his[sp], stage[sp] = lo, mid, 0
+            sp += 1
+        elif stage[f] == 1:
+            left[f] = ret
+            stage[f] = 2
+            los[sp], his[sp], stage[sp] = mid, hi, 0
+            sp += 1
+        else:
+            ret = left[f] + ret
+            sp -= 1
+    return ret
+
+
+@nb.njit(error_model="numpy", cache=True, inline="always")
+def _sample_row(lg, b_fc, temperature, top_k, top_p, penalty, recent, window, seed, counter, z, p,
+                mark, order, bits):
+    """`sampling.sample_step` for one row, in the same float64 operations and order. lg: float32
+    logits without the fc bias; recent: this row's last ids, right-aligned, -1 where empty; top_k 0
+    and top_p >= 1 mean off. z, p (V,) float64, mark (V,) bool, order and bits (V,) int64 are
+    scratch."""
+    V = lg.shape[0]
+    for v in range(V):
+        z[v] = np.float64(lg[v] + b_fc[v])
+    if penalty != 1.0:  # each distinct recent id once, as the reference's fancy assignment does
+        mark[:] = False
+        for q in range(recent.shape[0] - window, recent.shape[0]):
+            t = recent[q]
+            if t >= 0 and not mark[t]:
+                mark[t] = True
+                z[t] = z[t] / penalty if z[t] > 0 else z[t] * penalty
+    if temperature == 0.0:
+        best = 0
+        for v in range(1, V):
+            if z[v] > z[best]:
+                best = v
+        return best
+    for v in range(V):
+        z[v] = z[v] / temperature
+    if 0 < top_k < V:
+        p[:] = z
+        kth = np.partition(p, V - top_k)[V - top_k]  # as the reference finds it
+        for v in range(V):
+            if z[v] < kth:
+                z[v] = -np.inf
+    m = z[0]
+    for v in range(1, V):
+        m = max(m, z[v])
+    for v in range(V):
+        z[v] -= m
+    _exp_nonpositive(z, p, bits)
+    s = _sum(p)
+    for v in range(V):
+        p[v] /= s
+    if top_p < 1.0:
+        # Stable sort by descending probability (insertion sort: no allocation, V is small), then
+        # drop each entry whose mass strictly before it already reaches top_p.
+        for q in range(V):
+            pos = q
+            while pos > 0 and p[order[pos - 1]] < p[q]:
+                order[pos] = order[pos - 1]
+                pos -= 1
+            order[pos] = q
+        acc = 0.0
+        for q in range(V):
+            i = order[q]
+            acc += p[i]
+            mark[i] = acc - p[i] >= top_p
+        for v in range(V):
+            if mark[v]:
+                p[v] = 0.0
+        s = _sum(p)
+        for v in range(V):
+            p[v] /= s
+    # cdf inversion: the number of cdf entries <= u · cdf[-1]
+    acc = 0.0
+    for v in range(V):
+        acc += p[v]
+        z[v] = acc
+    u = _uniform(seed, counter) * z[V - 1]
+    idx = 0
+    while idx < V and z[idx] <= u:
+        idx += 1
+    return min(idx, V - 1)
+
+
+@nb.njit(error_model="numpy", cache=True, inline="always")
+def _draw(r, logits, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds, counters, z, p,
+          mark, order, bits):
+    """Draw row r's next character and advance its counter and recent window."""
+    x = _sample_row(logits[r], b_fc, temperature[r], top_k[r], top_p[r], penalty[r], recent[r],
+                    window[r], seeds[r], counters[r], z, p, mark, order, bits)
+    counters[r] += _ONE
+    if penalty[r] != 1.0:
+        W = recent.shape[1]
+        for q in range(W - 1):
+            recent[r, q] = recent[r, q + 1]
+        recent[r, W - 1] = x
+    return x
+
+
+@nb.njit(error_model="numpy", cache=True, nogil=True)
+def sample_rows(logits, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds, counters,
+                limits, t, out):
+    """Draw every row's character t of this call into out[:, t] (-1 once a row has drawn its
+    `limits[r]` characters)."""
+    V = logits.shape[1]
+    z, p, bits, order = np.empty(V), np.empty(V), np.empty(V, np.int64), np.empty(V, np.int64)
+    mark = np.empty(V, np.bool_)
+    for r in range(logits.shape[0]):
+        out[r, t] = -1
+        if t < limits[r]:
+            out[r, t] = _draw(r, logits, b_fc, temperature, top_k, top_p, penalty, window, recent,
+                              seeds, counters, z, p, mark, order, bits)
+
+
+@nb.njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
+def sample_into_layer0(G0, table, S, C, logits, b_fc, temperature, top_k, top_p, penalty, window,
+                       recent, seeds, counters, limits, t, out):
+    """Batched step, first half: draw every row's character t (as `sample_rows`), then feed it to
+    layer 0, whose recurrent product G0 = h0 @ W_hh0 the caller computed before the draw (it does
+    not depend on the character): add the character's table row and update c and h."""
+    H = G0.shape[1] // 4
+    V = logits.shape[1]
+    z, p, bits, order = np.empty(V), np.empty(V), np.empty(V, np.int64), np.empty(V, np.int64)
+    mark = np.empty(V, np.bool_)
+    for r in range(logits.shape[0]):
+        x = 0  # rows that are done are fed a dummy character: they leave after this call
+        out[r, t] = -1
+        if t < limits[r]:
+            x = _draw(r, logits, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds,
+                      counters, z, p, mark, order, bits)
+            out[r, t] = x
+        g = G0[r]
+        row = table[x]
+        for j in range(4 * H):
+            g[j] += row[j]
+        _cell(g, S[r, :H], C[r, :H])
+
+
+@nb.njit(error_model="numpy", cache=True)
+def _advance_row(r, table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperature, top_k, top_p,
+                 penalty, window, recent, seeds, counters, limits, out):
+    V = logits.shape[1]
+    z = np.empty(V)
+    p = np.empty(V)
+    mark = np.empty(V, np.bool_)
+    order = np.empty(V, np.int64)
+    bits = np.empty(V, np.int64)
+    g = np.empty(4 * w_hh0.shape[0], np.float32)
+    for t in range(limits[r]):
+        x = _draw(r, logits, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds,
+                  counters, z, p, mark, order, bits)
+        out[r, t] = x
+        _step_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, x, g)
+    for t in range(limits[r], out.shape[1]):
+        out[r, t] = -1
+
+
+@nb.njit(error_model="numpy", cache=True, nogil=True)
+def advance_rows(table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperature, top_k, top_p,
+                 penalty, window, recent, seeds, counters, limits, out):
+    """Few streams: row r draws limits[r] characters into out[r] (then -1), all in this call."""
+    for r in range(S.shape[0]):
+        _advance_row(r, table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperature, top_k,
+                     top_p, penalty, window, recent, seeds, counters, limits, out)
+
+
+# ---------------------------------------------------------------------------------------- streams
+
+
+class LSTMRows:
+    """The state of N streams as rows of arrays, with their sampling settings, advanced together.
+
+    Rows are added (primed with a start text) and dropped between calls to `advance`. Below
+    `batch_rows` rows each row runs its characters in one compiled call (threads share the rows);
+    from `batch_rows` on, every step multiplies all rows at once with BLAS, which reuses each weight
+    across rows."""
+
+    batch_rows = 32
+
+    def __init__(self, weights: LSTMWeights) -> None:
+        self.w = weights
+        H, L, V = weights.hidden_size, weights.num_layers, weights.vocab_size
+        self.S = np.zeros((0, L * H), np.float32)  # h of every layer, side by side
+        self.C = np.zeros((0, L * H), np.float32)
+        self.logits = np.zeros((0, V), np.float32)  # next-character logits, without the fc bias
+        self.temperature = np.zeros(0)
+        self.top_k = np.zeros(0, np.int64)
+        self.top_p = np.zeros(0)
+        self.penalty = np.zeros(0)
+        self.window = np.zeros(0, np.int64)
+        self.recent = np.full((0, 1), -1, np.int64)  # last ids, right-aligned, -1 where empty
+        self.seeds = np.zeros(0, np.uint64)
+        self.counters = np.zeros(0, np.uint64)
+
+    def __len__(self) -> int:
+        return self.S.shape[0]
+
+    def add(self, prompt, params, seed: int) -> None:
+        """Append a row primed with `prompt` (character ids) and sampling settings `params`."""
+        w = self.w
+        S = np.zeros((1, self.S.shape[1]), np.float32)
+        C = np.zeros_like(S)
+        logits = np.zeros((1, w.vocab_size), np.float32)
+        prime_row(w.table, w.w_hh0, w.w_up, w.b_up, w.w_fc, S, C, logits, 0,
+                  np.asarray(prompt, dtype=np.int64))
+        W = max(self.recent.shape[1], params.repetition_window)
+        if W > self.recent.shape[1]:  # widen on the left: rows stay right-aligned
+            pad = np.full((len(self), W - self.recent.shape[1]), -1, np.int64)
+            self.recent = np.concatenate([pad, self.recent], axis=1)
+        recent = np.full((1, W), -1, np.int64)
+        tail = list(prompt)[-params.repetition_window:]
+        recent[0, W - len(tail):] = tail
+        self.S = np.concatenate([self.S, S])
+        self.C = np.concatenate([self.C, C])
+        self.logits = np.concatenate([self.logits, logits])
+        self.recent = np.concatenate([self.recent, recent])
+        for name, value in (("temperature", params.temperature), ("top_k", params.top_k or 0),
+                            ("top_p", 2.0 if params.top_p is None else params.top_p),
+                            ("penalty", params.repetition_penalty),
+                            ("window", params.repetition_window), ("seeds", seed % (1 << 64)),
+                            ("counters", 0)):
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.array([value], dtype=arr.dtype)]))
+
+    def keep(self, rows) -> None:
+        """Keep only `rows` (indices, in order)."""
+        index = np.asarray(rows, dtype=np.int64)
+        for name in ("S", "C", "logits", "temperature", "top_k", "top_p", "penalty", "window",
+                     "recent", "seeds", "counters"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name)[index]))
+
+    def advance(self, k: int, limits: np.ndarray) -> np.ndarray:
+        """Draw up to k characters per row (row r: limits[r] <= k); returns (N, k) ids, -1 after.
+
+        Rows never interact, so with T threads each takes a contiguous block of rows: no
+        synchronisation inside the k steps, unlike a threaded GEMM per step (which also collapses
+        when other processes share the cores)."""
+        N = len(self)
+        out = np.empty((N, k), np.int64)
+        limits = np.ascontiguousarray(limits, dtype=np.int64)
+        T = min(_threads(), N) if N * k >= _THREAD_MIN_WORK else 1
+        bounds = [N * i // T for i in range(T + 1)]
+        blocks = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        batched = any(b - a >= self.batch_rows for a, b in blocks)
+        if len(blocks) > 1 and (not batched or _workers().usable):
+            _workers().run([lambda a=a, b=b: self._advance_block(a, b, k, limits, out)
+                            for a, b in blocks])
+        else:
+            self._advance_block(0, N, k, limits, out)
+        return out
+
+    def _advance_block(self, a: int, b: int, k: int, limits: np.ndarray, out: np.ndarray) -> None:
+        w = self.w
+        args = [x[a:b] for x in (self.S, self.C, self.logits, self.temperature, self.top_k,
+                                 self.top_p, self.penalty, self.window, self.recent, self.seeds,
+                                 self.counters, limits, out)]
+        if b - a >= self.batch_rows:
+            _batched_steps(w, k, *args)
+        else:
+            advance_rows(w.table, w.w_hh0, w.w_up, w.b_up, w.w_fc, w.b_fc, *args)
+
+
+def _batched_steps(w: LSTMWeights, k, S, C, logits, temperature, top_k, top_p, penalty, window,
+                   recent, seeds, counters, limits, out) -> None:
+    """k steps of every row at once: per step, three matrix multiplies and two numba calls."""
+    H, L = w.hidden_size, w.num_layers
+    for t in range(k):
+        G0 = _gemm(S[:, :H], w.w_hh0, w.lin_hh0)  # (N, H) @ (H, 4H)
+        sample_into_layer0(G0, w.table, S, C, logits, w.b_fc, temperature, top_k, top_p, penalty,
+                           window, recent, seeds, counters, limits, t, out)
+        for l in range(1, L):
+            G = _gemm(S[:, (l - 1) * H:(l + 1) * H], w.w_up[l - 1], w.lin_up[l - 1])  # @ (2H, 4H)
+            lstm_cells(G, w.b_up[l - 1], S, C, l)
+        logits[:] = _gemm(S[:, (L - 1) * H:], w.w_fc, w.lin_fc)  # (N, H) @ (H, V)
+
+
+# ---------------------------------------------------------------------------------------- threads
+#
+# Rows never interact, so `LSTMRows.advance` gives each worker thread a block of rows and every
+# worker runs single-threaded: no synchronisation inside a call, where a threaded GEMM per step
+# would meet at a barrier three times a step (and collapse when other processes share the cores).
+# PyTorch's OpenMP and numpy's OpenBLAS both let a thread set its own thread count.
+
+_THREAD_MIN_WORK = 1024  # characters per call below which one thread beats handing work off
+
+
+def _threads() -> int:
+    """Threads to use: PyTorch's setting (the user's --threads), so one knob governs both."""
+    return max(1, torch.get_num_threads())
+
+
+def _load_function(folder: str, patterns: tuple[str, ...], name: str, *argtypes):
+    import ctypes
+    import glob
+    import os
+
+    for pattern in patterns:
+        for path in sorted(glob.glob(os.path.join(folder, pattern))):
+            try:
+                fn = getattr(ctypes.CDLL(path), name)
+            except (OSError, AttributeError):
+                continue
+            fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+            return fn
+    return None
+
+
+_ONEDNN_MIN_FLOP = 4e6  # oneDNN's call costs ~12 µs more than numpy's; below this numpy wins
+
+
+def _gemm(x: np.ndarray, W: np.ndarray, W_lin: torch.Tensor) -> np.ndarray:
+    """x @ W for the batched step (x (N, K) a row-strided view of S): a C-contiguous float32 array.
+
+    oneDNN through PyTorch for the large products: it uses AVX-512 on any CPU that has it, while
+    numpy's OpenBLAS runs AVX2 kernels on AMD Zen 4/5 and MKL's sgemm is no faster there; oneDNN
+    measured 1.3-1.6x faster for the lab model's shapes. (`_linear_pointwise` is the op PyTorch's
+    own compiler emits for linear layers on the CPU.) numpy for small products and as fallback."""
+    if 2 * x.shape[0] * x.shape[1] * W.shape[1] >= _ONEDNN_MIN_FLOP and _onednn_works():
+        return torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x), W_lin, None, "none", [],
+                                                  "").numpy()
+    return x @ W
+
+
+@functools.cache
+def _onednn_works() -> bool:
+    if not (hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()):
+        return False
+    x, W = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 4), np.float32)
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x), torch.from_numpy(W.T.copy()),
+                                               None, "none", [], "")
+    except RuntimeError:
+        return False
+    return np.array_equal(y.numpy(), x @ W)
+
+
+class _Workers:
+    """A few daemon threads for `LSTMRows.advance` (the kernels release the GIL)."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import os
+
+        # PyTorch's OpenMP runtime (oneDNN GEMMs) and numpy's OpenBLAS: per-thread thread counts
+        self._omp = _load_function(os.path.join(os.path.dirname(torch.__file__), "lib"),
+                                   ("libgomp*", "libiomp5*", "libomp*"), "omp_set_num_threads",
+                                   ctypes.c_int)
+        self._blas = _load_function(
+            os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs"),
+            ("*openblas*",), "openblas_set_num_threads_local", ctypes.c_int)
+        # without a way to make a worker single-threaded: one thread, and threaded GEMMs
+        self.usable = self._blas is not None and (self._omp is not None or not _onednn_works())
+        self._pool = None
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def _init_thread(self) -> None:
+        torch.ones(1 << 16).sum()  # PyTorch sets each thread's OpenMP count once, at its first op
+        if self._omp is not None:
+            self._omp(1)
+        if self._blas is not None:
+            self._blas(1)
+
+    def run(self, tasks) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            if self._size < len(tasks):
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(len(tasks), "charlstm-gen", self._init_thread)
+                self._size = len(tasks)
+            for f in [self._pool.submit(t) for t in tasks]:
+                f.result()
+
+
+_WORKERS: list[_Workers] = []
+
+
+def _workers() -> _Workers:
+    if not _WORKERS:
+        _WORKERS.append(_Workers())
+    return _WORKERS[0]
