@@ -76,12 +76,18 @@ def _config_options(func):
               help="Continue the run in this folder from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Replace the run files already in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@click.option("--nproc", type=int, help="Train as N processes of this machine under torchrun "
+              "(one per GPU on CUDA); the global --batch-size is split between them.")
 @_config_options
-def train(config_path, out, resume_dir, force, no_progress, **fields) -> None:
+def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> None:
     """Train a model on --dataset NAME or --text FILE and write a run folder."""
     from charlstm.training import resume_config
     from charlstm.training import train as train_run
 
+    if nproc is not None and nproc != 1:
+        from charlstm.distributed import command_args, launch
+
+        sys.exit(launch(nproc, command_args(click.get_current_context(), skip=("nproc",))))
     overrides = {k: v for k, v in fields.items() if v is not None}
     if overrides.get("text") or overrides.get("prepared"):
         overrides.setdefault("dataset", None)

@@ -201,6 +201,10 @@ class Run:
         self.hidden = None
         self.counters = Counters()
         self.loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+        # Under torchrun (distributed.py) a step calls a DDP wrapper of the model and only rank 0
+        # writes files; these are the two places a single process differs.
+        self.train_model: torch.nn.Module = self.model
+        self.writer = True
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -232,6 +236,7 @@ class Run:
         if self.hidden is not None:
             for i, h in enumerate(hidden_tensors(self.hidden)):
                 tensors[f"hidden.{i}"] = h
+        tensors.update(self.extra_tensors())
         meta = self._meta(self._progress_metrics())
         meta["resume"] = {
             "counters": asdict(self.counters),
@@ -241,6 +246,10 @@ class Run:
             "threads": self.threads,
         }
         ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(self.out, "last"), tensors, meta)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """More state for last/ (a distributed run adds every process's random generators)."""
+        return {}
 
     def restore(self, ck: ckpt_io.Checkpoint) -> None:
         info = ck.meta.get("resume")
@@ -269,6 +278,9 @@ class Run:
 
     # -- pieces of the loop --------------------------------------------------------------------
 
+    def sync_step(self, guard: SignalGuard) -> None:
+        """Before each step: a distributed run agrees here on the elapsed time and on stop signals."""
+
     def evaluate(self) -> float:
         return evaluate_ids(self.model, self.data.val_ids, n_streams=self.config.train.eval_streams,
                             device=self.device, precision=self.precision)
@@ -295,7 +307,7 @@ class Run:
         for group in self.opt.param_groups:
             group["lr"] = lr
         with autocast(self.device, self.precision):
-            logits, hidden = self.model(x, hidden)
+            logits, hidden = self.train_model(x, hidden)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         if self.loss_hook is not None:
             loss = self.loss_hook(self.counters.step, loss)
@@ -378,16 +390,26 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
-    _prepare_out(out, resume, force)
+    from charlstm import distributed
+
+    dist_ctx = distributed.setup(config.train.device)  # None unless started by torchrun
+    writer = dist_ctx is None or dist_ctx.rank == 0
+    if not writer:
+        log, progress = (lambda msg: None), False
+    if writer:
+        _prepare_out(out, resume, force)
     last_ckpt = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(out, "last")) if resume else None
     data = prepare_data(config, last_ckpt.vocab if last_ckpt else None)
-    run = Run(config, out, data, log, progress)
+    run = (Run(config, out, data, log, progress) if dist_ctx is None else
+           distributed.DistributedRun(config, out, data, log, progress, dist_ctx))
     run.loss_hook = loss_hook
     if last_ckpt is not None:
         run.restore(last_ckpt)
     else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    ckpt_io.atomic_write_text(out / "config.toml", to_toml(run.config))
+        if writer:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    if writer:
+        ckpt_io.atomic_write_text(out / "config.toml", to_toml(run.config))
     log(f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
         f"characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
         f"{run.config.model.num_layers}×{run.config.model.hidden_size}, "
@@ -424,6 +446,7 @@ def _loop(run: Run, guard: SignalGuard) -> str:
     try:
         while True:
             c.elapsed = base_elapsed + (time.monotonic() - start)
+            run.sync_step(guard)
             if guard.requested:
                 raise guard.stop_error()
             if t.max_steps and c.step >= t.max_steps:
@@ -453,7 +476,8 @@ def _loop(run: Run, guard: SignalGuard) -> str:
                       "train_loss": float(np.mean(window_losses)), "val_loss": val,
                       "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"],
                       "chars_per_s": round(speed, 1)}
-            _append_line(run.out / "metrics.jsonl", json.dumps(record))
+            if run.writer:
+                _append_line(run.out / "metrics.jsonl", json.dumps(record))
             window_losses, window_chars, window_start = [], 0, now
             if run.config.optim.schedule == "plateau":
                 run.plateau.update(val)
@@ -467,7 +491,7 @@ def _loop(run: Run, guard: SignalGuard) -> str:
             bar.set_postfix_str(f"train {record['train_loss']:.3f} val {val:.3f} "
                                 f"({val / math.log(2):.2f} bpc) lr {record['lr']:.2e} "
                                 f"{speed / 1000:.1f}k ch/s", refresh=False)
-            if t.sample_every and c.evals % t.sample_every == 0:
+            if t.sample_every and c.evals % t.sample_every == 0 and run.writer:
                 text = run.sample(seed=t.seed + c.step)
                 _append_line(run.out / "samples.txt", f"--- step {c.step}, val {val:.3f}\n{text}\n")
                 bar.write(f"--- step {c.step}, val {val:.3f} ---\n{text}\n", file=sys.stderr)
@@ -494,7 +518,7 @@ def _finish(run: Run, last_val: float | None, report_only: bool) -> None:
         if val < c.best_saved_val:
             run.save_best(val)
             c.best_step = c.step
-        if not report_only:
+        if not report_only and run.writer:
             _append_line(run.out / "metrics.jsonl", json.dumps(
                 {"step": c.step, "time": round(c.elapsed, 3), "val_loss": val,
                  "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"], "final": True}))

@@ -1,0 +1,409 @@
+"""Training on several processes (CPU) or GPUs with PyTorch's DistributedDataParallel.
+
+Launched by PyTorch's own launcher, one process per CPU share or GPU::
+
+    torchrun --standalone --nproc-per-node 2 -m charlstm train --dataset tinyshakespeare ...
+    charlstm train --nproc 2 ...          # the same, torchrun started for you
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `training.train` sees them, joins the process group
+(gloo on CPU, NCCL on CUDA) and trains a `DistributedRun` instead of a `Run`. What each process does:
+
+* **The same global batch.** Every process runs the same batcher (same seed, same state) and keeps its
+  own rows: with B streams and N processes, rank r trains rows r·B/N … (r+1)·B/N − 1 and carries their
+  hidden state. One process and N processes see the same batches, and the batcher's state in a
+  checkpoint is global, so a run resumes with any N that divides B.
+* **Gradients averaged** by DDP during backward; each process's loss is the mean over its rows, so the
+  average of the N gradients is the gradient of the global mean loss. Adam, clipping and the weight
+  average then see identical numbers everywhere and the weights stay identical bit for bit.
+* **Agreed decisions.** Before every step the processes agree on the elapsed time and on any stop
+  signal (one tiny all-reduce), and the loss they log and test for finiteness is the global mean (one
+  more): the time budget, the cosine schedule, Ctrl-C and a skipped non-finite step are decided once
+  for all. The validation loss is summed over the evaluation streams, each process taking some of them,
+  then broadcast from rank 0, so early stopping and the plateau schedule agree too.
+* **Rank 0 writes** metrics, samples and checkpoints; before a ``last/`` save the others send it their
+  rows of the hidden state and their random-generator states, so the checkpoint holds the global state.
+* **Failures.** A process that dies makes the others' next collective fail (or time out after
+  ``CHARLSTM_DIST_TIMEOUT`` seconds, default 300); they end with one line saying so, and torchrun's
+  agent stops whatever is left. Checkpoints are written atomically, so ``last/`` stays loadable.
+
+Dropout differs per process (each has its own generator, seeded from the run's seed and its rank), so
+a run with dropout is not bitwise the same on 1 and N processes; without dropout it is the same up to
+floating-point summation order (see tests/test_distributed.py for the tolerance).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from charlstm.batching import Batch, stream_layout
+from charlstm.errors import UserError
+from charlstm.evaluation import loss_sums
+from charlstm.hardware import available_cores, pick_device, set_threads
+from charlstm.model import hidden_from_tensors, hidden_tensors
+from charlstm.training import Run
+
+TIMEOUT_ENV = "CHARLSTM_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+# A process's dropout generator: the run's seed moved by a large prime per rank (rank 0 keeps the
+# seed itself, so a 1-process run under torchrun is a plain run).
+RANK_SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str
+    device: torch.device  # where collectives' tensors live: CPU for gloo, this process's GPU for NCCL
+
+
+_context: Context | None = None
+
+
+def world_size_from_env() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def setup(device: str = "auto") -> Context | None:
+    """Join the job's process group when launched by torchrun with more than one process (once per
+    process; left at exit); None otherwise."""
+    global _context
+    if _context is not None:
+        return _context
+    world = world_size_from_env()
+    if world <= 1:
+        return None
+    env = {k: int(os.environ[k]) for k in ("RANK", "LOCAL_RANK") if k in os.environ}
+    if len(env) < 2 or "MASTER_ADDR" not in os.environ:
+        raise UserError("WORLD_SIZE is set but RANK, LOCAL_RANK or MASTER_ADDR is not; start "
+                        "distributed training with torchrun (or charlstm train --nproc N)")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    on_gpu = pick_device(device).type == "cuda"
+    if on_gpu:
+        if env["LOCAL_RANK"] >= torch.cuda.device_count():
+            raise UserError(f"{local_world} processes on this machine but only "
+                            f"{torch.cuda.device_count()} GPUs; use --nproc-per-node "
+                            f"{torch.cuda.device_count()} or --device cpu")
+        torch.cuda.set_device(env["LOCAL_RANK"])
+    backend = "nccl" if on_gpu else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    atexit.register(_teardown)
+    comm = torch.device("cuda", env["LOCAL_RANK"]) if on_gpu else torch.device("cpu")
+    _context = Context(dist.get_rank(), dist.get_world_size(), env["LOCAL_RANK"], local_world, backend,
+                       comm)
+    return _context
+
+
+def _teardown() -> None:
+    global _context
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a dead peer may make teardown fail; we are exiting anyway
+            pass
+    _context = None
+
+
+class PeerFailure(UserError):
+    """A collective failed: another process of the job died, was stopped, or stopped answering."""
+
+    exit_code = 1
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset",
+                                  "Broken pipe", "timed out", "Timed out"))
+
+
+class RowShard:
+    """This process's rows of a batcher that every process runs in step (see the module docstring)."""
+
+    def __init__(self, batcher, rows: slice) -> None:
+        self.batcher = batcher
+        self.rows = rows
+
+    def next(self) -> Batch:
+        b = self.batcher.next()  # (B, T) for all B streams: the same on every process
+        return Batch(b.x[self.rows], b.y[self.rows], b.reset)  # (B/N, T)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batcher.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batcher.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:  # the position checks of `Run.restore`
+        return getattr(self.batcher, name)
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+class DistributedRun(Run):
+    """A `Run` that is one of `ctx.world_size` processes training the same model."""
+
+    def __init__(self, config, out: Path, data, log: Callable[[str], None], progress: bool,
+                 ctx: Context) -> None:
+        B, N = config.data.batch_size, ctx.world_size
+        if B % N:
+            raise UserError(f"--batch-size {B} does not split evenly over {N} processes; use a "
+                            f"multiple of {N} (each process trains batch_size / {N} streams)")
+        self.ctx = ctx
+        self._user_loss_hook = None
+        super().__init__(config, out, data, log if ctx.rank == 0 else _quiet, progress and ctx.rank == 0)
+        self.writer = ctx.rank == 0
+        self.last_saved_step: int | None = None
+        # Each process gets its share of the cores unless --threads says otherwise.
+        self.threads = set_threads(config.train.threads
+                                   or max(1, available_cores() // ctx.local_world_size))
+        per = B // N
+        self.rows = slice(ctx.rank * per, (ctx.rank + 1) * per)
+        self.batcher = RowShard(self.batcher, self.rows)
+        self._check_same_job(data)
+        if ctx.rank:
+            torch.manual_seed(config.train.seed + RANK_SEED_STRIDE * ctx.rank)
+        self.log(f"charlstm: {N} processes ({ctx.backend}), {per} of the {B} streams each, "
+                 f"{self.threads} threads each")
+
+    # -- agreement ------------------------------------------------------------------------------
+
+    def _check_same_job(self, data) -> None:
+        """Every process must train the same configuration on the same text: a node with another
+        copy of the corpus would otherwise train on different data without a word."""
+        doc = json.dumps([self.config.to_dict(), data.vocab.to_list(), len(data.train_ids),
+                          len(data.val_ids)], sort_keys=True, ensure_ascii=False)
+        mine = hashlib.sha256(doc.encode()).hexdigest()
+        everyone: list[str | None] = [None] * self.ctx.world_size
+        self._collective(dist.all_gather_object, everyone, mine)
+        if len(set(everyone)) > 1:
+            raise UserError("the processes of this job disagree on the configuration, the vocabulary "
+                            "or the corpus; give every node the same corpus and the same options")
+
+    def _collective(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if _is_collective_failure(exc):
+                raise self._peer_failure(exc) from None
+            raise
+
+    def _peer_failure(self, exc: BaseException) -> PeerFailure:
+        # gloo's messages start with a source location and run on: keep the first sentence
+        first = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().split("\n")[0]).split(". ")[0]
+        first = first or type(exc).__name__
+        saved = (f"the last checkpoint (step {self.last_saved_step}) is intact"
+                 if self.last_saved_step is not None else "no checkpoint had been written yet")
+        return PeerFailure(
+            f"rank {self.ctx.rank} of {self.ctx.world_size}: another process of this job stopped or "
+            f"stopped answering ({first[:160]}); the job ends here and {saved}; continue with: "
+            f"charlstm train --resume {self.out} --nproc {self.ctx.world_size}"
+        )
+
+    def sync_step(self, guard) -> None:
+        """Agree on the elapsed time (the largest) and on a stop signal (any process's)."""
+        requested = guard.requested.value if guard.requested is not None else 0
+        flags = torch.tensor([self.counters.elapsed, float(requested)], dtype=torch.float64,
+                             device=self.ctx.device)
+        self._collective(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
+        self.counters.elapsed = float(flags[0])
+        if flags[1] and guard.requested is None:
+            guard.requested = signal.Signals(int(flags[1]))
+
+    # `train` sets `run.loss_hook` (tests use it to inject faults); this run wraps it so that the
+    # loss every process logs and tests for finiteness is the global mean.
+    @property
+    def loss_hook(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        return self._global_loss
+
+    @loss_hook.setter
+    def loss_hook(self, hook: Callable[[int, torch.Tensor], torch.Tensor] | None) -> None:
+        self._user_loss_hook = hook
+
+    def _global_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if self._user_loss_hook is not None:
+            loss = self._user_loss_hook(step, loss)
+        mean = loss.detach().clone()
+        self._collective(dist.all_reduce, mean)
+        mean /= self.ctx.world_size
+        # The value is the global mean (a NaN anywhere makes every process skip the step); the
+        # gradient is still this process's own, which DDP averages.
+        return loss + (mean - loss.detach())
+
+    def _wrap(self) -> torch.nn.Module:
+        """DDP broadcasts rank 0's weights and averages gradients in buckets during backward. The raw
+        module stays `self.model` (checkpoints, evaluation, the weight average); only the training
+        forward goes through the wrapper. Wrapped at the first step, once `train` has loaded,
+        initialised and frozen the weights: DDP reduces only the weights that train."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.ctx.local_rank] if self.device.type == "cuda" else None
+        return self._collective(DDP, self.model, device_ids=ids)
+
+    def train_step(self, batch):
+        if self.train_model is self.model:
+            self.train_model = self._wrap()
+        try:
+            return super().train_step(batch)
+        except Exception as exc:
+            if _is_collective_failure(exc):  # DDP's all-reduce inside backward
+                raise self._peer_failure(exc) from None
+            raise
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        ids = self.data.val_ids
+        S, _ = stream_layout(len(ids), self.config.train.eval_streams)
+        rows = np.arange(S)[self.ctx.rank::self.ctx.world_size]
+        total, count = loss_sums(self.eval_model, ids, n_streams=self.config.train.eval_streams,
+                                 device=self.device, precision=self.precision, rows=rows)
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.ctx.device)
+        self._collective(dist.all_reduce, sums)
+        val = (sums[0] / sums[1]).reshape(1)
+        self._collective(dist.broadcast, val, src=0)  # bit-identical on every process, by construction
+        return float(val)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """(layers, B/N, H) from every process → (layers, B, H), in rank order."""
+        parts = [torch.empty_like(local) for _ in range(self.ctx.world_size)]
+        self._collective(dist.all_gather, parts, local.contiguous().to(self.ctx.device))
+        return torch.cat(parts, dim=1)
+
+    def _gather_rng(self) -> list[dict[str, torch.Tensor]]:
+        mine = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
+        states: list[Any] = [None] * self.ctx.world_size
+        self._collective(dist.all_gather_object, states, mine)
+        return states
+
+    def save_last(self) -> None:
+        self._check_finite()  # on every process, so that all stop together
+        local = self.hidden
+        full = None
+        if local is not None:
+            full = hidden_from_tensors([self._gather_rows(h) for h in hidden_tensors(local)],
+                                       self.config.model.cell)
+        self._rng_states = self._gather_rng()
+        if self.writer:
+            self.hidden = full
+            try:
+                super().save_last()
+            finally:
+                self.hidden = local
+        self.last_saved_step = self.counters.step
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"dist.world_size": torch.tensor([self.ctx.world_size])}
+        for rank, state in enumerate(self._rng_states):
+            if rank:  # rank 0's generators are the run's own rng.* tensors
+                tensors[f"rng.rank{rank}.cpu"] = state["cpu"]
+                if "cuda" in state:
+                    tensors[f"rng.rank{rank}.cuda"] = state["cuda"]
+        return tensors
+
+    def save_best(self, val_loss: float) -> None:
+        self._check_finite()
+        if self.writer:
+            super().save_best(val_loss)
+        else:
+            self.counters.best_saved_val = val_loss
+
+    def restore(self, ck) -> None:
+        super().restore(ck)  # the global state: all B streams' hidden state, rank 0's generators
+        if self.hidden is not None:
+            self.hidden = hidden_from_tensors(
+                [h[:, self.rows].contiguous() for h in hidden_tensors(self.hidden)],
+                self.config.model.cell)
+        self.last_saved_step = self.counters.step
+        saved = ck.tensors.get("dist.world_size")
+        saved_n = int(saved.reshape(-1)[0]) if saved is not None else 1
+        rank = self.ctx.rank
+        if rank and f"rng.rank{rank}.cpu" in ck.tensors:
+            torch.set_rng_state(ck.tensors[f"rng.rank{rank}.cpu"])
+            if self.device.type == "cuda" and f"rng.rank{rank}.cuda" in ck.tensors:
+                torch.cuda.set_rng_state(ck.tensors[f"rng.rank{rank}.cuda"], self.device)
+        elif rank:
+            torch.manual_seed(self.config.train.seed + RANK_SEED_STRIDE * rank + self.counters.step)
+        if saved_n != self.ctx.world_size:
+            self.log(f"note: resuming on {self.ctx.world_size} processes (the run used {saved_n}); the "
+                     "batches are the same, dropout's random masks are not")
+
+
+# ---------------------------------------------------------------------------------------- launching
+
+
+def command_args(ctx, skip: tuple[str, ...] = ()) -> list[str]:
+    """The arguments that give a click command the options it was called with (for relaunching)."""
+    import click
+
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in skip or value is None or not isinstance(param, click.Option):
+            continue
+        if param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+            continue
+        args += [param.opts[0], repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run ``charlstm train ARGS`` as `nproc` processes of this machine under torchrun's elastic
+    agent, in this process; returns the job's exit status (130 after Ctrl-C, 143 after SIGTERM).
+
+    The agent passes a Ctrl-C or SIGTERM on to every worker (they stop at the same step and save)
+    and, when one worker fails, stops the others."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // nproc)))
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={nproc}", "-m", "charlstm", "train", *args])
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        print(f"charlstm: error: the process of rank {rank} {how} (its message, if any, is above); "
+              "the job has ended", file=sys.stderr, flush=True)
+        return 128 - code if code < 0 else code or 1
+    return 0
