@@ -1,0 +1,394 @@
+"""Generation: the compiled path against the reference path, sampling controls, stop rules, streaming.
+
+Models here are tiny and randomly initialised; what is pinned is that the compiled kernels, the
+reference module-call path and the reference sampler `sample_step` agree, and that the controls do
+what they promise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from charlstm.api import TextModel
+from charlstm.cli import main
+from charlstm.config import ModelConfig
+from charlstm.errors import UserError
+from charlstm.generation import Engine, Request, _hand_out, _Stream, generate_stream
+from charlstm.model import CharRNN
+from charlstm.sampling import SamplingParams, StopRule, next_token_probs, sample_step, stream_seeds
+from charlstm.vocabulary import Vocabulary
+
+kernels = pytest.importorskip("charlstm.kernels")
+
+CHARS = "ab \ncdefghijkl"  # space and newline are common, so lines and stanzas end quickly
+VOCAB = Vocabulary(tuple(CHARS))
+
+
+def tiny_model(num_layers: int = 2, hidden_size: int = 16, cell: str = "lstm", seed: int = 0,
+               scale: float = 3.0) -> CharRNN:
+    """A random model; `scale` sharpens its distributions and its recurrence, so that text has
+    some structure and greedy text is not one character repeated."""
+    torch.manual_seed(seed)
+    config = ModelConfig(embedding_size=8, hidden_size=hidden_size, num_layers=num_layers, cell=cell,
+                         dropout=0.0, embedding_dropout=0.0, vocab_size=len(CHARS))
+    model = CharRNN(config)
+    with torch.no_grad():
+        model.fc.weight.mul_(scale)
+        for name, w in model.rnn.named_parameters():
+            if name.startswith("weight"):
+                w.mul_(scale)
+    return model.eval()
+
+
+def text_model(model: CharRNN | None = None) -> TextModel:
+    return TextModel(model or tiny_model(), VOCAB, {}, Path("tiny"), torch.device("cpu"))
+
+
+def run(model, prompts, length=120, params=None, seeds=None, stop=None, fast=True,
+        max_chars=64) -> list[str]:
+    """Each stream's generated text (start text excluded)."""
+    params = params or SamplingParams(0.8)
+    prompts = [VOCAB.encode(p) for p in prompts]
+    seeds = stream_seeds(11, len(prompts)) if seeds is None else seeds
+    texts = [""] * len(prompts)
+    for outputs in generate_stream(model, prompts, length, params, seeds, VOCAB.decode, stop,
+                                   max_chars=max_chars, fast=fast):
+        for i, out in outputs.items():
+            texts[i] += out.text
+    return texts
+
+
+@pytest.fixture
+def threads():
+    """Set PyTorch's thread count (which the compiled path follows) and restore it after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_greedy_output_is_identical_on_both_paths(num_layers):
+    """Temperature 0: the compiled kernels and the reference module calls write the same text."""
+    model = tiny_model(num_layers)
+    prompts = ["a", "ab cd\n", "lkj ihg\nfe dcba " * 3]
+    params = SamplingParams(0.0)
+    assert Engine(model, VOCAB.decode).compiled
+    fast = run(model, prompts, 300, params, fast=True)
+    assert fast == run(model, prompts, 300, params, fast=False)
+    assert fast == run(model, prompts, 300, params, fast=False, max_chars=1)
+    assert len(set("".join(fast))) > 2  # not a degenerate model
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(0.3), SamplingParams(1.0), SamplingParams(1.7),
+    SamplingParams(0.8, top_k=3), SamplingParams(0.8, top_p=0.6),
+    SamplingParams(1.2, top_k=5, top_p=0.9),
+    SamplingParams(1.0, repetition_penalty=1.5, repetition_window=4),
+    SamplingParams(0.0, repetition_penalty=3.0),
+])
+def test_seeded_sampling_is_identical_on_both_paths(params):
+    """Same seeds, same characters: the compiled path reproduces the reference path's draws."""
+    model = tiny_model()
+    prompts = ["a", "ba\nc", " "]
+    assert run(model, prompts, 200, params) == run(model, prompts, 200, params, fast=False)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(0.25), SamplingParams(1.0), SamplingParams(3.0), SamplingParams(0.0),
+    SamplingParams(0.7, top_k=1), SamplingParams(0.7, top_k=4), SamplingParams(1.0, top_k=13),
+    SamplingParams(1.0, top_p=0.05), SamplingParams(1.0, top_p=0.5), SamplingParams(1.0, top_p=1.0),
+    SamplingParams(0.9, top_k=6, top_p=0.7, repetition_penalty=1.3),
+    SamplingParams(0.5, repetition_penalty=2.0, repetition_window=3),
+])
+def test_compiled_sampler_draws_what_sample_step_draws(params):
+    """Given the same logits, seeds and counters, `kernels.sample_rows` returns `sample_step`'s ids
+    (the same uniforms, float64 probabilities and cdf inversion)."""
+    rng = np.random.default_rng(5)
+    N, V, W = 3000, 40, params.repetition_window
+    logits = (rng.standard_normal((N, V)) * rng.uniform(0.1, 6, (N, 1))).astype(np.float32)
+    seeds = rng.integers(0, 2**63, N).astype(np.uint64)
+    counters = rng.integers(0, 10**6, N).astype(np.uint64)
+    recent = rng.integers(-1, V, (N, W)).astype(np.int64)
+    expected = sample_step(logits.astype(np.float64), params, seeds, counters, recent)
+    assert np.array_equal(draw(logits, params, seeds, counters, recent), expected)
+
+
+def draw(logits, params, seeds, counters, recent):
+    """One draw per row through the compiled sampler."""
+    N, V = logits.shape
+    out = np.empty((N, 1), np.int64)
+    kernels.sample_rows(logits, np.zeros(V, np.float32), np.full(N, float(params.temperature)),
+                        np.full(N, params.top_k or 0), np.full(N, 2.0 if params.top_p is None
+                                                            else float(params.top_p)),
+                        np.full(N, float(params.repetition_penalty)), np.full(N, recent.shape[1]),
+                        recent.copy(), seeds, counters.copy(), np.ones(N, np.int64), 0, out)
+    return out[:, 0]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), V=st.integers(2, 30), temperature=st.floats(0.05, 5.0),
+       top_k=st.one_of(st.none(), st.integers(1, 30)),
+       top_p=st.one_of(st.none(), st.floats(0.01, 1.0)),
+       scale=st.floats(0.0, 20.0))
+def test_top_k_and_top_p_never_draw_an_excluded_character(seed, V, temperature, top_k, top_p, scale):
+    """Whatever the logits (ties included), a draw is never outside the top-k set or the nucleus,
+    and it equals the reference sampler's."""
+    rng = np.random.default_rng(seed)
+    N = 200
+    logits = (np.round(rng.standard_normal((N, V)) * 2) * scale / 2).astype(np.float32)  # ties
+    params = SamplingParams(temperature, top_k, top_p)
+    seeds = rng.integers(0, 2**63, N).astype(np.uint64)
+    counters = np.zeros(N, np.uint64)
+    ids = draw(logits, params, seeds, counters, np.full((N, 1), -1, np.int64))
+    allowed = next_token_probs(logits.astype(np.float64), params) > 0
+    assert allowed[np.arange(N), ids].all()
+    assert np.array_equal(ids, sample_step(logits.astype(np.float64), params, seeds, counters))
+
+
+def test_other_cells_take_the_reference_path():
+    """A GRU has no compiled kernel: the engine falls back and still generates; asking for the
+    compiled path explicitly is an error."""
+    model = tiny_model(cell="gru")
+    assert not Engine(model, VOCAB.decode).compiled
+    assert len(run(model, ["a"], 50, fast=None)[0]) == 50
+    with pytest.raises(UserError, match="compiled"):
+        Engine(model, VOCAB.decode, fast=True)
+
+
+def test_without_numba_generation_takes_the_reference_path():
+    """numba is optional: without it the engine runs the reference path and still generates."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"  # makes `import numba` raise ImportError
+        "import torch; from charlstm.config import ModelConfig; from charlstm.model import CharRNN\n"
+        "from charlstm.generation import Engine, Request\n"
+        "m = CharRNN(ModelConfig(embedding_size=4, hidden_size=8, num_layers=1, vocab_size=3))\n"
+        "e = Engine(m, lambda ids: ''.join('ab '[i] for i in ids)); e.add(Request([0], 30))\n"
+        "out = e.step(30); assert not e.compiled and len(out[0].text) == 30; print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize("batch_rows", [32, 4])  # per-row kernels, and the batched GEMM path
+def test_a_stream_writes_the_same_text_alone_and_in_a_batch(batch_rows, threads, monkeypatch):
+    """Per-stream seeds: a stream's text depends on its own seed and start text, not on how many
+    other streams share the batch, on their start texts of other lengths, or on the threads."""
+    monkeypatch.setattr(kernels.LSTMRows, "batch_rows", batch_rows)
+    model = tiny_model()
+    prompts = ["a" * (i % 5 + 1) + "b\n" * (i % 3) for i in range(16)]
+    seeds = stream_seeds(3, 16)
+    alone = [run(model, [p], 150, seeds=seeds[i:i + 1])[0] for i, p in enumerate(prompts)]
+    for n in (1, 2):
+        threads(n)
+        assert run(model, prompts, 150, seeds=seeds) == alone
+    assert run(model, prompts, 150, seeds=seeds, fast=False) == alone
+
+
+def test_streams_finish_early_and_leave_the_batch():
+    """Streams of different lengths in one engine: each ends at its own length, the batch shrinks,
+    and a short stream is the prefix of a longer one with the same seed."""
+    model = tiny_model()
+    engine = Engine(model, VOCAB.decode)
+    lengths = [3, 10, 25, 25]
+    sids = [engine.add(Request(VOCAB.encode("ab"), n, SamplingParams(0.9), seed=7)) for n in lengths]
+    texts = dict.fromkeys(sids, "")
+    active = []
+    while engine.active:
+        active.append(engine.active)
+        for sid, out in engine.step(4).items():
+            texts[sid] += out.text
+            assert out.drawn <= 4
+    assert [len(texts[s]) for s in sids] == lengths
+    assert active == [4, 3, 3, 2, 2, 2, 2]  # length 3 leaves after step 1, length 10 after step 3
+    assert texts[sids[2]].startswith(texts[sids[1]]) and texts[sids[1]].startswith(texts[sids[0]])
+
+
+def test_cancel_frees_a_row_between_steps():
+    """A cancelled stream leaves at once; the others go on unchanged."""
+    model = tiny_model()
+    seeds = stream_seeds(1, 3)
+    expected = run(model, ["a", "b", "c"], 40, seeds=seeds)
+    engine = Engine(model, VOCAB.decode)
+    sids = [engine.add(Request(VOCAB.encode(p), 40, SamplingParams(0.8), int(s)))
+            for p, s in zip("abc", seeds)]
+    texts = dict.fromkeys(sids, "")
+    for sid, out in engine.step(7).items():
+        texts[sid] += out.text
+    engine.cancel(sids[1])
+    assert engine.active == 2
+    while engine.active:
+        for sid, out in engine.step().items():
+            texts[sid] += out.text
+    assert texts[sids[0]] == expected[0] and texts[sids[2]] == expected[2]
+
+
+def test_step_rejects_a_non_positive_max_chars():
+    engine = Engine(tiny_model(), VOCAB.decode)
+    engine.add(Request([0], 5))
+    with pytest.raises(UserError, match="max_chars"):
+        engine.step(0)
+
+
+# ---------------------------------------------------------------------------------------- stopping
+
+
+def first_cut(text: str, rule: StopRule) -> str:
+    """What a stream whose unstopped text is `text` must hand out: `text` up to where `rule.cut`
+    first fires on a prefix of it, cut there."""
+    for m in range(1, len(text) + 1):
+        cut = rule.cut(text[:m])
+        if cut is not None:
+            return text[:cut]
+    return text
+
+
+@pytest.mark.parametrize("max_chars", [1, 2, 5, 64])
+def test_stop_string_is_never_handed_out_even_when_split_across_steps(max_chars):
+    """A stop string that arrives over several steps ends the stream before it; no prefix of it is
+    handed out first (streamed text cannot be taken back)."""
+    model = tiny_model()
+    free = run(model, ["a"], 300, SamplingParams(1.0))[0]
+    stop = free[40:43]  # three characters at 40: with max_chars 1 they arrive in three steps
+    rule = StopRule((stop, "never-in-this-text"))
+    outputs = []
+    for step in generate_stream(model, [VOCAB.encode("a")], 300, SamplingParams(1.0),
+                                stream_seeds(11, 1), VOCAB.decode, rule, max_chars=max_chars):
+        outputs.append(step[0].text)
+    text = "".join(outputs)
+    assert text == free[:free.index(stop)] == first_cut(free, rule)
+    assert stop not in text
+
+
+@pytest.mark.parametrize("rule", [StopRule(max_lines=1), StopRule(max_lines=3),
+                                  StopRule(max_stanzas=1), StopRule(max_stanzas=2),
+                                  StopRule(("\n\n",), max_lines=4), StopRule(("c", "de"))])
+@pytest.mark.parametrize("fast", [True, False])
+def test_lines_stanzas_and_stops_cut_where_stop_rule_cut_says(rule, fast):
+    """--max-lines, --max-stanzas and stop strings end each stream where `StopRule.cut` would."""
+    model = tiny_model(scale=4.0)
+    prompts = ["a", "b", "ab\n", " "]
+    free = run(model, prompts, 600, SamplingParams(1.0))
+    assert sum(t.count("\n\n") for t in free) > 2  # the rules have something to find
+    assert run(model, prompts, 600, SamplingParams(1.0), stop=rule, fast=fast, max_chars=7) == [
+        first_cut(t, rule) for t in free]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab \n", max_size=60),
+       stops=st.lists(st.text(alphabet="ab \n", min_size=1, max_size=4), max_size=3),
+       max_lines=st.one_of(st.none(), st.integers(1, 6)),
+       max_stanzas=st.one_of(st.none(), st.integers(1, 3)),
+       chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8))
+def test_incremental_stop_logic_agrees_with_stop_rule_cut(text, stops, max_lines, max_stanzas,
+                                                          chunks):
+    """Fed in chunks of any size, the engine's incremental stop logic ends a stream exactly where
+    `StopRule.cut` first fires on the text so far, and everything it hands out stays handed out."""
+    rule = StopRule(tuple(stops), max_lines, max_stanzas)
+    s = _Stream(Request([0], max(1, len(text)), stop=rule))
+    out, pos, i = "", 0, 0
+    while pos < len(text):
+        n = chunks[i % len(chunks)]
+        i += 1
+        step = _hand_out(s, text[pos:pos + n], len(text[pos:pos + n]))
+        pos += n
+        out += step.text
+        if step.finished:
+            break
+    assert out == first_cut(text, rule)
+
+
+def test_stop_rule_settings_are_validated():
+    with pytest.raises(UserError):
+        StopRule(("",))
+    with pytest.raises(UserError):
+        StopRule(max_lines=0)
+    with pytest.raises(UserError):
+        StopRule(max_stanzas=-1)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"temperature": float("nan")},
+                                    {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5},
+                                    {"repetition_penalty": 0.5}])
+def test_invalid_sampling_values_are_rejected(kwargs):
+    with pytest.raises(UserError):
+        text_model().generate("a", 10, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- API, CLI
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"stop": ["b"], "max_lines": 2}, {"max_stanzas": 1},
+                                    {"temperature": 0.0}, {"top_p": 0.8, "repetition_penalty": 1.2}])
+def test_stream_yields_the_text_that_generate_returns(kwargs):
+    """`TextModel.stream` pieces, joined, are `TextModel.generate`'s texts (start text included)."""
+    model = text_model()
+    start = ["a", "ba\n\nc", " "]
+    joined = [""] * 3
+    for piece in model.stream(start, 300, seed=4, **kwargs):
+        for i, t in piece.items():
+            joined[i] += t
+    assert joined == model.generate(start, 300, seed=4, **kwargs)
+    if kwargs.get("temperature") != 0.0:  # seeded: another seed, other text
+        assert joined != model.generate(start, 300, seed=5, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gen")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("ab ba\ncab\n\nbad cab\nabc\n\n" * 40, encoding="utf-8")
+    result = CliRunner().invoke(main, [
+        "train", "--text", str(corpus), "--out", str(folder / "run"), "--max-steps", "5",
+        "--batch-size", "4", "--seq-len", "16", "--embedding-size", "8", "--hidden-size", "16",
+        "--num-layers", "1", "--threads", "1", "--precision", "fp32", "--no-progress",
+        "--sample-every", "0", "--eval-interval", "5"])
+    assert result.exit_code == 0, result.output
+    return folder / "run"
+
+
+def test_cli_stream_prints_what_plain_generate_prints(trained):
+    """`charlstm generate --stream` prints the same sample as without it."""
+    args = ["generate", str(trained), "--start-text", "ab", "--length", "150", "--seed", "3",
+            "--temperature", "0.8", "--max-lines", "3"]
+    plain = CliRunner().invoke(main, args)
+    streamed = CliRunner().invoke(main, [*args, "--stream"])
+    assert plain.exit_code == 0 and streamed.exit_code == 0, plain.output + streamed.output
+    assert streamed.output == plain.output and plain.output.startswith("ab")
+
+
+def test_cli_temperatures_prints_one_column_per_temperature(trained):
+    """`--temperatures 0.2,0.5,1.0` prints three samples side by side, reproducibly with --seed."""
+    args = ["generate", str(trained), "--length", "80", "--temperatures", "0.2,0.5,1.0",
+            "--seed", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[0]
+    assert all(f"temperature {t}" in header for t in ("0.2", "0.5", "1"))
+    assert CliRunner().invoke(main, args).output == result.output
+
+
+def test_cli_bench_generate_prints_figures_and_one_json_line():
+    """`charlstm bench generate` runs end to end (here with tiny settings) and ends with JSON."""
+    from charlstm.bench import generation as bench
+
+    lines = []
+    result = bench.run(text_model(), lab_chars=50, single_chars=500, batch_chars=2000,
+                       streams=(1, 40), start_chars=50, repeats=1, big=False, log=lines.append)
+    assert result["library_40_chars_per_s"] > 0 and result["lab_chars_per_s"] > 0
+    assert any("lab loop" in line for line in lines)
+    json.dumps(result)
