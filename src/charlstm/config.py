@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import types
 from dataclasses import dataclass, field, fields
@@ -87,6 +88,11 @@ class TrainConfig:
     threads: int | None = None
     skip_nonfinite: int = 0  # non-finite steps to skip before stopping
     eval_streams: int = 8
+    # Transfer (see transfer.py): start from another run's weights, or pre-train first.
+    init_from: str | None = None  # a run folder or checkpoint whose weights the model starts from
+    freeze_layers: int = 0  # with init_from: freeze the embedding and the lowest K recurrent layers
+    pretrain: str | None = None  # a dataset name or text file to pre-train on before this run
+    pretrain_time: float = 300.0  # seconds of the pre-training phase (the run's own is max_time)
     report: bool = False  # write report.html and report.md (`charlstm report`) when training ends
 
 
@@ -204,6 +210,17 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     return apply_overrides(base or RunConfig(), flatten_toml(doc, str(path)))
 
 
+def toml_keys(path: str | Path | None) -> set[str]:
+    """The field names a TOML preset sets (none without a path)."""
+    if not path:
+        return set()
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the preset {path} ({exc})") from None
+    return set(flatten_toml(doc, str(path)))
+
+
 def from_dict(doc: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from `to_dict()` output (e.g. a checkpoint's or run folder's config)."""
     return apply_overrides(RunConfig(), flatten_toml(doc, "the stored config"))
@@ -257,3 +274,34 @@ def validate(config: RunConfig) -> None:
     _check_positive("threads", t.threads, allow_none=True)
     if t.early_stopping < 0 or t.skip_nonfinite < 0 or t.sample_every < 0:
         raise UserError("early_stopping, skip_nonfinite and sample_every must be >= 0")
+    if not 0 <= t.freeze_layers <= m.num_layers:
+        raise UserError(f"freeze_layers must be in [0, num_layers={m.num_layers}], got {t.freeze_layers}")
+    if t.freeze_layers and not (t.init_from or t.pretrain):
+        raise UserError("freeze_layers only makes sense with init_from or pretrain (frozen random "
+                        "weights learn nothing)")
+    if t.init_from and t.pretrain:
+        raise UserError("give init_from or pretrain, not both: pretrain makes the run to start from")
+    _check_positive("pretrain_time", t.pretrain_time)
+
+
+_UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(h|min|m|sec|s)?")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from a budget such as ``90``, ``"60s"``, ``"2m"``, ``"1.5h"`` or ``"1m30s"``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text, seconds, pos = str(value).strip().lower(), 0.0, 0
+        while pos < len(text):
+            match = _DURATION_PART.match(text, pos)
+            if match is None:
+                break
+            seconds += float(match[1]) * _UNITS[match[2]]
+            pos = match.end()
+        if not text or pos < len(text):
+            raise UserError(f"a duration looks like 90, 60s, 2m or 1h, got {value!r}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"a duration must be a positive number of seconds, got {value!r}")
+    return seconds

@@ -1,0 +1,129 @@
+"""Fine-tuning from another run: the union vocabulary keeps shared rows, frozen layers stay put,
+the pre-training shortcut runs both phases, and the CLI takes the pre-trained model's shape."""
+
+import dataclasses
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from charlstm import checkpoint as ckpt_io
+from charlstm import transfer
+from charlstm.cli import main
+from charlstm.model import CharRNN
+from charlstm.training import resume_config, train
+
+OTHER = "Мой дядя самых честных правил,\nКогда не в шутку занемог,\nОн уважать себя заставил\n" * 30
+
+
+def _ckpt(run, which):
+    return ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, which))
+
+
+@pytest.fixture
+def pretrained(tmp_path, tiny):
+    """A run on a Russian-only text: the corpus fixture's English characters are new to it."""
+    text = tmp_path / "onegin.txt"
+    text.write_text(OTHER, encoding="utf-8")
+    return train(tiny(text, num_layers=2, max_steps=10), tmp_path / "pre", progress=False)
+
+
+def test_union_vocabulary_keeps_shared_rows_and_adds_new(pretrained, corpus, tiny):
+    """Shared characters keep their index and their embedding and output rows; the new text's other
+    characters are appended with fresh rows."""
+    source = transfer.read_source(pretrained)
+    config = tiny(corpus, num_layers=2, init_from=str(pretrained))
+    vocab = transfer.union_vocabulary(config, source)
+    assert vocab.chars[: len(source.vocab)] == source.vocab.chars
+    assert {"S", "h", "?"} <= set(vocab.chars[len(source.vocab):])
+
+    torch.manual_seed(0)
+    model = CharRNN(dataclasses.replace(config.model, vocab_size=len(vocab)))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    added = transfer.initialise(model, vocab, source)
+    state = model.state_dict()
+    assert added == len(vocab) - len(source.vocab) > 0
+    old = len(source.vocab)
+    for name in ("encoder.weight", "fc.weight", "fc.bias"):
+        assert torch.equal(state[name][:old], source.state[name])
+    assert torch.equal(state["encoder.weight"][old:], fresh["encoder.weight"][old:])
+    assert torch.equal(state["fc.weight"][old:], fresh["fc.weight"][old:])
+    assert torch.equal(state["rnn.weight_hh_l1"], source.state["rnn.weight_hh_l1"])
+
+
+def test_init_from_trains_on_the_union(pretrained, corpus, tmp_path, tiny):
+    run = train(tiny(corpus, num_layers=2, init_from=str(pretrained)), tmp_path / "fine", progress=False)
+    fine, pre = _ckpt(run, "best"), _ckpt(pretrained, "best")
+    assert fine.vocab.chars[: len(pre.vocab)] == pre.vocab.chars
+    assert len(fine.vocab) > len(pre.vocab)
+
+
+def test_freeze_keeps_embedding_and_lower_layers(pretrained, corpus, tmp_path, tiny):
+    """With freeze_layers=1 the embedding and layer 0 end exactly as pre-training left them (new
+    characters' rows included, at their fresh values), while layer 1 and the output layer learn."""
+    config = tiny(corpus, num_layers=2, init_from=str(pretrained), freeze_layers=1, weight_decay=0.01)
+    run = train(config, tmp_path / "fine", progress=False)
+    pre, last = _ckpt(pretrained, "best").model_state(), _ckpt(run, "last").model_state()
+    old = pre["encoder.weight"].shape[0]
+    assert torch.equal(last["encoder.weight"][:old], pre["encoder.weight"])
+    for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+        assert torch.equal(last[f"rnn.{name}"], pre[f"rnn.{name}"]), name
+    assert not torch.equal(last["rnn.weight_hh_l1"], pre["rnn.weight_hh_l1"])
+    assert not torch.equal(last["fc.weight"][:old], pre["fc.weight"])
+
+
+def test_frozen_fine_tune_resumes_frozen(pretrained, corpus, tmp_path, tiny):
+    """Resuming a fine-tuned run continues from its own checkpoint (the pre-trained weights are not
+    copied in again) and keeps the frozen layers frozen."""
+    config = tiny(corpus, num_layers=2, init_from=str(pretrained), freeze_layers=2, max_steps=6)
+    run = train(config, tmp_path / "fine", progress=False)
+    before = _ckpt(run, "last").model_state()
+    resumed = train(resume_config(run, {"max_steps": 12}), run, resume=True, progress=False)
+    after = _ckpt(resumed, "last").model_state()
+    assert torch.equal(after["rnn.weight_hh_l1"], before["rnn.weight_hh_l1"])
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+
+
+def test_architecture_must_match(pretrained, corpus, tmp_path, tiny):
+    from charlstm.errors import UserError
+
+    with pytest.raises(UserError, match="shape"):
+        train(tiny(corpus, num_layers=1, init_from=str(pretrained)), tmp_path / "x", progress=False)
+
+
+def test_freeze_needs_a_source(corpus, tiny):
+    from charlstm.errors import UserError
+
+    with pytest.raises(UserError, match="freeze_layers"):
+        tiny(corpus, freeze_layers=1)
+
+
+CLI_TINY = ["--batch-size", "4", "--seq-len", "16", "--eval-interval", "5", "--threads", "1",
+            "--precision", "fp32", "--no-progress", "--sample-every", "0", "--ema", "0"]
+
+
+def test_cli_init_from_takes_the_pretrained_shape(pretrained, corpus, tmp_path):
+    """`charlstm train --init-from RUN` needs no architecture flags; a conflicting one is refused."""
+    out = tmp_path / "fine"
+    ok = CliRunner().invoke(main, ["train", "--text", str(corpus), "--init-from", str(pretrained),
+                                   "--out", str(out), "--max-steps", "5", *CLI_TINY])
+    assert ok.exit_code == 0, ok.output
+    assert _ckpt(out, "last").model_config.hidden_size == 16
+    bad = CliRunner().invoke(main, ["train", "--text", str(corpus), "--init-from", str(pretrained),
+                                    "--hidden-size", "32", "--out", str(tmp_path / "bad"), *CLI_TINY])
+    assert bad.exit_code == 2 and "hidden_size=16" in bad.output, bad.output
+
+
+def test_cli_pretrain_runs_both_phases(corpus, tmp_path):
+    """`--pretrain TEXT` trains `<out>-pretrain` first, then fine-tunes `out` from it."""
+    other = tmp_path / "onegin.txt"
+    other.write_text(OTHER, encoding="utf-8")
+    out = tmp_path / "fine"
+    result = CliRunner().invoke(main, [
+        "train", "--text", str(corpus), "--pretrain", str(other), "--pretrain-time", "1", "--out", str(out),
+        "--max-steps", "5", "--embedding-size", "8", "--hidden-size", "16", "--num-layers", "1", *CLI_TINY])
+    assert result.exit_code == 0, result.output
+    pre, fine = _ckpt(tmp_path / "fine-pretrain", "best"), _ckpt(out, "best")
+    assert pre.run_config.data.text == str(other)
+    assert fine.run_config.train.init_from == str(tmp_path / "fine-pretrain")
+    assert fine.vocab.chars[: len(pre.vocab)] == pre.vocab.chars
