@@ -101,6 +101,13 @@ def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> 
         return
     config = load_toml(config_path) if config_path else RunConfig()
     config = config.replace(**overrides)
+    if config.train.init_from:
+        from charlstm.config import toml_keys
+        from charlstm.transfer import adopt_architecture, read_source
+
+        # A fine-tuned model has the pre-trained one's shape; a shape the user asked for must agree.
+        config = adopt_architecture(config, read_source(config.train.init_from),
+                                    set(overrides) | toml_keys(config_path))
     if out is None:
         name = (Path(config.data.prepared).name if config.data.prepared else
                 Path(config.data.text).stem if config.data.text else config.data.dataset)

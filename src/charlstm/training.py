@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from charlstm import checkpoint as ckpt_io
+from charlstm import transfer
 from charlstm.batching import make_batcher
 from charlstm.config import RunConfig, from_dict, to_toml
 from charlstm.corpus import load_corpus, split_text
@@ -381,8 +382,13 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
 
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False,
           progress: bool = True, log: Callable[[str], None] | None = None,
-          loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> Path:
+          loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+          on_eval: Callable[[int, float], None] | None = None) -> Path:
     """Train a model as `config` says and write the run to `out`; returns the run folder.
+
+    ``init_from`` starts from another run's weights, ``pretrain`` makes that run first (transfer.py).
+    `on_eval(step, val_loss)` is called after each scheduled evaluation, once the run is saved; an
+    exception it raises (a tuner pruning the trial) ends the run and propagates.
 
     With ``resume=True``, `out` must hold a run; it continues from its ``last/`` checkpoint (the
     caller passes the stored configuration, see `resume_config`). Raises `UserError` for bad input,
@@ -398,8 +404,16 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
         log, progress = (lambda msg: None), False
     if writer:
         _prepare_out(out, resume, force)
+    if config.train.pretrain and not resume:
+        return transfer.pretrain_then_finetune(config, out, force=force, progress=progress, log=log,
+                                               on_eval=on_eval)
     last_ckpt = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(out, "last")) if resume else None
-    data = prepare_data(config, last_ckpt.vocab if last_ckpt else None)
+    source = None
+    if config.train.init_from and last_ckpt is None:
+        source = transfer.read_source(config.train.init_from)
+        transfer.check_architecture(config, source)
+    data = prepare_data(config, last_ckpt.vocab if last_ckpt else
+                        transfer.union_vocabulary(config, source) if source else None)
     run = (Run(config, out, data, log, progress) if dist_ctx is None else
            distributed.DistributedRun(config, out, data, log, progress, dist_ctx))
     run.loss_hook = loss_hook
@@ -408,6 +422,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     else:
         if writer:
             (out / "metrics.jsonl").unlink(missing_ok=True)
+        if source is not None:
+            transfer.initialise(run.model, data.vocab, source, log)
+    transfer.freeze(run.model, config.train.freeze_layers)
     if writer:
         ckpt_io.atomic_write_text(out / "config.toml", to_toml(run.config))
     log(f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
@@ -416,7 +433,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
         f"{count_parameters(run.model):,} parameters; {run.device.type}, {run.precision}, "
         f"{run.threads} threads")
     with SignalGuard(log) as guard:
-        reason = _loop(run, guard)
+        reason = _loop(run, guard, on_eval)
     log(f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
         f"{run.counters.best_saved_val:.4f} nats/char ({run.counters.best_saved_val / math.log(2):.3f} "
         f"bits/char) at step {run.counters.best_step}; run folder {out}")
@@ -428,7 +445,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     return out
 
 
-def _loop(run: Run, guard: SignalGuard) -> str:
+def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | None = None) -> str:
     from tqdm import tqdm
 
     t = run.config.train
@@ -488,6 +505,8 @@ def _loop(run: Run, guard: SignalGuard) -> str:
             if val < c.best_saved_val:
                 run.save_best(val)
             run.save_last()
+            if on_eval is not None:
+                on_eval(c.step, val)
             bar.set_postfix_str(f"train {record['train_loss']:.3f} val {val:.3f} "
                                 f"({val / math.log(2):.2f} bpc) lr {record['lr']:.2e} "
                                 f"{speed / 1000:.1f}k ch/s", refresh=False)
