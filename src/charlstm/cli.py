@@ -400,3 +400,68 @@ def bench_generate(run, temperature, repeats, big, threads) -> None:
     model = load(run, device="cpu") if run else None
     result = run_bench(model, temperature=temperature, repeats=repeats, big=big, log=click.echo)
     click.echo(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------- tune
+
+
+def _base_config(config_path: str | None, fields: dict[str, Any]) -> tuple[RunConfig, set[str]]:
+    """The preset (or defaults) with the given flags applied, and the names the user set."""
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    if overrides.get("text"):
+        overrides.setdefault("dataset", None)
+    config = load_toml(config_path) if config_path else RunConfig()
+    return config.replace(**overrides), set(overrides)
+
+
+@main.command()
+@click.option("--study", required=True, help="Study name; the same name resumes it.")
+@click.option("--trials", default=20, show_default=True, type=int,
+              help="Finished trials the study should hold (a resumed study runs only the rest).")
+@click.option("--budget-per-trial", default="60s", show_default=True, help="Training time per trial: 60s, 2m.")
+@click.option("--storage", help="SQLite file of the study (default runs/tune/STUDY.db) or a database URL.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder of the trials' runs, table and plots "
+              "(default runs/tune/STUDY).")
+@click.option("--preset", type=click.Path(dir_okay=False), help="Write the best configuration here as TOML "
+              "(default OUT/best.toml), e.g. configs/byron-tuned.toml.")
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--sampler-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler.")
+@click.option("--top", type=int, help="Rows of the results table to print (default all).")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--no-progress", is_flag=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Base preset; the search replaces the searched fields.")
+@_config_options
+def tune(study, trials, budget_per_trial, storage, out, preset, pruner, sampler_seed, top, no_plots,
+         no_progress, config_path, **fields) -> None:
+    """Search hyperparameters with Optuna (TPE, pruning on validation loss, resumable SQLite study).
+
+    Searched: cell, layers, hidden and embedding sizes, dropouts, lr, schedule, ema, batch and window
+    sizes; a flag for one of them (e.g. --cell lstm) fixes it instead. Other flags (--dataset,
+    --eval-interval, ...) set what every trial shares; trials use 1 thread unless --threads says
+    otherwise. The first trial of a new study is the base configuration (--config and flags).
+    Prints the results table and writes the best configuration as a TOML preset, the table, a JSON
+    file and plots.
+    """
+    from charlstm import tuning
+    from charlstm.config import parse_duration, toml_keys
+
+    threads = fields.pop("threads") or 1
+    preset_defaults = {}
+    if fields.get("eval_interval") is None and "eval_interval" not in toml_keys(config_path):
+        fields["eval_interval"] = 20  # a trial lasts seconds: evaluate often enough to prune
+    if fields.get("sample_every") is None:
+        fields["sample_every"] = 0  # nobody reads a trial's samples (the preset keeps the default)
+        preset_defaults["sample_every"] = RunConfig().train.sample_every
+    base, given = _base_config(config_path, fields)
+    space = {k: v for k, v in tuning.SPACE.items() if k not in given}
+    result = tuning.tune(base, study_name=study, trials=trials, budget=parse_duration(budget_per_trial),
+                      storage=storage, out_dir=out, preset=preset, pruner=pruner,
+                      sampler_seed=sampler_seed, threads=threads, plots=not no_plots,
+                      progress=not no_progress, space=space, preset_defaults=preset_defaults)
+    click.echo(result.table if not top else "\n".join(result.table.splitlines()[: top + 2]))
+    if result.best_config is not None:
+        best = result.study.best_trial
+        click.echo(f"\nbest: trial {best.number}, {best.value:.4f} nats/char; preset {result.files['preset']}")
+    click.echo("files: " + ", ".join(str(p) for k, p in result.files.items() if k != "preset"))
+
