@@ -465,3 +465,46 @@ def tune(study, trials, budget_per_trial, storage, out, preset, pruner, sampler_
         click.echo(f"\nbest: trial {best.number}, {best.value:.4f} nats/char; preset {result.files['preset']}")
     click.echo("files: " + ", ".join(str(p) for k, p in result.files.items() if k != "preset"))
 
+
+# ---------------------------------------------------------------------------------------- compare
+
+
+@main.command()
+@click.option("--cells", default="lstm,gru,rnn", show_default=True, help="Comma-separated cells.")
+@click.option("--budget", default="120s", show_default=True, help="Training time per run: 120s, 2m.")
+@click.option("--seeds", default=3, show_default=True, type=int, help="Runs per cell (seeds SEED, SEED+1, ...).")
+@click.option("--jobs", default=1, show_default=True, type=int, help="Runs trained at once (processes).")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder of the runs and results "
+              "(default runs/compare/DATASET).")
+@click.option("--no-probe", is_flag=True, help="Skip the long-range probe.")
+@click.option("--fresh", is_flag=True, help="Train every run again, even those a previous call finished.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Base preset; its LSTM sets the parameter count every cell matches.")
+@_config_options
+def compare(cells, budget, seeds, jobs, out, no_probe, fresh, config_path, **fields) -> None:
+    """LSTM vs GRU vs RNN at equal parameters and equal time, over seeds, with a long-range probe.
+
+    Prints a markdown table (mean ± std of the best validation loss) and writes comparison.json,
+    comparison.md and curves.png (validation loss against time). Runs use 1 thread unless --threads
+    says otherwise.
+    """
+    from charlstm.comparison import compare as run_compare
+    from charlstm.config import parse_duration
+
+    if fields.get("threads") is None:
+        fields["threads"] = 1
+    if fields.get("sample_every") is None:
+        fields["sample_every"] = 0
+    base, given = _base_config(config_path, fields)
+    fixed = sorted(given & {"cell", "max_time"})
+    if fixed:
+        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be combined with "
+                        "compare: use --cells and --budget")
+    name = Path(base.data.text).stem if base.data.text else base.data.dataset
+    result = run_compare(base, cells=[c.strip() for c in cells.split(",") if c.strip()], seeds=seeds,
+                         budget=parse_duration(budget), out_dir=out or Path("runs/compare") / str(name),
+                         jobs=jobs, probe=not no_probe, reuse=not fresh)
+    from charlstm.comparison import markdown
+
+    click.echo(markdown(result))
+    click.echo("\nfiles: " + ", ".join(str(p) for p in result.files.values()))

@@ -1,0 +1,71 @@
+"""LSTM vs GRU vs RNN: matched sizes, the probes' bookkeeping, and a tiny comparison end to end."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from charlstm import comparison
+from charlstm.cli import main
+from charlstm.config import RunConfig
+from charlstm.evaluation import evaluate_ids
+from charlstm.model import CharRNN
+
+
+@pytest.mark.parametrize("layers, hidden", [(2, 256), (1, 384), (3, 128)])
+def test_matched_sizes_have_the_lstms_parameter_count(layers, hidden):
+    config = RunConfig().replace(num_layers=layers, hidden_size=hidden)
+    sizes = comparison.matched_hidden_sizes(config, ["lstm", "gru", "rnn"], vocab_size=74)
+    target = sizes["lstm"][1]
+    assert sizes["lstm"][0] == hidden
+    for cell, (h, params) in sizes.items():
+        assert abs(params - target) / target < 0.02, cell
+    assert sizes["lstm"][0] < sizes["gru"][0] < sizes["rnn"][0]
+
+
+def test_line_distance_counts_from_the_last_newline():
+    ids = np.array([5, 5, 0, 5, 5, 5, 0, 5])  # 0 is the newline
+    # prediction p predicts ids[p + 1] having seen this many characters of its line (the text's
+    # start counts as a line start)
+    assert comparison.line_distance(ids, 0).tolist() == [1, 2, 0, 1, 2, 3, 0]
+    buckets = comparison.line_buckets(np.arange(7.0), comparison.line_distance(ids, 0), edges=(0, 1, 3))
+    assert buckets == {"0-0": np.mean([2, 6]), "1-2": np.mean([0, 1, 3, 4]), "3+": 5.0}
+
+
+def test_per_char_losses_average_to_the_validation_loss(tiny, corpus):
+    config = tiny(corpus)
+    model = CharRNN(dataclasses.replace(config.model, vocab_size=30))
+    ids = np.random.default_rng(0).integers(0, 30, size=700)
+    losses = comparison.per_char_losses(model, ids)
+    assert losses.shape == (699,)
+    assert math.isclose(losses.mean(), evaluate_ids(model, ids), rel_tol=1e-5)
+
+
+def test_compare_cli_prints_table_and_writes_json(corpus, tmp_path):
+    """Two cells × two seeds on a tiny budget: a markdown table, JSON with every run, the plot."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--text", str(corpus), "--cells", "lstm,rnn", "--seeds", "2", "--budget", "20s",
+            "--max-steps", "10", "--eval-interval", "5", "--batch-size", "4", "--seq-len", "16",
+            "--embedding-size", "8", "--hidden-size", "16", "--num-layers", "1", "--precision", "fp32",
+            "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "| LSTM | 16 |" in result.output and "| RNN |" in result.output
+    assert "k = 64" in result.output and "0-4" in result.output
+    doc = json.loads((out / "comparison.json").read_text())
+    assert len(doc["runs"]) == 4 and {r["seed"] for r in doc["runs"]} == {1337, 1338}
+    assert doc["summary"]["rnn"]["hidden_size"] > 16
+    assert (out / "curves.png").stat().st_size > 0
+    # A second call reuses the finished runs instead of training them again.
+    stamp = (out / "lstm-seed1337" / "last" / "checkpoint.safetensors").stat().st_mtime_ns
+    again = CliRunner().invoke(main, args + ["--no-probe"])
+    assert again.exit_code == 0, again.output
+    assert (out / "lstm-seed1337" / "last" / "checkpoint.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_compare_rejects_unknown_cells(corpus):
+    result = CliRunner().invoke(main, ["compare", "--text", str(corpus), "--cells", "lstm,transformer"])
+    assert result.exit_code == 2 and "--cells" in result.output
