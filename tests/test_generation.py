@@ -177,14 +177,15 @@ def test_without_numba_generation_takes_the_reference_path():
         "m = CharRNN(ModelConfig(embedding_size=4, hidden_size=8, num_layers=1, vocab_size=3))\n"
         "e = Engine(m, lambda ids: ''.join('ab '[i] for i in ids)); e.add(Request([0], 30))\n"
         "out = e.step(30); assert not e.compiled and len(out[0].text) == 30; print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.stdout.strip() == "ok", result.stderr
 
 
 # ---------------------------------------------------------------------------------------- batches
 
 
-@pytest.mark.parametrize("batch_rows", [32, 4])  # per-row kernels, and the batched GEMM path
+@pytest.mark.parametrize("batch_rows", [1000, 4])  # per-row kernels, and the batched GEMM path
 def test_a_stream_writes_the_same_text_alone_and_in_a_batch(batch_rows, threads, monkeypatch):
     """Per-stream seeds: a stream's text depends on its own seed and start text, not on how many
     other streams share the batch, on their start texts of other lengths, or on the threads."""

@@ -531,12 +531,13 @@ def advance_rows(table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperature
 class LSTMRows:
     """The state of N streams as rows of arrays, with their sampling settings, advanced together.
 
-    Rows are added (primed with a start text) and dropped between calls to `advance`. Below
-    `batch_rows` rows each row runs its characters in one compiled call (threads share the rows);
-    from `batch_rows` on, every step multiplies all rows at once with BLAS, which reuses each weight
-    across rows."""
+    Rows are added (primed with a start text) and dropped between calls to `advance`. In a block of
+    fewer than `batch_rows` rows each row runs its characters in one compiled call; from
+    `batch_rows` on, every step multiplies all the block's rows at once, which reuses each weight
+    across rows. Measured per core: 2 x 85 per-row 210 k chars/s, batched 170 k at 4 rows, 250 k at
+    8, 380 k at 32, 560 k at 128; 1 x 512 per-row 18 k, batched 22 k at 4, 34 k at 8."""
 
-    batch_rows = 32
+    batch_rows = 8
 
     def __init__(self, weights: LSTMWeights) -> None:
         self.w = weights
