@@ -39,8 +39,6 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 8 * 1024**3
 
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
-
 
 @dataclass
 class Checkpoint:
@@ -111,6 +109,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         pass
 
 
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temporary files of writes that a crash interrupted (`atomic_write_bytes` names
+    them ``.<name>.<random>.tmp``); only one process trains in a run folder at a time."""
+    for folder in (run_dir, run_dir / "best", run_dir / "last"):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -132,15 +139,24 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
 # ---------------------------------------------------------------------------------------- reading
 
 
+def _looks_like_pickle(data: bytes) -> bool:
+    """A zip (what `torch.save` writes) or a protocol 2-5 pickle, by their first bytes."""
+    return data.startswith(b"PK\x03\x04") or (data[:1] == b"\x80" and 2 <= data[1] <= 5)
+
+
 def _read_header(path: Path, data: bytes) -> dict[str, Any]:
     if len(data) < 8:
         raise CheckpointError(f"{path} is truncated ({len(data)} bytes); use an intact copy")
-    if data.startswith(_PICKLE_MAGIC):
-        raise CheckpointError(
-            f"{path} is a pickle (torch.save) file; charlstm never unpickles, since loading a pickle "
-            "can run code; use a charlstm safetensors checkpoint"
-        )
     (n,) = struct.unpack("<Q", data[:8])
+    # A safetensors header is JSON, so byte 8 is "{". Only when it is not do we look for a pickle's
+    # magic bytes: the low byte of a real header's length may well be 0x80, pickle's first byte.
+    if data[8:9] != b"{" and len(data) > 8:
+        if _looks_like_pickle(data):
+            raise CheckpointError(
+                f"{path} is a pickle (torch.save) file; charlstm never unpickles, since loading a "
+                "pickle can run code; use a charlstm safetensors checkpoint"
+            )
+        raise CheckpointError(f"{path} is not a charlstm checkpoint (not a safetensors file)")
     if n > MAX_HEADER_BYTES:
         raise CheckpointError(
             f"{path} claims a {n:,}-byte header (limit {MAX_HEADER_BYTES:,}); it is corrupt or hostile"
@@ -149,18 +165,20 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
         raise CheckpointError(f"{path} is truncated (header cut short); use an intact copy")
     try:
         header = json.loads(data[8: 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file (header is not an object)")
+    # (byte 8 is "{", so a header that parses is an object)
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise CheckpointError(f"{path} has malformed safetensors metadata")
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int and o >= 0 for o in offsets)):
             raise CheckpointError(f"{path} has a malformed entry for tensor {name!r}")
-        end = max(end, int(offsets[1]))
+        end = max(end, offsets[1])
     if 8 + n + end > len(data):
         raise CheckpointError(
             f"{path} is truncated ({len(data):,} of {8 + n + end:,} bytes); use an intact copy"
@@ -183,7 +201,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} is a safetensors file but not a charlstm checkpoint")
     try:
         meta = json.loads(raw_meta)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path} has unreadable charlstm metadata") from None
     try:
         tensors = st_load(data)
@@ -214,13 +232,18 @@ def validate_checkpoint(ckpt: Checkpoint) -> None:
     for key in ("model", "vocab", "config", "step"):
         if key not in meta:
             raise CheckpointError(f"{path} metadata lacks {key!r}; the file is damaged")
+    if not all(isinstance(meta[k], dict) for k in ("model", "config")) or \
+            not isinstance(meta.get("metrics") or {}, dict):
+        raise CheckpointError(f"{path} has malformed metadata (model, config or metrics is not a table)")
     try:
         mc = model_config_from_meta(meta)
         from_dict(meta["config"])
     except (UserError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{path} has an invalid configuration ({exc})") from None
     vocab = meta["vocab"]
-    if not (isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
+    # A lone surrogate is not a character any text can hold; printing one would crash the CLI.
+    if not (isinstance(vocab, list) and vocab and all(
+            isinstance(c, str) and len(c) == 1 and not 0xD800 <= ord(c) <= 0xDFFF for c in vocab)):
         raise CheckpointError(f"{path} has a malformed vocabulary")
     if len(set(vocab)) != len(vocab):
         raise CheckpointError(f"{path} has a vocabulary with repeated characters")
@@ -228,9 +251,18 @@ def validate_checkpoint(ckpt: Checkpoint) -> None:
         raise CheckpointError(
             f"{path}: vocabulary has {len(vocab)} characters but the model expects {mc.vocab_size}"
         )
-    with torch.device("meta"):
-        expected = CharRNN(mc).state_dict()
     state = ckpt.model_state()
+    # Each recurrent layer stores several tensors; a config declaring more layers than the file
+    # holds tensors is refused before building it (a hostile num_layers could take minutes).
+    if mc.num_layers > len(state):
+        raise CheckpointError(
+            f"{path} declares {mc.num_layers} layers but holds only {len(state)} model tensors"
+        )
+    try:
+        with torch.device("meta"):  # shapes only: no memory is allocated
+            expected = CharRNN(mc).state_dict()
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"{path} describes a model that cannot be built ({exc})") from None
     if set(state) != set(expected):
         missing = sorted(set(expected) - set(state))[:3]
         extra = sorted(set(state) - set(expected))[:3]
