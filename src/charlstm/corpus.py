@@ -9,6 +9,7 @@ validation loss measures continuation of unseen text rather than interpolation b
 from __future__ import annotations
 
 import codecs
+import re
 from pathlib import Path
 
 from charlstm.errors import UserError
@@ -16,6 +17,7 @@ from charlstm.errors import UserError
 # A text whose share of NUL characters exceeds this is treated as binary (or UTF-16 read as UTF-8):
 # real prose never has that many, and training on it would silently learn garbage.
 MAX_NUL_SHARE = 0.01
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def normalise_newlines(text: str) -> str:
@@ -42,6 +44,14 @@ def decode_text(data: bytes, encoding: str = "utf-8", source: str = "the text") 
             f"{source} is not valid {encoding}: byte {exc.object[exc.start]:#04x} at byte offset "
             f"{exc.start} cannot be decoded; pass the file's real encoding, e.g. --encoding cp1251"
         ) from None
+    # Codecs such as unicode_escape or utf-16 with odd data can yield lone surrogates: no text holds
+    # them, and they could not be stored in a checkpoint or printed.
+    lone = _SURROGATE.search(text)
+    if lone:
+        raise UserError(
+            f"{source} decodes to a lone surrogate U+{ord(lone.group()):04X} at character {lone.start()}, "
+            "which is not a real character; fix the file or pass its real --encoding"
+        )
     text = normalise_newlines(text)
     if text and text.count("\0") > MAX_NUL_SHARE * len(text):
         raise UserError(
