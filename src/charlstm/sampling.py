@@ -52,6 +52,12 @@ def stream_seeds(seed: int | None, n: int) -> np.ndarray:
         return _mix64(base + np.arange(1, n + 1, dtype=np.uint64) * _M2)
 
 
+# float32 logits are below 3.4e38 in size: scaled by at most MAX_PENALTY / MIN_TEMPERATURE they stay
+# far inside float64's range, so the probabilities are always finite.
+MIN_TEMPERATURE = 1e-100
+MAX_PENALTY = 1e100
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.3
@@ -64,14 +70,19 @@ class SamplingParams:
         t = self.temperature
         if not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
             raise UserError(f"temperature must be a finite number >= 0, got {t!r}; 0 means greedy")
+        # Below MIN_TEMPERATURE (or above MAX_PENALTY) logits / temperature can overflow float64 into
+        # inf - inf = NaN, which silently draws character 0; such values are greedy in all but name.
+        if 0 < t < MIN_TEMPERATURE:
+            raise UserError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise UserError(f"top_k must be a whole number >= 0, got {self.top_k!r}; 0 disables it")
         p = self.top_p
         if p is not None and (not isinstance(p, int | float) or not math.isfinite(p) or not 0 < p <= 1):
             raise UserError(f"top_p must be in (0, 1], got {p!r}")
         r = self.repetition_penalty
-        if not isinstance(r, int | float) or not math.isfinite(r) or r < 1:
-            raise UserError(f"repetition_penalty must be a finite number >= 1, got {r!r}; 1 disables it")
+        if not isinstance(r, int | float) or not math.isfinite(r) or not 1 <= r <= MAX_PENALTY:
+            raise UserError(f"repetition_penalty must be between 1 and {MAX_PENALTY:g}, got {r!r}; "
+                            "1 disables it")
         if self.repetition_window < 1:
             raise UserError(f"repetition_window must be >= 1, got {self.repetition_window}")
 
