@@ -14,6 +14,7 @@ schedule or early stopping, which must see exactly the evaluations an uninterrup
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from charlstm import transfer
 from charlstm.batching import make_batcher
 from charlstm.config import RunConfig, from_dict, to_toml
 from charlstm.corpus import load_corpus, split_text
-from charlstm.errors import NonFiniteLoss, TrainingStopped, UserError
+from charlstm.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from charlstm.evaluation import evaluate_ids, loss_metrics
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
 from charlstm.model import CharRNN, count_parameters, detach_hidden, hidden_from_tensors, hidden_tensors
@@ -44,6 +45,10 @@ from charlstm.generation import generate_stream
 from charlstm.sampling import SamplingParams, stream_seeds
 from charlstm.schedule import Plateau, budget_progress, learning_rate
 from charlstm.vocabulary import Vocabulary
+
+# Adam moves each weight by about lr per step: far above 1 a run can only diverge, and from about
+# 3e37 Adam's own step overflows float32 (a RuntimeError deep inside torch).
+MAX_LR = 10.0
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "samples.txt", "best", "last", "report.html", "report.md",
              "report")
@@ -148,6 +153,10 @@ class SignalGuard:
         return TrainingStopped(self.requested.name, self.CODES[self.requested])
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split Adam's state into tensors (for safetensors) and a JSON-able remainder."""
     sd = opt.state_dict()
@@ -170,8 +179,23 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     for name, value in info["scalars"].items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
+    # The hyperparameters come from the run's configuration (which --resume may override, e.g.
+    # --weight-decay), not from the file: only Adam's moments and step counts are state. The stored
+    # groups must still describe the same parameters.
+    groups = opt.state_dict()["param_groups"]
+    stored = info["param_groups"]
+    if [len(g["params"]) for g in stored] != [len(g["params"]) for g in groups]:
+        raise ValueError("the optimizer state is for a different set of weights")
     opt.load_state_dict({"state": state, "param_groups": groups})
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                ok = (torch.is_tensor(value) and value.numel() == 1 and bool(torch.isfinite(value).all())
+                      if key == "step" else
+                      key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and torch.is_tensor(value)
+                      and value.shape == p.shape and bool(torch.isfinite(value).all()))
+                if not ok:
+                    raise ValueError(f"Adam's {key!r} does not fit a weight of shape {tuple(p.shape)}")
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -222,12 +246,23 @@ class Run:
     def _model_tensors(self) -> dict[str, torch.Tensor]:
         return {f"model.{k}": v for k, v in self.model.state_dict().items()}
 
+    def _check_finite(self) -> None:
+        """Refuse to write weights that `read_checkpoint` would refuse: that would replace the last
+        good checkpoint with one that can never be loaded."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NonFiniteLoss(
+                f"the weights became non-finite by step {self.counters.step}; the last good checkpoint "
+                "is kept: lower --lr or raise --grad-clip, then resume or train again"
+            )
+
     def save_best(self, val_loss: float) -> None:
+        self._check_finite()
         meta = self._meta({"val_loss": val_loss, **self._progress_metrics()})
         ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(self.out, "best"), self._model_tensors(), meta)
         self.counters.best_saved_val = val_loss
 
     def save_last(self) -> None:
+        self._check_finite()
         tensors = self._model_tensors()
         opt_tensors, opt_info = _optimizer_tensors(self.opt)
         tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
@@ -254,23 +289,53 @@ class Run:
 
     def restore(self, ck: ckpt_io.Checkpoint) -> None:
         info = ck.meta.get("resume")
-        if info is None:
+        if not isinstance(info, dict):
             raise UserError(f"{ck.path} holds no training state; resume from a run's last/ checkpoint")
+        # The schema check of the file covers the weights; the training state is checked here, so
+        # that damage is reported before the first step instead of crashing somewhere inside it.
+        try:
+            self._restore_state(ck, info)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{ck.path} holds damaged training state ({exc}); resume from an intact copy of the "
+                "run folder, or start a new run"
+            ) from None
+        if info.get("threads") != self.threads:
+            self.log(f"note: resuming with {self.threads} threads (the run used {info.get('threads')}); "
+                     "results will not be bitwise identical to an uninterrupted run")
+
+    def _restore_state(self, ck: ckpt_io.Checkpoint, info: dict[str, Any]) -> None:
         self.model.load_state_dict(ck.model_state())
         _load_optimizer(self.opt, ck.group("optim"), info["optimizer"])
-        self.plateau.load_state_dict(info["plateau"])
+        plateau = info["plateau"]
+        if not (set(plateau) <= set(self.plateau.state_dict()) and all(_is_number(v) for v in plateau.values())):
+            raise ValueError("the plateau schedule's state is malformed")
+        self.plateau.load_state_dict(plateau)
         self.batcher.load_state_dict(info["batcher"])
-        self.counters = Counters(**info["counters"])
+        b = self.batcher
+        if hasattr(b, "windows_per_epoch") and not (0 <= b.offset < b.T and 0 <= b.window <= b.windows_per_epoch):
+            raise ValueError("the batcher's position is outside the text")
+        names = {f.name for f in dataclasses.fields(Counters)}
+        if set(info["counters"]) != names:
+            raise ValueError(f"the counters are {sorted(info['counters'])}, expected {sorted(names)}")
+        counters = Counters(**info["counters"])
+        for f in dataclasses.fields(Counters):
+            value = getattr(counters, f.name)
+            if not _is_number(value) or (f.type == "int" and not isinstance(value, int)):
+                raise ValueError(f"counter {f.name} is {value!r}")
+        self.counters = counters
         torch.set_rng_state(ck.tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in ck.tensors:
             torch.cuda.set_rng_state(ck.tensors["rng.cuda"], self.device)
         hidden = ck.group("hidden")
         if hidden:
+            m, B = self.config.model, self.config.data.batch_size
             tensors = [hidden[str(i)].to(self.device) for i in range(len(hidden))]
-            self.hidden = hidden_from_tensors(tensors, self.config.model.cell)
-        if info.get("threads") != self.threads:
-            self.log(f"note: resuming with {self.threads} threads (the run used {info.get('threads')}); "
-                     "results will not be bitwise identical to an uninterrupted run")
+            want = (m.num_layers, B, m.hidden_size)
+            if len(tensors) != (2 if m.cell == "lstm" else 1) or any(
+                    tuple(h.shape) != want or not h.is_floating_point() for h in tensors):
+                raise ValueError(f"the carried hidden state does not have shape {want}")
+            self.hidden = hidden_from_tensors(tensors, m.cell)
 
     def _progress_metrics(self) -> dict[str, Any]:
         c = self.counters
@@ -356,20 +421,70 @@ def _prepare_out(out: Path, resume: bool, force: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {str(out)!r} ({exc.strerror or exc}); choose a folder "
+                        "you can write to") from None
+
+
+def _write_failed(path: Path, exc: OSError) -> UserError:
+    return UserError(
+        f"could not write {path} ({exc.strerror or exc}); the run's checkpoints are intact; free "
+        "some disk space and continue with --resume (or start again if it has no checkpoint yet)"
+    )
 
 
 def _append_line(path: Path, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    except OSError as exc:
+        raise _write_failed(path, exc) from None
+
+
+def _repair_metrics(path: Path, step: int) -> None:
+    """Keep the records of metrics.jsonl that the resumed run stands on.
+
+    A run killed between two checkpoints leaves records of steps after its last checkpoint, which
+    the resumed run is about to redo and log again, and perhaps a half-written last line. Both go;
+    the file is rewritten atomically, and only when something changes.
+    """
+    if not path.is_file():
+        return
+    old = path.read_text(encoding="utf-8", errors="replace")
+    kept = []
+    for line in old.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    if "".join(kept) != old:
+        try:
+            ckpt_io.atomic_write_text(path, "".join(kept))
+        except OSError as exc:
+            raise _write_failed(path, exc) from None
 
 
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
     """The stored configuration of `run_dir`, with budget-like overrides applied."""
-    ck = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run_dir, "last")) \
-        if ckpt_io.checkpoint_path(run_dir, "last").is_file() else None
-    if ck is None:
-        raise UserError(f"{str(run_dir)!r} has no last/ checkpoint to resume from; train a new run")
+    run_dir = Path(run_dir)
+    last = ckpt_io.checkpoint_path(run_dir, "last")
+    if not last.is_file():
+        if not run_dir.is_dir():
+            raise CheckpointError(f"run folder {str(run_dir)!r} does not exist; give a folder made by "
+                                  "`charlstm train`")
+        if (run_dir / "config.toml").is_file():  # stopped (or killed) before its first checkpoint
+            raise UserError(
+                f"{str(run_dir)!r} stopped before its first checkpoint, so there is nothing to resume; "
+                f"start it again with: charlstm train --config {run_dir / 'config.toml'} --out "
+                f"{run_dir} --force"
+            )
+        raise CheckpointError(f"{str(run_dir)!r} is not a charlstm run folder (no last/ checkpoint); "
+                              "give a folder made by `charlstm train`")
+    ck = ckpt_io.read_checkpoint(last)
     config = from_dict(ck.meta["config"])
     changed_model = {k for k in overrides if k in asdict(config.model) and overrides[k] != getattr(config.model, k)}
     if changed_model:
@@ -396,6 +511,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
+    if config.optim.lr > MAX_LR:
+        raise UserError(f"lr {config.optim.lr:g} is far beyond any rate Adam trains with (each step moves "
+                        f"every weight by about lr); use at most {MAX_LR:g}, e.g. 3e-3")
     from charlstm import distributed
 
     dist_ctx = distributed.setup(config.train.device)  # None unless started by torchrun
@@ -404,6 +522,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
         log, progress = (lambda msg: None), False
     if writer:
         _prepare_out(out, resume, force)
+        ckpt_io.remove_stale_temps(out)
     if config.train.pretrain and not resume:
         return transfer.pretrain_then_finetune(config, out, force=force, progress=progress, log=log,
                                                on_eval=on_eval)
@@ -419,14 +538,19 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     run.loss_hook = loss_hook
     if last_ckpt is not None:
         run.restore(last_ckpt)
+        if writer:
+            _repair_metrics(out / "metrics.jsonl", run.counters.step)
     else:
         if writer:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         if source is not None:
             transfer.initialise(run.model, data.vocab, source, log)
     transfer.freeze(run.model, config.train.freeze_layers)
-    if writer:
-        ckpt_io.atomic_write_text(out / "config.toml", to_toml(run.config))
+    try:
+        if writer:
+            ckpt_io.atomic_write_text(out / "config.toml", to_toml(run.config))
+    except OSError as exc:
+        raise _write_failed(out / "config.toml", exc) from None
     log(f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
         f"characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
         f"{run.config.model.num_layers}×{run.config.model.hidden_size}, "
@@ -484,6 +608,11 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
                 continue
             # -- a scheduled evaluation: it feeds the schedule, early stopping and best/ ----------
             val = run.evaluate()
+            if not math.isfinite(val):
+                raise NonFiniteLoss(
+                    f"the validation loss became non-finite at step {c.step}; the last good checkpoint "
+                    "is kept: lower --lr or raise --grad-clip, then resume or train again"
+                )
             last_val = val
             c.evals += 1
             now = time.monotonic()
