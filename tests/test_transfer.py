@@ -115,15 +115,21 @@ def test_cli_init_from_takes_the_pretrained_shape(pretrained, corpus, tmp_path):
 
 
 def test_cli_pretrain_runs_both_phases(corpus, tmp_path):
-    """`--pretrain TEXT` trains `<out>-pretrain` first, then fine-tunes `out` from it."""
+    """`--pretrain TEXT` trains `<out>-pretrain` first, with `--pretrain-config`'s settings on top,
+    then fine-tunes `out` from it with the run's own settings and the pre-trained model's shape."""
     other = tmp_path / "onegin.txt"
     other.write_text(OTHER, encoding="utf-8")
+    preset = tmp_path / "pre.toml"
+    preset.write_text("batch_size = 2\nhidden_size = 12\nlr = 0.02\n", encoding="utf-8")
     out = tmp_path / "fine"
     result = CliRunner().invoke(main, [
-        "train", "--text", str(corpus), "--pretrain", str(other), "--pretrain-time", "1", "--out", str(out),
-        "--max-steps", "5", "--embedding-size", "8", "--hidden-size", "16", "--num-layers", "1", *CLI_TINY])
+        "train", "--text", str(corpus), "--pretrain", str(other), "--pretrain-time", "1",
+        "--pretrain-config", str(preset), "--out", str(out), "--max-steps", "5", "--embedding-size", "8",
+        "--hidden-size", "16", "--num-layers", "1", *CLI_TINY])
     assert result.exit_code == 0, result.output
     pre, fine = _ckpt(tmp_path / "fine-pretrain", "best"), _ckpt(out, "best")
     assert pre.run_config.data.text == str(other)
+    assert (pre.run_config.data.batch_size, pre.run_config.optim.lr) == (2, 0.02)
     assert fine.run_config.train.init_from == str(tmp_path / "fine-pretrain")
+    assert (fine.run_config.data.batch_size, fine.model_config.hidden_size) == (4, 12)
     assert fine.vocab.chars[: len(pre.vocab)] == pre.vocab.chars

@@ -93,6 +93,7 @@ class TrainConfig:
     freeze_layers: int = 0  # with init_from: freeze the embedding and the lowest K recurrent layers
     pretrain: str | None = None  # a dataset name or text file to pre-train on before this run
     pretrain_time: float = 300.0  # seconds of the pre-training phase (the run's own is max_time)
+    pretrain_config: str | None = None  # a TOML preset overriding this run's fields for pre-training
     report: bool = False  # write report.html and report.md (`charlstm report`) when training ends
 
 
@@ -282,6 +283,8 @@ def validate(config: RunConfig) -> None:
     if t.init_from and t.pretrain:
         raise UserError("give init_from or pretrain, not both: pretrain makes the run to start from")
     _check_positive("pretrain_time", t.pretrain_time)
+    if t.pretrain_config and not t.pretrain:
+        raise UserError("pretrain_config needs pretrain (the text to pre-train on)")
 
 
 _UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}

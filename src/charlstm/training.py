@@ -514,6 +514,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     if config.optim.lr > MAX_LR:
         raise UserError(f"lr {config.optim.lr:g} is far beyond any rate Adam trains with (each step moves "
                         f"every weight by about lr); use at most {MAX_LR:g}, e.g. 3e-3")
+    if config.train.pretrain and not resume:  # two runs: <out>-pretrain, then `out` from it
+        return transfer.pretrain_then_finetune(config, out, force=force, progress=progress, log=log,
+                                               on_eval=on_eval)
     from charlstm import distributed
 
     dist_ctx = distributed.setup(config.train.device)  # None unless started by torchrun
@@ -523,9 +526,6 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     if writer:
         _prepare_out(out, resume, force)
         ckpt_io.remove_stale_temps(out)
-    if config.train.pretrain and not resume:
-        return transfer.pretrain_then_finetune(config, out, force=force, progress=progress, log=log,
-                                               on_eval=on_eval)
     last_ckpt = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(out, "last")) if resume else None
     source = None
     if config.train.init_from and last_ckpt is None:

@@ -146,20 +146,23 @@ def pretrain_then_finetune(config: RunConfig, out: str | Path, *, force: bool = 
     """Pre-train on ``config.train.pretrain`` for ``pretrain_time`` seconds into ``<out>-pretrain``,
     then fine-tune on the run's own text from its best weights into `out`; returns `out`.
 
-    Both phases use the same model and optimiser settings; only the text and the budget differ.
-    `on_eval` sees the fine-tuning phase only.
+    The pre-training phase uses the run's settings with ``pretrain_config``'s on top, if given: a
+    large text wants larger batches and a higher rate than a small one fine-tuned gently. The
+    model's shape is the pre-training phase's. `on_eval` sees the fine-tuning phase only.
     """
+    from charlstm.config import load_toml
     from charlstm.training import train
 
     out = Path(out)
     t = config.train
     name = t.pretrain
     as_file = Path(name).is_file()
-    pre = config.replace(dataset=None if as_file else name, text=name if as_file else None,
-                         max_time=t.pretrain_time, max_steps=None, pretrain=None, freeze_layers=0)
+    pre = load_toml(t.pretrain_config, base=config) if t.pretrain_config else config
+    pre = pre.replace(dataset=None if as_file else name, text=name if as_file else None,
+                      max_time=t.pretrain_time, max_steps=None, init_from=None, pretrain=None,
+                      pretrain_config=None, freeze_layers=0)
     pre_out = pretrain_out(out)
     train(pre, pre_out, force=force, progress=progress, log=log)
-    fine = config.replace(pretrain=None, init_from=str(pre_out))
+    fine = config.replace(pretrain=None, pretrain_config=None, init_from=str(pre_out),
+                          **{k: getattr(pre.model, k) for k in ARCHITECTURE})
     return train(fine, out, force=force, progress=progress, log=log, on_eval=on_eval)
-
-
