@@ -86,7 +86,7 @@ def test_other_encoding_and_utf16_bom(tmp_path):
 @pytest.mark.parametrize("content, needle", [
     (b"", "is empty"),
     (b"  \n\t\r\n", "only whitespace"),
-    ("ok text".encode() + b"\xff\xfe" + b"x" * 10, "byte 0xff at byte offset 7"),
+    (b"ok text" + b"\xff\xfe" + b"x" * 10, "byte 0xff at byte offset 7"),
     (b"\x00\x01\x02" * 100, "looks binary"),
 ])
 def test_bad_text_is_one_clear_error(tmp_path, content, needle):
@@ -154,5 +154,8 @@ def test_cli_prepare_then_train(tmp_path, corpus):
         "--sample-every", "0", "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "last" / "checkpoint.safetensors").is_file()
+    evaluated = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["characters"] == len(split_text(read_text(corpus), 0.1)[1])
     bad = runner.invoke(main, ["prepare", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "exactly one of" in bad.output

@@ -209,10 +209,17 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
         text, source = read_text(text_path, encoding), text_path
     else:
         cfg = from_dict(model.meta["config"])
-        name = dataset or cfg.data.dataset
-        path = None if dataset else cfg.data.text
-        full, source = load_corpus(name, path, cfg.data.encoding)
-        text = split_text(full, cfg.data.val_fraction)[1]
+        if cfg.data.prepared and not dataset:  # trained from `charlstm prepare`'s memory-mapped ids
+            from charlstm.prepared import decode_ids, open_prepared
+
+            corpus = open_prepared(cfg.data.prepared)
+            text = decode_ids(corpus.vocab, corpus.split(cfg.data.val_fraction)[1])
+            source = cfg.data.prepared
+        else:
+            name = dataset or cfg.data.dataset
+            path = None if dataset else cfg.data.text
+            full, source = load_corpus(name, path, cfg.data.encoding)
+            text = split_text(full, cfg.data.val_fraction)[1]
         source += " (validation split)"
     result = {"source": source, **model.evaluate(text, unknown=unknown)}
     if as_json:

@@ -77,8 +77,7 @@ def _decoded_chunks(path: Path, encoding: str, digest: Any, on_bytes: Callable[[
                     on_bytes(len(more))
                     final = not more
                     data += more
-                if data.startswith(codecs.BOM_UTF8):
-                    data = data[len(codecs.BOM_UTF8):]
+                data = data.removeprefix(codecs.BOM_UTF8)
             buffered = len(decoder.getstate()[0])
             try:
                 text = decoder.decode(data, final)
@@ -91,15 +90,14 @@ def _decoded_chunks(path: Path, encoding: str, digest: Any, on_bytes: Callable[[
                 ) from None
             consumed += len(data)
             if first and text:
-                if text.startswith("\ufeff"):  # as `normalise_newlines`: a BOM the codec kept
-                    text = text[1:]
+                text = text.removeprefix("\ufeff")  # as `normalise_newlines`: a BOM the codec kept
                 first = False
             text = held_cr + text
             held_cr = ""
             if text.endswith("\r") and not final:  # its LF, if any, is in the next chunk
                 text, held_cr = text[:-1], "\r"
             if text:
-                yield text.replace("\r\n", "\n").replace("\r", "\n")
+                yield text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
             if final:
                 return
 
@@ -141,10 +139,10 @@ def prepare(text_path: str | Path, out: str | Path, *, encoding: str = "utf-8",
         raise UserError(
             f"unknown encoding {encoding!r}; pass a codec Python knows, e.g. --encoding utf-8 or cp1251"
         ) from None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (force and out.is_dir() and (out / META_FILE).is_file()):
-            raise UserError(f"--out {str(out)!r} exists and is not an empty folder; choose another "
-                            "folder (or pass --force to replace a prepared corpus)")
+    replaceable = force and out.is_dir() and (out / META_FILE).is_file()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not replaceable:
+        raise UserError(f"--out {str(out)!r} exists and is not an empty folder; choose another "
+                        "folder (or pass --force to replace a prepared corpus)")
     out.mkdir(parents=True, exist_ok=True)
     size = path.stat().st_size
     start = time.monotonic()
