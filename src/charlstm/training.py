@@ -221,6 +221,13 @@ class Run:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
                                     amsgrad=o.amsgrad)
         self.plateau = Plateau(o.plateau_factor, o.plateau_patience)
+        # With `ema`, evaluation, sampling and best/ use a moving average of the weights: on a tiny
+        # corpus the averaged weights generalise better than the noisy last iterate.
+        self.ema = None
+        if o.ema > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(o.ema))
         d = self.config.data
         self.batcher = make_batcher(d.batching, data.train_ids, d.batch_size, d.seq_len, t.seed)
         self.hidden = None
@@ -243,13 +250,19 @@ class Run:
             "source": self.data.source,
         }
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are evaluated, sampled and kept as best: the average when `ema` is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _model_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        return {f"model.{k}": v for k, v in self.eval_model.state_dict().items()}
 
     def _check_finite(self) -> None:
         """Refuse to write weights that `read_checkpoint` would refuse: that would replace the last
         good checkpoint with one that can never be loaded."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        models = [self.model] + ([self.eval_model] if self.eval_model is not self.model else [])
+        if not all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
             raise NonFiniteLoss(
                 f"the weights became non-finite by step {self.counters.step}; the last good checkpoint "
                 "is kept: lower --lr or raise --grad-clip, then resume or train again"
@@ -263,7 +276,9 @@ class Run:
 
     def save_last(self) -> None:
         self._check_finite()
-        tensors = self._model_tensors()
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         opt_tensors, opt_info = _optimizer_tensors(self.opt)
         tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
         tensors["rng.torch"] = torch.get_rng_state()
@@ -306,6 +321,8 @@ class Run:
 
     def _restore_state(self, ck: ckpt_io.Checkpoint, info: dict[str, Any]) -> None:
         self.model.load_state_dict(ck.model_state())
+        if self.ema is not None:
+            self.ema.load_state_dict(ck.group("ema"))
         _load_optimizer(self.opt, ck.group("optim"), info["optimizer"])
         plateau = info["plateau"]
         if not (set(plateau) <= set(self.plateau.state_dict()) and all(_is_number(v) for v in plateau.values())):
@@ -348,14 +365,14 @@ class Run:
         """Before each step: a distributed run agrees here on the elapsed time and on stop signals."""
 
     def evaluate(self) -> float:
-        return evaluate_ids(self.model, self.data.val_ids, n_streams=self.config.train.eval_streams,
+        return evaluate_ids(self.eval_model, self.data.val_ids, n_streams=self.config.train.eval_streams,
                             device=self.device, precision=self.precision)
 
     def sample(self, seed: int) -> str:
         t = self.config.train
         vocab = self.data.vocab
         start = "\n" if "\n" in vocab else vocab.chars[0]
-        chunks = generate_stream(self.model, [vocab.encode(start)], t.sample_length,
+        chunks = generate_stream(self.eval_model, [vocab.encode(start)], t.sample_length,
                                  SamplingParams(temperature=t.sample_temperature),
                                  stream_seeds(seed, 1), vocab.decode, device=self.device)
         text = "".join(o[0].text for o in chunks if 0 in o)
@@ -399,6 +416,8 @@ class Run:
                      f"({self.counters.nonfinite}/{allowed})")
             return None
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.hidden = detach_hidden(hidden) if self.config.data.batching == "stream" else None
         return float(loss.detach())
 
