@@ -634,14 +634,15 @@ def _batched_steps(w: LSTMWeights, k, S, C, logits, temperature, top_k, top_p, p
                    recent, seeds, counters, limits, out) -> None:
     """k steps of every row at once: per step, three matrix multiplies and two numba calls."""
     H, L = w.hidden_size, w.num_layers
-    for t in range(k):
-        G0 = _gemm(S[:, :H], w.w_hh0, w.lin_hh0)  # (N, H) @ (H, 4H)
-        sample_into_layer0(G0, w.table, S, C, logits, w.b_fc, temperature, top_k, top_p, penalty,
-                           window, recent, seeds, counters, limits, t, out)
-        for l in range(1, L):
-            G = _gemm(S[:, (l - 1) * H:(l + 1) * H], w.w_up[l - 1], w.lin_up[l - 1])  # @ (2H, 4H)
-            lstm_cells(G, w.b_up[l - 1], S, C, l)
-        logits[:] = _gemm(S[:, (L - 1) * H:], w.w_fc, w.lin_fc)  # (N, H) @ (H, V)
+    with torch.inference_mode():  # worker threads start in grad mode; skip autograd's dispatch
+        for t in range(k):
+            G0 = _gemm(S[:, :H], w.w_hh0, w.lin_hh0)  # (N, H) @ (H, 4H)
+            sample_into_layer0(G0, w.table, S, C, logits, w.b_fc, temperature, top_k, top_p,
+                               penalty, window, recent, seeds, counters, limits, t, out)
+            for l in range(1, L):
+                G = _gemm(S[:, (l - 1) * H:(l + 1) * H], w.w_up[l - 1], w.lin_up[l - 1])
+                lstm_cells(G, w.b_up[l - 1], S, C, l)  # G: (N, 2H) @ (2H, 4H)
+            logits[:] = _gemm(S[:, (L - 1) * H:], w.w_fc, w.lin_fc)  # (N, H) @ (H, V)
 
 
 # ---------------------------------------------------------------------------------------- threads
@@ -659,7 +660,9 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _load_function(folder: str, patterns: tuple[str, ...], name: str, *argtypes):
+def _load_function(folder: str, patterns: tuple[str, ...], name: str, restype):
+    """`name(int)` from the first shared library in `folder` that has it (already loaded by
+    PyTorch or numpy, so this is the same copy they use), or None."""
     import ctypes
     import glob
     import os
@@ -670,7 +673,7 @@ def _load_function(folder: str, patterns: tuple[str, ...], name: str, *argtypes)
                 fn = getattr(ctypes.CDLL(path), name)
             except (OSError, AttributeError):
                 continue
-            fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+            fn.argtypes, fn.restype = [ctypes.c_int], restype
             return fn
     return None
 
@@ -714,7 +717,7 @@ class _Workers:
         # PyTorch's OpenMP runtime (oneDNN GEMMs) and numpy's OpenBLAS: per-thread thread counts
         self._omp = _load_function(os.path.join(os.path.dirname(torch.__file__), "lib"),
                                    ("libgomp*", "libiomp5*", "libomp*"), "omp_set_num_threads",
-                                   ctypes.c_int)
+                                   None)
         self._blas = _load_function(
             os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs"),
             ("*openblas*",), "openblas_set_num_threads_local", ctypes.c_int)
