@@ -64,18 +64,19 @@ def lab_loop(model: torch.nn.Module, start: list[int], n: int, temperature: floa
 
 
 def library(model: TextModel, streams: int, length: int, temperature: float, fast: bool | None = None,
-            start: str = " ") -> float:
-    """Seconds for `streams` samples of `length` characters through `generate_stream`."""
+            start: str = " ") -> tuple[float, float]:
+    """(seconds, CPU seconds of all the process's threads) for `streams` samples of `length`
+    characters through `generate_stream`."""
     prompts = [model.vocab.encode(start)] * streams
     params = SamplingParams(temperature)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     drawn = 0
     for outputs in generate_stream(model.model, prompts, length, params, stream_seeds(1, streams),
                                    model.vocab.decode, fast=fast):
         drawn += sum(o.drawn for o in outputs.values())
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert drawn == streams * length
-    return seconds
+    return seconds, cpu
 
 
 def first_character(model: TextModel, start: str, temperature: float) -> float:
@@ -99,8 +100,9 @@ def bandwidth(n_bytes: int, repeats: int) -> float:
     return n_bytes / best
 
 
-def _best(fn, repeats: int) -> float:
-    return min(fn() for _ in range(repeats))
+def _best(fn, repeats: int):
+    """The fastest of `repeats` calls (by its first value)."""
+    return min((fn() for _ in range(repeats)), key=lambda r: r[0] if isinstance(r, tuple) else r)
 
 
 def run(model: TextModel | None = None, *, temperature: float = 0.5, lab_chars: int = 3000,
@@ -137,14 +139,16 @@ def run(model: TextModel | None = None, *, temperature: float = 0.5, lab_chars: 
     log(f"{'lab loop, 1 stream':<34}{lab:>14,.0f} chars/s   (best of {by_threads} by thread count)")
     for n in streams:
         length = max(200, (single_chars if n == 1 else batch_chars) // n)
-        speed = n * length / _best(lambda n=n, length=length: library(model, n, length, temperature),
-                                   repeats)
+        seconds, cpu = _best(lambda n=n, length=length: library(model, n, length, temperature),
+                             repeats)
+        speed, per_cpu = n * length / seconds, n * length / max(cpu, 1e-9)
         result[f"library_{n}_chars_per_s"] = round(speed)
         result[f"ratio_{n}_vs_lab"] = round(speed / lab, 1)
+        result[f"library_{n}_chars_per_cpu_s"] = round(per_cpu)
         log(f"{f'library, {n} stream' + ('s' if n > 1 else ''):<34}{speed:>14,.0f} chars/s"
-            f"{speed / lab:>10.1f}× the lab loop")
+            f"{speed / lab:>10.1f}× the lab loop   ({per_cpu:,.0f} per CPU-second)")
     ref_chars = min(lab_chars, 1000)
-    ref = ref_chars / library(model, 1, ref_chars, temperature, fast=False)
+    ref = ref_chars / library(model, 1, ref_chars, temperature, fast=False)[0]
     result["reference_1_chars_per_s"] = round(ref)
     log(f"{'library reference path, 1 stream':<34}{ref:>14,.0f} chars/s{ref / lab:>10.1f}× the lab loop")
 
@@ -205,7 +209,7 @@ def _big(temperature: float, repeats: int, log) -> dict[str, Any]:
     for n, total in ((1, 20_000), (16, 40_000), (256, 100_000)):
         length = max(100, total // n)
         speed = n * length / _best(lambda n=n, length=length: library(model, n, length, temperature),
-                                   repeats)
+                                   repeats)[0]
         out[f"library_{n}_chars_per_s"] = round(speed)
         log(f"{f'  library, {n} stream' + ('s' if n > 1 else ''):<34}{speed:>14,.0f} chars/s"
             f"{speed / lab:>10.1f}× the lab loop")
