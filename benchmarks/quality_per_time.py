@@ -11,16 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from charlstm.bench.training import main_config, quality_per_time
-
-
-def parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+from charlstm.bench.training import main_config, parse_value, quality_per_time
 
 
 def main() -> None:

@@ -277,6 +277,59 @@ def serve(runs, host, port, max_length, max_concurrency, max_batch, time_limit, 
     serve_runs(runs, host=host, port=port, config=config, threads=threads, log_level=log_level)
 
 
+# ---------------------------------------------------------------------------------------- bench
+
+
+@main.group()
+def bench() -> None:
+    """Measure speed against the lab's code, in one run on this machine."""
+
+
+@bench.command("generate")
+@click.argument("run", required=False, type=click.Path())
+@click.option("--temperature", default=0.5, show_default=True, type=float)
+@click.option("--repeats", default=3, show_default=True, type=int, help="Best of this many runs.")
+@click.option("--big/--no-big", default=True, show_default=True,
+              help="Also time a 1 × 512 model against its memory-bandwidth bound.")
+@click.option("--threads", type=int, help="Threads (default: PyTorch's, one per core).")
+def bench_generate(run, temperature, repeats, big, threads) -> None:
+    """Characters/s of the lab's loop and of the library (1, 16, 256 streams) on RUN's model, or
+    on a random lab-sized one (2 × 85 LSTM, vocabulary 74) without RUN; one JSON line at the end."""
+    import torch
+
+    from charlstm.api import load
+    from charlstm.bench.generation import run as run_bench
+
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    model = load(run, device="cpu") if run else None
+    result = run_bench(model, temperature=temperature, repeats=repeats, big=big, log=click.echo)
+    click.echo(json.dumps(result))
+
+
+@bench.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML preset.")
+@click.option("--dataset", help="Named dataset (overrides the preset's).")
+@click.option("--budget", type=float, required=True, help="Training seconds.")
+@click.option("--out", type=click.Path(file_okay=False), help="Keep the run folder here.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+def bench_train(config_path, dataset, budget, out, sets) -> None:
+    """Validation loss within a training budget, chars/s, GFLOP/s against this machine's measured
+    matrix-multiply peak, and the library step against a bare PyTorch loop; one JSON line."""
+    from charlstm.bench.training import main_config, parse_value, quality_per_time
+
+    overrides = {}
+    for item in sets:
+        if "=" not in item:
+            raise UserError(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = parse_value(value)
+    config = main_config(config_path, dataset, overrides)
+    click.echo(json.dumps(quality_per_time(config, budget, out)))
+
+
 # ---------------------------------------------------------------------------------------- prepare
 
 

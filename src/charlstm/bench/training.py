@@ -167,6 +167,16 @@ def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
     }
 
 
+def parse_value(text: str) -> Any:
+    """A --set value as the TOML scalar it looks like: int, float, true/false, or a string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def main_config(preset: str | None, dataset: str | None, overrides: dict[str, Any]) -> RunConfig:
     config = load_toml(preset) if preset else RunConfig()
     if dataset:
