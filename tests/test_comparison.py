@@ -35,6 +35,14 @@ def test_line_distance_counts_from_the_last_newline():
     assert buckets == {"0-0": np.mean([2, 6]), "1-2": np.mean([0, 1, 3, 4]), "3+": 5.0}
 
 
+def test_copy_text_repeats_each_key_after_the_delay():
+    text = comparison.copy_text(delay=3, n_chars=70, seed=1)
+    lines = text.splitlines()
+    assert len(lines) == 10 and all(len(x) == 6 and x[1:4] == "..." and x[4] == "=" for x in lines)
+    assert all(x[0] == x[5] and x[0] in comparison.COPY_KEYS for x in lines)
+    assert len({x[0] for x in lines}) > 1
+
+
 def test_per_char_losses_average_to_the_validation_loss(tiny, corpus):
     config = tiny(corpus)
     model = CharRNN(dataclasses.replace(config.model, vocab_size=30))
@@ -50,13 +58,15 @@ def test_compare_cli_prints_table_and_writes_json(corpus, tmp_path):
     args = ["compare", "--text", str(corpus), "--cells", "lstm,rnn", "--seeds", "2", "--budget", "20s",
             "--max-steps", "10", "--eval-interval", "5", "--batch-size", "4", "--seq-len", "16",
             "--embedding-size", "8", "--hidden-size", "16", "--num-layers", "1", "--precision", "fp32",
-            "--out", str(out)]
+            "--copy-delays", "3", "--copy-budget", "1s", "--out", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "| LSTM | 16 |" in result.output and "| RNN |" in result.output
     assert "k = 64" in result.output and "0-4" in result.output
+    assert "| RNN | " in result.output.split("Copy task")[1]
     doc = json.loads((out / "comparison.json").read_text())
     assert len(doc["runs"]) == 4 and {r["seed"] for r in doc["runs"]} == {1337, 1338}
+    assert set(doc["copy_task"]) == {"lstm", "rnn"} and "3" in doc["copy_task"]["rnn"]
     assert doc["summary"]["rnn"]["hidden_size"] > 16
     assert (out / "curves.png").stat().st_size > 0
     # A second call reuses the finished runs instead of training them again.

@@ -537,11 +537,14 @@ def tune(study, trials, budget_per_trial, storage, out, preset, pruner, sampler_
 @click.option("--out", type=click.Path(file_okay=False), help="Folder of the runs and results "
               "(default runs/compare/DATASET).")
 @click.option("--no-probe", is_flag=True, help="Skip the long-range probe.")
+@click.option("--copy-delays", help="Also run the copy task at these delays, e.g. 10,30,60.")
+@click.option("--copy-budget", default="20s", show_default=True, help="Training time per cell and delay.")
 @click.option("--fresh", is_flag=True, help="Train every run again, even those a previous call finished.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Base preset; its LSTM sets the parameter count every cell matches.")
 @_config_options
-def compare(cells, budget, seeds, jobs, out, no_probe, fresh, config_path, **fields) -> None:
+def compare(cells, budget, seeds, jobs, out, no_probe, copy_delays, copy_budget, fresh, config_path,
+            **fields) -> None:
     """LSTM vs GRU vs RNN at equal parameters and equal time, over seeds, with a long-range probe.
 
     Prints a markdown table (mean ± std of the best validation loss) and writes comparison.json,
@@ -550,6 +553,15 @@ def compare(cells, budget, seeds, jobs, out, no_probe, fresh, config_path, **fie
     """
     from charlstm.comparison import compare as run_compare
     from charlstm.config import parse_duration
+
+    def _int_list(flag: str, value: str | None) -> list[int]:
+        try:
+            items = [int(v) for v in (value or "").split(",") if v.strip()]
+        except ValueError:
+            items = [0]
+        if any(i < 1 for i in items):
+            raise UserError(f"{flag} takes positive whole numbers separated by commas, got {value!r}")
+        return items
 
     if fields.get("threads") is None:
         fields["threads"] = 1
@@ -563,7 +575,9 @@ def compare(cells, budget, seeds, jobs, out, no_probe, fresh, config_path, **fie
     name = Path(base.data.text).stem if base.data.text else base.data.dataset
     result = run_compare(base, cells=[c.strip() for c in cells.split(",") if c.strip()], seeds=seeds,
                          budget=parse_duration(budget), out_dir=out or Path("runs/compare") / str(name),
-                         jobs=jobs, probe=not no_probe, reuse=not fresh)
+                         jobs=jobs, probe=not no_probe, reuse=not fresh,
+                         copy_delays=_int_list("--copy-delays", copy_delays),
+                         copy_budget=parse_duration(copy_budget))
     from charlstm.comparison import markdown
 
     click.echo(markdown(result))

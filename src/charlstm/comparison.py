@@ -12,6 +12,11 @@ The probe looks at *how* the cells use context, on the validation text with each
   (from a zero state) against the whole preceding text (carried state). ``full - k`` is what the
   cell gains from context older than k characters; a plain RNN, whose gradient vanishes over a few
   dozen steps, gains the least.
+
+With ``copy_delays``, a synthetic task isolates memory: lines ``k....=k`` where a random key k must be
+recalled after d filler characters. Small models of equal size train on it for a few seconds per
+delay, and the loss on the recalled character is reported (ln 8 = 2.08 for a guess, 0 for perfect
+recall): the delay at which a cell falls back to guessing is how far back it can learn to look.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from charlstm.errors import UserError
 LINE_EDGES = (0, 5, 10, 20, 40)  # buckets of "characters since the last newline"
 CONTEXTS = (1, 4, 16, 64)  # context lengths of the probe, besides the full carried state
 PROBE_POSITIONS = 2000
+COPY_KEYS = "abcdefgh"
+COPY_CHARS = 200_000  # characters of synthetic text per delay
 
 
 # ---------------------------------------------------------------------------------------- sizes
@@ -128,6 +135,34 @@ def context_losses(model, ids: np.ndarray, full: np.ndarray, contexts: Sequence[
     return out
 
 
+def copy_text(delay: int, n_chars: int = COPY_CHARS, seed: int = 0) -> str:
+    """Lines ``k + "." * delay + "=" + k``: the character after "=" repeats the line's random key."""
+    rng = np.random.default_rng(seed)
+    keys = rng.choice(list(COPY_KEYS), size=max(2, n_chars // (delay + 4)))
+    return "".join(f"{k}{'.' * delay}={k}\n" for k in keys)
+
+
+def copy_config(cell: str, hidden: int, text: Path, budget: float, seed: int) -> RunConfig:
+    """A small model on the copy text, windows long enough to hold every delay asked for."""
+    return RunConfig().replace(
+        text=str(text), dataset=None, cell=cell, hidden_size=hidden, num_layers=1, embedding_size=16,
+        dropout=0.0, embedding_dropout=0.0, weight_drop=0.0, ema=0.0, batch_size=32, seq_len=128,
+        lr=3e-3, schedule="constant", max_time=budget, eval_interval=100, early_stopping=0,
+        sample_every=0, threads=1, seed=seed, precision="fp32")
+
+
+def recall_loss(run_dir: Path) -> float:
+    """Mean loss on the recalled characters (those after "=") of the copy text's validation split."""
+    from charlstm.api import load
+    from charlstm.config import from_dict
+    from charlstm.training import prepare_data
+
+    model = load(run_dir, device="cpu")
+    ids = prepare_data(from_dict(model.meta["config"]), model.vocab).val_ids.astype(np.int64)
+    losses = per_char_losses(model.model, ids)
+    return float(losses[ids[:-1] == model.vocab.char_to_idx["="]].mean())
+
+
 # ---------------------------------------------------------------------------------------- runs
 
 
@@ -187,6 +222,7 @@ class Comparison:
     sizes: dict[str, tuple[int, int]]
     runs: list[RunResult]
     files: dict[str, Path] = field(default_factory=dict)
+    copy: dict[str, dict[str, float]] = field(default_factory=dict)  # cell -> delay -> recall loss
 
     def cells(self) -> list[str]:
         return list(dict.fromkeys(r.cell for r in self.runs))
@@ -210,7 +246,7 @@ class Comparison:
 
     def to_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "budget": self.budget, "summary": self.summary(),
-                "runs": [r.__dict__ for r in self.runs]}
+                "copy_task": self.copy, "runs": [r.__dict__ for r in self.runs]}
 
 
 def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
@@ -255,6 +291,13 @@ def markdown(result: Comparison) -> str:
             gain = c.get(short[-1], math.nan) - c.get("full", math.nan) if short else math.nan
             out.append(f"| {cell.upper()} | " + " | ".join(f"{c.get(k, math.nan):.3f}" for k in keys)
                        + f" | {gain:+.3f} |")
+    if result.copy:
+        delays = list(dict.fromkeys(d for v in result.copy.values() for d in v))
+        out += ["", f"Copy task: loss on the key recalled after d filler characters (nats; a guess is "
+                f"ln {len(COPY_KEYS)} = {math.log(len(COPY_KEYS)):.2f}, perfect recall 0):", "",
+                "| cell | " + " | ".join(f"d = {d}" for d in delays) + " |", "|---" * (len(delays) + 1) + "|"]
+        for cell, v in result.copy.items():
+            out.append(f"| {cell.upper()} | " + " | ".join(f"{v.get(d, math.nan):.3f}" for d in delays) + " |")
     return "\n".join(out)
 
 
@@ -289,12 +332,14 @@ def plot_curves(result: Comparison, path: Path) -> Path:
 
 def compare(base: RunConfig, *, cells: Sequence[str] = CELLS, seeds: int = 3, budget: float = 120.0,
             out_dir: str | Path = "runs/compare", jobs: int = 1, probe: bool = True, reuse: bool = True,
+            copy_delays: Sequence[int] = (), copy_budget: float = 20.0,
             log: Callable[[str], None] | None = None) -> Comparison:
     """Train every cell for `budget` seconds with `seeds` seeds at equal parameter counts; returns the
     comparison and writes ``comparison.json``, ``comparison.md`` and ``curves.png`` to `out_dir`.
 
     With `reuse`, runs that a previous call finished (same folder) are read, not trained again.
-    `jobs` trains that many runs at once in separate processes.
+    `jobs` trains that many runs at once in separate processes. `copy_delays` adds the copy task:
+    one small model per cell and delay, `copy_budget` seconds each.
     """
     from charlstm.checkpoint import atomic_write_text
     from charlstm.training import prepare_data
@@ -322,10 +367,27 @@ def compare(base: RunConfig, *, cells: Sequence[str] = CELLS, seeds: int = 3, bu
     log("charlstm compare: " + ", ".join(f"{c.upper()} {h} ({p:,} params)" for c, (h, p) in sizes.items())
         + f"; {len(plan)} runs of {budget:g} s, {jobs} at a time; runs in {out_dir}")
     todo = [(cfg, run_dir) for cfg, run_dir, *_, skip in plan if not skip]
+    copy_runs = []
+    if copy_delays:
+        copy_sizes = matched_hidden_sizes(copy_config("lstm", 32, Path("-"), 1, 0), cells,
+                                          len(COPY_KEYS) + 3)  # keys, ".", "=", "\n"
+        for delay in copy_delays:
+            text = out_dir / "copy" / f"copy-{delay}.txt"
+            text.parent.mkdir(parents=True, exist_ok=True)
+            text.write_text(copy_text(delay, seed=delay), encoding="utf-8")
+            for cell in cells:
+                run_dir = out_dir / "copy" / f"{cell}-d{delay}"
+                copy_runs.append((cell, delay, run_dir))
+                if not (reuse and (run_dir.parent / f"{run_dir.name}.done").is_file()):
+                    todo.append((copy_config(cell, copy_sizes[cell][0], text, copy_budget, base_seed), run_dir))
+        log(f"charlstm compare: copy task at delays {', '.join(map(str, copy_delays))}, "
+            f"{copy_budget:g} s per cell and delay")
     _train_all(todo, jobs, log)
     runs = [_read_run(run_dir, cell, seed, hidden, params, probe)
             for _, run_dir, cell, seed, hidden, params, _ in plan]
     result = Comparison(base.data.dataset or str(base.data.text), budget, sizes, runs)
+    for cell, delay, run_dir in copy_runs:
+        result.copy.setdefault(cell, {})[str(delay)] = recall_loss(run_dir)
     result.files["json"] = out_dir / "comparison.json"
     atomic_write_text(result.files["json"], json.dumps(result.to_json(), indent=1))
     result.files["table"] = out_dir / "comparison.md"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from charlstm.config import RunConfig, to_toml
-from charlstm.errors import NonFiniteLoss, TrainingStopped, UserError
+from charlstm.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 
 PRUNERS = ("median", "hyperband", "none")
 # Reports per trial: the budget is cut into this many equal slices of time.
@@ -163,7 +163,7 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
     info: dict[str, Any] = {}
     try:
         last = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run_dir, "last"))
-    except Exception:  # noqa: BLE001 - a trial stopped before its first checkpoint has no summary
+    except (CheckpointError, UserError, OSError):  # stopped before its first checkpoint
         return info
     m = last.meta.get("metrics") or {}
     info["steps"] = last.meta.get("step")
