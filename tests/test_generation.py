@@ -158,6 +158,12 @@ def test_top_k_and_top_p_never_draw_an_excluded_character(seed, V, temperature, 
     assert np.array_equal(ids, sample_step(logits.astype(np.float64), params, seeds, counters))
 
 
+def test_warm_up_loads_every_kernel():
+    """`kernels.warm_up()` (for a server's start-up) runs both paths on a throwaway model."""
+    assert kernels.warm_up() >= 0
+    assert kernels.warm_up() < 1.0  # everything is loaded now
+
+
 def test_other_cells_take_the_reference_path():
     """A GRU has no compiled kernel: the engine falls back and still generates; asking for the
     compiled path explicitly is an error."""

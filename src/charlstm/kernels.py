@@ -754,3 +754,23 @@ def _workers() -> _Workers:
     if not _WORKERS:
         _WORKERS.append(_Workers())
     return _WORKERS[0]
+
+
+def warm_up() -> float:
+    """Load (or on the first run ever, compile) every kernel now, on a tiny throwaway model, so that
+    a server's first request does not pay for it; returns the seconds it took. Numba compiles per
+    argument type, not per shape, so any LSTM reuses what this loads."""
+    import time
+
+    from charlstm.config import ModelConfig
+    from charlstm.model import CharRNN
+    from charlstm.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    model = CharRNN(ModelConfig(embedding_size=2, hidden_size=4, num_layers=2, vocab_size=3)).eval()
+    rows = LSTMRows(LSTMWeights.from_model(model))
+    for n in (1, LSTMRows.batch_rows):
+        while len(rows) < n:
+            rows.add([0, 1], SamplingParams(1.0, top_k=2, top_p=0.9, repetition_penalty=1.1), 7)
+        rows.advance(2, np.full(n, 2))
+    return time.perf_counter() - t0
