@@ -31,7 +31,9 @@ def test_line_distance_counts_from_the_last_newline():
     # prediction p predicts ids[p + 1] having seen this many characters of its line (the text's
     # start counts as a line start)
     assert comparison.line_distance(ids, 0).tolist() == [1, 2, 0, 1, 2, 3, 0]
-    buckets = comparison.line_buckets(np.arange(7.0), comparison.line_distance(ids, 0), edges=(0, 1, 3))
+    buckets = comparison.line_buckets(
+        np.arange(7.0), comparison.line_distance(ids, 0), edges=(0, 1, 3)
+    )
     assert buckets == {"0-0": np.mean([2, 6]), "1-2": np.mean([0, 1, 3, 4]), "3+": 5.0}
 
 
@@ -55,10 +57,39 @@ def test_per_char_losses_average_to_the_validation_loss(tiny, corpus):
 def test_compare_cli_prints_table_and_writes_json(corpus, tmp_path):
     """Two cells × two seeds on a tiny budget: a markdown table, JSON with every run, the plot."""
     out = tmp_path / "cmp"
-    args = ["compare", "--text", str(corpus), "--cells", "lstm,rnn", "--seeds", "2", "--budget", "20s",
-            "--max-steps", "10", "--eval-interval", "5", "--batch-size", "4", "--seq-len", "16",
-            "--embedding-size", "8", "--hidden-size", "16", "--num-layers", "1", "--precision", "fp32",
-            "--copy-delays", "3", "--copy-budget", "1s", "--out", str(out)]
+    args = [
+        "compare",
+        "--text",
+        str(corpus),
+        "--cells",
+        "lstm,rnn",
+        "--seeds",
+        "2",
+        "--budget",
+        "20s",
+        "--max-steps",
+        "10",
+        "--eval-interval",
+        "5",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--embedding-size",
+        "8",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--precision",
+        "fp32",
+        "--copy-delays",
+        "3",
+        "--copy-budget",
+        "1s",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "| LSTM | 16 |" in result.output and "| RNN |" in result.output
@@ -77,5 +108,7 @@ def test_compare_cli_prints_table_and_writes_json(corpus, tmp_path):
 
 
 def test_compare_rejects_unknown_cells(corpus):
-    result = CliRunner().invoke(main, ["compare", "--text", str(corpus), "--cells", "lstm,transformer"])
+    result = CliRunner().invoke(
+        main, ["compare", "--text", str(corpus), "--cells", "lstm,transformer"]
+    )
     assert result.exit_code == 2 and "--cells" in result.output

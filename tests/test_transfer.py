@@ -35,7 +35,7 @@ def test_union_vocabulary_keeps_shared_rows_and_adds_new(pretrained, corpus, tin
     config = tiny(corpus, num_layers=2, init_from=str(pretrained))
     vocab = transfer.union_vocabulary(config, source)
     assert vocab.chars[: len(source.vocab)] == source.vocab.chars
-    assert {"S", "h", "?"} <= set(vocab.chars[len(source.vocab):])
+    assert {"S", "h", "?"} <= set(vocab.chars[len(source.vocab) :])
 
     torch.manual_seed(0)
     model = CharRNN(dataclasses.replace(config.model, vocab_size=len(vocab)))
@@ -52,7 +52,9 @@ def test_union_vocabulary_keeps_shared_rows_and_adds_new(pretrained, corpus, tin
 
 
 def test_init_from_trains_on_the_union(pretrained, corpus, tmp_path, tiny):
-    run = train(tiny(corpus, num_layers=2, init_from=str(pretrained)), tmp_path / "fine", progress=False)
+    run = train(
+        tiny(corpus, num_layers=2, init_from=str(pretrained)), tmp_path / "fine", progress=False
+    )
     fine, pre = _ckpt(run, "best"), _ckpt(pretrained, "best")
     assert fine.vocab.chars[: len(pre.vocab)] == pre.vocab.chars
     assert len(fine.vocab) > len(pre.vocab)
@@ -61,7 +63,9 @@ def test_init_from_trains_on_the_union(pretrained, corpus, tmp_path, tiny):
 def test_freeze_keeps_embedding_and_lower_layers(pretrained, corpus, tmp_path, tiny):
     """With freeze_layers=1 the embedding and layer 0 end exactly as pre-training left them (new
     characters' rows included, at their fresh values), while layer 1 and the output layer learn."""
-    config = tiny(corpus, num_layers=2, init_from=str(pretrained), freeze_layers=1, weight_decay=0.01)
+    config = tiny(
+        corpus, num_layers=2, init_from=str(pretrained), freeze_layers=1, weight_decay=0.01
+    )
     run = train(config, tmp_path / "fine", progress=False)
     pre, last = _ckpt(pretrained, "best").model_state(), _ckpt(run, "last").model_state()
     old = pre["encoder.weight"].shape[0]
@@ -98,19 +102,60 @@ def test_freeze_needs_a_source(corpus, tiny):
         tiny(corpus, freeze_layers=1)
 
 
-CLI_TINY = ["--batch-size", "4", "--seq-len", "16", "--eval-interval", "5", "--threads", "1",
-            "--precision", "fp32", "--no-progress", "--sample-every", "0", "--ema", "0"]
+CLI_TINY = [
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "16",
+    "--eval-interval",
+    "5",
+    "--threads",
+    "1",
+    "--precision",
+    "fp32",
+    "--no-progress",
+    "--sample-every",
+    "0",
+    "--ema",
+    "0",
+]
 
 
 def test_cli_init_from_takes_the_pretrained_shape(pretrained, corpus, tmp_path):
     """`charlstm train --init-from RUN` needs no architecture flags; a conflicting one is refused."""
     out = tmp_path / "fine"
-    ok = CliRunner().invoke(main, ["train", "--text", str(corpus), "--init-from", str(pretrained),
-                                   "--out", str(out), "--max-steps", "5", *CLI_TINY])
+    ok = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--text",
+            str(corpus),
+            "--init-from",
+            str(pretrained),
+            "--out",
+            str(out),
+            "--max-steps",
+            "5",
+            *CLI_TINY,
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert _ckpt(out, "last").model_config.hidden_size == 16
-    bad = CliRunner().invoke(main, ["train", "--text", str(corpus), "--init-from", str(pretrained),
-                                    "--hidden-size", "32", "--out", str(tmp_path / "bad"), *CLI_TINY])
+    bad = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--text",
+            str(corpus),
+            "--init-from",
+            str(pretrained),
+            "--hidden-size",
+            "32",
+            "--out",
+            str(tmp_path / "bad"),
+            *CLI_TINY,
+        ],
+    )
     assert bad.exit_code == 2 and "hidden_size=16" in bad.output, bad.output
 
 
@@ -122,10 +167,31 @@ def test_cli_pretrain_runs_both_phases(corpus, tmp_path):
     preset = tmp_path / "pre.toml"
     preset.write_text("batch_size = 2\nhidden_size = 12\nlr = 0.02\n", encoding="utf-8")
     out = tmp_path / "fine"
-    result = CliRunner().invoke(main, [
-        "train", "--text", str(corpus), "--pretrain", str(other), "--pretrain-time", "1",
-        "--pretrain-config", str(preset), "--out", str(out), "--max-steps", "5", "--embedding-size", "8",
-        "--hidden-size", "16", "--num-layers", "1", *CLI_TINY])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--text",
+            str(corpus),
+            "--pretrain",
+            str(other),
+            "--pretrain-time",
+            "1",
+            "--pretrain-config",
+            str(preset),
+            "--out",
+            str(out),
+            "--max-steps",
+            "5",
+            "--embedding-size",
+            "8",
+            "--hidden-size",
+            "16",
+            "--num-layers",
+            "1",
+            *CLI_TINY,
+        ],
+    )
     assert result.exit_code == 0, result.output
     pre, fine = _ckpt(tmp_path / "fine-pretrain", "best"), _ckpt(out, "best")
     assert pre.run_config.data.text == str(other)

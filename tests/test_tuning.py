@@ -1,4 +1,4 @@
-"""Hyperparameter search: budgets, a resumable SQLite study that survives a killed tuner, the preset."""
+"""Hyperparameter search: budgets, a SQLite study that survives a killed tuner, the preset."""
 
 import os
 import signal
@@ -47,8 +47,9 @@ def _trials(storage):
     return [(t.number, t.state.name, t.params, t.value) for t in study.get_trials()]
 
 
-@pytest.mark.parametrize("text, seconds", [("60s", 60), ("2m", 120), ("1m30s", 90), ("90", 90),
-                                           (45, 45), ("1.5h", 5400)])
+@pytest.mark.parametrize(
+    "text, seconds", [("60s", 60), ("2m", 120), ("1m30s", 90), ("90", 90), (45, 45), ("1.5h", 5400)]
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -69,13 +70,17 @@ def test_killed_tuner_resumes_without_losing_trials(corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
     args = [sys.executable, str(script), str(corpus), str(storage), str(out)]
 
-    killed = subprocess.run(args + ["kill"], env=env, capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        args + ["kill"], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     before = _trials(storage)
     assert [(n, s) for n, s, *_ in before] == [(0, "COMPLETE"), (1, "RUNNING")]
 
     time.sleep(2)  # past the grace period: the killed trial's heartbeat is now stale
-    resumed = subprocess.run(args + ["go"], env=env, capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        args + ["go"], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
     assert resumed.returncode == 0, resumed.stderr
     after = _trials(storage)
     assert after[0] == before[0]  # the finished trial is untouched
@@ -92,11 +97,35 @@ def test_tune_cli_writes_table_preset_and_plots(corpus, tmp_path, monkeypatch):
     from charlstm.cli import main
 
     monkeypatch.setattr(tuning, "SPACE", TINY_SPACE)
-    result = CliRunner().invoke(main, [
-        "tune", "--study", "cli", "--trials", "3", "--budget-per-trial", "30s", "--text", str(corpus),
-        "--storage", str(tmp_path / "cli.db"), "--out", str(tmp_path / "out"),
-        "--preset", str(tmp_path / "best.toml"), "--max-steps", "8", "--eval-interval", "4",
-        "--batch-size", "4", "--embedding-size", "8", "--no-progress"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "tune",
+            "--study",
+            "cli",
+            "--trials",
+            "3",
+            "--budget-per-trial",
+            "30s",
+            "--text",
+            str(corpus),
+            "--storage",
+            str(tmp_path / "cli.db"),
+            "--out",
+            str(tmp_path / "out"),
+            "--preset",
+            str(tmp_path / "best.toml"),
+            "--max-steps",
+            "8",
+            "--eval-interval",
+            "4",
+            "--batch-size",
+            "4",
+            "--embedding-size",
+            "8",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count("| complete |") == 3
     preset = load_toml(tmp_path / "best.toml")
@@ -115,12 +144,39 @@ def test_flags_fix_searched_fields(corpus, tmp_path, monkeypatch):
     from charlstm.cli import main
 
     monkeypatch.setattr(tuning, "SPACE", TINY_SPACE)
-    result = CliRunner().invoke(main, [
-        "tune", "--study", "fix", "--trials", "2", "--budget-per-trial", "30s", "--text", str(corpus),
-        "--storage", str(tmp_path / "fix.db"), "--out", str(tmp_path / "out"), "--hidden-size", "8",
-        "--max-steps", "4", "--eval-interval", "2", "--batch-size", "4", "--embedding-size", "8",
-        "--no-progress", "--no-plots"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "tune",
+            "--study",
+            "fix",
+            "--trials",
+            "2",
+            "--budget-per-trial",
+            "30s",
+            "--text",
+            str(corpus),
+            "--storage",
+            str(tmp_path / "fix.db"),
+            "--out",
+            str(tmp_path / "out"),
+            "--hidden-size",
+            "8",
+            "--max-steps",
+            "4",
+            "--eval-interval",
+            "2",
+            "--batch-size",
+            "4",
+            "--embedding-size",
+            "8",
+            "--no-progress",
+            "--no-plots",
+        ],
+    )
     assert result.exit_code == 0, result.output
     trials = json.loads((tmp_path / "out" / "results.json").read_text())["trials"]
-    assert all("hidden_size" not in t["params"] and t["user_attrs"]["config"]["hidden_size"] == 8
-               for t in trials)
+    assert all(
+        "hidden_size" not in t["params"] and t["user_attrs"]["config"]["hidden_size"] == 8
+        for t in trials
+    )

@@ -55,13 +55,16 @@ def parameter_count(config: RunConfig, vocab_size: int) -> int:
         return count_parameters(CharRNN(dataclasses.replace(config.model, vocab_size=vocab_size)))
 
 
-def matched_hidden_sizes(config: RunConfig, cells: Sequence[str], vocab_size: int) -> dict[str, tuple[int, int]]:
+def matched_hidden_sizes(
+    config: RunConfig, cells: Sequence[str], vocab_size: int
+) -> dict[str, tuple[int, int]]:
     """For each cell, the hidden size whose parameter count is closest to the LSTM's of `config`,
     and that count: {cell: (hidden_size, parameters)}."""
     target = parameter_count(config.replace(cell="lstm"), vocab_size)
     sizes = {}
     for cell in cells:
-        def count(h: int) -> int:
+
+        def count(h: int, cell: str = cell) -> int:
             return parameter_count(config.replace(cell=cell, hidden_size=h), vocab_size)
 
         lo, hi = 1, 8 * config.model.hidden_size  # count(h) grows with h: bisect for the target
@@ -88,9 +91,11 @@ def per_char_losses(model, ids: np.ndarray, n_streams: int = 8, window: int = 51
     x, y = eval_streams(np.asarray(ids), n_streams)  # (S, L), rows are contiguous slices
     losses, hidden = [], None
     for start in range(0, x.shape[1], window):
-        logits, hidden = model(x[:, start:start + window], hidden)  # (S, W, V)
-        yb = y[:, start:start + window]
-        losses.append(F.cross_entropy(logits.float().transpose(1, 2), yb.clamp(min=0), reduction="none"))
+        logits, hidden = model(x[:, start : start + window], hidden)  # (S, W, V)
+        yb = y[:, start : start + window]
+        losses.append(
+            F.cross_entropy(logits.float().transpose(1, 2), yb.clamp(min=0), reduction="none")
+        )
     return torch.cat(losses, dim=1).reshape(-1)[: len(ids) - 1].numpy()
 
 
@@ -104,7 +109,9 @@ def line_distance(ids: np.ndarray, newline: int | None) -> np.ndarray:
     return pos - np.maximum.accumulate(last)
 
 
-def line_buckets(losses: np.ndarray, distance: np.ndarray, edges: Sequence[int] = LINE_EDGES) -> dict[str, float]:
+def line_buckets(
+    losses: np.ndarray, distance: np.ndarray, edges: Sequence[int] = LINE_EDGES
+) -> dict[str, float]:
     out = {}
     for lo, hi in zip(edges, list(edges[1:]) + [math.inf]):
         mask = (distance >= lo) & (distance < hi)
@@ -114,8 +121,14 @@ def line_buckets(losses: np.ndarray, distance: np.ndarray, edges: Sequence[int] 
 
 
 @torch.inference_mode()
-def context_losses(model, ids: np.ndarray, full: np.ndarray, contexts: Sequence[int] = CONTEXTS,
-                   positions: int = PROBE_POSITIONS, seed: int = 0) -> dict[str, float]:
+def context_losses(
+    model,
+    ids: np.ndarray,
+    full: np.ndarray,
+    contexts: Sequence[int] = CONTEXTS,
+    positions: int = PROBE_POSITIONS,
+    seed: int = 0,
+) -> dict[str, float]:
     """Mean loss at sampled positions when the model sees only the last k characters, and ("full")
     with the whole text before them."""
     model.eval()
@@ -128,7 +141,7 @@ def context_losses(model, ids: np.ndarray, full: np.ndarray, contexts: Sequence[
     target = torch.from_numpy(ids[pos + 1].astype(np.int64))
     out = {}
     for k in contexts:
-        windows = np.stack([ids[p - k + 1: p + 1] for p in pos]).astype(np.int64)  # (P, k)
+        windows = np.stack([ids[p - k + 1 : p + 1] for p in pos]).astype(np.int64)  # (P, k)
         logits, _ = model(torch.from_numpy(windows))  # (P, k, V), from a zero state
         out[str(k)] = float(F.cross_entropy(logits[:, -1].float(), target))
     out["full"] = float(full[pos].mean())
@@ -145,10 +158,28 @@ def copy_text(delay: int, n_chars: int = COPY_CHARS, seed: int = 0) -> str:
 def copy_config(cell: str, hidden: int, text: Path, budget: float, seed: int) -> RunConfig:
     """A small model on the copy text, windows long enough to hold every delay asked for."""
     return RunConfig().replace(
-        text=str(text), dataset=None, cell=cell, hidden_size=hidden, num_layers=1, embedding_size=16,
-        dropout=0.0, embedding_dropout=0.0, weight_drop=0.0, ema=0.0, batch_size=32, seq_len=128,
-        lr=3e-3, schedule="constant", max_time=budget, eval_interval=100, early_stopping=0,
-        sample_every=0, threads=1, seed=seed, precision="fp32")
+        text=str(text),
+        dataset=None,
+        cell=cell,
+        hidden_size=hidden,
+        num_layers=1,
+        embedding_size=16,
+        dropout=0.0,
+        embedding_dropout=0.0,
+        weight_drop=0.0,
+        ema=0.0,
+        batch_size=32,
+        seq_len=128,
+        lr=3e-3,
+        schedule="constant",
+        max_time=budget,
+        eval_interval=100,
+        early_stopping=0,
+        sample_every=0,
+        threads=1,
+        seed=seed,
+        precision="fp32",
+    )
 
 
 def recall_loss(run_dir: Path) -> float:
@@ -188,22 +219,40 @@ def _train_one(config: RunConfig, run_dir: str) -> None:
     run_dir = Path(run_dir)
     (run_dir.parent / f"{run_dir.name}.done").unlink(missing_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.log", "w", encoding="utf-8") as fh:
-        train(config, run_dir, force=True, progress=False,
-              log=lambda msg: (fh.write(msg + "\n"), fh.flush()))
+        train(
+            config,
+            run_dir,
+            force=True,
+            progress=False,
+            log=lambda msg: (fh.write(msg + "\n"), fh.flush()),
+        )
     (run_dir.parent / f"{run_dir.name}.done").write_text("ok\n")
 
 
-def _read_run(run_dir: Path, cell: str, seed: int, hidden: int, params: int, probe: bool) -> RunResult:
+def _read_run(
+    run_dir: Path, cell: str, seed: int, hidden: int, params: int, probe: bool
+) -> RunResult:
     from charlstm import checkpoint as ckpt_io
     from charlstm.api import load
     from charlstm.training import prepare_data
 
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = [
+        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+    ]
     curve = [(r["time"], r["val_loss"]) for r in records]
     last = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run_dir, "last"))
     m = last.meta["metrics"]
-    result = RunResult(cell, seed, hidden, params, float(m["best_val_loss"]), int(last.meta["step"]),
-                       float(m["elapsed"]), m["chars"] / max(m["elapsed"], 1e-9), curve)
+    result = RunResult(
+        cell,
+        seed,
+        hidden,
+        params,
+        float(m["best_val_loss"]),
+        int(last.meta["step"]),
+        float(m["elapsed"]),
+        m["chars"] / max(m["elapsed"], 1e-9),
+        curve,
+    )
     if probe:
         model = load(run_dir, device="cpu")
         data = prepare_data(last.run_config, model.vocab)
@@ -234,9 +283,13 @@ class Comparison:
             runs = [r for r in self.runs if r.cell == cell]
             vals = np.array([r.best_val for r in runs])
             out[cell] = {
-                "hidden_size": runs[0].hidden_size, "parameters": runs[0].parameters, "seeds": len(runs),
-                "mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-                "min": float(vals.min()), "max": float(vals.max()),
+                "hidden_size": runs[0].hidden_size,
+                "parameters": runs[0].parameters,
+                "seeds": len(runs),
+                "mean": float(vals.mean()),
+                "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                "min": float(vals.min()),
+                "max": float(vals.max()),
                 "steps": float(np.mean([r.steps for r in runs])),
                 "chars_per_s": float(np.mean([r.chars_per_s for r in runs])),
                 "lines": _mean_dicts([r.lines for r in runs]),
@@ -245,8 +298,13 @@ class Comparison:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "budget": self.budget, "summary": self.summary(),
-                "copy_task": self.copy, "runs": [r.__dict__ for r in self.runs]}
+        return {
+            "dataset": self.dataset,
+            "budget": self.budget,
+            "summary": self.summary(),
+            "copy_task": self.copy,
+            "runs": [r.__dict__ for r in self.runs],
+        }
 
 
 def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
@@ -261,43 +319,79 @@ def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
 def markdown(result: Comparison) -> str:
     """The comparison as markdown: the main table, then the two probes."""
     s = result.summary()
-    out = [f"**{result.dataset}**, {result.budget:g} s per run, best validation loss (nats/char) over "
-           f"{max(v['seeds'] for v in s.values())} seeds",
-           "",
-           "| cell | hidden | parameters | mean ± std | min – max | steps | k chars/s |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        (
+            f"**{result.dataset}**, {result.budget:g} s per run, best validation loss (nats/char) over "
+            f"{max(v['seeds'] for v in s.values())} seeds"
+        ),
+        "",
+        "| cell | hidden | parameters | mean ± std | min – max | steps | k chars/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for cell, v in s.items():
-        out.append(f"| {cell.upper()} | {v['hidden_size']} | {v['parameters']:,} | {v['mean']:.4f} ± "
-                   f"{v['std']:.4f} | {v['min']:.4f} – {v['max']:.4f} | {v['steps']:.0f} | "
-                   f"{v['chars_per_s'] / 1000:.1f} |")
+        out.append(
+            f"| {cell.upper()} | {v['hidden_size']} | {v['parameters']:,} | {v['mean']:.4f} ± "
+            f"{v['std']:.4f} | {v['min']:.4f} – {v['max']:.4f} | {v['steps']:.0f} | "
+            f"{v['chars_per_s'] / 1000:.1f} |"
+        )
     lines = [k for v in s.values() for k in v["lines"]]
     if lines:
         keys = list(dict.fromkeys(lines))
-        out += ["", "Loss by characters since the last newline:", "",
-                "| cell | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        out += [
+            "",
+            "Loss by characters since the last newline:",
+            "",
+            "| cell | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
         for cell, v in s.items():
-            out.append(f"| {cell.upper()} | " + " | ".join(f"{v['lines'].get(k, math.nan):.3f}" for k in keys) + " |")
+            out.append(
+                f"| {cell.upper()} | "
+                + " | ".join(f"{v['lines'].get(k, math.nan):.3f}" for k in keys)
+                + " |"
+            )
     contexts = [k for v in s.values() for k in v["contexts"]]
     if contexts:
         keys = list(dict.fromkeys(contexts))
         short = [k for k in keys if k != "full"]
-        out += ["", "Loss when the model sees only the last k characters (same positions; `full` = the "
-                "whole text before, carried state); gain = loss(k = " + (short[-1] if short else "?")
-                + ") − loss(full):", "",
-                "| cell | " + " | ".join(f"k = {k}" if k != "full" else "full" for k in keys) + " | gain |",
-                "|---" * (len(keys) + 2) + "|"]
+        out += [
+            "",
+            "Loss when the model sees only the last k characters (same positions; `full` = the "
+            "whole text before, carried state); gain = loss(k = "
+            + (short[-1] if short else "?")
+            + ") − loss(full):",
+            "",
+            "| cell | "
+            + " | ".join(f"k = {k}" if k != "full" else "full" for k in keys)
+            + " | gain |",
+            "|---" * (len(keys) + 2) + "|",
+        ]
         for cell, v in s.items():
             c = v["contexts"]
             gain = c.get(short[-1], math.nan) - c.get("full", math.nan) if short else math.nan
-            out.append(f"| {cell.upper()} | " + " | ".join(f"{c.get(k, math.nan):.3f}" for k in keys)
-                       + f" | {gain:+.3f} |")
+            out.append(
+                f"| {cell.upper()} | "
+                + " | ".join(f"{c.get(k, math.nan):.3f}" for k in keys)
+                + f" | {gain:+.3f} |"
+            )
     if result.copy:
         delays = list(dict.fromkeys(d for v in result.copy.values() for d in v))
-        out += ["", f"Copy task: loss on the key recalled after d filler characters (nats; a guess is "
-                f"ln {len(COPY_KEYS)} = {math.log(len(COPY_KEYS)):.2f}, perfect recall 0):", "",
-                "| cell | " + " | ".join(f"d = {d}" for d in delays) + " |", "|---" * (len(delays) + 1) + "|"]
+        out += [
+            "",
+            (
+                f"Copy task: loss on the key recalled after d filler characters (nats; a guess is "
+                f"ln {len(COPY_KEYS)} = {math.log(len(COPY_KEYS)):.2f}, perfect recall 0):"
+            ),
+            "",
+            "| cell | " + " | ".join(f"d = {d}" for d in delays) + " |",
+            "|---" * (len(delays) + 1) + "|",
+        ]
         for cell, v in result.copy.items():
-            out.append(f"| {cell.upper()} | " + " | ".join(f"{v.get(d, math.nan):.3f}" for d in delays) + " |")
+            out.append(
+                f"| {cell.upper()} | "
+                + " | ".join(f"{v.get(d, math.nan):.3f}" for d in delays)
+                + " |"
+            )
     return "\n".join(out)
 
 
@@ -314,8 +408,16 @@ def plot_curves(result: Comparison, path: Path) -> Path:
         for i, r in enumerate(x for x in result.runs if x.cell == cell):
             if r.curve:
                 t, v = zip(*r.curve)
-                ax.plot(t, v, color=colours.get(cell), alpha=0.8, lw=1.2,
-                        label=f"{cell.upper()} {r.hidden_size} ({r.parameters:,} params)" if i == 0 else None)
+                ax.plot(
+                    t,
+                    v,
+                    color=colours.get(cell),
+                    alpha=0.8,
+                    lw=1.2,
+                    label=f"{cell.upper()} {r.hidden_size} ({r.parameters:,} params)"
+                    if i == 0
+                    else None,
+                )
     finite = [v for r in result.runs for _, v in r.curve if math.isfinite(v)]
     if finite:
         ax.set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5))
@@ -330,10 +432,20 @@ def plot_curves(result: Comparison, path: Path) -> Path:
     return path
 
 
-def compare(base: RunConfig, *, cells: Sequence[str] = CELLS, seeds: int = 3, budget: float = 120.0,
-            out_dir: str | Path = "runs/compare", jobs: int = 1, probe: bool = True, reuse: bool = True,
-            copy_delays: Sequence[int] = (), copy_budget: float = 20.0,
-            log: Callable[[str], None] | None = None) -> Comparison:
+def compare(
+    base: RunConfig,
+    *,
+    cells: Sequence[str] = CELLS,
+    seeds: int = 3,
+    budget: float = 120.0,
+    out_dir: str | Path = "runs/compare",
+    jobs: int = 1,
+    probe: bool = True,
+    reuse: bool = True,
+    copy_delays: Sequence[int] = (),
+    copy_budget: float = 20.0,
+    log: Callable[[str], None] | None = None,
+) -> Comparison:
     """Train every cell for `budget` seconds with `seeds` seeds at equal parameter counts; returns the
     comparison and writes ``comparison.json``, ``comparison.md`` and ``curves.png`` to `out_dir`.
 
@@ -348,7 +460,9 @@ def compare(base: RunConfig, *, cells: Sequence[str] = CELLS, seeds: int = 3, bu
     cells = list(dict.fromkeys(cells))
     bad = [c for c in cells if c not in CELLS]
     if bad or not cells:
-        raise UserError(f"--cells takes a comma-separated list of {', '.join(CELLS)}, got {','.join(cells)!r}")
+        raise UserError(
+            f"--cells takes a comma-separated list of {', '.join(CELLS)}, got {','.join(cells)!r}"
+        )
     if seeds < 1 or jobs < 1:
         raise UserError("--seeds and --jobs must be >= 1")
     out_dir = Path(out_dir)
@@ -360,17 +474,23 @@ def compare(base: RunConfig, *, cells: Sequence[str] = CELLS, seeds: int = 3, bu
     for cell in cells:
         hidden, params = sizes[cell]
         for i in range(seeds):
-            config = base.replace(cell=cell, hidden_size=hidden, seed=base_seed + i, max_time=budget)
+            config = base.replace(
+                cell=cell, hidden_size=hidden, seed=base_seed + i, max_time=budget
+            )
             run_dir = out_dir / f"{cell}-seed{base_seed + i}"
             done = (out_dir / f"{run_dir.name}.done").is_file()
             plan.append((config, run_dir, cell, base_seed + i, hidden, params, reuse and done))
-    log("charlstm compare: " + ", ".join(f"{c.upper()} {h} ({p:,} params)" for c, (h, p) in sizes.items())
-        + f"; {len(plan)} runs of {budget:g} s, {jobs} at a time; runs in {out_dir}")
+    log(
+        "charlstm compare: "
+        + ", ".join(f"{c.upper()} {h} ({p:,} params)" for c, (h, p) in sizes.items())
+        + f"; {len(plan)} runs of {budget:g} s, {jobs} at a time; runs in {out_dir}"
+    )
     todo = [(cfg, run_dir) for cfg, run_dir, *_, skip in plan if not skip]
     copy_runs = []
     if copy_delays:
-        copy_sizes = matched_hidden_sizes(copy_config("lstm", 32, Path("-"), 1, 0), cells,
-                                          len(COPY_KEYS) + 3)  # keys, ".", "=", "\n"
+        copy_sizes = matched_hidden_sizes(
+            copy_config("lstm", 32, Path("-"), 1, 0), cells, len(COPY_KEYS) + 3
+        )  # keys, ".", "=", "\n"
         for delay in copy_delays:
             text = out_dir / "copy" / f"copy-{delay}.txt"
             text.parent.mkdir(parents=True, exist_ok=True)
@@ -379,12 +499,21 @@ def compare(base: RunConfig, *, cells: Sequence[str] = CELLS, seeds: int = 3, bu
                 run_dir = out_dir / "copy" / f"{cell}-d{delay}"
                 copy_runs.append((cell, delay, run_dir))
                 if not (reuse and (run_dir.parent / f"{run_dir.name}.done").is_file()):
-                    todo.append((copy_config(cell, copy_sizes[cell][0], text, copy_budget, base_seed), run_dir))
-        log(f"charlstm compare: copy task at delays {', '.join(map(str, copy_delays))}, "
-            f"{copy_budget:g} s per cell and delay")
+                    todo.append(
+                        (
+                            copy_config(cell, copy_sizes[cell][0], text, copy_budget, base_seed),
+                            run_dir,
+                        )
+                    )
+        log(
+            f"charlstm compare: copy task at delays {', '.join(map(str, copy_delays))}, "
+            f"{copy_budget:g} s per cell and delay"
+        )
     _train_all(todo, jobs, log)
-    runs = [_read_run(run_dir, cell, seed, hidden, params, probe)
-            for _, run_dir, cell, seed, hidden, params, _ in plan]
+    runs = [
+        _read_run(run_dir, cell, seed, hidden, params, probe)
+        for _, run_dir, cell, seed, hidden, params, _ in plan
+    ]
     result = Comparison(base.data.dataset or str(base.data.text), budget, sizes, runs)
     for cell, delay, run_dir in copy_runs:
         result.copy.setdefault(cell, {})[str(delay)] = recall_loss(run_dir)
@@ -399,7 +528,9 @@ def compare(base: RunConfig, *, cells: Sequence[str] = CELLS, seeds: int = 3, bu
 def _train_all(todo: list[tuple[RunConfig, Path]], jobs: int, log: Callable[[str], None]) -> None:
     from tqdm import tqdm
 
-    with tqdm(total=len(todo), unit="run", file=sys.stderr, dynamic_ncols=True, disable=not todo) as bar:
+    with tqdm(
+        total=len(todo), unit="run", file=sys.stderr, dynamic_ncols=True, disable=not todo
+    ) as bar:
         if jobs == 1:
             for config, run_dir in todo:
                 bar.set_postfix_str(run_dir.name)
@@ -411,7 +542,9 @@ def _train_all(todo: list[tuple[RunConfig, Path]], jobs: int, log: Callable[[str
 
         # spawn: a fresh interpreter per worker, no fork of a process that already runs torch threads
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_one, config, str(run_dir)): run_dir for config, run_dir in todo}
+            futures = {
+                pool.submit(_train_one, config, str(run_dir)): run_dir for config, run_dir in todo
+            }
             for future in as_completed(futures):
                 future.result()
                 bar.set_postfix_str(futures[future].name)

@@ -291,7 +291,7 @@ _UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(h|min|m|sec|s)?")
 
 
-def parse_duration(value: str | float | int) -> float:
+def parse_duration(value: str | float) -> float:
     """Seconds from a budget such as ``90``, ``"60s"``, ``"2m"``, ``"1.5h"`` or ``"1m30s"``."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)

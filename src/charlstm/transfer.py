@@ -51,23 +51,35 @@ def read_source(init_from: str | Path, which: str = "best") -> Source:
     return Source(path, ck.vocab, ck.model_state(), {k: getattr(mc, k) for k in ARCHITECTURE})
 
 
-def adopt_architecture(config: RunConfig, source: Source, explicit: set[str] = frozenset()) -> RunConfig:
+def adopt_architecture(
+    config: RunConfig, source: Source, explicit: set[str] = frozenset()
+) -> RunConfig:
     """`config` with the source's architecture. A field in `explicit` (given by the user) that
     disagrees with the source is an error rather than silently replaced."""
-    clash = [k for k in ARCHITECTURE if k in explicit and getattr(config.model, k) != source.architecture[k]]
+    clash = [
+        k
+        for k in ARCHITECTURE
+        if k in explicit and getattr(config.model, k) != source.architecture[k]
+    ]
     if clash:
         have = ", ".join(f"{k}={source.architecture[k]}" for k in clash)
-        raise UserError(f"--init-from {source.path} has {have}; a fine-tuned model keeps the shape of "
-                        "the one it starts from: drop those options")
+        raise UserError(
+            f"--init-from {source.path} has {have}; a fine-tuned model keeps the shape of "
+            "the one it starts from: drop those options"
+        )
     return config.replace(**source.architecture)
 
 
 def check_architecture(config: RunConfig, source: Source) -> None:
     wrong = [k for k in ARCHITECTURE if getattr(config.model, k) != source.architecture[k]]
     if wrong:
-        detail = ", ".join(f"{k} {getattr(config.model, k)} vs {source.architecture[k]}" for k in wrong)
-        raise UserError(f"the model does not have the shape of --init-from {source.path} ({detail}); "
-                        "leave the architecture options out to take the pre-trained run's")
+        detail = ", ".join(
+            f"{k} {getattr(config.model, k)} vs {source.architecture[k]}" for k in wrong
+        )
+        raise UserError(
+            f"the model does not have the shape of --init-from {source.path} ({detail}); "
+            "leave the architecture options out to take the pre-trained run's"
+        )
 
 
 def union_vocabulary(config: RunConfig, source: Source) -> Vocabulary:
@@ -77,8 +89,9 @@ def union_vocabulary(config: RunConfig, source: Source) -> Vocabulary:
     return source.vocab.union(Vocabulary.from_text(text))
 
 
-def initialise(model: nn.Module, vocab: Vocabulary, source: Source,
-               log: Callable[[str], None] | None = None) -> int:
+def initialise(
+    model: nn.Module, vocab: Vocabulary, source: Source, log: Callable[[str], None] | None = None
+) -> int:
     """Copy the source's weights into `model` (built for `vocab`); returns the new characters' count.
 
     Every tensor but the embedding and the output layer has the same shape in both models and is
@@ -86,9 +99,13 @@ def initialise(model: nn.Module, vocab: Vocabulary, source: Source,
     """
     state = model.state_dict()
     if set(state) != set(source.state):
-        raise UserError(f"{source.path} holds different weights than this model "
-                        f"({sorted(set(state) ^ set(source.state))[:3]})")
-    rows = [(i, source.vocab.char_to_idx[c]) for i, c in enumerate(vocab.chars) if c in source.vocab]
+        raise UserError(
+            f"{source.path} holds different weights than this model "
+            f"({sorted(set(state) ^ set(source.state))[:3]})"
+        )
+    rows = [
+        (i, source.vocab.char_to_idx[c]) for i, c in enumerate(vocab.chars) if c in source.vocab
+    ]
     new_idx = torch.tensor([i for i, _ in rows], dtype=torch.long)
     old_idx = torch.tensor([j for _, j in rows], dtype=torch.long)
     by_char = {"encoder.weight", "fc.weight", "fc.bias"}  # (V, E), (V, H), (V,)
@@ -98,8 +115,10 @@ def initialise(model: nn.Module, vocab: Vocabulary, source: Source,
             if name in by_char:
                 tensor[new_idx] = src[old_idx]
             elif src.shape != tensor.shape:
-                raise UserError(f"{source.path}: weight {name} has shape {tuple(src.shape)}, this "
-                                f"model's has {tuple(tensor.shape)}")
+                raise UserError(
+                    f"{source.path}: weight {name} has shape {tuple(src.shape)}, this "
+                    f"model's has {tuple(tensor.shape)}"
+                )
             else:
                 tensor.copy_(src)
         if len(rows) < len(vocab):
@@ -111,8 +130,10 @@ def initialise(model: nn.Module, vocab: Vocabulary, source: Source,
     added = len(vocab) - len(rows)
     if log:
         shown = "".join(c for c in vocab.chars if c not in source.vocab)[:20]
-        log(f"charlstm: initialised from {source.path}: {len(rows)} characters keep their rows"
-            + (f", {added} new ({shown!r}) get fresh ones" if added else ""))
+        log(
+            f"charlstm: initialised from {source.path}: {len(rows)} characters keep their rows"
+            + (f", {added} new ({shown!r}) get fresh ones" if added else "")
+        )
     return added
 
 
@@ -120,9 +141,9 @@ _LAYER = re.compile(r"_l(\d+)(?:_reverse)?$")
 
 
 def freeze(model: nn.Module, layers: int) -> list[str]:
-    """Stop the embedding and the lowest `layers` recurrent layers from learning; returns their names.
+    """Stop the embedding and the lowest `layers` recurrent layers learning; returns their names.
 
-    A frozen weight has no gradient, so Adam leaves it exactly as it is (no moments, no weight decay).
+    A frozen weight has no gradient, so Adam leaves it exactly as it is (no moments, no decay).
     """
     if layers <= 0:
         return []
@@ -140,9 +161,15 @@ def pretrain_out(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + "-pretrain")
 
 
-def pretrain_then_finetune(config: RunConfig, out: str | Path, *, force: bool = False,
-                           progress: bool = True, log: Callable[[str], None] | None = None,
-                           on_eval: Callable[[int, float], None] | None = None) -> Path:
+def pretrain_then_finetune(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> Path:
     """Pre-train on ``config.train.pretrain`` for ``pretrain_time`` seconds into ``<out>-pretrain``,
     then fine-tune on the run's own text from its best weights into `out`; returns `out`.
 
@@ -158,11 +185,22 @@ def pretrain_then_finetune(config: RunConfig, out: str | Path, *, force: bool = 
     name = t.pretrain
     as_file = Path(name).is_file()
     pre = load_toml(t.pretrain_config, base=config) if t.pretrain_config else config
-    pre = pre.replace(dataset=None if as_file else name, text=name if as_file else None,
-                      max_time=t.pretrain_time, max_steps=None, init_from=None, pretrain=None,
-                      pretrain_config=None, freeze_layers=0)
+    pre = pre.replace(
+        dataset=None if as_file else name,
+        text=name if as_file else None,
+        max_time=t.pretrain_time,
+        max_steps=None,
+        init_from=None,
+        pretrain=None,
+        pretrain_config=None,
+        freeze_layers=0,
+    )
     pre_out = pretrain_out(out)
     train(pre, pre_out, force=force, progress=progress, log=log)
-    fine = config.replace(pretrain=None, pretrain_config=None, init_from=str(pre_out),
-                          **{k: getattr(pre.model, k) for k in ARCHITECTURE})
+    fine = config.replace(
+        pretrain=None,
+        pretrain_config=None,
+        init_from=str(pre_out),
+        **{k: getattr(pre.model, k) for k in ARCHITECTURE},
+    )
     return train(fine, out, force=force, progress=progress, log=log, on_eval=on_eval)

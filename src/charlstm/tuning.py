@@ -1,4 +1,4 @@
-"""Hyperparameter search with Optuna: a TPE sampler, pruning on the validation loss, a resumable study.
+"""Hyperparameter search with Optuna: TPE sampling, pruning on validation loss, a resumable study.
 
 Each trial is an ordinary training run (``<out>/trial-NNN``) with a time budget, so a trial's result
 is "the best validation loss this configuration reaches in N seconds on this machine": big models
@@ -106,12 +106,19 @@ def _storage(path: str, grace_period: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
-                url, heartbeat_interval=max(1, grace_period // 4), grace_period=grace_period,
+                url,
+                heartbeat_interval=max(1, grace_period // 4),
+                grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
                 # Two tuners may share one study file; let a writer wait for the other's lock.
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+                engine_kwargs={"connect_args": {"timeout": 60}}
+                if url.startswith("sqlite")
+                else None,
+            )
     except (optuna.exceptions.OptunaError, ValueError) as exc:
-        raise UserError(f"cannot open the study storage {path!r} ({exc}); give another --storage") from None
+        raise UserError(
+            f"cannot open the study storage {path!r} ({exc}); give another --storage"
+        ) from None
 
 
 def _pruner(name: str):
@@ -121,7 +128,9 @@ def _pruner(name: str):
         # Judge a trial only after 30% of its time: a big model starts slow and may still win.
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=RESOURCES, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=2, max_resource=RESOURCES, reduction_factor=3
+        )
     if name == "none":
         return optuna.pruners.NopPruner()
     raise UserError(f"--pruner must be one of {', '.join(PRUNERS)}, got {name!r}")
@@ -153,7 +162,9 @@ class _Reporter:
                 self.trial.report(value, resource)
                 self.reported = resource
         if self.reported and self.trial.should_prune():
-            raise optuna.TrialPruned(f"val {self.best:.4f} at {self.reported}/{RESOURCES} of the budget")
+            raise optuna.TrialPruned(
+                f"val {self.best:.4f} at {self.reported}/{RESOURCES} of the budget"
+            )
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
@@ -175,7 +186,9 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
     return info
 
 
-def _objective(base: RunConfig, budget: float, out_dir: Path, threads: int | None, space: dict[str, Any]):
+def _objective(
+    base: RunConfig, budget: float, out_dir: Path, threads: int | None, space: dict[str, Any]
+):
     def objective(trial) -> float:
         import optuna
 
@@ -186,6 +199,7 @@ def _objective(base: RunConfig, budget: float, out_dir: Path, threads: int | Non
         run_dir = out_dir / f"trial-{trial.number:03d}"
         log_path = out_dir / f"trial-{trial.number:03d}.log"
         with open(log_path, "w", encoding="utf-8") as log_file:
+
             def log(msg: str) -> None:
                 log_file.write(msg + "\n")
                 log_file.flush()
@@ -218,8 +232,12 @@ def _objective(base: RunConfig, budget: float, out_dir: Path, threads: int | Non
     return objective
 
 
-def train_run(config: RunConfig, run_dir: Path, log: Callable[[str], None],
-              on_eval: Callable[[int, float], None]) -> None:
+def train_run(
+    config: RunConfig,
+    run_dir: Path,
+    log: Callable[[str], None],
+    on_eval: Callable[[int, float], None],
+) -> None:
     from charlstm.training import train
 
     train(config, run_dir, force=True, progress=False, log=log, on_eval=on_eval)
@@ -239,31 +257,54 @@ class TuneResult:
 def _finished(study) -> list:
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
 
 
 def results_table(study, top: int | None = None) -> str:
     """A markdown table of the finished trials, best first (complete trials, then pruned)."""
     from optuna.trial import TrialState
 
-    trials = sorted(_finished(study), key=lambda t: (t.state != TrialState.COMPLETE,
-                                                     t.value if t.value is not None else math.inf,
-                                                     min(t.intermediate_values.values(), default=math.inf)))
-    rows = ["| # | state | val loss | cell | layers × hidden | emb | dropout / emb / weight | lr | "
-            "schedule | ema | batch × seq | steps | params |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    trials = sorted(
+        _finished(study),
+        key=lambda t: (
+            t.state != TrialState.COMPLETE,
+            t.value if t.value is not None else math.inf,
+            min(t.intermediate_values.values(), default=math.inf),
+        ),
+    )
+    rows = [
+        (
+            "| # | state | val loss | cell | layers × hidden | emb | dropout / emb / weight | lr | "
+            "schedule | ema | batch × seq | steps | params |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for t in trials[:top] if top else trials:
         u = t.user_attrs
         p = {**u.get("config", {}), **t.params}
-        value = t.value if t.state == TrialState.COMPLETE else min(t.intermediate_values.values(), default=None)
-        shown = "–" if value is None else f"{value:.4f}" + ("" if t.state == TrialState.COMPLETE else "*")
+        value = (
+            t.value
+            if t.state == TrialState.COMPLETE
+            else min(t.intermediate_values.values(), default=None)
+        )
+        shown = (
+            "–"
+            if value is None
+            else f"{value:.4f}" + ("" if t.state == TrialState.COMPLETE else "*")
+        )
         rows.append(
             f"| {t.number} | {t.state.name.lower()} | {shown} | {p.get('cell')} | "
             f"{p.get('num_layers')} × {p.get('hidden_size')} | {p.get('embedding_size')} | "
-            f"{p.get('dropout', 0):.2f} / {p.get('embedding_dropout', 0):.2f} / {p.get('weight_drop', 0):.2f} | "
+            f"{p.get('dropout', 0):.2f} / {p.get('embedding_dropout', 0):.2f} / "
+            f"{p.get('weight_drop', 0):.2f} | "
             f"{p.get('lr', 0):.2e} | {p.get('schedule')} | {p.get('ema')} | "
             f"{p.get('batch_size')} × {p.get('seq_len')} | {u.get('steps', '–')} | "
-            f"{u.get('parameters', 0):,} |")
+            f"{u.get('parameters', 0):,} |"
+        )
     return "\n".join(rows)
 
 
@@ -274,8 +315,10 @@ def best_config(study, base: RunConfig, budget: float) -> RunConfig | None:
         return None
     # The preset trains for the budget it was tuned at and leaves the thread count to the machine.
     # Floats are rounded (0.6000000000000001 is 0.6; lr to 3 digits) so that the file reads well.
-    params = {k: (float(f"{v:.3g}") if k == "lr" else round(v, 4)) if isinstance(v, float) else v
-              for k, v in best.params.items()}
+    params = {
+        k: (float(f"{v:.3g}") if k == "lr" else round(v, 4)) if isinstance(v, float) else v
+        for k, v in best.params.items()
+    }
     return base.replace(**params, max_time=budget, threads=None)
 
 
@@ -283,9 +326,11 @@ def write_preset(config: RunConfig, path: Path, study, budget: float) -> None:
     from charlstm.checkpoint import atomic_write_text
 
     best = study.best_trial
-    header = (f"# Tuned by `charlstm tune` (study {study.study_name!r}): trial {best.number} reached "
-              f"{best.value:.4f} nats/char\n# on the validation split in {budget:g} s of training; "
-              f"{len(_finished(study))} trials finished.\n")
+    header = (
+        f"# Tuned by `charlstm tune` (study {study.study_name!r}): trial {best.number} reached "
+        f"{best.value:.4f} nats/char\n# on the validation split in {budget:g} s of training; "
+        f"{len(_finished(study))} trials finished.\n"
+    )
     atomic_write_text(path, header + to_toml(config))
 
 
@@ -295,12 +340,14 @@ def save_plots(study, out_dir: Path, log: Callable[[str], None]) -> dict[str, Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
     from optuna.visualization import matplotlib as vis
 
     files = {}
-    plots = {"history": vis.plot_optimization_history, "importances": vis.plot_param_importances,
-             "parallel": vis.plot_parallel_coordinate}
+    plots = {
+        "history": vis.plot_optimization_history,
+        "importances": vis.plot_param_importances,
+        "parallel": vis.plot_parallel_coordinate,
+    }
     for name, plot in plots.items():
         path = out_dir / f"{name}.png"
         try:
@@ -323,13 +370,26 @@ def save_plots(study, out_dir: Path, log: Callable[[str], None]) -> dict[str, Pa
 # ---------------------------------------------------------------------------------------- tune
 
 
-def tune(base: RunConfig, *, study_name: str, trials: int, budget: float,
-         storage: str | None = None, out_dir: str | Path | None = None, preset: str | Path | None = None,
-         pruner: str = "median", sampler_seed: int | None = 0, threads: int | None = 1,
-         enqueue_base: bool = True, plots: bool = True, progress: bool = True,
-         space: dict[str, Any] | None = None, grace_period: int = 20,
-         preset_defaults: dict[str, Any] | None = None,
-         log: Callable[[str], None] | None = None) -> TuneResult:
+def tune(
+    base: RunConfig,
+    *,
+    study_name: str,
+    trials: int,
+    budget: float,
+    storage: str | None = None,
+    out_dir: str | Path | None = None,
+    preset: str | Path | None = None,
+    pruner: str = "median",
+    sampler_seed: int | None = 0,
+    threads: int | None = 1,
+    enqueue_base: bool = True,
+    plots: bool = True,
+    progress: bool = True,
+    space: dict[str, Any] | None = None,
+    grace_period: int = 20,
+    preset_defaults: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TuneResult:
     """Run (or resume) the study until it holds `trials` finished trials; returns its results.
 
     `base` supplies everything the search does not (the text, the evaluation cadence, early stopping,
@@ -349,27 +409,48 @@ def tune(base: RunConfig, *, study_name: str, trials: int, budget: float,
 
     prepare_data(base)  # a missing text or dataset fails here, once, not in every trial
     storage = storage or default_storage(study_name)
-    out_dir = Path(out_dir) if out_dir else Path(storage).with_suffix("") if "://" not in storage \
+    out_dir = (
+        Path(out_dir)
+        if out_dir
+        else Path(storage).with_suffix("")
+        if "://" not in storage
         else Path("runs/tune") / study_name
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = space or SPACE
-    study = optuna.create_study(storage=_storage(storage, grace_period), study_name=study_name, direction="minimize",
-                                load_if_exists=True, pruner=_pruner(pruner))
+    study = optuna.create_study(
+        storage=_storage(storage, grace_period),
+        study_name=study_name,
+        direction="minimize",
+        load_if_exists=True,
+        pruner=_pruner(pruner),
+    )
     old = study.get_trials(deepcopy=False)
     # Seeded by the trials already recorded: a resumed study must not redraw the points that the
     # first session's random start-up trials drew.
     study.sampler = optuna.samplers.TPESampler(
-        seed=None if sampler_seed is None else sampler_seed + len(old), multivariate=True,
-        n_startup_trials=max(5, min(10, trials // 4)))
+        seed=None if sampler_seed is None else sampler_seed + len(old),
+        multivariate=True,
+        n_startup_trials=max(5, min(10, trials // 4)),
+    )
     if enqueue_base and not old:
         study.enqueue_trial(space_point(base, space))
     done = len(_finished(study))
-    log(f"charlstm tune: study {study_name!r} in {storage}: {done} of {trials} trials finished"
-        + (f" ({len(old)} recorded)" if old else "") + f"; {budget:g} s each; runs in {out_dir}")
+    log(
+        f"charlstm tune: study {study_name!r} in {storage}: {done} of {trials} trials finished"
+        + (f" ({len(old)} recorded)" if old else "")
+        + f"; {budget:g} s each; runs in {out_dir}"
+    )
 
-    bar = tqdm(total=trials, initial=min(done, trials), disable=not progress, unit="trial",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=trials,
+        initial=min(done, trials),
+        disable=not progress,
+        unit="trial",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
     def after(study, trial) -> None:
         from optuna.trial import TrialState
@@ -377,13 +458,18 @@ def tune(base: RunConfig, *, study_name: str, trials: int, budget: float,
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
         bar.update(1)
-        value = trial.value if trial.value is not None else min(trial.intermediate_values.values(),
-                                                                default=math.nan)
+        value = (
+            trial.value
+            if trial.value is not None
+            else min(trial.intermediate_values.values(), default=math.nan)
+        )
         p = {**trial.user_attrs.get("config", {}), **trial.params}
-        bar.write(f"trial {trial.number}: {trial.state.name.lower():8s} {value:.4f}  {p['cell']} "
-                  f"{p['num_layers']}×{p['hidden_size']} emb {p['embedding_size']} lr {p['lr']:.1e} "
-                  f"{p['schedule']} ema {p['ema']} batch {p['batch_size']}×{p['seq_len']}",
-                  file=sys.stderr)
+        bar.write(
+            f"trial {trial.number}: {trial.state.name.lower():8s} {value:.4f}  {p['cell']} "
+            f"{p['num_layers']}×{p['hidden_size']} emb {p['embedding_size']} lr {p['lr']:.1e} "
+            f"{p['schedule']} ema {p['ema']} batch {p['batch_size']}×{p['seq_len']}",
+            file=sys.stderr,
+        )
         try:
             bar.set_postfix_str(f"best {study.best_value:.4f} (trial {study.best_trial.number})")
         except ValueError:
@@ -392,31 +478,57 @@ def tune(base: RunConfig, *, study_name: str, trials: int, budget: float,
     try:
         if done < trials:
             study.optimize(
-                _objective(base, budget, out_dir, threads, space), n_trials=trials - done, callbacks=[
-                    after, optuna.study.MaxTrialsCallback(
-                        trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))],
-                gc_after_trial=True)
+                _objective(base, budget, out_dir, threads, space),
+                n_trials=trials - done,
+                callbacks=[
+                    after,
+                    optuna.study.MaxTrialsCallback(
+                        trials,
+                        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
+                    ),
+                ],
+                gc_after_trial=True,
+            )
     finally:
         bar.close()
-    return summarise(study, base.replace(**(preset_defaults or {})), budget, out_dir, preset, plots, log)
+    return summarise(
+        study, base.replace(**(preset_defaults or {})), budget, out_dir, preset, plots, log
+    )
 
 
-def summarise(study, base: RunConfig, budget: float, out_dir: Path, preset: str | Path | None,
-              plots: bool, log: Callable[[str], None]) -> TuneResult:
+def summarise(
+    study,
+    base: RunConfig,
+    budget: float,
+    out_dir: Path,
+    preset: str | Path | None,
+    plots: bool,
+    log: Callable[[str], None],
+) -> TuneResult:
     """Write the results table, JSON, best preset and plots of a study."""
     from charlstm.checkpoint import atomic_write_text
 
     table = results_table(study)
     files: dict[str, Path] = {"table": out_dir / "results.md"}
-    atomic_write_text(files["table"], table + "\n\n\\* pruned: the best loss it reported before it "
-                      "was stopped\n")
-    records = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                "user_attrs": t.user_attrs,
-                "intermediate": {str(k): v for k, v in t.intermediate_values.items()}}
-               for t in study.get_trials(deepcopy=False)]
+    atomic_write_text(
+        files["table"], table + "\n\n\\* pruned: the best loss it reported before it was stopped\n"
+    )
+    records = [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "user_attrs": t.user_attrs,
+            "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
     files["json"] = out_dir / "results.json"
-    atomic_write_text(files["json"], json.dumps({"study": study.study_name, "budget": budget,
-                                                 "trials": records}, indent=1))
+    atomic_write_text(
+        files["json"],
+        json.dumps({"study": study.study_name, "budget": budget, "trials": records}, indent=1),
+    )
     config = best_config(study, base, budget)
     if config is not None:
         files["preset"] = Path(preset) if preset else out_dir / "best.toml"
