@@ -478,14 +478,18 @@ def _base_config(config_path: str | None, fields: dict[str, Any]) -> tuple[RunCo
 @click.option("--study", required=True, help="Study name; the same name resumes it.")
 @click.option("--trials", default=20, show_default=True, type=int,
               help="Finished trials the study should hold (a resumed study runs only the rest).")
-@click.option("--budget-per-trial", default="60s", show_default=True, help="Training time per trial: 60s, 2m.")
-@click.option("--storage", help="SQLite file of the study (default runs/tune/STUDY.db) or a database URL.")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder of the trials' runs, table and plots "
-              "(default runs/tune/STUDY).")
-@click.option("--preset", type=click.Path(dir_okay=False), help="Write the best configuration here as TOML "
-              "(default OUT/best.toml), e.g. configs/byron-tuned.toml.")
-@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
-@click.option("--sampler-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler.")
+@click.option("--budget-per-trial", default="60s", show_default=True,
+              help="Training time per trial: 60s, 2m.")
+@click.option("--storage",
+              help="SQLite file of the study (default runs/tune/STUDY.db) or a database URL.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder of the trials' runs, table and plots (default runs/tune/STUDY).")
+@click.option("--preset", type=click.Path(dir_okay=False),
+              help="Write the best configuration here as TOML (default OUT/best.toml).")
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median",
+              show_default=True)
+@click.option("--sampler-seed", default=0, show_default=True, type=int,
+              help="Seed of the TPE sampler.")
 @click.option("--top", type=int, help="Rows of the results table to print (default all).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--no-progress", is_flag=True)
@@ -496,12 +500,12 @@ def tune(study, trials, budget_per_trial, storage, out, preset, pruner, sampler_
          no_progress, config_path, **fields) -> None:
     """Search hyperparameters with Optuna (TPE, pruning on validation loss, resumable SQLite study).
 
-    Searched: cell, layers, hidden and embedding sizes, dropouts, lr, schedule, ema, batch and window
-    sizes; a flag for one of them (e.g. --cell lstm) fixes it instead. Other flags (--dataset,
-    --eval-interval, ...) set what every trial shares; trials use 1 thread unless --threads says
-    otherwise. The first trial of a new study is the base configuration (--config and flags).
-    Prints the results table and writes the best configuration as a TOML preset, the table, a JSON
-    file and plots.
+    Searched: cell, layers, hidden and embedding sizes, dropouts, lr, schedule, ema, batch and
+    window sizes; a flag for one of them (e.g. --cell lstm) fixes it instead. Other flags
+    (--dataset, --eval-interval, ...) set what every trial shares; trials use 1 thread unless
+    --threads says otherwise. The first trial of a new study is the base configuration (--config
+    and flags). Prints the results table and writes the best configuration as a TOML preset, the
+    table, a JSON file and plots.
     """
     from charlstm import tuning
     from charlstm.config import parse_duration, toml_keys
@@ -515,31 +519,49 @@ def tune(study, trials, budget_per_trial, storage, out, preset, pruner, sampler_
         preset_defaults["sample_every"] = RunConfig().train.sample_every
     base, given = _base_config(config_path, fields)
     space = {k: v for k, v in tuning.SPACE.items() if k not in given}
-    result = tuning.tune(base, study_name=study, trials=trials, budget=parse_duration(budget_per_trial),
-                      storage=storage, out_dir=out, preset=preset, pruner=pruner,
-                      sampler_seed=sampler_seed, threads=threads, plots=not no_plots,
-                      progress=not no_progress, space=space, preset_defaults=preset_defaults)
+    result = tuning.tune(
+        base, study_name=study, trials=trials, budget=parse_duration(budget_per_trial),
+        storage=storage, out_dir=out, preset=preset, pruner=pruner, sampler_seed=sampler_seed,
+        threads=threads, plots=not no_plots, progress=not no_progress, space=space,
+        preset_defaults=preset_defaults)
     click.echo(result.table if not top else "\n".join(result.table.splitlines()[: top + 2]))
     if result.best_config is not None:
         best = result.study.best_trial
-        click.echo(f"\nbest: trial {best.number}, {best.value:.4f} nats/char; preset {result.files['preset']}")
+        click.echo(f"\nbest: trial {best.number}, {best.value:.4f} nats/char; "
+                   f"preset {result.files['preset']}")
     click.echo("files: " + ", ".join(str(p) for k, p in result.files.items() if k != "preset"))
 
 
 # ---------------------------------------------------------------------------------------- compare
 
 
+def _int_list(flag: str, value: str | None) -> list[int]:
+    """Positive whole numbers from "10,30,60" (none from an empty value)."""
+    try:
+        items = [int(v) for v in (value or "").split(",") if v.strip()]
+    except ValueError:
+        items = [0]
+    if any(i < 1 for i in items):
+        raise UserError(f"{flag} takes positive whole numbers separated by commas, got {value!r}")
+    return items
+
+
 @main.command()
 @click.option("--cells", default="lstm,gru,rnn", show_default=True, help="Comma-separated cells.")
-@click.option("--budget", default="120s", show_default=True, help="Training time per run: 120s, 2m.")
-@click.option("--seeds", default=3, show_default=True, type=int, help="Runs per cell (seeds SEED, SEED+1, ...).")
-@click.option("--jobs", default=1, show_default=True, type=int, help="Runs trained at once (processes).")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder of the runs and results "
-              "(default runs/compare/DATASET).")
+@click.option("--budget", default="120s", show_default=True,
+              help="Training time per run: 120s, 2m.")
+@click.option("--seeds", default=3, show_default=True, type=int,
+              help="Runs per cell (seeds SEED, SEED+1, ...).")
+@click.option("--jobs", default=1, show_default=True, type=int,
+              help="Runs trained at once (processes).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder of the runs and results (default runs/compare/DATASET).")
 @click.option("--no-probe", is_flag=True, help="Skip the long-range probe.")
 @click.option("--copy-delays", help="Also run the copy task at these delays, e.g. 10,30,60.")
-@click.option("--copy-budget", default="20s", show_default=True, help="Training time per cell and delay.")
-@click.option("--fresh", is_flag=True, help="Train every run again, even those a previous call finished.")
+@click.option("--copy-budget", default="20s", show_default=True,
+              help="Training time per cell and delay.")
+@click.option("--fresh", is_flag=True,
+              help="Train every run again, even those a previous call finished.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Base preset; its LSTM sets the parameter count every cell matches.")
 @_config_options
@@ -552,16 +574,8 @@ def compare(cells, budget, seeds, jobs, out, no_probe, copy_delays, copy_budget,
     says otherwise.
     """
     from charlstm.comparison import compare as run_compare
+    from charlstm.comparison import markdown
     from charlstm.config import parse_duration
-
-    def _int_list(flag: str, value: str | None) -> list[int]:
-        try:
-            items = [int(v) for v in (value or "").split(",") if v.strip()]
-        except ValueError:
-            items = [0]
-        if any(i < 1 for i in items):
-            raise UserError(f"{flag} takes positive whole numbers separated by commas, got {value!r}")
-        return items
 
     if fields.get("threads") is None:
         fields["threads"] = 1
@@ -570,15 +584,13 @@ def compare(cells, budget, seeds, jobs, out, no_probe, copy_delays, copy_budget,
     base, given = _base_config(config_path, fields)
     fixed = sorted(given & {"cell", "max_time"})
     if fixed:
-        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be combined with "
-                        "compare: use --cells and --budget")
+        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be "
+                        "combined with compare: use --cells and --budget")
     name = Path(base.data.text).stem if base.data.text else base.data.dataset
-    result = run_compare(base, cells=[c.strip() for c in cells.split(",") if c.strip()], seeds=seeds,
-                         budget=parse_duration(budget), out_dir=out or Path("runs/compare") / str(name),
-                         jobs=jobs, probe=not no_probe, reuse=not fresh,
-                         copy_delays=_int_list("--copy-delays", copy_delays),
-                         copy_budget=parse_duration(copy_budget))
-    from charlstm.comparison import markdown
-
+    result = run_compare(
+        base, cells=[c.strip() for c in cells.split(",") if c.strip()], seeds=seeds,
+        budget=parse_duration(budget), out_dir=out or Path("runs/compare") / str(name), jobs=jobs,
+        probe=not no_probe, reuse=not fresh, copy_delays=_int_list("--copy-delays", copy_delays),
+        copy_budget=parse_duration(copy_budget))
     click.echo(markdown(result))
     click.echo("\nfiles: " + ", ".join(str(p) for p in result.files.values()))
