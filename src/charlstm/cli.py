@@ -430,38 +430,6 @@ def report(run, samples, length, temperatures, text_path, seed, which, threads, 
     click.echo(f"wrote {paths['html']} and {paths['md']}")
 
 
-# ---------------------------------------------------------------------------------------- bench
-
-
-@main.group()
-def bench() -> None:
-    """Measure speed against the lab's code, in one run on this machine."""
-
-
-@bench.command("generate")
-@click.argument("run", required=False, type=click.Path())
-@click.option("--temperature", default=0.5, show_default=True, type=float)
-@click.option("--repeats", default=3, show_default=True, type=int, help="Best of this many runs.")
-@click.option("--big/--no-big", default=True, show_default=True,
-              help="Also time a 1 × 512 model against its memory-bandwidth bound.")
-@click.option("--threads", type=int, help="Threads (default: PyTorch's, one per core).")
-def bench_generate(run, temperature, repeats, big, threads) -> None:
-    """Characters/s of the lab's loop and of the library (1, 16, 256 streams) on RUN's model, or
-    on a random lab-sized one (2 × 85 LSTM, vocabulary 74) without RUN; one JSON line at the end."""
-    import torch
-
-    from charlstm.api import load
-    from charlstm.bench.generation import run as run_bench
-
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    model = load(run, device="cpu") if run else None
-    result = run_bench(model, temperature=temperature, repeats=repeats, big=big, log=click.echo)
-    click.echo(json.dumps(result))
-
-
 # ---------------------------------------------------------------------------------------- tune
 
 

@@ -27,14 +27,19 @@ def normalise_newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def decode_text(data: bytes, encoding: str = "utf-8", source: str = "the text") -> str:
-    """Decode bytes to a normalised string, or raise a `UserError` that says how to fix it."""
+def check_encoding(encoding: str) -> None:
+    """A `UserError` unless `encoding` names a codec Python knows."""
     try:
         codecs.lookup(encoding)
     except LookupError:
         raise UserError(
             f"unknown encoding {encoding!r}; pass a codec Python knows, e.g. --encoding utf-8 or cp1251"
         ) from None
+
+
+def decode_text(data: bytes, encoding: str = "utf-8", source: str = "the text") -> str:
+    """Decode bytes to a normalised string, or raise a `UserError` that says how to fix it."""
+    check_encoding(encoding)
     if encoding.lower().replace("_", "-") in ("utf-8", "utf8") and data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from charlstm.corpus import MAX_NUL_SHARE, split_point
+from charlstm.corpus import MAX_NUL_SHARE, check_encoding, split_point
 from charlstm.errors import UserError
 from charlstm.vocabulary import Vocabulary, describe_char
 
@@ -133,12 +133,7 @@ def prepare(text_path: str | Path, out: str | Path, *, encoding: str = "utf-8",
     if not path.is_file():
         what = "is a folder, not a text file" if path.is_dir() else "does not exist"
         raise UserError(f"text file {str(path)!r} {what}; give the path of a text file")
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise UserError(
-            f"unknown encoding {encoding!r}; pass a codec Python knows, e.g. --encoding utf-8 or cp1251"
-        ) from None
+    check_encoding(encoding)
     replaceable = force and out.is_dir() and (out / META_FILE).is_file()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not replaceable:
         raise UserError(f"--out {str(out)!r} exists and is not an empty folder; choose another "

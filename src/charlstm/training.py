@@ -580,7 +580,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     log(f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
         f"{run.counters.best_saved_val:.4f} nats/char ({run.counters.best_saved_val / math.log(2):.3f} "
         f"bits/char) at step {run.counters.best_step}; run folder {out}")
-    if run.config.train.report:
+    if run.config.train.report and writer:
         from charlstm.report import report_run
 
         paths = report_run(out, log=log)
