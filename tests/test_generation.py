@@ -164,6 +164,25 @@ def test_warm_up_loads_every_kernel():
     assert kernels.warm_up() < 1.0  # everything is loaded now
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_generates_with_its_own_worker_threads():
+    """The worker threads do not survive fork; a child that generates starts its own."""
+    import os
+
+    model = tiny_model()
+    prompts = ["a"] * 16
+    expected = run(model, prompts, 100)  # starts the parent's worker threads
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it generates the same text (a hang dies at 60 s)
+        import signal
+
+        signal.alarm(60)
+        ok = run(model, prompts, 100) == expected
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
 def test_other_cells_take_the_reference_path():
     """A GRU has no compiled kernel: the engine falls back and still generates; asking for the
     compiled path explicitly is an error."""

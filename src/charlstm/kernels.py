@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -665,7 +666,6 @@ def _load_function(folder: str, patterns: tuple[str, ...], name: str, restype):
     PyTorch or numpy, so this is the same copy they use), or None."""
     import ctypes
     import glob
-    import os
 
     for pattern in patterns:
         for path in sorted(glob.glob(os.path.join(folder, pattern))):
@@ -712,7 +712,6 @@ class _Workers:
 
     def __init__(self) -> None:
         import ctypes
-        import os
 
         # PyTorch's OpenMP runtime (oneDNN GEMMs) and numpy's OpenBLAS: per-thread thread counts
         self._omp = _load_function(os.path.join(os.path.dirname(torch.__file__), "lib"),
@@ -753,6 +752,8 @@ _WORKERS: list[_Workers] = []
 def _workers() -> _Workers:
     if not _WORKERS:
         _WORKERS.append(_Workers())
+        # A forked child has none of the parent's threads: it must start its own pool.
+        os.register_at_fork(after_in_child=_WORKERS.clear)
     return _WORKERS[0]
 
 
