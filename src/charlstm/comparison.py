@@ -9,9 +9,9 @@ The probe looks at *how* the cells use context, on the validation text with each
 
 - by distance from the last newline: the loss of characters 0-4, 5-9, ... positions into a line;
 - by context length: the loss at the same positions when the model sees only the last k characters
-  (from a zero state) against the whole preceding text (carried state). ``full - k`` is what the
-  cell gains from context older than k characters; a plain RNN, whose gradient vanishes over a few
-  dozen steps, gains the least.
+  (from a zero state) against the whole preceding text (carried state). ``loss(k) - loss(full)``
+  is what the cell gains from context older than k characters; a plain RNN, whose gradient
+  vanishes over a few dozen steps, gains the least.
 
 With ``copy_delays``, a synthetic task isolates memory: lines ``k....=k`` where a random key k must be
 recalled after d filler characters. Small models of equal size train on it for a few seconds per
@@ -39,6 +39,7 @@ from charlstm.errors import UserError
 
 LINE_EDGES = (0, 5, 10, 20, 40)  # buckets of "characters since the last newline"
 CONTEXTS = (1, 4, 16, 64)  # context lengths of the probe, besides the full carried state
+GAIN_FROM = "4"  # the table's gain: what context older than this many characters is worth
 PROBE_POSITIONS = 2000
 COPY_KEYS = "abcdefgh"
 COPY_CHARS = 200_000  # characters of synthetic text per delay
@@ -316,6 +317,10 @@ def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return format(x, spec) if x is not None and math.isfinite(x) else "–"
+
+
 def markdown(result: Comparison) -> str:
     """The comparison as markdown: the main table, then the two probes."""
     s = result.summary()
@@ -336,7 +341,11 @@ def markdown(result: Comparison) -> str:
         )
     lines = [k for v in s.values() for k in v["lines"]]
     if lines:
-        keys = list(dict.fromkeys(lines))
+        keys = [
+            k
+            for k in dict.fromkeys(lines)
+            if any(math.isfinite(v["lines"].get(k, math.nan)) for v in s.values())
+        ]  # no empty buckets
         out += [
             "",
             "Loss by characters since the last newline:",
@@ -346,20 +355,18 @@ def markdown(result: Comparison) -> str:
         ]
         for cell, v in s.items():
             out.append(
-                f"| {cell.upper()} | "
-                + " | ".join(f"{v['lines'].get(k, math.nan):.3f}" for k in keys)
-                + " |"
+                f"| {cell.upper()} | " + " | ".join(_fmt(v["lines"].get(k)) for k in keys) + " |"
             )
     contexts = [k for v in s.values() for k in v["contexts"]]
     if contexts:
         keys = list(dict.fromkeys(contexts))
-        short = [k for k in keys if k != "full"]
         out += [
             "",
-            "Loss when the model sees only the last k characters (same positions; `full` = the "
-            "whole text before, carried state); gain = loss(k = "
-            + (short[-1] if short else "?")
-            + ") − loss(full):",
+            (
+                "Loss when the model sees only the last k characters (same positions; `full` = "
+                f"the whole text before, carried state); gain = loss(k = {GAIN_FROM}) − loss(full), "
+                f"what context older than {GAIN_FROM} characters is worth:"
+            ),
             "",
             "| cell | "
             + " | ".join(f"k = {k}" if k != "full" else "full" for k in keys)
@@ -368,11 +375,11 @@ def markdown(result: Comparison) -> str:
         ]
         for cell, v in s.items():
             c = v["contexts"]
-            gain = c.get(short[-1], math.nan) - c.get("full", math.nan) if short else math.nan
+            gain = c.get(GAIN_FROM, math.nan) - c.get("full", math.nan)
             out.append(
                 f"| {cell.upper()} | "
-                + " | ".join(f"{c.get(k, math.nan):.3f}" for k in keys)
-                + f" | {gain:+.3f} |"
+                + " | ".join(_fmt(c.get(k)) for k in keys)
+                + f" | {_fmt(gain, '+.3f')} |"
             )
     if result.copy:
         delays = list(dict.fromkeys(d for v in result.copy.values() for d in v))
@@ -387,11 +394,7 @@ def markdown(result: Comparison) -> str:
             "|---" * (len(delays) + 1) + "|",
         ]
         for cell, v in result.copy.items():
-            out.append(
-                f"| {cell.upper()} | "
-                + " | ".join(f"{v.get(d, math.nan):.3f}" for d in delays)
-                + " |"
-            )
+            out.append(f"| {cell.upper()} | " + " | ".join(_fmt(v.get(d)) for d in delays) + " |")
     return "\n".join(out)
 
 
