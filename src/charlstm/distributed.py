@@ -117,6 +117,19 @@ def setup(device: str = "auto") -> Context | None:
     return _context
 
 
+def finish() -> None:
+    """End a distributed run that completed normally: wait for every process, then close the group.
+
+    Without the barrier the first process to leave tears gloo down while a peer may still be in its
+    last collective, and that peer aborts ("terminate called without an active exception"), which
+    failed a 2-process test about one run in several on the loaded 2-core machine."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            _teardown()
+
+
 def _teardown() -> None:
     global _context
     if dist.is_initialized():

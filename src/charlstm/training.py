@@ -577,6 +577,8 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
         f"{run.threads} threads")
     with SignalGuard(log) as guard:
         reason = _loop(run, guard, on_eval)
+    if dist_ctx is not None:
+        distributed.finish()
     log(f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
         f"{run.counters.best_saved_val:.4f} nats/char ({run.counters.best_saved_val / math.log(2):.3f} "
         f"bits/char) at step {run.counters.best_step}; run folder {out}")

@@ -255,6 +255,8 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
                                    "unknown key model.hiden_size in"),
     "config-unknown-toml-key": (lambda e: train_cli(e, "--config", toml(e, "hiden_size = 3")),
                                 "unknown key 'hiden_size' in"),
+    "bench-set-no-equals": (lambda e: cli("bench", "train", "--budget", "1", "--set", "lr"),
+                            "--set takes KEY=VALUE, got 'lr'"),
     "config-file-missing": (lambda e: train_cli(e, "--config", e.tmp / "nope.toml"),
                             "does not exist; check the path given to --config"),
     "config-preset-unreadable": (lambda e: lib(lambda: toml_keys(e.tmp / "gone.toml")), "cannot read the preset"),
