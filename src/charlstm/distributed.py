@@ -86,6 +86,9 @@ def world_size_from_env() -> int:
         return 1
 
 
+_finished = False
+
+
 def setup(device: str = "auto") -> Context | None:
     """Join the job's process group when launched by torchrun with more than one process (once per
     process; left at exit); None otherwise."""
@@ -118,22 +121,25 @@ def setup(device: str = "auto") -> Context | None:
 
 
 def finish() -> None:
-    """End a distributed run that completed normally: wait for every process, then close the group.
+    """Mark a distributed run that completed normally, after every process has got this far.
 
-    Without the barrier the first process to leave tears gloo down while a peer may still be in its
-    last collective, and that peer aborts ("terminate called without an active exception"), which
-    failed a 2-process test about one run in several on the loaded 2-core machine."""
+    The process group is closed at exit (`_teardown`), after one more barrier: without it the first
+    process to leave tears gloo down while a peer may still be in its last collective, and that peer
+    aborts ("terminate called without an active exception"), which failed a 2-process test about one
+    run in several on the loaded 2-core machine. A run that failed skips the barrier, since a dead
+    peer would never reach it."""
+    global _finished
     if dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            _teardown()
+        dist.barrier()
+        _finished = True
 
 
 def _teardown() -> None:
     global _context
     if dist.is_initialized():
         try:
+            if _finished:
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a dead peer may make teardown fail; we are exiting anyway
             pass
