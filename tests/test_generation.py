@@ -79,9 +79,11 @@ def threads():
 # ---------------------------------------------------------------------------------------- paths
 
 
+@pytest.mark.parametrize("batch_rows", [1000, 2])  # per-row kernels, and the batched GEMM path
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_greedy_output_is_identical_on_both_paths(num_layers):
+def test_greedy_output_is_identical_on_both_paths(num_layers, batch_rows, monkeypatch):
     """Temperature 0: the compiled kernels and the reference module calls write the same text."""
+    monkeypatch.setattr(kernels.LSTMRows, "batch_rows", batch_rows)
     model = tiny_model(num_layers)
     prompts = ["a", "ab cd\n", "lkj ihg\nfe dcba " * 3]
     params = SamplingParams(0.0)

@@ -249,6 +249,14 @@ class Engine:
                 self.logits = out_logits[:, -1]
         return out
 
+    def _decode_block(self, ids: np.ndarray) -> str | None:
+        """All rows of `ids` (N, k) as one string of N·k characters (-1 decodes to some character,
+        cut away by the caller), with one take and one decode for the whole step; None where ids
+        do not map to single code points."""
+        if self._codepoints is None:
+            return None
+        return self._codepoints[ids].tobytes().decode("utf-32-le")
+
     def _decode(self, ids: np.ndarray) -> str:
         if self._codepoints is not None:
             return self._codepoints[ids].tobytes().decode("utf-32-le")
@@ -270,9 +278,12 @@ class Engine:
             ids = self._reference_advance(max_chars, limits)
         outputs: dict[int, StepOutput] = {}
         keep: list[int] = []
+        k = ids.shape[1]
+        block = self._decode_block(ids)  # every row's k characters, one after the other
         for row, (sid, s) in enumerate(zip(self.ids, streams)):
             n = int(limits[row])
-            outputs[sid] = _hand_out(s, self._decode(ids[row, :n]), n)
+            new = block[row * k:row * k + n] if block is not None else self._decode(ids[row, :n])
+            outputs[sid] = _hand_out(s, new, n)
             if not outputs[sid].finished:
                 keep.append(row)
         self._keep(keep)
@@ -283,6 +294,8 @@ def _hand_out(s: _Stream, new: str, drawn: int) -> StepOutput:
     """Give a stream its newly drawn text: apply its stop rule, and hold back what a stop string
     could still claim (streamed text cannot be taken back once a client has it)."""
     s.drawn += drawn
+    if not s.request.stop.active:  # nothing to cut or hold back: the common case, made cheap
+        return StepOutput(new, s.drawn >= s.request.length, drawn)
     buf = s.pending + new
     cut = _stop_cut(s, new) if s.request.stop.active else None
     finished = cut is not None or s.drawn >= s.request.length

@@ -12,8 +12,8 @@ arithmetic, while one PyTorch module call costs tens of µs. So generation runs 
 - Few streams (`advance_rows`): each row runs all its characters of a call inside one compiled
   call, matrix-vector products over weights that stay in cache (about 4.5 µs a character for the
   lab model, ~50x a module call). Many streams (`_batched_steps`): one step of every row at a time,
-  three GEMMs (oneDNN) that reuse each weight across rows, the rest in numba (~1.8 µs a character
-  per core at 128 rows).
+  one GEMM per layer (oneDNN, weights packed once) that reuses each weight across rows, the rest in
+  numba (~1.7 µs a character per core at 128 rows, 62% of it in the GEMMs).
 - `LSTMRows.advance` splits the rows into blocks, one per thread; each worker runs single-threaded
   and never waits for another inside a call.
 
@@ -90,10 +90,10 @@ class LSTMWeights:
     b_up: np.ndarray  # (L-1, 4H)
     w_fc: np.ndarray  # (H, V)
     b_fc: np.ndarray  # (V,)
-    # The same matrices as nn.Linear keeps them, (out, in), for the batched path's oneDNN GEMMs.
-    lin_hh0: torch.Tensor
-    lin_up: tuple[torch.Tensor, ...]
-    lin_fc: torch.Tensor
+    # The batched path's one product per layer: h_l @ [W_hh_l | W_ih_{l+1}] (W_fc above the top
+    # layer), (H, 4H + 4H or V), and the same matrices as nn.Linear keeps them, (out, in), for oneDNN.
+    fused: tuple[np.ndarray, ...]
+    fused_lin: tuple[torch.Tensor, ...]
 
     @property
     def hidden_size(self) -> int:
@@ -127,9 +127,9 @@ class LSTMWeights:
         b_up = [bias(f"bias_ih_l{l}") + bias(f"bias_hh_l{l}") for l in range(1, L)]
         w_up = f32(torch.stack(w_up)) if w_up else np.zeros((0, 2 * H, 4 * H), np.float32)
         w_hh0, w_fc = f32(rnn.weight_hh_l0.T), f32(fc.weight.T)
-
-        def lin(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a.T))
+        above = [getattr(rnn, f"weight_ih_l{l}") for l in range(1, L)] + [fc.weight]
+        fused = [torch.cat([getattr(rnn, f"weight_hh_l{l}"), above[l]], 0).T for l in range(L)]
+        fused = tuple(f32(m) for m in fused)
 
         return cls(
             table=f32(table),
@@ -138,9 +138,8 @@ class LSTMWeights:
             b_up=f32(torch.stack(b_up)) if b_up else np.zeros((0, 4 * H), np.float32),
             w_fc=w_fc,
             b_fc=f32(fc.bias) if fc.bias is not None else np.zeros(fc.out_features, np.float32),
-            lin_hh0=lin(w_hh0),
-            lin_up=tuple(lin(a) for a in w_up),
-            lin_fc=lin(w_fc),
+            fused=fused,
+            fused_lin=tuple(_pack(torch.from_numpy(np.ascontiguousarray(m.T))) for m in fused),
         )
 
 
@@ -213,15 +212,17 @@ def prime_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, prompt):
 
 
 @nb.njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
-def lstm_cells(G, bias, S, C, layer):
-    """Batched step of layer >= 1, after the GEMM G = [h_below, h_own] @ W: add the bias to every
-    row's gates, then update c and h of `layer` in place."""
-    H = G.shape[1] // 4
+def lstm_cells(below, own, bias, S, C, layer):
+    """Batched step of layer >= 1: its gates are below[:, 4H:] (h_below @ W_ih, this step's product
+    of the layer below) + own[:, :4H] (h_own @ W_hh, from the previous step) + the bias; update c
+    and h of `layer` in place. Both products come from `fused` GEMMs, so the rows are contiguous."""
+    H = bias.shape[0] // 4
     off = layer * H
-    for r in range(G.shape[0]):
-        g = G[r]
+    g = np.empty(4 * H, np.float32)
+    for r in range(S.shape[0]):
+        x, y = below[r, 4 * H:8 * H], own[r, :4 * H]
         for j in range(4 * H):
-            g[j] += bias[j]
+            g[j] = x[j] + y[j] + bias[j]
         _cell(g, S[r, off:off + H], C[r, off:off + H])
 
 
@@ -445,10 +446,10 @@ def _sample_row(lg, b_fc, temperature, top_k, top_p, penalty, recent, window, se
 
 
 @nb.njit(error_model="numpy", cache=True, inline="always")
-def _draw(r, logits, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds, counters, z, p,
+def _draw(r, lg, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds, counters, z, p,
           mark, order, bits):
-    """Draw row r's next character and advance its counter and recent window."""
-    x = _sample_row(logits[r], b_fc, temperature[r], top_k[r], top_p[r], penalty[r], recent[r],
+    """Draw row r's next character from its logits lg and advance its counter and recent window."""
+    x = _sample_row(lg, b_fc, temperature[r], top_k[r], top_p[r], penalty[r], recent[r],
                     window[r], seeds[r], counters[r], z, p, mark, order, bits)
     counters[r] += _ONE
     if penalty[r] != 1.0:
@@ -470,28 +471,29 @@ def sample_rows(logits, b_fc, temperature, top_k, top_p, penalty, window, recent
     for r in range(logits.shape[0]):
         out[r, t] = -1
         if t < limits[r]:
-            out[r, t] = _draw(r, logits, b_fc, temperature, top_k, top_p, penalty, window, recent,
+            out[r, t] = _draw(r, logits[r], b_fc, temperature, top_k, top_p, penalty, window, recent,
                               seeds, counters, z, p, mark, order, bits)
 
 
 @nb.njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
-def sample_into_layer0(G0, table, S, C, logits, b_fc, temperature, top_k, top_p, penalty, window,
-                       recent, seeds, counters, limits, t, out):
-    """Batched step, first half: draw every row's character t (as `sample_rows`), then feed it to
-    layer 0, whose recurrent product G0 = h0 @ W_hh0 the caller computed before the draw (it does
-    not depend on the character): add the character's table row and update c and h."""
-    H = G0.shape[1] // 4
-    V = logits.shape[1]
+def sample_into_layer0(G0, table, S, C, logits, lg_off, b_fc, temperature, top_k, top_p, penalty,
+                       window, recent, seeds, counters, limits, t, out):
+    """Batched step, first half: draw every row's character t (as `sample_rows`) from
+    logits[r, lg_off:lg_off + V], then feed it to layer 0, whose recurrent product h0 @ W_hh0 is
+    G0[:, :4H] (computed before the draw: it does not depend on the character): add the
+    character's table row and update c and h. G0 is scratch afterwards."""
+    H = table.shape[1] // 4
+    V = table.shape[0]
     z, p, bits, order = np.empty(V), np.empty(V), np.empty(V, np.int64), np.empty(V, np.int64)
     mark = np.empty(V, np.bool_)
-    for r in range(logits.shape[0]):
+    for r in range(S.shape[0]):
         x = 0  # rows that are done are fed a dummy character: they leave after this call
         out[r, t] = -1
         if t < limits[r]:
-            x = _draw(r, logits, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds,
-                      counters, z, p, mark, order, bits)
+            x = _draw(r, logits[r, lg_off:lg_off + V], b_fc, temperature, top_k, top_p, penalty,
+                      window, recent, seeds, counters, z, p, mark, order, bits)
             out[r, t] = x
-        g = G0[r]
+        g = G0[r, :4 * H]
         row = table[x]
         for j in range(4 * H):
             g[j] += row[j]
@@ -509,7 +511,7 @@ def _advance_row(r, table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperat
     bits = np.empty(V, np.int64)
     g = np.empty(4 * w_hh0.shape[0], np.float32)
     for t in range(limits[r]):
-        x = _draw(r, logits, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds,
+        x = _draw(r, logits[r], b_fc, temperature, top_k, top_p, penalty, window, recent, seeds,
                   counters, z, p, mark, order, bits)
         out[r, t] = x
         _step_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, x, g)
@@ -536,7 +538,8 @@ class LSTMRows:
     fewer than `batch_rows` rows each row runs its characters in one compiled call; from
     `batch_rows` on, every step multiplies all the block's rows at once, which reuses each weight
     across rows. Measured per core: 2 x 85 per-row 210 k chars/s, batched 170 k at 4 rows, 250 k at
-    8, 380 k at 32, 560 k at 128; 1 x 512 per-row 18 k, batched 22 k at 4, 34 k at 8."""
+    8, 380 k at 32, 560 k at 128 (590 k since the fused, packed GEMMs); 1 x 512 per-row 18 k,
+    batched 22 k at 4, 34 k at 8."""
 
     batch_rows = 8
 
@@ -633,17 +636,27 @@ class LSTMRows:
 
 def _batched_steps(w: LSTMWeights, k, S, C, logits, temperature, top_k, top_p, penalty, window,
                    recent, seeds, counters, limits, out) -> None:
-    """k steps of every row at once: per step, three matrix multiplies and two numba calls."""
-    H, L = w.hidden_size, w.num_layers
+    """k steps of every row at once, one GEMM per layer and step.
+
+    Layer l's h at step t is needed twice: as its own recurrent input at t + 1 and as the input of
+    layer l + 1 (or of the output layer) at t. One product h_l @ [W_hh_l | W_ih_{l+1}] gives both,
+    so a step makes L GEMMs of width 8H instead of L + 1 narrower ones; wider products run closer to
+    the GEMM's peak and each call's fixed cost is paid once less."""
+    H, L, V = w.hidden_size, w.num_layers, w.vocab_size
     with torch.inference_mode():  # worker threads start in grad mode; skip autograd's dispatch
+        # the recurrent products of the state the rows start from (logits are already known)
+        A = [_gemm(S[:, l * H:(l + 1) * H], w.fused[l], w.fused_lin[l]) for l in range(L)]
+        lg, lg_off = logits, 0
         for t in range(k):
-            G0 = _gemm(S[:, :H], w.w_hh0, w.lin_hh0)  # (N, H) @ (H, 4H)
-            sample_into_layer0(G0, w.table, S, C, logits, w.b_fc, temperature, top_k, top_p,
+            sample_into_layer0(A[0], w.table, S, C, lg, lg_off, w.b_fc, temperature, top_k, top_p,
                                penalty, window, recent, seeds, counters, limits, t, out)
-            for l in range(1, L):
-                G = _gemm(S[:, (l - 1) * H:(l + 1) * H], w.w_up[l - 1], w.lin_up[l - 1])
-                lstm_cells(G, w.b_up[l - 1], S, C, l)  # G: (N, 2H) @ (2H, 4H)
-            logits[:] = _gemm(S[:, (L - 1) * H:], w.w_fc, w.lin_fc)  # (N, H) @ (H, V)
+            for l in range(L):
+                new = _gemm(S[:, l * H:(l + 1) * H], w.fused[l], w.fused_lin[l])
+                if l + 1 < L:  # layer l+1: this step's input product, its own from the last step
+                    lstm_cells(new, A[l + 1], w.b_up[l], S, C, l + 1)
+                A[l] = new
+            lg, lg_off = A[L - 1], 4 * H
+        logits[:] = lg[:, lg_off:lg_off + V]
 
 
 # ---------------------------------------------------------------------------------------- threads
@@ -692,6 +705,26 @@ def _gemm(x: np.ndarray, W: np.ndarray, W_lin: torch.Tensor) -> np.ndarray:
         return torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x), W_lin, None, "none", [],
                                                   "").numpy()
     return x @ W
+
+
+def _pack(lin: torch.Tensor) -> torch.Tensor:
+    """`lin` (out, in) reordered once into oneDNN's blocked layout, which spares every product the
+    reordering of its weight (measured 7-13% faster for the lab model's shapes, same results);
+    `lin` itself where oneDNN is not used or cannot pack it."""
+    if not _onednn_works():
+        return lin
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(lin, _PACK_ROWS)
+        x = torch.arange(8 * lin.shape[1], dtype=torch.float32).reshape(8, -1) / lin.shape[1]
+        same = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                           torch.ops.mkldnn._linear_pointwise(x, lin, None, "none", [], ""),
+                           rtol=1e-5, atol=1e-5)
+    except (RuntimeError, AttributeError):
+        return lin
+    return packed if same else lin
+
+
+_PACK_ROWS = 128  # the rows a batched block typically has (256 streams on 2 threads)
 
 
 @functools.cache
