@@ -146,7 +146,7 @@ class LSTMWeights:
 def supports(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether `LSTMWeights` can run this model: a plain LSTM (no projections) on the CPU."""
     rnn = getattr(model, "rnn", None)
-    return (device.type == "cpu" and isinstance(rnn, torch.nn.LSTM) and rnn.batch_first
+    return (device.type == "cpu" and isinstance(rnn, torch.nn.LSTM)
             and not rnn.bidirectional and getattr(rnn, "proj_size", 0) == 0
             and all(hasattr(model, n) for n in ("encoder", "fc")))
 
