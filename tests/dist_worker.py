@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -60,3 +61,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave without running C++ static destructors: after the extra collective above, gloo's
+    # teardown at interpreter exit still aborted a process now and then (3 runs in 6 on one busy
+    # afternoon), after the verdict was printed and the group closed; the check is done by then.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
