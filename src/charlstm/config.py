@@ -52,6 +52,9 @@ class ModelConfig:
     dropout: float = 0.5  # between recurrent layers and before the output layer
     embedding_dropout: float = 0.2
     weight_drop: float = 0.6  # DropConnect on the hidden-to-hidden weights (AWD-LSTM), training only
+    # One dropout mask per sequence of a batch, shared by its time steps (variational dropout), for
+    # the embedding and output dropouts; between stacked layers PyTorch's own dropout stays.
+    locked_dropout: bool = False
     vocab_size: int = 0
 
 

@@ -28,14 +28,14 @@ class CharRNN(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set from the vocabulary")
         self.config = config
         self.encoder = nn.Embedding(config.vocab_size, config.embedding_size)
-        self.embedding_dropout = Dropout(config.embedding_dropout)
+        self.embedding_dropout = Dropout(config.embedding_dropout, locked=config.locked_dropout)
         self.rnn = _CELLS[config.cell](
             config.embedding_size,
             config.hidden_size,
             config.num_layers,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )  # time-major (T, B, ·): see forward
-        self.dropout = Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout, locked=config.locked_dropout)
         self.fc = nn.Linear(config.hidden_size, config.vocab_size)
 
     def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> Hidden:
@@ -73,26 +73,36 @@ class Dropout(nn.Module):
     each: for a 1 × 512 LSTM's output at batch 128 × 64 that was 30 ms of a 170 ms training step.
     Here each element gets 16 random bits, three elements to one 64-bit draw, and is kept when
     they are at or above p·2¹⁶: the same distribution with p rounded to a multiple of 2⁻¹⁶ (the
-    scale uses the rounded p, so the expectation is exact), for about a third of the time."""
+    scale uses the rounded p, so the expectation is exact), for about a third of the time.
 
-    def __init__(self, p: float) -> None:
+    `locked`: the input is time-major (T, B, F) and one mask of (1, B, F) serves every time step
+    (variational or "locked" dropout, Gal & Ghahramani 2016, used by AWD-LSTM): a feature dropped
+    for a sequence stays dropped along it, and the mask costs 1/T as much."""
+
+    def __init__(self, p: float, locked: bool = False) -> None:
         super().__init__()
         self.p = p
+        self.locked = locked
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, locked={self.locked}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p) if self.training else x
+        if not self.training:
+            return x
+        return dropout(x, self.p, mask_shape=(1, *x.shape[1:]) if self.locked else None)
 
 
-def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """`F.dropout(x, p)` in training mode, with `Dropout`'s cheaper mask."""
+def dropout(x: torch.Tensor, p: float, mask_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`F.dropout(x, p)` in training mode, with `Dropout`'s cheaper mask; `mask_shape` (which must
+    broadcast to x) shares one mask value along the dimensions where it is 1."""
     dropped = min(round(p * 65536), 65535)  # how many of the 2¹⁶ values drop an element
     if dropped == 0:
         return x
-    lanes = _random_int16(x.numel(), x.device)  # (⌈n/3⌉, 3), a strided view
-    keep = (lanes >= dropped - 32768).view(-1)[:x.numel()].view(x.shape)
+    shape = x.shape if mask_shape is None else torch.Size(mask_shape)
+    n = shape.numel()
+    lanes = _random_int16(n, x.device)  # (⌈n/3⌉, 3), a strided view
+    keep = (lanes >= dropped - 32768).view(-1)[:n].view(shape)
     return x * (keep.to(x.dtype) * (65536 / (65536 - dropped)))
 
 
