@@ -112,3 +112,17 @@ def test_generate_and_evaluate_from_python(corpus, tmp_path, tiny):
     assert greedy == model.generate(start_text="Ты ", length=20, temperature=0, seed=99)
     metrics = model.evaluate(corpus.read_text(encoding="utf-8")[:500])
     assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / 0.6931471805599453)
+
+
+def test_quality_per_time_reports_the_roofline_against_the_peak_it_measured(corpus, tiny):
+    """The benchmark's JSON: a validation loss, speeds, and a roofline figure that is the step's
+    GFLOP/s over the median matrix-multiply peak measured between the step's timing slices."""
+    from charlstm.bench.training import quality_per_time
+
+    result = quality_per_time(tiny(corpus, max_steps=None), budget=1.0, speed_seconds=0.6)
+    assert result["val_loss"] > 0 and result["steps"] > 0
+    low, high = result["matmul_gflops_range"]
+    assert 0 < low <= result["matmul_gflops"] <= high
+    assert result["roofline"] == pytest.approx(result["step_gflops"] / result["matmul_gflops"],
+                                               abs=1e-3)
+    assert result["library_chars_per_s"] > 0 and result["bare_chars_per_s"] > 0

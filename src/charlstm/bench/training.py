@@ -6,7 +6,8 @@ One run of `quality_per_time` prints:
   with carried state, exactly as `charlstm evaluate` computes it, on the best checkpoint);
 - steps, characters/s, and the achieved GFLOP/s of the training step (counted analytically below);
 - the matrix-multiply GFLOP/s of this machine measured in the same run, at the same precision and
-  thread count, so that their ratio is a roofline figure and not a guess;
+  thread count, between the slices in which the step is timed (the median of those measurements),
+  so that their ratio is a roofline figure and not a guess;
 - the library's training step against a bare PyTorch loop over the same model and batches, timed
   alternately in the same run, so that machine noise hits both alike.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -72,9 +74,15 @@ def _bare_step(model, opt, x, y, hidden, device, precision, clip):
     return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
 
 
-def step_speed(config: RunConfig, seconds: float = 6.0) -> dict[str, float]:
+def step_speed(config: RunConfig, seconds: float = 6.0, peak_precision: str | None = None
+               ) -> dict[str, Any]:
     """Characters/s of the library's step (`Run.train_step`) and of a bare loop on the same model
-    and batches, timed in alternating slices so that both see the same machine load."""
+    and batches, timed in alternating slices so that both see the same machine load.
+
+    With `peak_precision`, a short matrix-multiply measurement follows every pair of slices, and the
+    median of those is the peak: on a shared machine one measurement of the peak at the start of a
+    run swung between 233 and 943 GFLOP/s (bf16, 2 cores), so a ratio of a step measured at one
+    moment to a peak measured at another was noise; interleaved, both see the same load."""
     from charlstm.training import Run, prepare_data
 
     data = prepare_data(config)
@@ -94,7 +102,10 @@ def step_speed(config: RunConfig, seconds: float = 6.0) -> dict[str, float]:
                                 config.optim.grad_clip)
         deadline = _now() + seconds
         i = 0
+        peaks: list[float] = []
         while _now() < deadline:
+            if peak_precision is not None:
+                peaks.append(matmul_gflops(peak_precision, seconds=0.25, sizes=(2048,)))
             for name in ("library", "bare"):
                 start = _now()
                 for _ in range(4):
@@ -110,11 +121,16 @@ def step_speed(config: RunConfig, seconds: float = 6.0) -> dict[str, float]:
                 steps[name] += 4
     lib = steps["library"] * chars / timings["library"]
     bare_speed = steps["bare"] * chars / timings["bare"]
-    return {"library_chars_per_s": lib, "bare_chars_per_s": bare_speed, "library_vs_bare": lib / bare_speed}
+    result: dict[str, Any] = {"library_chars_per_s": lib, "bare_chars_per_s": bare_speed,
+                              "library_vs_bare": lib / bare_speed}
+    if peaks:
+        result["matmul_gflops"] = statistics.median(peaks)
+        result["matmul_gflops_range"] = (min(peaks), max(peaks))
+    return result
 
 
 def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
-                     progress: bool = False) -> dict[str, Any]:
+                     progress: bool = False, speed_seconds: float = 12.0) -> dict[str, Any]:
     """Train for `budget` seconds and measure everything listed in the module docstring."""
     from charlstm.api import load
     from charlstm.corpus import load_corpus, split_text
@@ -124,7 +140,6 @@ def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
     threads = set_threads(config.train.threads)
     device = pick_device(config.train.device)
     precision = pick_precision(config.train.precision, device)
-    peak = matmul_gflops(precision) if device.type == "cpu" else float("nan")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(out) if out else Path(tmp) / "run"
         start = _now()
@@ -140,7 +155,9 @@ def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
     train_time = metrics[-1]["time"]
     speed = chars / train_time
     gflops = speed * training_flops_per_char(m) / 1e9
-    speeds = step_speed(config)
+    on_cpu = device.type == "cpu"
+    speeds = step_speed(config, seconds=speed_seconds, peak_precision=precision if on_cpu else None)
+    peak = speeds.get("matmul_gflops", float("nan"))
     step_gflops = speeds["library_chars_per_s"] * training_flops_per_char(m) / 1e9
     return {
         "dataset": config.data.dataset or config.data.text,
@@ -152,7 +169,8 @@ def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
         "chars_per_s": round(speed, 1),
         "train_gflops": round(gflops, 2),
         "step_gflops": round(step_gflops, 2),
-        "matmul_gflops": round(peak, 1),
+        "matmul_gflops": round(peak, 1),  # the median of the measurements between step slices
+        "matmul_gflops_range": [round(x, 1) for x in speeds.get("matmul_gflops_range", ())],
         "roofline": round(step_gflops / peak, 3) if math.isfinite(peak) else None,
         "library_chars_per_s": round(speeds["library_chars_per_s"], 1),
         "bare_chars_per_s": round(speeds["bare_chars_per_s"], 1),
