@@ -246,15 +246,23 @@ class DistributedRun(Run):
             f"charlstm train --resume {self.out} --nproc {self.ctx.world_size}"
         )
 
-    def sync_step(self, guard) -> None:
-        """Agree on the elapsed time (the largest) and on a stop signal (any process's)."""
+    def sync_step(self, guard) -> bool:
+        """Agree on the elapsed time (the largest) and on a stop signal (any process's).
+
+        The decision is the agreed flag, never this process's own: a signal whose handler runs while
+        the all-reduce is in flight (or just after it) was not in the flags this process sent, so
+        acting on it would stop this process alone while its peers go on to the next step's
+        collectives, and the job would hang until the timeout (seen: 2 runs in 3 of
+        test_ctrl_c_stops_every_process_at_the_same_step). Such a signal is sent at the next step."""
         requested = guard.requested.value if guard.requested is not None else 0
         flags = torch.tensor([self.counters.elapsed, float(requested)], dtype=torch.float64,
                              device=self.ctx.device)
         self._collective(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
         self.counters.elapsed = float(flags[0])
-        if flags[1] and guard.requested is None:
-            guard.requested = signal.Signals(int(flags[1]))
+        agreed = int(flags[1])
+        if agreed and guard.requested is None:
+            guard.requested = signal.Signals(agreed)
+        return bool(agreed)
 
     # `train` sets `run.loss_hook` (tests use it to inject faults); this run wraps it so that the
     # loss every process logs and tests for finiteness is the global mean.

@@ -361,8 +361,10 @@ class Run:
 
     # -- pieces of the loop --------------------------------------------------------------------
 
-    def sync_step(self, guard: SignalGuard) -> None:
-        """Before each step: a distributed run agrees here on the elapsed time and on stop signals."""
+    def sync_step(self, guard: SignalGuard) -> bool:
+        """Before each step: whether to stop now. A distributed run agrees here on the elapsed time
+        and on stop signals, and every process must then take the same decision."""
+        return guard.requested is not None
 
     def evaluate(self) -> float:
         return evaluate_ids(self.eval_model, self.data.val_ids, n_streams=self.config.train.eval_streams,
@@ -608,8 +610,7 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
     try:
         while True:
             c.elapsed = base_elapsed + (time.monotonic() - start)
-            run.sync_step(guard)
-            if guard.requested:
+            if run.sync_step(guard):
                 raise guard.stop_error()
             if t.max_steps and c.step >= t.max_steps:
                 reason = f"max_steps {t.max_steps}"
