@@ -30,16 +30,17 @@ SCRATCH_TARGET, TRANSFER_TARGET, TRANSFER_BUDGET = 2.30, 1.90, 600.0
 
 def _train(config, out: str, log_path: str) -> dict:
     """Train one run (pre-training first when the config says so); its best loss and timings."""
-    from charlstm import checkpoint as ckpt_io
-    from charlstm.training import train
+    from charlstm.runs import checkpoint as ckpt_io
+    from charlstm.runs.folder import checkpoint_path
+    from charlstm.training.orchestrate import train
 
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as fh:
         train(
             config, out, force=True, progress=False, log=lambda m: (fh.write(m + "\n"), fh.flush())
         )
-    meta = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(out, "best")).meta
-    last = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(out, "last")).meta["metrics"]
+    meta = ckpt_io.read_checkpoint(checkpoint_path(out, "best")).meta
+    last = ckpt_io.read_checkpoint(checkpoint_path(out, "last")).meta["metrics"]
     result = {
         "val_loss": meta["metrics"]["val_loss"],
         "best_step": meta["step"],
@@ -47,10 +48,10 @@ def _train(config, out: str, log_path: str) -> dict:
         "wall_seconds": round(time.monotonic() - start, 1),
     }
     if config.train.pretrain:
-        from charlstm.transfer import pretrain_out
+        from charlstm.training.orchestrate import pretrain_out
 
         pre = ckpt_io.read_checkpoint(
-            ckpt_io.checkpoint_path(pretrain_out(Path(out)), "last")
+            checkpoint_path(pretrain_out(Path(out)), "last")
         ).meta["metrics"]
         result.update(pretrain_seconds=pre["elapsed"], pretrain_val_loss=pre["best_val_loss"])
     return result

@@ -80,10 +80,11 @@ FLAGS=(--dataset tinyshakespeare --batch-size 64 --seq-len 256 --embedding-size 
 summary() {  # characters/s over the training time (evaluations included) and the best validation loss
     "$PY" - "$1" "$2" <<'EOF'
 import json, sys
-from charlstm import checkpoint as ck
+from charlstm.runs import checkpoint as ck
+from charlstm.runs.folder import checkpoint_path
 label, run = sys.argv[1], sys.argv[2]
-last = ck.read_checkpoint(ck.checkpoint_path(run, "last")).meta
-best = ck.read_checkpoint(ck.checkpoint_path(run, "best")).meta["metrics"]
+last = ck.read_checkpoint(checkpoint_path(run, "last")).meta
+best = ck.read_checkpoint(checkpoint_path(run, "best")).meta["metrics"]
 m = last["metrics"]
 speed = m["chars"] / max(m["elapsed"], 1e-9)
 print(f"gpu_check: {label}: {speed:,.0f} characters/s over {m['elapsed']:.0f} s ({last['step']} steps, "

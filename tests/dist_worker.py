@@ -15,9 +15,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from charlstm import distributed
 from charlstm.config import RunConfig
-from charlstm.training import resume_config, train
+from charlstm.training import distributed
+from charlstm.training.orchestrate import resume_config, train
 
 digests: dict[int, str] = {}
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlstm.batching import RandomBatcher, StreamBatcher, eval_streams
+from charlstm.data.batching import RandomBatcher, StreamBatcher, eval_streams
 from charlstm.errors import UserError
 
 

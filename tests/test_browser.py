@@ -24,7 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import charlstm
 from charlstm.config import RunConfig
-from charlstm.server import ServerConfig, create_app
+from charlstm.serve.app import ServerConfig, create_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

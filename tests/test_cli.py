@@ -73,7 +73,8 @@ def test_config_file_and_flags_override(corpus, tmp_path):
 def test_resume_continues(trained):
     result = run("train", "--resume", trained, "--max-steps", 15, "--no-progress")
     assert result.exit_code == 0, result.output
-    from charlstm.checkpoint import checkpoint_path, read_checkpoint
+    from charlstm.runs.checkpoint import read_checkpoint
+    from charlstm.runs.folder import checkpoint_path
 
     assert read_checkpoint(checkpoint_path(trained, "last")).meta["step"] == 15
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from charlstm import comparison
 from charlstm.cli import main
 from charlstm.config import RunConfig
-from charlstm.evaluation import evaluate_ids
+from charlstm.experiments import comparison
 from charlstm.model import CharRNN
+from charlstm.model.evaluation import evaluate_ids
 
 
 @pytest.mark.parametrize("layers, hidden", [(2, 256), (1, 384), (3, 128)])

@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlstm import checkpoint as ckpt_io
 from charlstm.config import RunConfig
-from charlstm.training import resume_config, train
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training.orchestrate import resume_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
-    return ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, which)).model_state()
+    return ckpt_io.read_checkpoint(checkpoint_path(run, which)).model_state()
 
 
 def _assert_follows(run: Path, reference: Path) -> None:
@@ -102,7 +103,7 @@ def test_two_processes_follow_one_process_and_resume_on_either(corpus, tmp_path)
 
     for run in (two, two_then_one, one_then_two):
         _assert_follows(run, one)
-    hidden = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(two, "last")).group("hidden")
+    hidden = ckpt_io.read_checkpoint(checkpoint_path(two, "last")).group("hidden")
     assert hidden["0"].shape == (2, 4, 16)  # the whole batch's carried state, gathered to rank 0
 
 
@@ -132,7 +133,7 @@ def _long_job(corpus: Path, out: Path) -> subprocess.Popen:
            "--eval-interval", "5", "--threads", "1", "--precision", "fp32", "--sample-every", "0",
            "--no-progress"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = ckpt_io.checkpoint_path(out, "last")
+    last = checkpoint_path(out, "last")
     deadline = time.monotonic() + 180
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -158,9 +159,9 @@ def _rank_pid(job: subprocess.Popen, rank: int) -> int:
 
 
 def _resumes(run: Path) -> None:
-    step = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last")).meta["step"]
+    step = ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta["step"]
     train(resume_config(run, {"max_steps": step + 5}), run, resume=True, progress=False)
-    assert ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last")).meta["step"] == step + 5
+    assert ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta["step"] == step + 5
 
 
 def test_killed_rank_ends_the_job_with_a_clear_message(corpus, tmp_path):
@@ -186,5 +187,5 @@ def test_ctrl_c_stops_every_process_at_the_same_step(corpus, tmp_path):
     assert job.returncode == 130, err
     assert err.count("saved at step") == 1, err
     step = int(err.split("saved at step ")[1].split(";")[0])
-    assert ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last")).meta["step"] == step
+    assert ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta["step"] == step
     _resumes(run)

@@ -19,16 +19,22 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charlstm.api import TextModel
 from charlstm.cli import main
 from charlstm.config import ModelConfig
+from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
-from charlstm.generation import Engine, Request, _hand_out, _Stream, generate_stream
+from charlstm.generate.engine import Engine, Request, _hand_out, _Stream, generate_stream
+from charlstm.generate.sampling import (
+    SamplingParams,
+    StopRule,
+    next_token_probs,
+    sample_step,
+    stream_seeds,
+)
+from charlstm.generate.textmodel import TextModel
 from charlstm.model import CharRNN
-from charlstm.sampling import SamplingParams, StopRule, next_token_probs, sample_step, stream_seeds
-from charlstm.vocabulary import Vocabulary
 
-kernels = pytest.importorskip("charlstm.kernels")
+kernels = pytest.importorskip("charlstm.generate.kernels")
 
 CHARS = "ab \ncdefghijkl"  # space and newline are common, so lines and stanzas end quickly
 VOCAB = Vocabulary(tuple(CHARS))
@@ -200,7 +206,7 @@ def test_without_numba_generation_takes_the_reference_path():
     code = (
         "import sys; sys.modules['numba'] = None\n"  # makes `import numba` raise ImportError
         "import torch; from charlstm.config import ModelConfig; from charlstm.model import CharRNN\n"
-        "from charlstm.generation import Engine, Request\n"
+        "from charlstm.generate.engine import Engine, Request\n"
         "m = CharRNN(ModelConfig(embedding_size=4, hidden_size=8, num_layers=1, vocab_size=3))\n"
         "e = Engine(m, lambda ids: ''.join('ab '[i] for i in ids)); e.add(Request([0], 30))\n"
         "out = e.step(30); assert not e.compiled and len(out[0].text) == 30; print('ok')\n")

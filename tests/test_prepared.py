@@ -9,13 +9,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from charlstm import checkpoint as ckpt_io
-from charlstm import prepared
 from charlstm.cli import main
-from charlstm.corpus import read_text, split_text
+from charlstm.data import prepared
+from charlstm.data.corpus import read_text, split_text
+from charlstm.data.loading import prepare_data
+from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
-from charlstm.training import prepare_data, train
-from charlstm.vocabulary import Vocabulary
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training.orchestrate import train
 
 WORDS = ("мороз и солнце день чудесный ещё ты дремлешь друг прелестный ёж "
          "the quick brown fox jumps over a lazy dog — «quoted» 1812 ✓").split()
@@ -125,8 +127,8 @@ def test_training_from_memmap_equals_training_from_text(tmp_path, corpus, tiny):
     assert data.train_text == split_text(read_text(corpus), cfg.data.val_fraction)[0]
     a = train(cfg, tmp_path / "a", progress=False)
     b = train(from_prep, tmp_path / "b", progress=False)
-    wa = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(a, "last")).model_state()
-    wb = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(b, "last")).model_state()
+    wa = ckpt_io.read_checkpoint(checkpoint_path(a, "last")).model_state()
+    wb = ckpt_io.read_checkpoint(checkpoint_path(b, "last")).model_state()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

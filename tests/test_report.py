@@ -15,10 +15,10 @@ import re
 import pytest
 from click.testing import CliRunner
 
+from charlstm.analysis.report import _md_sample, analyze_run, format_table, write_report
 from charlstm.cli import main
 from charlstm.config import RunConfig
-from charlstm.report import _md_sample, analyze_run, format_table, write_report
-from charlstm.training import train
+from charlstm.training.orchestrate import train
 
 VERSE = (
     "Прощай, свободная стихия!\nВ последний раз передо мной\n"

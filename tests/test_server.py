@@ -17,11 +17,12 @@ import torch
 from click.testing import CliRunner
 
 import charlstm
-from charlstm.checkpoint import checkpoint_path, save_checkpoint
 from charlstm.cli import main
 from charlstm.config import ModelConfig, RunConfig
 from charlstm.model import CharRNN
-from charlstm.server import STATIC_DIR, ServerConfig, create_app
+from charlstm.runs.checkpoint import save_checkpoint
+from charlstm.runs.folder import checkpoint_path
+from charlstm.serve.app import STATIC_DIR, ServerConfig, create_app
 
 VOCAB = "abcdefghijklmnopqrstuvwxyz ,.\n"
 LONG = 4000  # with the paced model, a generation of at least 4 s: it outlasts every check on it

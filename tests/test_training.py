@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 
-from charlstm import checkpoint as ckpt_io
 from charlstm.api import load
 from charlstm.errors import NonFiniteLoss, UserError
-from charlstm.training import resume_config, train
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training.orchestrate import resume_config, train
 
 
 def _weights(run, which="last"):
-    return ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, which)).model_state()
+    return ckpt_io.read_checkpoint(checkpoint_path(run, which)).model_state()
 
 
 def test_run_folder_has_everything(corpus, tmp_path, tiny):
@@ -62,7 +63,7 @@ def test_best_checkpoint_is_kept_not_last(corpus, tmp_path, tiny):
     run = train(tiny(corpus, max_steps=40, eval_interval=5, lr=0.3, early_stopping=0),
                 tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    best = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "best")).meta["metrics"]["val_loss"]
+    best = ckpt_io.read_checkpoint(checkpoint_path(run, "best")).meta["metrics"]["val_loss"]
     assert best == pytest.approx(min(x["val_loss"] for x in lines))
 
 
@@ -78,7 +79,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(corpus, tmp_path, tiny):
     hook = lambda step, loss: loss * float("nan") if step >= 12 else loss  # noqa: E731
     with pytest.raises(NonFiniteLoss, match="step 12"):
         train(cfg, tmp_path / "run", progress=False, loss_hook=hook)
-    ck = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(tmp_path / "run", "last"))
+    ck = ckpt_io.read_checkpoint(checkpoint_path(tmp_path / "run", "last"))
     assert ck.meta["step"] == 10
 
 
@@ -91,7 +92,7 @@ def test_resume_refuses_model_changes(corpus, tmp_path, tiny):
 def test_save_load_gives_identical_logits(corpus, tmp_path, tiny):
     run = train(tiny(corpus), tmp_path / "run", progress=False)
     model = load(run, which="last")
-    ck = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last"))
+    ck = ckpt_io.read_checkpoint(checkpoint_path(run, "last"))
     from charlstm.model import CharRNN
 
     fresh = CharRNN(ck.model_config)

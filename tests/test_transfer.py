@@ -7,17 +7,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from charlstm import checkpoint as ckpt_io
-from charlstm import transfer
 from charlstm.cli import main
 from charlstm.model import CharRNN
-from charlstm.training import resume_config, train
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training import transfer
+from charlstm.training.orchestrate import resume_config, train
 
 OTHER = "Мой дядя самых честных правил,\nКогда не в шутку занемог,\nОн уважать себя заставил\n" * 30
 
 
 def _ckpt(run, which):
-    return ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, which))
+    return ckpt_io.read_checkpoint(checkpoint_path(run, which))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ TINY_SPACE = {"hidden_size": [8, 16], "lr": (3e-3, 3e-2), "dropout": (0.0, 0.2)}
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from charlstm import tuning
+    from charlstm.experiments import tuning
     from tests.conftest import tiny_config
 
     text, storage, out, kill = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "kill"
@@ -93,8 +93,8 @@ def test_tune_cli_writes_table_preset_and_plots(corpus, tmp_path, monkeypatch):
     """`charlstm tune` prints the results table and writes a loadable preset, JSON and plots."""
     from click.testing import CliRunner
 
-    from charlstm import tuning
     from charlstm.cli import main
+    from charlstm.experiments import tuning
 
     monkeypatch.setattr(tuning, "SPACE", TINY_SPACE)
     result = CliRunner().invoke(
@@ -140,8 +140,8 @@ def test_flags_fix_searched_fields(corpus, tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    from charlstm import tuning
     from charlstm.cli import main
+    from charlstm.experiments import tuning
 
     monkeypatch.setattr(tuning, "SPACE", TINY_SPACE)
     result = CliRunner().invoke(

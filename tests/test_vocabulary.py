@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
-from charlstm.vocabulary import Vocabulary
 
 
 @settings(max_examples=200, deadline=None)

@@ -69,6 +69,23 @@ def _config_options(func):
     return func
 
 
+def _command_args(ctx, skip: tuple[str, ...] = ()) -> list[str]:
+    """The arguments that give a click command the options it was called with (for relaunching)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in skip or value is None or not isinstance(param, click.Option):
+            continue
+        if param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+            continue
+        args += [param.opts[0], repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML preset; flags override it.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder to write (default runs/<dataset>).")
@@ -81,13 +98,13 @@ def _config_options(func):
 @_config_options
 def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> None:
     """Train a model on --dataset NAME or --text FILE and write a run folder."""
-    from charlstm.training import resume_config
-    from charlstm.training import train as train_run
+    from charlstm.training.orchestrate import resume_config
+    from charlstm.training.orchestrate import train as train_run
 
     if nproc is not None and nproc != 1:
-        from charlstm.distributed import command_args, launch
+        from charlstm.training.distributed import launch
 
-        sys.exit(launch(nproc, command_args(click.get_current_context(), skip=("nproc",))))
+        sys.exit(launch(nproc, _command_args(click.get_current_context(), skip=("nproc",))))
     overrides = {k: v for k, v in fields.items() if v is not None}
     if overrides.get("text") or overrides.get("prepared"):
         overrides.setdefault("dataset", None)
@@ -103,7 +120,7 @@ def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> 
     config = config.replace(**overrides)
     if config.train.init_from:
         from charlstm.config import toml_keys
-        from charlstm.transfer import adopt_architecture, read_source
+        from charlstm.training.transfer import adopt_architecture, read_source
 
         # A fine-tuned model has the pre-trained one's shape; a shape the user asked for must agree.
         config = adopt_architecture(config, read_source(config.train.init_from),
@@ -131,7 +148,7 @@ def _write_output(out: str | None, text: str) -> None:
     if out is None:
         click.echo(text)
         return
-    from charlstm.checkpoint import atomic_write_text
+    from charlstm.atomic import atomic_write_text
 
     atomic_write_text(Path(out), text)
     click.echo(f"wrote {out}", err=True)
@@ -202,7 +219,7 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
     """Loss (nats/char), bits/char and perplexity of RUN on a text (default: its validation split)."""
     from charlstm.api import load
     from charlstm.config import from_dict
-    from charlstm.corpus import load_corpus, read_text, split_text
+    from charlstm.data.corpus import load_corpus, read_text, split_text
 
     model = load(run, which=which)
     if text_path:
@@ -210,7 +227,7 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
     else:
         cfg = from_dict(model.meta["config"])
         if cfg.data.prepared and not dataset:  # trained from `charlstm prepare`'s memory-mapped ids
-            from charlstm.prepared import decode_ids, open_prepared
+            from charlstm.data.prepared import decode_ids, open_prepared
 
             corpus = open_prepared(cfg.data.prepared)
             text = decode_ids(corpus.vocab, corpus.split(cfg.data.val_fraction)[1])
@@ -236,7 +253,7 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
 @click.option("--json", "as_json", is_flag=True)
 def datasets(as_json) -> None:
     """List the named corpora and whether a verified local copy exists."""
-    from charlstm import datasets as ds
+    from charlstm.data import datasets as ds
 
     rows = ds.status()
     if as_json:
@@ -269,8 +286,8 @@ def datasets(as_json) -> None:
 def serve(runs, host, port, max_length, max_concurrency, max_batch, time_limit, threads,
           log_level) -> None:
     """Serve RUNS over HTTP: a JSON and streaming API, its docs at /docs, and a page at /."""
-    from charlstm.server import ServerConfig
-    from charlstm.server import serve as serve_runs
+    from charlstm.serve.app import ServerConfig
+    from charlstm.serve.app import serve as serve_runs
 
     config = ServerConfig(max_length=max_length, max_concurrency=max_concurrency, max_batch=max_batch,
                           time_limit=time_limit)
@@ -345,9 +362,9 @@ def bench_train(config_path, dataset, budget, out, sets) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def prepare(text_path, dataset, out, encoding, val_fraction, force, no_progress) -> None:
     """Encode a corpus larger than memory once; then train on it with --prepared OUT."""
-    from charlstm import datasets as ds
-    from charlstm.prepared import describe
-    from charlstm.prepared import prepare as prepare_corpus
+    from charlstm.data import datasets as ds
+    from charlstm.data.prepared import describe
+    from charlstm.data.prepared import prepare as prepare_corpus
 
     if bool(text_path) == bool(dataset):
         raise UserError("give exactly one of --text FILE or --dataset NAME")
@@ -384,8 +401,8 @@ def _analysis_options(func):
 
 
 def _run_analysis(run, samples, length, temperatures, text_path, seed, which, threads) -> dict:
-    from charlstm.corpus import read_text
-    from charlstm.report import analyze_run
+    from charlstm.analysis.report import analyze_run
+    from charlstm.data.corpus import read_text
 
     if threads is not None:
         if threads < 1:
@@ -406,7 +423,7 @@ def _run_analysis(run, samples, length, temperatures, text_path, seed, which, th
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def analyze(run, samples, length, temperatures, text_path, seed, which, threads, as_json) -> None:
     """Compare what RUN generates (or --text) with its training text: copies, novelty, structure."""
-    from charlstm.report import format_table
+    from charlstm.analysis.report import format_table
 
     analysis = _run_analysis(run, samples, length, temperatures, text_path, seed, which, threads)
     if as_json:
@@ -422,7 +439,7 @@ def analyze(run, samples, length, temperatures, text_path, seed, which, threads,
               help="Folder for report.html, report.md and report/ (default: the run folder).")
 def report(run, samples, length, temperatures, text_path, seed, which, threads, out) -> None:
     """Write RUN's report: report.html (self-contained), report.md and the plots in report/."""
-    from charlstm.report import report_folder, write_report
+    from charlstm.analysis.report import report_folder, write_report
 
     folder = report_folder(run, out)
     analysis = _run_analysis(run, samples, length, temperatures, text_path, seed, which, threads)
@@ -475,8 +492,8 @@ def tune(study, trials, budget_per_trial, storage, out, preset, pruner, sampler_
     and flags). Prints the results table and writes the best configuration as a TOML preset, the
     table, a JSON file and plots.
     """
-    from charlstm import tuning
     from charlstm.config import parse_duration, toml_keys
+    from charlstm.experiments import tuning
 
     threads = fields.pop("threads") or 1
     preset_defaults = {}
@@ -541,9 +558,9 @@ def compare(cells, budget, seeds, jobs, out, no_probe, copy_delays, copy_budget,
     comparison.md and curves.png (validation loss against time). Runs use 1 thread unless --threads
     says otherwise.
     """
-    from charlstm.comparison import compare as run_compare
-    from charlstm.comparison import markdown
     from charlstm.config import parse_duration
+    from charlstm.experiments.comparison import compare as run_compare
+    from charlstm.experiments.comparison import markdown
 
     if fields.get("threads") is None:
         fields["threads"] = 1

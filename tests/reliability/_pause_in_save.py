@@ -1,6 +1,6 @@
 """Run the `charlstm` CLI with a disk writer that stops half-way through a write, for the tests.
 
-`checkpoint._write_all` is the single place charlstm's bytes reach the disk. This wrapper replaces
+`atomic._write_all` is the single place charlstm's bytes reach the disk. This wrapper replaces
 it so that a chosen write puts down half its bytes (flushed and fsynced, as a real slow disk would
 leave them), creates the file named by ``CHARLSTM_TEST_MARKER`` and waits. The test then acts at a
 moment it knows to be inside a save:
@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from charlstm import checkpoint
+from charlstm import atomic
 from charlstm.cli import main
 
-_original = checkpoint._write_all
+_original = atomic._write_all
 _calls = 0
 
 
@@ -54,7 +54,7 @@ def _pausing_write(fh, data: bytes) -> None:
     os.fsync(fh.fileno())
 
 
-checkpoint._write_all = _pausing_write
+atomic._write_all = _pausing_write
 
 if __name__ == "__main__":
     sys.argv[0] = "charlstm"

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlstm import checkpoint as ckpt_io
 from charlstm.config import RunConfig
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
 
 HERE = Path(__file__).parent
 
@@ -73,7 +74,7 @@ def run_charlstm(*args: str | Path, timeout: float = 120) -> subprocess.Complete
 
 
 def last_tensors(run: Path) -> dict[str, torch.Tensor]:
-    return ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last")).tensors
+    return ckpt_io.read_checkpoint(checkpoint_path(run, "last")).tensors
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = "") -> None:
@@ -165,7 +166,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, corpus) -> Path:
     """A finished tiny run (best/ and last/), trained in-process; tests must not modify it."""
-    from charlstm.training import train
+    from charlstm.training.orchestrate import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     train(tiny_config(corpus, max_steps=30, eval_interval=10), out, progress=False, log=lambda m: None)

@@ -28,15 +28,17 @@ import torch
 from click.testing import CliRunner
 
 import charlstm
-from charlstm import checkpoint as ckpt_io
-from charlstm import hardware, training
-from charlstm.batching import make_batcher
+from charlstm import atomic, hardware
 from charlstm.cli import main
 from charlstm.config import RunConfig, toml_keys
-from charlstm.corpus import load_corpus
+from charlstm.data.batching import make_batcher
+from charlstm.data.corpus import load_corpus
 from charlstm.errors import UserError
-from charlstm.generation import Request
-from charlstm.sampling import SamplingParams
+from charlstm.generate.engine import Request
+from charlstm.generate.sampling import SamplingParams
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training import loop, orchestrate
 
 from .conftest import TALLY, cli_flags, tiny_config
 from .test_safe_loading import _join, _split, _with_meta, hostile_files
@@ -66,14 +68,14 @@ class Env:
 
     def hostile_run(self, name: str) -> Path:
         """A run folder whose best/ and last/ hold the hostile file `name` of test_safe_loading."""
-        data = hostile_files(ckpt_io.checkpoint_path(self.run, "last"), self.tmp / "sentinel")[name]
+        data = hostile_files(checkpoint_path(self.run, "last"), self.tmp / "sentinel")[name]
         return self.run_with(data)
 
     def run_with(self, data: bytes) -> Path:
         run = self.tmp / "hostile"
         for which in ("best", "last"):
             (run / which).mkdir(parents=True, exist_ok=True)
-            ckpt_io.checkpoint_path(run, which).write_bytes(data)
+            checkpoint_path(run, which).write_bytes(data)
         return run
 
 
@@ -114,7 +116,7 @@ def _val_nan(meta):
 
 
 def _bad_dtype(env: Env) -> bytes:
-    header, body = _split(ckpt_io.checkpoint_path(env.run, "last").read_bytes())
+    header, body = _split(checkpoint_path(env.run, "last").read_bytes())
     header["model.fc.bias"] = {**header["model.fc.bias"], "dtype": "XX"}
     return _join(header, body)
 
@@ -126,11 +128,11 @@ def _unreadable_header() -> bytes:
 def _full_disk(env: Env) -> None:
     def write(fh, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    env.monkeypatch.setattr(ckpt_io, "_write_all", write)
+    env.monkeypatch.setattr(atomic, "_write_all", write)
 
 
 def _fail_checkpoint_writes(env: Env) -> None:
-    original = ckpt_io._write_all
+    original = atomic._write_all
     calls = {"n": 0}
 
     def write(fh, data):
@@ -138,11 +140,11 @@ def _fail_checkpoint_writes(env: Env) -> None:
         if calls["n"] == 1:  # config.toml goes through; the first checkpoint does not
             return original(fh, data)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    env.monkeypatch.setattr(ckpt_io, "_write_all", write)
+    env.monkeypatch.setattr(atomic, "_write_all", write)
 
 
 def _corrupt_weights_after(env: Env, step: int) -> None:
-    step_once = training.Run.train_step
+    step_once = loop.Run.train_step
 
     def corrupting(self, batch):
         loss = step_once(self, batch)
@@ -150,7 +152,7 @@ def _corrupt_weights_after(env: Env, step: int) -> None:
             with torch.no_grad():
                 self.model.fc.weight[0, 0] = math.inf
         return loss
-    env.monkeypatch.setattr(training.Run, "train_step", corrupting)
+    env.monkeypatch.setattr(loop.Run, "train_step", corrupting)
 
 
 def _offline(env: Env, urlopen=None) -> None:
@@ -181,7 +183,7 @@ def _wrong_bytes(*args, **kwargs):
 def _resume_after_text_change(env: Env) -> str:
     text = env.file("growing.txt", env.corpus.read_text())
     run = env.tmp / "growing-run"
-    training.train(tiny_config(text, max_steps=3, eval_interval=3), run, progress=False, log=lambda m: None)
+    orchestrate.train(tiny_config(text, max_steps=3, eval_interval=3), run, progress=False, log=lambda m: None)
     text.write_text(text.read_text() + "☃ new characters ✓")
     return cli("train", "--resume", run, "--max-steps", "6", "--no-progress")
 
@@ -189,7 +191,7 @@ def _resume_after_text_change(env: Env) -> str:
 def _stopped_before_first_checkpoint(env: Env) -> str:
     """The error, then the command it suggests must work."""
     run = env.tmp / "early"
-    training.train(tiny_config(env.corpus, max_steps=3, eval_interval=3), run, progress=False,
+    orchestrate.train(tiny_config(env.corpus, max_steps=3, eval_interval=3), run, progress=False,
                    log=lambda m: None)
     shutil.rmtree(run / "best")
     shutil.rmtree(run / "last")  # as if killed before the first save
@@ -213,19 +215,19 @@ def _read_error(env: Env) -> str:
     def refuse(self):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     env.monkeypatch.setattr(Path, "read_bytes", refuse)
-    return lib(lambda: charlstm.corpus.read_text(path))
+    return lib(lambda: charlstm.data.corpus.read_text(path))
 
 
 def _no_state(env: Env) -> str:
     run = env.copy_run()
-    path = ckpt_io.checkpoint_path(run, "last")
+    path = checkpoint_path(run, "last")
     path.write_bytes(_with_meta(path.read_bytes(), lambda m: m.pop("resume")))
     return cli("train", "--resume", run, "--max-steps", "40", "--no-progress")
 
 
 def _damaged_state(env: Env) -> str:
     run = env.copy_run()
-    path = ckpt_io.checkpoint_path(run, "last")
+    path = checkpoint_path(run, "last")
     path.write_bytes(_with_meta(path.read_bytes(), lambda m: m["resume"]["counters"].__setitem__("step", "x")))
     return cli("train", "--resume", run, "--max-steps", "40", "--no-progress")
 
@@ -348,7 +350,7 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     "resume-text-changed": (_resume_after_text_change, "has characters the run's vocabulary lacks"),
     "resume-no-state": (_no_state, "holds no training state"),
     "resume-damaged-state": (_damaged_state, "holds damaged training state"),
-    "nonfinite-loss": (lambda e: lib(lambda: training.train(
+    "nonfinite-loss": (lambda e: lib(lambda: orchestrate.train(
         tiny_config(e.corpus, max_steps=9, eval_interval=3), e.tmp / "nan",
         loss_hook=lambda step, loss: loss * math.nan, progress=False, log=lambda m: None)),
         "the loss or gradient became non-finite at step 0 (1 time(s), 0 allowed)"),
@@ -369,7 +371,7 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     "ckpt-truncated-header": (lambda e: generate_cli(e.hostile_run("truncated-at-100")),
                               "is truncated (header cut short)"),
     "ckpt-truncated-tensors": (lambda e: generate_cli(e.run_with(
-        ckpt_io.checkpoint_path(e.run, "last").read_bytes()[:-1])), "bytes); use an intact copy"),
+        checkpoint_path(e.run, "last").read_bytes()[:-1])), "bytes); use an intact copy"),
     "ckpt-pickle": (lambda e: generate_cli(e.hostile_run("pickle-protocol-4")),
                     "is a pickle (torch.save) file; charlstm never unpickles"),
     "ckpt-torch-save": (lambda e: generate_cli(e.hostile_run("torch-save-zip")), "is a pickle (torch.save) file"),
@@ -414,7 +416,7 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     "ckpt-nonfinite": (lambda e: generate_cli(e.hostile_run("nan-weights")), "holds non-finite or non-float"),
     "ckpt-invalid-step": (lambda e: generate_cli(e.hostile_run("negative-step")), "has an invalid step count"),
     "ckpt-metric-not-finite": (lambda e: generate_cli(e.run_with(_with_meta(
-        ckpt_io.checkpoint_path(e.run, "best").read_bytes(), _val_nan))), "metric val_loss is not finite"),
+        checkpoint_path(e.run, "best").read_bytes(), _val_nan))), "metric val_loss is not finite"),
     "ckpt-write-failed": (lambda e: (_fail_checkpoint_writes(e), train_cli(e, "--eval-interval", "3"))[1],
                           "the previous checkpoint is intact; free some disk space and resume with --resume"),
     # -- generation and evaluation --------------------------------------------------------------
@@ -483,12 +485,13 @@ def test_error(env, case) -> None:
 ROW = re.compile(r"^\|\s*`([a-z0-9-]+)`\s*\|(.*)\|\s*`test_errors\.py::test_error\[([a-z0-9-]+)\]`\s*\|\s*$")
 # Modules whose every raised error must have a row. Errors of features that other people are still
 # building (the commands and settings below) are left to their owners to document.
-CORE = ["api", "batching", "checkpoint", "cli", "config", "corpus", "datasets", "generation", "hardware",
-        "sampling", "training", "vocabulary"]
+CORE = ["generate/textmodel", "data/batching", "runs/checkpoint", "runs/folder", "cli", "config",
+        "data/corpus", "data/datasets", "generate/engine", "hardware", "generate/sampling",
+        "training/loop", "training/orchestrate", "data/loading", "data/vocabulary"]
 PENDING_FUNCTIONS = {  # module → functions whose errors are not listed yet
     "cli": {"bench_generate", "prepare", "_run_analysis", "compare", "tune", "_int_list"},
     "config": {"parse_duration"},
-    "generation": {"__init__", "step"},  # the engine's internal switches (compiled path, step size)
+    "generate/engine": {"__init__", "step"},  # the engine's internal switches (compiled path, step size)
 }
 PENDING = ("freeze_layers", "init_from or pretrain", "pretrain_config")  # config: transfer learning
 

@@ -23,11 +23,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from charlstm import checkpoint as ckpt_io
-from charlstm import training
+from charlstm import atomic
 from charlstm.cli import main
 from charlstm.errors import NonFiniteLoss
-from charlstm.training import resume_config, train
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training import loop, orchestrate
+from charlstm.training.orchestrate import resume_config, train
 
 from .conftest import TALLY, assert_same_tensors, cli_flags, last_tensors, tiny_config
 
@@ -37,7 +39,7 @@ QUIET = dict(progress=False, log=lambda m: None)
 
 
 def _ckpt(run: Path, which: str = "last") -> ckpt_io.Checkpoint:
-    return ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, which))
+    return ckpt_io.read_checkpoint(checkpoint_path(run, which))
 
 
 def _nan_at(*steps: int):
@@ -97,7 +99,7 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path, corpus) -> None:
 
 def test_nonfinite_loss_through_the_cli_is_one_line_and_exit_2(tmp_path, corpus, monkeypatch) -> None:
     """`charlstm train` hitting a NaN prints one `charlstm: error:` line and exits with status 2."""
-    monkeypatch.setattr(training, "train", functools.partial(training.train, loss_hook=_nan_at(8)))
+    monkeypatch.setattr(orchestrate, "train", functools.partial(orchestrate.train, loss_hook=_nan_at(8)))
     result = CliRunner().invoke(main, ["train", "--text", str(corpus), "--out", str(tmp_path / "run"),
                                        *cli_flags(max_steps=30, eval_interval=5)])
     assert result.exit_code == 2, result.output
@@ -115,7 +117,7 @@ def test_weights_that_overflow_are_never_saved(tmp_path, corpus, monkeypatch, co
     """Weights can become infinite with a finite loss and gradient (one huge step). Whether the
     next evaluation or the final save finds them, the run stops with `NonFiniteLoss` and never
     overwrites last/ or best/ with weights that could not be loaded again."""
-    step_once = training.Run.train_step
+    step_once = loop.Run.train_step
 
     def corrupting_step(self, batch):
         loss = step_once(self, batch)
@@ -124,7 +126,7 @@ def test_weights_that_overflow_are_never_saved(tmp_path, corpus, monkeypatch, co
                 self.model.fc.weight[0, 0] = math.inf
         return loss
 
-    monkeypatch.setattr(training.Run, "train_step", corrupting_step)
+    monkeypatch.setattr(loop.Run, "train_step", corrupting_step)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match=message):  # no EMA: evaluate the corrupted weights
         train(tiny_config(corpus, max_steps=max_steps, eval_interval=5, ema=0), run, **QUIET)
@@ -148,7 +150,7 @@ def _full_disk_from(call: int):
     """A `_write_all` whose `call`-th and later writes put down half the bytes, then fail as a full
     disk does."""
     calls = {"n": 0}
-    original = ckpt_io._write_all
+    original = atomic._write_all
 
     def write(fh, data):
         calls["n"] += 1
@@ -176,7 +178,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, corpus,
     settings = dict(max_steps=10, eval_interval=5, batching="stream")
     train(tiny_config(corpus, **settings), run, **QUIET)
     before = _snapshot(run)
-    monkeypatch.setattr(ckpt_io, "_write_all", _full_disk_from(failing_write))
+    monkeypatch.setattr(atomic, "_write_all", _full_disk_from(failing_write))
     result = CliRunner().invoke(main, ["train", "--resume", str(run), "--max-steps", "20", "--no-progress"])
     monkeypatch.undo()
     assert result.exit_code == 2, (result.output, result.exception)
@@ -209,7 +211,9 @@ _TMPFS_CHECK = textwrap.dedent("""
     from pathlib import Path
     from click.testing import CliRunner
     from charlstm.cli import main
-    from charlstm import checkpoint as ckpt_io
+    from charlstm.runs import checkpoint as ckpt_io
+    from charlstm import atomic
+    from charlstm.runs.folder import checkpoint_path
 
     mnt, text, flags = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     run, report = mnt / "run", {}
@@ -232,11 +236,11 @@ _TMPFS_CHECK = textwrap.dedent("""
     full = cli.invoke(main, ["train", "--resume", str(run), "--max-steps", "20", "--no-progress"])
     report["full"] = [full.exit_code, full.stderr[-2000:]]
     report["untouched"] = files() == before
-    report["step_after_full"] = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last")).meta["step"]
+    report["step_after_full"] = ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta["step"]
     os.unlink(mnt / "filler")
     freed = cli.invoke(main, ["train", "--resume", str(run), "--max-steps", "20", "--no-progress"])
     report["freed"] = [freed.exit_code, freed.stderr[-2000:]]
-    report["final_step"] = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last")).meta["step"]
+    report["final_step"] = ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta["step"]
     report["metrics"] = (run / "metrics.jsonl").read_text()
     print(json.dumps(report))
 """)

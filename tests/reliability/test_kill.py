@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from charlstm import checkpoint as ckpt_io
 from charlstm.config import load_toml
-from charlstm.training import train
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training.orchestrate import train
 
 from .conftest import (
     TALLY,
@@ -84,7 +85,7 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
                                     stdout=subprocess.DEVNULL, stderr=err)
         started = lambda log=log: STARTED in log.read_text(errors="replace")
         if kind == "first":  # the very first process must have saved something to resume from
-            _wait_for(lambda: ckpt_io.checkpoint_path(run, "last").is_file(), 60)
+            _wait_for(lambda: checkpoint_path(run, "last").is_file(), 60)
             time.sleep(rng.uniform(0, 0.3))
         elif kind == "anytime":
             time.sleep(rng.uniform(0, 2.0))
@@ -103,9 +104,9 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
             pending = []
 
         # -- what the kill left behind must load, and nothing saved may be lost ----------------
-        ck = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last"))
-        if ckpt_io.checkpoint_path(run, "best").is_file():
-            ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "best"))
+        ck = ckpt_io.read_checkpoint(checkpoint_path(run, "last"))
+        if checkpoint_path(run, "best").is_file():
+            ckpt_io.read_checkpoint(checkpoint_path(run, "best"))
         load_toml(run / "config.toml")
         lost = max(0, last_step - ck.meta["step"])
         TALLY.note("steps_lost", lost)

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import charlstm
-from charlstm.corpus import read_text
+from charlstm.data.corpus import read_text
+from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
-from charlstm.sampling import SamplingParams, next_token_probs, sample_step, stream_seeds
-from charlstm.vocabulary import Vocabulary
+from charlstm.generate.sampling import SamplingParams, next_token_probs, sample_step, stream_seeds
 
 from .conftest import CORPUS_TEXT, TALLY, tiny_config
 
@@ -224,7 +224,7 @@ def test_the_sampler_draws_a_real_character_for_any_valid_parameters(logits, tem
     idx = sample_step(x, p, stream_seeds(7, 1), counter, window if recent else None)
     assert 0 <= int(idx[0]) < x.shape[1]
     if p.temperature > 0:
-        from charlstm.sampling import apply_repetition_penalty
+        from charlstm.generate.sampling import apply_repetition_penalty
 
         probs = next_token_probs(apply_repetition_penalty(x, window if recent else None, p.repetition_penalty), p)
         assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-9, probs

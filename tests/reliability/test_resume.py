@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from charlstm import checkpoint as ckpt_io
 from charlstm.errors import TrainingStopped
-from charlstm.training import resume_config, train
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training.orchestrate import resume_config, train
 
 from .conftest import (
     TALLY,
@@ -43,7 +44,7 @@ SETUP = dict(num_layers=2, dropout=0.3, weight_drop=0.3, ema=0.5, lr=0.3, platea
 
 
 def _meta(run: Path) -> dict:
-    return ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "last")).meta
+    return ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta
 
 
 def _compare(run: Path, reference: Path) -> None:
@@ -198,7 +199,7 @@ def test_second_ctrl_c_during_the_final_save_does_not_corrupt_it(tmp_path, corpu
             charlstm_cmd("train", "--text", corpus, "--out", run, *cli_flags(max_steps=STEPS, **settings),
                          helper=True), stdout=subprocess.DEVNULL, stderr=err, env=env)
     wanted = random.randint(1, 5)
-    last = ckpt_io.checkpoint_path(run, "last")  # there must be an old checkpoint to keep
+    last = checkpoint_path(run, "last")  # there must be an old checkpoint to keep
     _wait_for(lambda: (_metrics_lines(run) >= wanted and last.is_file()) or proc.poll() is not None)
     proc.send_signal(signal.SIGINT)
     _wait_for(lambda: marker.exists() or proc.poll() is not None)

@@ -25,10 +25,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 import charlstm
-from charlstm import checkpoint as ckpt_io
 from charlstm.cli import main
 from charlstm.errors import CheckpointError, UserError
-from charlstm.training import resume_config, train
+from charlstm.runs import checkpoint as ckpt_io
+from charlstm.runs.folder import checkpoint_path
+from charlstm.training.orchestrate import resume_config, train
 
 from .conftest import TALLY
 
@@ -140,7 +141,7 @@ def hostile_files(good: Path, sentinel: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def good_checkpoint(trained_run) -> Path:
-    return ckpt_io.checkpoint_path(trained_run, "last")
+    return checkpoint_path(trained_run, "last")
 
 
 def _doors(run: Path, corpus: Path) -> dict[str, object]:
@@ -155,7 +156,7 @@ def _doors(run: Path, corpus: Path) -> dict[str, object]:
         return lines[0]
 
     return {
-        "read_checkpoint": lambda: ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run, "best")),
+        "read_checkpoint": lambda: ckpt_io.read_checkpoint(checkpoint_path(run, "best")),
         "charlstm.load": lambda: charlstm.load(run, device="cpu"),
         "generate": lambda: cli("generate", run, "--length", "5", "--device", "cpu"),
         "evaluate": lambda: cli("evaluate", run, "--text", corpus, "--json"),
@@ -176,7 +177,7 @@ def test_hostile_checkpoints_are_refused_and_never_executed(tmp_path, good_check
         run = tmp_path / name
         for which in ("best", "last"):
             (run / which).mkdir(parents=True)
-            ckpt_io.checkpoint_path(run, which).write_bytes(data)
+            checkpoint_path(run, which).write_bytes(data)
         (run / "config.toml").write_text("")
         refused = True
         for door, open_run in _doors(run, corpus).items():
@@ -234,7 +235,7 @@ def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(tmp_path, trained
     """The weights and schema may be fine while the training state inside last/ is damaged (a
     wrong-shape Adam moment or hidden state, counters of the wrong type): resuming must refuse it
     with one line before any step runs, and never crash mid-training."""
-    good = ckpt_io.checkpoint_path(trained_run, "last")
+    good = checkpoint_path(trained_run, "last")
 
     def optim_shape(t):
         key = next(k for k in t if k.startswith("optim.") and k.endswith("exp_avg"))
@@ -258,8 +259,8 @@ def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(tmp_path, trained
     for name, data in cases.items():
         run = tmp_path / name
         shutil.copytree(trained_run, run)
-        ckpt_io.checkpoint_path(run, "last").write_bytes(data)
-        before = ckpt_io.checkpoint_path(run, "last").read_bytes()
+        checkpoint_path(run, "last").write_bytes(data)
+        before = checkpoint_path(run, "last").read_bytes()
         ok = False
         try:
             train(resume_config(run, {"max_steps": 40}), run, resume=True, progress=False,
@@ -269,7 +270,7 @@ def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(tmp_path, trained
             ok = "\n" not in str(exc)
         except Exception as exc:
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
-        ok = ok and ckpt_io.checkpoint_path(run, "last").read_bytes() == before
+        ok = ok and checkpoint_path(run, "last").read_bytes() == before
         TALLY.record("hostile", ok)
     assert not failures, "\n".join(failures)
 
@@ -340,7 +341,7 @@ def test_fuzzed_resume_state_resumes_or_is_refused(tmp_path_factory, trained_run
     with a `UserError`, before touching the checkpoint; it never crashes."""
     run = tmp_path_factory.mktemp("fuzz-resume") / "run"
     shutil.copytree(trained_run, run)
-    path = ckpt_io.checkpoint_path(run, "last")
+    path = checkpoint_path(run, "last")
     path.write_bytes(_with_meta(path.read_bytes(), lambda m: m["resume"].__setitem__(key, value)))
     ok = valid = False
     try:

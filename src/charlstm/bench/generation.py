@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlstm.api import TextModel
 from charlstm.config import ModelConfig
-from charlstm.generation import Engine, generate_stream
+from charlstm.data.vocabulary import Vocabulary
+from charlstm.generate.engine import Engine, generate_stream
+from charlstm.generate.sampling import SamplingParams, stream_seeds
+from charlstm.generate.textmodel import TextModel
 from charlstm.model import CharRNN
-from charlstm.sampling import SamplingParams, stream_seeds
-from charlstm.vocabulary import Vocabulary
 
 # The lab's model: embedding 35, 2 × 85 LSTM; its byron_ru.txt vocabulary has 74 characters.
 LAB_MODEL = {"embedding_size": 35, "hidden_size": 85, "num_layers": 2}
@@ -190,7 +190,7 @@ def _lab_speed(m, start: list[int], n: int, temperature: float, repeats: int):
 def _batched_streams() -> int:
     """A batch big enough to take the batched (BLAS) path, to warm it up."""
     try:
-        from charlstm.kernels import LSTMRows
+        from charlstm.generate.kernels import LSTMRows
     except ImportError:
         return 2
     return LSTMRows.batch_rows * max(1, torch.get_num_threads())

@@ -14,7 +14,6 @@ One run of `quality_per_time` prints:
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from charlstm.config import ModelConfig, RunConfig, load_toml
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
+from charlstm.runs.folder import RunFolder
 
 
 def _now() -> float:
@@ -83,11 +83,12 @@ def step_speed(config: RunConfig, seconds: float = 6.0, peak_precision: str | No
     median of those is the peak: on a shared machine one measurement of the peak at the start of a
     run swung between 233 and 943 GFLOP/s (bf16, 2 cores), so a ratio of a step measured at one
     moment to a peak measured at another was noise; interleaved, both see the same load."""
-    from charlstm.training import Run, prepare_data
+    from charlstm.data.loading import prepare_data
+    from charlstm.training.loop import Run
 
     data = prepare_data(config)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(config, Path(tmp), data, log=lambda s: None, progress=False)
+        run = Run(config, RunFolder(Path(tmp)), data, log=lambda s: None, progress=False)
         bare = type(run.model)(run.config.model).to(run.device)
         bare.load_state_dict(run.model.state_dict())
         opt = torch.optim.Adam(bare.parameters(), lr=config.optim.lr)
@@ -132,9 +133,9 @@ def step_speed(config: RunConfig, seconds: float = 6.0, peak_precision: str | No
 def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
                      progress: bool = False, speed_seconds: float = 12.0) -> dict[str, Any]:
     """Train for `budget` seconds and measure everything listed in the module docstring."""
-    from charlstm.api import load
-    from charlstm.corpus import load_corpus, split_text
-    from charlstm.training import train
+    from charlstm.data.corpus import load_corpus, split_text
+    from charlstm.generate.textmodel import load
+    from charlstm.training.orchestrate import train
 
     config = config.replace(max_time=budget, max_steps=None)
     threads = set_threads(config.train.threads)
@@ -145,7 +146,7 @@ def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
         start = _now()
         train(config, run_dir, force=True, progress=progress, log=lambda s: None)
         wall = _now() - start
-        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = RunFolder(run_dir).read_metrics()
         model = load(run_dir, which="best", device=config.train.device)
         text, _ = load_corpus(config.data.dataset, config.data.text, config.data.encoding)
         val = model.evaluate(split_text(text, config.data.val_fraction)[1])

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +27,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from charlstm.atomic import atomic_write_bytes
 from charlstm.config import ModelConfig, RunConfig, apply_overrides, from_dict
+from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import CheckpointError, UserError
-from charlstm.vocabulary import Vocabulary
+from charlstm.model import CharRNN
 
 FORMAT = "charlstm-checkpoint"
 FORMAT_VERSION = 1
-CHECKPOINT_FILE = "checkpoint.safetensors"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 8 * 1024**3
 
@@ -68,58 +67,6 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------------------- writing
-
-
-def _write_all(fh, data: bytes) -> None:
-    """The single place bytes reach the disk; tests replace it to simulate a full disk."""
-    fh.write(data)
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    On any failure the temporary file is removed and the previous `path` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the permissions any other new file would get.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            _write_all(fh, data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def remove_stale_temps(run_dir: Path) -> None:
-    """Delete the temporary files of writes that a crash interrupted (`atomic_write_bytes` names
-    them ``.<name>.<random>.tmp``); only one process trains in a run folder at a time."""
-    for folder in (run_dir, run_dir / "best", run_dir / "last"):
-        if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -218,8 +165,6 @@ def model_config_from_meta(meta: dict[str, Any]) -> ModelConfig:
 
 def validate_checkpoint(ckpt: Checkpoint) -> None:
     """The schema: format, version, model config, vocabulary, and tensors that fit them."""
-    from charlstm.model import CharRNN
-
     meta, path = ckpt.meta, ckpt.path
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a charlstm checkpoint (wrong format tag)")
@@ -280,35 +225,3 @@ def validate_checkpoint(ckpt: Checkpoint) -> None:
     for key, value in (meta.get("metrics") or {}).items():
         if isinstance(value, float) and not math.isfinite(value) and key != "best_val_loss":
             raise CheckpointError(f"{path} metric {key} is not finite")
-
-
-# ---------------------------------------------------------------------------------------- run folders
-
-
-def checkpoint_path(run_dir: Path, which: str) -> Path:
-    return Path(run_dir) / which / CHECKPOINT_FILE
-
-
-def is_run_dir(path: Path) -> bool:
-    path = Path(path)
-    return (path / "config.toml").is_file() or any(
-        checkpoint_path(path, w).is_file() for w in ("best", "last")
-    )
-
-
-def find_checkpoint(run: str | Path, prefer: str = "best") -> Path:
-    """The checkpoint file of a run folder (best by default), or a checkpoint file given directly."""
-    run = Path(run)
-    if run.is_file():
-        return run
-    if not run.exists():
-        raise CheckpointError(f"run folder {str(run)!r} does not exist; give a folder made by `charlstm train`")
-    order = [prefer] + [w for w in ("best", "last") if w != prefer]
-    for which in order:
-        p = checkpoint_path(run, which)
-        if p.is_file():
-            return p
-    raise CheckpointError(
-        f"{str(run)!r} is not a charlstm run folder (no best/ or last/ checkpoint); "
-        "give a folder made by `charlstm train`"
-    )

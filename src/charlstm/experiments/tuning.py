@@ -169,11 +169,11 @@ class _Reporter:
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
     """Steps, seconds, speed and parameter count of a finished (or stopped) trial's run folder."""
-    from charlstm import checkpoint as ckpt_io
+    from charlstm.runs.folder import RunFolder
 
     info: dict[str, Any] = {}
     try:
-        last = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run_dir, "last"))
+        last = RunFolder(run_dir).read_checkpoint("last")
     except (CheckpointError, UserError, OSError):  # stopped before its first checkpoint
         return info
     m = last.meta.get("metrics") or {}
@@ -238,7 +238,7 @@ def train_run(
     log: Callable[[str], None],
     on_eval: Callable[[int, float], None],
 ) -> None:
-    from charlstm.training import train
+    from charlstm.training.orchestrate import train
 
     train(config, run_dir, force=True, progress=False, log=log, on_eval=on_eval)
 
@@ -323,7 +323,7 @@ def best_config(study, base: RunConfig, budget: float) -> RunConfig | None:
 
 
 def write_preset(config: RunConfig, path: Path, study, budget: float) -> None:
-    from charlstm.checkpoint import atomic_write_text
+    from charlstm.atomic import atomic_write_text
 
     best = study.best_trial
     header = (
@@ -405,7 +405,7 @@ def tune(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
-    from charlstm.training import prepare_data
+    from charlstm.data.loading import prepare_data
 
     prepare_data(base)  # a missing text or dataset fails here, once, not in every trial
     storage = storage or default_storage(study_name)
@@ -506,7 +506,7 @@ def summarise(
     log: Callable[[str], None],
 ) -> TuneResult:
     """Write the results table, JSON, best preset and plots of a study."""
-    from charlstm.checkpoint import atomic_write_text
+    from charlstm.atomic import atomic_write_text
 
     table = results_table(study)
     files: dict[str, Path] = {"table": out_dir / "results.md"}

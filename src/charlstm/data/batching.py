@@ -101,6 +101,8 @@ class StreamBatcher:
         usable = len(self.ids) - 1 - self.offset
         self.stream_len = (usable // self.B) // self.T * self.T
         self.windows_per_epoch = self.stream_len // self.T
+        if not (0 <= self.offset < self.T and 0 <= self.window <= self.windows_per_epoch):
+            raise ValueError("the batcher's position is outside the text")
 
 
 class RandomBatcher:

@@ -43,19 +43,19 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from charlstm.batching import Batch, stream_layout
+from charlstm.data.batching import Batch, stream_layout
 from charlstm.errors import UserError
-from charlstm.evaluation import loss_sums
 from charlstm.hardware import available_cores, pick_device, set_threads
 from charlstm.model import hidden_from_tensors, hidden_tensors
-from charlstm.training import Run
+from charlstm.model.evaluation import loss_sums
+from charlstm.runs.folder import RunFolder
+from charlstm.training.loop import Run
 
 TIMEOUT_ENV = "CHARLSTM_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -178,9 +178,6 @@ class RowShard:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batcher.load_state_dict(state)
 
-    def __getattr__(self, name: str) -> Any:  # the position checks of `Run.restore`
-        return getattr(self.batcher, name)
-
 
 def _quiet(message: str) -> None:
     """The log of ranks other than 0."""
@@ -189,15 +186,14 @@ def _quiet(message: str) -> None:
 class DistributedRun(Run):
     """A `Run` that is one of `ctx.world_size` processes training the same model."""
 
-    def __init__(self, config, out: Path, data, log: Callable[[str], None], progress: bool,
+    def __init__(self, config, folder: RunFolder, data, log: Callable[[str], None], progress: bool,
                  ctx: Context) -> None:
         B, N = config.data.batch_size, ctx.world_size
         if B % N:
             raise UserError(f"--batch-size {B} does not split evenly over {N} processes; use a "
                             f"multiple of {N} (each process trains batch_size / {N} streams)")
         self.ctx = ctx
-        self._user_loss_hook = None
-        super().__init__(config, out, data, log if ctx.rank == 0 else _quiet, progress and ctx.rank == 0)
+        super().__init__(config, folder, data, log if ctx.rank == 0 else _quiet, progress and ctx.rank == 0)
         self.writer = ctx.rank == 0
         self.last_saved_step: int | None = None
         # Each process gets its share of the cores unless --threads says otherwise.
@@ -264,19 +260,9 @@ class DistributedRun(Run):
             guard.requested = signal.Signals(agreed)
         return bool(agreed)
 
-    # `train` sets `run.loss_hook` (tests use it to inject faults); this run wraps it so that the
-    # loss every process logs and tests for finiteness is the global mean.
-    @property
-    def loss_hook(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        return self._global_loss
-
-    @loss_hook.setter
-    def loss_hook(self, hook: Callable[[int, torch.Tensor], torch.Tensor] | None) -> None:
-        self._user_loss_hook = hook
-
-    def _global_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        if self._user_loss_hook is not None:
-            loss = self._user_loss_hook(step, loss)
+    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The global mean of the processes' losses, so that every process logs the same loss and
+        takes the same decision on a non-finite one."""
         mean = loss.detach().clone()
         self._collective(dist.all_reduce, mean)
         mean /= self.ctx.world_size
@@ -388,25 +374,6 @@ class DistributedRun(Run):
 
 
 # ---------------------------------------------------------------------------------------- launching
-
-
-def command_args(ctx, skip: tuple[str, ...] = ()) -> list[str]:
-    """The arguments that give a click command the options it was called with (for relaunching)."""
-    import click
-
-    args: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if param.name in skip or value is None or not isinstance(param, click.Option):
-            continue
-        if param.is_flag:
-            if param.secondary_opts:
-                args.append(param.opts[0] if value else param.secondary_opts[0])
-            elif value:
-                args.append(param.opts[0])
-            continue
-        args += [param.opts[0], repr(value) if isinstance(value, float) else str(value)]
-    return args
 
 
 def launch(nproc: int, args: list[str]) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlstm.batching import stream_layout
+from charlstm.data.batching import stream_layout
 from charlstm.hardware import autocast
 
 

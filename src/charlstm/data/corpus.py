@@ -108,7 +108,7 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 def load_corpus(dataset: str | None, text_path: str | None, encoding: str = "utf-8",
                 allow_download: bool = True) -> tuple[str, str]:
     """The text a run trains on and a label for it: `text_path` if given, else the named dataset."""
-    from charlstm import datasets
+    from charlstm.data import datasets
 
     if text_path:
         return read_text(text_path, encoding), str(text_path)

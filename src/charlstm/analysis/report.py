@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from charlstm.errors import UserError
+from charlstm.runs.folder import RunFolder, run_dir_of
 
 DEFAULT_TEMPERATURES = (0.2, 0.5, 0.8, 1.0)
 COPY_LENGTHS = (20, 50)  # K: a character counts as copied if it lies in a copy of >= K characters
@@ -34,22 +35,6 @@ REPORT_DIR = "report"  # PNGs and analysis.json, inside the run folder
 
 
 # ---------------------------------------------------------------------------------------- analysis
-
-
-def read_metrics(run_dir: Path | None) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (damaged lines skipped); [] when there is none."""
-    path = run_dir / "metrics.jsonl" if run_dir else None
-    if path is None or not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
 
 
 def _history(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -118,10 +103,10 @@ def analyze_run(run: str | Path, *, samples: int = 8, length: int = 1000,
     import torch
 
     from charlstm.analysis import CorpusIndex, structure_stats
-    from charlstm.api import load
     from charlstm.config import from_dict
-    from charlstm.evaluation import evaluate_ids, loss_metrics
-    from charlstm.training import prepare_data
+    from charlstm.data.loading import prepare_data
+    from charlstm.generate.textmodel import load
+    from charlstm.model.evaluation import evaluate_ids, loss_metrics
 
     log = log or (lambda msg: None)
     if text is None:
@@ -131,7 +116,7 @@ def analyze_run(run: str | Path, *, samples: int = 8, length: int = 1000,
     clock = {"start": time.perf_counter()}
     model = load(run, which=which, device=device)
     ckpt = model.path
-    run_dir = ckpt.parent.parent if ckpt.parent.name in ("best", "last") else None
+    run_dir = run_dir_of(ckpt)
     config = from_dict(model.meta["config"])
     data = prepare_data(config, model.vocab)
     log(f"analysing {ckpt} against {data.source} ({len(data.train_text):,} training characters)")
@@ -166,7 +151,7 @@ def analyze_run(run: str | Path, *, samples: int = 8, length: int = 1000,
                                             texts[0][:SAMPLE_CHARS])})
     end = time.perf_counter()
 
-    records = read_metrics(run_dir)
+    records = RunFolder(run_dir).read_metrics() if run_dir else []
     return {
         "run": str(run_dir or ckpt),
         "name": model.name,
@@ -506,8 +491,8 @@ def write_report(analysis: dict[str, Any], out: str | Path) -> dict[str, Path]:
     Every file is written atomically (temporary file, then rename), the HTML last, so a reader
     never sees half a report. Returns the paths written, by name.
     """
-    from charlstm.checkpoint import atomic_write_bytes, atomic_write_text
-    from charlstm.plots import report_figures
+    from charlstm.analysis.plots import report_figures
+    from charlstm.atomic import atomic_write_bytes, atomic_write_text
 
     out = Path(out)
     folder = out / REPORT_DIR
@@ -541,7 +526,7 @@ def report_folder(run: str | Path, out: str | Path | None = None) -> Path:
         return out
     run = Path(run)
     if run.is_file():
-        if run.parent.name not in ("best", "last"):
+        if run_dir_of(run) is None:
             raise UserError(f"{str(run)!r} is a checkpoint file, not a run folder; say where the "
                             "report goes with --out")
         return run.parent.parent

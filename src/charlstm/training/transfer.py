@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from charlstm import checkpoint as ckpt_io
 from charlstm.config import RunConfig
-from charlstm.corpus import load_corpus
+from charlstm.data.corpus import load_corpus
+from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
-from charlstm.vocabulary import Vocabulary
+from charlstm.runs.checkpoint import read_checkpoint
+from charlstm.runs.folder import find_checkpoint
 
 # The model fields that decide the weights' shapes; dropouts and weight drop may change freely.
 ARCHITECTURE = ("cell", "embedding_size", "hidden_size", "num_layers")
@@ -45,8 +46,8 @@ class Source:
 
 def read_source(init_from: str | Path, which: str = "best") -> Source:
     """Read the checkpoint of a run folder (its best weights by default) or a checkpoint file."""
-    path = ckpt_io.find_checkpoint(init_from, prefer=which)
-    ck = ckpt_io.read_checkpoint(path)
+    path = find_checkpoint(init_from, prefer=which)
+    ck = read_checkpoint(path)
     mc = ck.model_config
     return Source(path, ck.vocab, ck.model_state(), {k: getattr(mc, k) for k in ARCHITECTURE})
 
@@ -154,53 +155,3 @@ def freeze(model: nn.Module, layers: int) -> list[str]:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
-
-
-def pretrain_out(out: Path) -> Path:
-    """Where the pre-training phase of a run in `out` goes: beside it, ``<out>-pretrain``."""
-    return Path(out).with_name(Path(out).name + "-pretrain")
-
-
-def pretrain_then_finetune(
-    config: RunConfig,
-    out: str | Path,
-    *,
-    force: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-    on_eval: Callable[[int, float], None] | None = None,
-) -> Path:
-    """Pre-train on ``config.train.pretrain`` for ``pretrain_time`` seconds into ``<out>-pretrain``,
-    then fine-tune on the run's own text from its best weights into `out`; returns `out`.
-
-    The pre-training phase uses the run's settings with ``pretrain_config``'s on top, if given: a
-    large text wants larger batches and a higher rate than a small one fine-tuned gently. The
-    model's shape is the pre-training phase's. `on_eval` sees the fine-tuning phase only.
-    """
-    from charlstm.config import load_toml
-    from charlstm.training import train
-
-    out = Path(out)
-    t = config.train
-    name = t.pretrain
-    as_file = Path(name).is_file()
-    pre = load_toml(t.pretrain_config, base=config) if t.pretrain_config else config
-    pre = pre.replace(
-        dataset=None if as_file else name,
-        text=name if as_file else None,
-        max_time=t.pretrain_time,
-        max_steps=None,
-        init_from=None,
-        pretrain=None,
-        pretrain_config=None,
-        freeze_layers=0,
-    )
-    pre_out = pretrain_out(out)
-    train(pre, pre_out, force=force, progress=progress, log=log)
-    fine = config.replace(
-        pretrain=None,
-        pretrain_config=None,
-        init_from=str(pre_out),
-        **{k: getattr(pre.model, k) for k in ARCHITECTURE},
-    )
-    return train(fine, out, force=force, progress=progress, log=log, on_eval=on_eval)

@@ -26,378 +26,41 @@ import json
 import logging
 import math
 import os
-import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from charlstm.api import TextModel
-from charlstm.corpus import normalise_newlines
+from charlstm.data.corpus import normalise_newlines
+from charlstm.data.vocabulary import describe_char
 from charlstm.errors import UserError
-from charlstm.generation import Engine
-from charlstm.generation import Request as EngineRequest
+from charlstm.generate.engine import Request as EngineRequest
+from charlstm.generate.sampling import SamplingParams, StopRule, stream_seeds
+from charlstm.generate.textmodel import TextModel
 from charlstm.model import count_parameters
-from charlstm.sampling import SamplingParams, StopRule, stream_seeds
-from charlstm.vocabulary import describe_char
+from charlstm.serve.schemas import (
+    ERROR_RESPONSES,
+    Busy,
+    ErrorDetail,
+    ErrorResponse,
+    FieldError,
+    GenerateRequest,
+    GenerateResponse,
+    GenerationFailed,
+    ServerConfig,
+    request_model,
+)
+from charlstm.serve.worker import Job, ModelWorker
 
 log = logging.getLogger("charlstm.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    max_length: int = 4000  # characters generated per sample
-    max_concurrency: int = 64  # streams (samples) admitted at once, all models together
-    max_batch: int | None = None  # rows per engine step; None = max_concurrency (waiting beyond it)
-    max_start_chars: int = 2000
-    max_num_samples: int = 16
-    max_body_bytes: int = 64 * 1024
-    time_limit: float = 120.0  # seconds per generation, from admission to its last character
-    tick_seconds: float = 0.01  # longest run of engine steps between two hand-overs of text
-
-    def __post_init__(self) -> None:
-        for name in ("max_length", "max_concurrency", "max_start_chars", "max_num_samples",
-                     "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
-        if not (self.time_limit > 0 and self.tick_seconds > 0):
-            raise UserError("time_limit and tick_seconds must be > 0")
-
-
-# ---------------------------------------------------------------------------------------- schemas
-
-
-StopString = Annotated[str, Field(min_length=1, max_length=100)]
-
-
-class GenerateRequest(BaseModel):
-    """What to generate. Limits that depend on the server (length, start text, samples) are checked
-    against its configuration, listed under `limits` by GET /v1/model."""
-
-    # strict: "0.5" is not a temperature; forbid: a misspelt field is an error, never ignored.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    start_text: str = Field(" ", min_length=1, description="Text the samples continue.")
-    length: int = Field(200, ge=1, description="Characters to generate per sample.")
-    temperature: float = Field(0.3, ge=0, allow_inf_nan=False, description="0 is greedy.")
-    top_k: int | None = Field(None, ge=0, description="Keep the k most likely characters; 0 = off.")
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling.")
-    repetition_penalty: float = Field(1.0, ge=1, allow_inf_nan=False)
-    num_samples: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**64, description="Same seed, same text; none = random.")
-    stop: list[StopString] = Field(default_factory=list, max_length=8,
-                                   description="End a sample before any of these strings.")
-    max_lines: int | None = Field(None, ge=1)
-    max_stanzas: int | None = Field(None, ge=1)
-    unknown: Literal["error", "skip"] = Field(
-        "error", description="Start-text characters the model never saw: reject, or drop them.")
-    model: str | None = Field(None, description="Which served model; the first one by default.")
-
-
-def request_model(config: ServerConfig) -> type[GenerateRequest]:
-    """`GenerateRequest` with this server's limits in its schema, so that /docs shows them and one
-    422 names every bad field at once."""
-    return create_model(
-        "GenerateRequest", __base__=GenerateRequest, __doc__=GenerateRequest.__doc__,
-        start_text=(str, Field(" ", min_length=1, max_length=config.max_start_chars,
-                               description="Text the samples continue.")),
-        length=(int, Field(min(200, config.max_length), ge=1, le=config.max_length,
-                           description="Characters to generate per sample.")),
-        num_samples=(int, Field(1, ge=1, le=min(config.max_num_samples, config.max_concurrency))),
-    )
-
-
-class Timing(BaseModel):
-    first_chunk_ms: float | None
-    total_ms: float
-    characters: int  # generated, all samples together
-    chars_per_second: float
-
-
-class GenerateResponse(BaseModel):
-    model: str
-    samples: list[str]  # each the start text followed by its generated text
-    finish_reasons: list[Literal["length", "stop"]]
-    seed: int
-    timing: Timing
-
-
-class ErrorDetail(BaseModel):
-    field: str
-    reason: str
-
-
-class ValidationErrorResponse(BaseModel):
-    detail: list[ErrorDetail]
-
-
-class ErrorResponse(BaseModel):
-    detail: str
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "Request body too large."},
-    422: {"model": ValidationErrorResponse, "description": "A field is invalid: which, and why."},
-    429: {"model": ErrorResponse, "description": "Too many concurrent generations; see Retry-After."},
-}
-
-
-class FieldError(Exception):
-    """A request field that fails a check only the server can make; answered as 422."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
-
-
-class Busy(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("busy")
-        self.retry_after = retry_after
-
-
-class GenerationFailed(Exception):
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind, self.message = kind, message
-
-
-# ---------------------------------------------------------------------------------------- jobs
-
-
-class Job:
-    """One request's streams: the text the worker has produced for them, and how each ended."""
-
-    def __init__(self, requests: list[EngineRequest], start_text: str, seed: int,
-                 deadline: float, on_close: Callable[["Job"], None]) -> None:
-        n = len(requests)
-        self.requests = requests
-        self.start_text = start_text
-        self.seed = seed
-        self.deadline = deadline
-        self.generated = [""] * n
-        self.drawn = [0] * n  # characters drawn per stream (text may be shorter after a stop cut)
-        self.finish_reasons: list[str | None] = [None] * n
-        self.pending: dict[int, str] = {}  # text not yet handed to the client
-        self.error: GenerationFailed | None = None
-        self.sids: list[int] = []
-        self.closed = False
-        self.changed = asyncio.Event()
-        self.started = time.perf_counter()
-        self.first_chunk: float | None = None
-        self._on_close = on_close
-
-    @property
-    def done(self) -> bool:
-        return self.error is not None or all(r is not None for r in self.finish_reasons)
-
-    def feed(self, index: int, text: str, finished: bool) -> None:
-        self.drawn[index] += 1
-        if text:
-            self.generated[index] += text
-            self.pending[index] = self.pending.get(index, "") + text
-        if finished:
-            cut = len(self.generated[index]) < self.drawn[index]
-            length = self.requests[index].length
-            self.finish_reasons[index] = "stop" if cut or self.drawn[index] < length else "length"
-        self.changed.set()
-
-    def fail(self, kind: str, message: str) -> None:
-        if not self.done:
-            self.error = GenerationFailed(kind, message)
-            self.changed.set()
-
-    def close(self) -> None:
-        """The request is over (finished, failed, or its client left): free its slots at once."""
-        if not self.closed:
-            self.closed = True
-            self.fail("cancelled", "the request was closed before its text was complete")
-            self._on_close(self)
-
-    async def chunks(self) -> AsyncIterator[dict[int, str]]:
-        """{sample index: new text} as the worker produces it; raises `GenerationFailed`."""
-        while True:
-            await self.changed.wait()
-            self.changed.clear()
-            if self.pending:
-                out, self.pending = self.pending, {}
-                if self.first_chunk is None:
-                    self.first_chunk = time.perf_counter()
-                yield out
-            if self.error is not None:
-                raise self.error
-            if self.done:
-                return
-
-    def response(self, model: str) -> GenerateResponse:
-        now = time.perf_counter()
-        chars = sum(len(g) for g in self.generated)
-        total = now - self.started
-        first = None if self.first_chunk is None else (self.first_chunk - self.started) * 1e3
-        return GenerateResponse(
-            model=model,
-            samples=[self.start_text + g for g in self.generated],
-            finish_reasons=[r or "length" for r in self.finish_reasons],
-            seed=self.seed,
-            timing=Timing(first_chunk_ms=first, total_ms=total * 1e3, characters=chars,
-                          chars_per_second=chars / total if total > 0 else 0.0),
-        )
-
-
-# ---------------------------------------------------------------------------------------- workers
-
-
-class ModelWorker:
-    """Runs one model's engine: streams join between steps, text goes back to each `Job`.
-
-    Only `_tick` touches the engine, and it runs in one worker thread at a time; everything else
-    runs on the event loop, so no lock is needed."""
-
-    def __init__(self, model: TextModel, name: str, max_batch: int, tick_seconds: float) -> None:
-        self.model = model
-        self.name = name
-        self.max_batch = max_batch
-        self.tick_seconds = tick_seconds
-        self.engine = Engine(model.model, model.vocab.decode, model.device)
-        self.jobs: set[Job] = set()
-        self.waiting: deque[tuple[Job, int]] = deque()  # streams not yet in the engine
-        self.running: dict[int, tuple[Job, int]] = {}  # engine stream id → (job, sample index)
-        self.to_cancel: list[int] = []
-        self.peak_active = 0  # the largest batch a step has seen (shows that requests share it)
-        self.steps = 0
-        self.step_seconds = 1e-3  # moving average, for Retry-After
-        self._news = threading.Event()  # ends a tick early: someone joined or left
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"engine {self.name}")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._reset("shutdown", "the server is shutting down")
-
-    def submit(self, job: Job) -> None:
-        self.start()
-        self.jobs.add(job)
-        self.waiting.extend((job, i) for i in range(len(job.requests)))
-        self._poke()
-
-    def drop(self, job: Job) -> None:
-        """Take a job's streams out of the batch at the next step boundary."""
-        self.jobs.discard(job)
-        if any(j is job for j, _ in self.waiting):
-            self.waiting = deque(e for e in self.waiting if e[0] is not job)
-        for sid in job.sids:
-            if self.running.pop(sid, None) is not None:
-                self.to_cancel.append(sid)
-        self._poke()
-
-    def seconds_until_free(self) -> float:
-        """A guess at when the first running stream ends, for Retry-After."""
-        remaining = [job.requests[i].length - job.drawn[i] for job, i in self.running.values()]
-        return (min(remaining) if remaining else 1) * self.step_seconds
-
-    def _poke(self) -> None:
-        self._news.set()
-        if self._wake is not None:
-            self._wake.set()
-
-    def _expire(self) -> None:
-        now = time.perf_counter()
-        for job in [j for j in self.jobs if now > j.deadline]:
-            limit = job.deadline - job.started
-            job.fail("time_limit", f"the generation ran past its time limit of {limit:g} s; "
-                                   "ask for fewer characters or try again when the server is less busy")
-            self.drop(job)
-
-    async def _run(self) -> None:
-        assert self._wake is not None
-        while True:
-            if not (self.waiting or self.running or self.to_cancel):
-                self._wake.clear()
-                await self._wake.wait()
-            self._expire()
-            room = self.max_batch - len(self.running)
-            joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-            cancels, self.to_cancel = self.to_cancel, []
-            self._news.clear()
-            requests = [job.requests[i] for job, i in joining]
-            try:
-                sids, steps = await asyncio.to_thread(self._tick, requests, cancels)
-                self._deliver(joining, sids, steps)
-            except Exception:  # a bug must fail the requests in flight, not stop the worker
-                log.exception("engine of model %s failed; its requests end with an error", self.name)
-                self._reset("internal", "the model failed while generating; the server logged the cause")
-
-    def _deliver(self, joining: list[tuple[Job, int]], sids: list[int], steps: list) -> None:
-        """On the event loop: record the new streams and hand each step's text to its job."""
-        for (job, i), sid in zip(joining, sids):
-            if job in self.jobs:
-                self.running[sid] = (job, i)
-                job.sids.append(sid)
-            else:  # its client left while the stream was being added
-                self.to_cancel.append(sid)
-        for outputs in steps:
-            for sid, out in outputs.items():
-                entry = self.running.get(sid)
-                if entry is None:
-                    continue
-                job, i = entry
-                job.feed(i, out.text, out.finished)
-                if out.finished:
-                    del self.running[sid]
-                    if job.done:
-                        self.jobs.discard(job)
-
-    def _tick(self, requests: list[EngineRequest], cancels: list[int]) -> tuple[list[int], list]:
-        """In the worker thread: apply leaves and joins, then step until there is news or the tick's
-        time is up. Returns the new streams' ids and each step's outputs."""
-        engine = self.engine
-        for sid in cancels:
-            engine.cancel(sid)
-        sids = [engine.add(r) for r in requests]
-        steps = []
-        start = time.perf_counter()
-        while engine.active:
-            self.peak_active = max(self.peak_active, engine.active)
-            steps.append(engine.step())
-            if self._news.is_set() or time.perf_counter() - start >= self.tick_seconds:
-                break
-        if steps:
-            self.steps += len(steps)
-            per_step = (time.perf_counter() - start) / len(steps)
-            self.step_seconds = 0.9 * self.step_seconds + 0.1 * per_step
-        return sids, steps
-
-    def _reset(self, kind: str, message: str) -> None:
-        """Fail every request and start again with an empty engine."""
-        for job in list(self.jobs):
-            job.fail(kind, message)
-        self.jobs.clear()
-        self.waiting.clear()
-        self.running.clear()
-        self.to_cancel.clear()
-        self.engine = Engine(self.model.model, self.model.vocab.decode, self.model.device)
 
 
 # ---------------------------------------------------------------------------------------- the server
@@ -621,7 +284,7 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
             status_code=429, headers={"Retry-After": str(exc.retry_after)})
 
     @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"],
-              responses={**_ERRORS, 504: {"model": ErrorResponse, "description": "Time limit."}})
+              responses={**ERROR_RESPONSES, 504: {"model": ErrorResponse, "description": "Time limit."}})
     async def generate(body: Body, request: Request) -> GenerateResponse:
         """Generate `num_samples` texts and return them whole."""
         worker, job = server.admit(body)
@@ -638,7 +301,7 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         return job.response(worker.name)
 
     @app.post("/v1/generate/stream", tags=["generate"], response_class=EventStream,
-              responses={**_ERRORS, 200: {
+              responses={**ERROR_RESPONSES, 200: {
                   "content": {"text/event-stream": {}},
                   "description": "Server-sent events: `start` (model, start text, seed), one `chunk` "
                                  "per piece of text ({index, text}), then `done` (the same object "
@@ -694,7 +357,7 @@ def serve(runs: Sequence[str | Path], *, host: str = "127.0.0.1", port: int = 80
     """Load `runs` once and serve them until interrupted."""
     import uvicorn
 
-    from charlstm.api import load
+    from charlstm.generate.textmodel import load
     from charlstm.hardware import set_threads
 
     # One intra-op thread: a step is a few small matrix products, too small to gain from more

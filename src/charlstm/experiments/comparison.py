@@ -86,7 +86,7 @@ def matched_hidden_sizes(
 @torch.inference_mode()
 def per_char_losses(model, ids: np.ndarray, n_streams: int = 8, window: int = 512) -> np.ndarray:
     """Loss of predicting ids[p + 1] for every p, with the state carried as in `evaluate_ids`."""
-    from charlstm.batching import eval_streams
+    from charlstm.data.batching import eval_streams
 
     model.eval()
     x, y = eval_streams(np.asarray(ids), n_streams)  # (S, L), rows are contiguous slices
@@ -185,9 +185,9 @@ def copy_config(cell: str, hidden: int, text: Path, budget: float, seed: int) ->
 
 def recall_loss(run_dir: Path) -> float:
     """Mean loss on the recalled characters (those after "=") of the copy text's validation split."""
-    from charlstm.api import load
     from charlstm.config import from_dict
-    from charlstm.training import prepare_data
+    from charlstm.data.loading import prepare_data
+    from charlstm.generate.textmodel import load
 
     model = load(run_dir, device="cpu")
     ids = prepare_data(from_dict(model.meta["config"]), model.vocab).val_ids.astype(np.int64)
@@ -215,7 +215,7 @@ class RunResult:
 
 def _train_one(config: RunConfig, run_dir: str) -> None:
     """Train one run, logging to a file beside it (a worker process's entry point)."""
-    from charlstm.training import train
+    from charlstm.training.orchestrate import train
 
     run_dir = Path(run_dir)
     (run_dir.parent / f"{run_dir.name}.done").unlink(missing_ok=True)
@@ -233,15 +233,13 @@ def _train_one(config: RunConfig, run_dir: str) -> None:
 def _read_run(
     run_dir: Path, cell: str, seed: int, hidden: int, params: int, probe: bool
 ) -> RunResult:
-    from charlstm import checkpoint as ckpt_io
-    from charlstm.api import load
-    from charlstm.training import prepare_data
+    from charlstm.data.loading import prepare_data
+    from charlstm.generate.textmodel import load
+    from charlstm.runs.folder import RunFolder
 
-    records = [
-        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
-    ]
-    curve = [(r["time"], r["val_loss"]) for r in records]
-    last = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(run_dir, "last"))
+    folder = RunFolder(run_dir)
+    curve = [(r["time"], r["val_loss"]) for r in folder.read_metrics()]
+    last = folder.read_checkpoint("last")
     m = last.meta["metrics"]
     result = RunResult(
         cell,
@@ -456,8 +454,8 @@ def compare(
     `jobs` trains that many runs at once in separate processes. `copy_delays` adds the copy task:
     one small model per cell and delay, `copy_budget` seconds each.
     """
-    from charlstm.checkpoint import atomic_write_text
-    from charlstm.training import prepare_data
+    from charlstm.atomic import atomic_write_text
+    from charlstm.data.loading import prepare_data
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cells = list(dict.fromkeys(cells))

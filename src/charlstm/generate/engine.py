@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from charlstm.errors import UserError
-from charlstm.sampling import SamplingParams, StopRule, sample_step
+from charlstm.generate.sampling import SamplingParams, StopRule, sample_step
 
 
 @dataclass
@@ -136,7 +136,7 @@ def _codepoints(decode: Callable[[Sequence[int]], str], vocab_size: int | None) 
 class Engine:
     """Batched, incremental generation over a `CharRNN`-like model.
 
-    An LSTM on the CPU runs in compiled kernels (`charlstm.kernels`, when numba is installed);
+    An LSTM on the CPU runs in compiled kernels (`charlstm.generate.kernels`, when numba is installed);
     any other model, or CUDA, runs the reference path: one module call per step and
     `sampling.sample_step`. Both draw the same characters from the same logits. `fast=False`
     forces the reference path, `fast=True` the compiled one."""
@@ -309,7 +309,7 @@ def _hand_out(s: _Stream, new: str, drawn: int) -> StepOutput:
 def _compiled_rows(model: torch.nn.Module, device: torch.device):
     """The compiled path's rows for this model, or None where it does not apply."""
     try:
-        from charlstm import kernels
+        from charlstm.generate import kernels
     except ImportError:  # numba is missing: the reference path still works
         return None
     if not kernels.supports(model, device):

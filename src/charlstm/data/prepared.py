@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from charlstm.corpus import MAX_NUL_SHARE, check_encoding, split_point
+from charlstm.data.corpus import MAX_NUL_SHARE, check_encoding, split_point
+from charlstm.data.vocabulary import Vocabulary, describe_char
 from charlstm.errors import UserError
-from charlstm.vocabulary import Vocabulary, describe_char
 
 FORMAT = "charlstm-prepared"
 FORMAT_VERSION = 1
@@ -115,7 +115,7 @@ class PrepareResult:
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
-    from charlstm.checkpoint import atomic_write_text
+    from charlstm.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
 
@@ -240,7 +240,7 @@ def _fail(path: Path, why: str) -> UserError:
 
 
 def sha256_file(path: Path) -> str:
-    from charlstm.datasets import sha256_file as sha
+    from charlstm.data.datasets import sha256_file as sha
 
     return sha(path)
 

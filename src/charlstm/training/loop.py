@@ -15,88 +15,31 @@ schedule or early stopping, which must see exactly the evaluations an uninterrup
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlstm import checkpoint as ckpt_io
-from charlstm import transfer
-from charlstm.batching import make_batcher
-from charlstm.config import RunConfig, from_dict, to_toml
-from charlstm.corpus import load_corpus, split_text
+from charlstm.config import RunConfig
+from charlstm.data.batching import make_batcher
+from charlstm.data.loading import PreparedData
 from charlstm.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
-from charlstm.evaluation import evaluate_ids, loss_metrics
+from charlstm.generate.engine import generate_stream
+from charlstm.generate.sampling import SamplingParams, stream_seeds
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
-from charlstm.model import CharRNN, count_parameters, detach_hidden, hidden_from_tensors, hidden_tensors
-from charlstm.generation import generate_stream
-from charlstm.sampling import SamplingParams, stream_seeds
-from charlstm.schedule import Plateau, budget_progress, learning_rate
-from charlstm.vocabulary import Vocabulary
-
-# Adam moves each weight by about lr per step: far above 1 a run can only diverge, and from about
-# 3e37 Adam's own step overflows float32 (a RuntimeError deep inside torch).
-MAX_LR = 10.0
-
-RUN_FILES = ("config.toml", "metrics.jsonl", "samples.txt", "best", "last", "report.html", "report.md",
-             "report")
-
-
-# ---------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class PreparedData:
-    vocab: Vocabulary
-    train_ids: np.ndarray  # a numpy.memmap view for a corpus made by `charlstm prepare`
-    val_ids: np.ndarray
-    source: str
-    _train_text: str | None = field(default=None, repr=False)
-
-    @property
-    def train_text(self) -> str:
-        """The training text (for analysis); decoded from the ids on first use when the corpus was
-        prepared on disk, since training itself never needs it as a string."""
-        if self._train_text is None:
-            from charlstm.prepared import decode_ids
-
-            self._train_text = decode_ids(self.vocab, self.train_ids)
-        return self._train_text
-
-
-def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> PreparedData:
-    """Read the corpus, split it, and encode it with `vocab` (built from the whole text if None).
-    A prepared corpus (`data.prepared`) is memory-mapped instead: no string of it is ever built."""
-    d = config.data
-    if d.prepared:
-        from charlstm.prepared import load_split
-
-        return PreparedData(*load_split(d.prepared, d.val_fraction, vocab))
-    text, source = load_corpus(d.dataset, d.text, d.encoding)
-    train_text, val_text = split_text(text, d.val_fraction)
-    if vocab is None:
-        vocab = Vocabulary.from_text(text)
-    elif vocab.unknown(text):
-        missing = "".join(vocab.unknown(text)[:20])
-        raise UserError(
-            f"the text {source} has characters the run's vocabulary lacks ({missing!r}); a run can "
-            "only resume on the text it was trained on: train a new run (or fine-tune with --init-from)"
-        )
-    return PreparedData(vocab, vocab.encode_array(train_text), vocab.encode_array(val_text), source,
-                        train_text)
-
+from charlstm.model import CharRNN, detach_hidden, hidden_from_tensors, hidden_tensors
+from charlstm.model.evaluation import evaluate_ids
+from charlstm.runs.checkpoint import Checkpoint
+from charlstm.runs.folder import RunFolder
+from charlstm.training.optimizer_state import load_optimizer, optimizer_tensors
+from charlstm.training.schedule import Plateau, budget_progress, learning_rate
+from charlstm.training.signals import SignalGuard
 
 # ---------------------------------------------------------------------------------------- state
 
@@ -116,86 +59,8 @@ class Counters:
     nonfinite: int = 0
 
 
-class SignalGuard:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps.
-
-    The first signal asks the run to stop after the current step; signals that arrive while the final
-    checkpoint is being written are ignored, so a second Ctrl-C cannot interrupt the save (which is
-    atomic anyway: the previous file stays until the new one is complete).
-    """
-
-    CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.requested: signal.Signals | None = None
-        self.log = log
-        self._old: dict = {}
-
-    def __enter__(self) -> SignalGuard:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.CODES:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested is None:
-            self.requested = signal.Signals(signum)
-            self.log(f"\n{self.requested.name}: finishing this step and saving; please wait")
-        else:
-            self.log(f"\n{signal.Signals(signum).name}: already saving, the checkpoint is safe")
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def stop_error(self) -> TrainingStopped:
-        assert self.requested is not None
-        return TrainingStopped(self.requested.name, self.CODES[self.requested])
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split Adam's state into tensors (for safetensors) and a JSON-able remainder."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, pstate in sd["state"].items():
-        for key, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value
-            else:
-                scalars[f"{pid}.{key}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    for name, value in info["scalars"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    # The hyperparameters come from the run's configuration (which --resume may override, e.g.
-    # --weight-decay), not from the file: only Adam's moments and step counts are state. The stored
-    # groups must still describe the same parameters.
-    groups = opt.state_dict()["param_groups"]
-    stored = info["param_groups"]
-    if [len(g["params"]) for g in stored] != [len(g["params"]) for g in groups]:
-        raise ValueError("the optimizer state is for a different set of weights")
-    opt.load_state_dict({"state": state, "param_groups": groups})
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in opt.state.get(p, {}).items():
-                ok = (torch.is_tensor(value) and value.numel() == 1 and bool(torch.isfinite(value).all())
-                      if key == "step" else
-                      key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and torch.is_tensor(value)
-                      and value.shape == p.shape and bool(torch.isfinite(value).all()))
-                if not ok:
-                    raise ValueError(f"Adam's {key!r} does not fit a weight of shape {tuple(p.shape)}")
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -204,10 +69,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 class Run:
     """One training run: its folder, model, optimizer, batcher and counters."""
 
-    def __init__(self, config: RunConfig, out: Path, data: PreparedData, log: Callable[[str], None],
-                 progress: bool) -> None:
+    def __init__(self, config: RunConfig, folder: RunFolder, data: PreparedData,
+                 log: Callable[[str], None], progress: bool) -> None:
         t = config.train
-        self.out = out
+        self.folder = folder
+        self.out = folder.path
         self.data = data
         self.log = log
         self.progress = progress
@@ -271,7 +137,7 @@ class Run:
     def save_best(self, val_loss: float) -> None:
         self._check_finite()
         meta = self._meta({"val_loss": val_loss, **self._progress_metrics()})
-        ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(self.out, "best"), self._model_tensors(), meta)
+        self.folder.save_checkpoint("best", self._model_tensors(), meta)
         self.counters.best_saved_val = val_loss
 
     def save_last(self) -> None:
@@ -279,7 +145,7 @@ class Run:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        opt_tensors, opt_info = _optimizer_tensors(self.opt)
+        opt_tensors, opt_info = optimizer_tensors(self.opt)
         tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
         tensors["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -296,13 +162,13 @@ class Run:
             "batcher": self.batcher.state_dict(),
             "threads": self.threads,
         }
-        ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(self.out, "last"), tensors, meta)
+        self.folder.save_checkpoint("last", tensors, meta)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """More state for last/ (a distributed run adds every process's random generators)."""
         return {}
 
-    def restore(self, ck: ckpt_io.Checkpoint) -> None:
+    def restore(self, ck: Checkpoint) -> None:
         info = ck.meta.get("resume")
         if not isinstance(info, dict):
             raise UserError(f"{ck.path} holds no training state; resume from a run's last/ checkpoint")
@@ -319,19 +185,16 @@ class Run:
             self.log(f"note: resuming with {self.threads} threads (the run used {info.get('threads')}); "
                      "results will not be bitwise identical to an uninterrupted run")
 
-    def _restore_state(self, ck: ckpt_io.Checkpoint, info: dict[str, Any]) -> None:
+    def _restore_state(self, ck: Checkpoint, info: dict[str, Any]) -> None:
         self.model.load_state_dict(ck.model_state())
         if self.ema is not None:
             self.ema.load_state_dict(ck.group("ema"))
-        _load_optimizer(self.opt, ck.group("optim"), info["optimizer"])
+        load_optimizer(self.opt, ck.group("optim"), info["optimizer"])
         plateau = info["plateau"]
         if not (set(plateau) <= set(self.plateau.state_dict()) and all(_is_number(v) for v in plateau.values())):
             raise ValueError("the plateau schedule's state is malformed")
         self.plateau.load_state_dict(plateau)
-        self.batcher.load_state_dict(info["batcher"])
-        b = self.batcher
-        if hasattr(b, "windows_per_epoch") and not (0 <= b.offset < b.T and 0 <= b.window <= b.windows_per_epoch):
-            raise ValueError("the batcher's position is outside the text")
+        self.batcher.load_state_dict(info["batcher"])  # checks the position against the text
         names = {f.name for f in dataclasses.fields(Counters)}
         if set(info["counters"]) != names:
             raise ValueError(f"the counters are {sorted(info['counters'])}, expected {sorted(names)}")
@@ -366,6 +229,10 @@ class Run:
         and on stop signals, and every process must then take the same decision."""
         return guard.requested is not None
 
+    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss the step logs and tests for finiteness (a distributed run's global mean)."""
+        return loss
+
     def evaluate(self) -> float:
         return evaluate_ids(self.eval_model, self.data.val_ids, n_streams=self.config.train.eval_streams,
                             device=self.device, precision=self.precision)
@@ -396,6 +263,7 @@ class Run:
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         if self.loss_hook is not None:
             loss = self.loss_hook(self.counters.step, loss)
+        loss = self.reduce_loss(loss)
         self.opt.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         if finite:
@@ -422,174 +290,6 @@ class Run:
             self.ema.update_parameters(self.model)
         self.hidden = detach_hidden(hidden) if self.config.data.batching == "stream" else None
         return float(loss.detach())
-
-
-def _prepare_out(out: Path, resume: bool, force: bool) -> None:
-    if resume:
-        return
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            what = "holds a run" if ckpt_io.is_run_dir(out) else "is not empty and is not a charlstm run"
-            raise UserError(
-                f"--out {str(out)!r} {what}; continue it with --resume, choose another --out, or pass "
-                "--force to replace the run's files"
-            )
-        for name in RUN_FILES:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out {str(out)!r} ({exc.strerror or exc}); choose a folder "
-                        "you can write to") from None
-
-
-def _write_failed(path: Path, exc: OSError) -> UserError:
-    return UserError(
-        f"could not write {path} ({exc.strerror or exc}); the run's checkpoints are intact; free "
-        "some disk space and continue with --resume (or start again if it has no checkpoint yet)"
-    )
-
-
-def _append_line(path: Path, line: str) -> None:
-    try:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-    except OSError as exc:
-        raise _write_failed(path, exc) from None
-
-
-def _repair_metrics(path: Path, step: int) -> None:
-    """Keep the records of metrics.jsonl that the resumed run stands on.
-
-    A run killed between two checkpoints leaves records of steps after its last checkpoint, which
-    the resumed run is about to redo and log again, and perhaps a half-written last line. Both go;
-    the file is rewritten atomically, and only when something changes.
-    """
-    if not path.is_file():
-        return
-    old = path.read_text(encoding="utf-8", errors="replace")
-    kept = []
-    for line in old.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    if "".join(kept) != old:
-        try:
-            ckpt_io.atomic_write_text(path, "".join(kept))
-        except OSError as exc:
-            raise _write_failed(path, exc) from None
-
-
-def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
-    """The stored configuration of `run_dir`, with budget-like overrides applied."""
-    run_dir = Path(run_dir)
-    last = ckpt_io.checkpoint_path(run_dir, "last")
-    if not last.is_file():
-        if not run_dir.is_dir():
-            raise CheckpointError(f"run folder {str(run_dir)!r} does not exist; give a folder made by "
-                                  "`charlstm train`")
-        if (run_dir / "config.toml").is_file():  # stopped (or killed) before its first checkpoint
-            raise UserError(
-                f"{str(run_dir)!r} stopped before its first checkpoint, so there is nothing to resume; "
-                f"start it again with: charlstm train --config {run_dir / 'config.toml'} --out "
-                f"{run_dir} --force"
-            )
-        raise CheckpointError(f"{str(run_dir)!r} is not a charlstm run folder (no last/ checkpoint); "
-                              "give a folder made by `charlstm train`")
-    ck = ckpt_io.read_checkpoint(last)
-    config = from_dict(ck.meta["config"])
-    changed_model = {k for k in overrides if k in asdict(config.model) and overrides[k] != getattr(config.model, k)}
-    if changed_model:
-        raise UserError(
-            f"cannot change the model's {', '.join(sorted(changed_model))} when resuming; "
-            "train a new run or fine-tune with --init-from"
-        )
-    return config.replace(**overrides)
-
-
-def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool = True, log: Callable[[str], None] | None = None,
-          loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-          on_eval: Callable[[int, float], None] | None = None) -> Path:
-    """Train a model as `config` says and write the run to `out`; returns the run folder.
-
-    ``init_from`` starts from another run's weights, ``pretrain`` makes that run first (transfer.py).
-    `on_eval(step, val_loss)` is called after each scheduled evaluation, once the run is saved; an
-    exception it raises (a tuner pruning the trial) ends the run and propagates.
-
-    With ``resume=True``, `out` must hold a run; it continues from its ``last/`` checkpoint (the
-    caller passes the stored configuration, see `resume_config`). Raises `UserError` for bad input,
-    `TrainingStopped` after a SIGINT/SIGTERM (having saved), `NonFiniteLoss` on a numerical fault.
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = Path(out)
-    if config.optim.lr > MAX_LR:
-        raise UserError(f"lr {config.optim.lr:g} is far beyond any rate Adam trains with (each step moves "
-                        f"every weight by about lr); use at most {MAX_LR:g}, e.g. 3e-3")
-    if config.train.pretrain and not resume:  # two runs: <out>-pretrain, then `out` from it
-        return transfer.pretrain_then_finetune(config, out, force=force, progress=progress, log=log,
-                                               on_eval=on_eval)
-    from charlstm import distributed
-
-    dist_ctx = distributed.setup(config.train.device)  # None unless started by torchrun
-    writer = dist_ctx is None or dist_ctx.rank == 0
-    if not writer:
-        log, progress = (lambda msg: None), False
-    if writer:
-        _prepare_out(out, resume, force)
-        ckpt_io.remove_stale_temps(out)
-    last_ckpt = ckpt_io.read_checkpoint(ckpt_io.checkpoint_path(out, "last")) if resume else None
-    source = None
-    if config.train.init_from and last_ckpt is None:
-        source = transfer.read_source(config.train.init_from)
-        transfer.check_architecture(config, source)
-    data = prepare_data(config, last_ckpt.vocab if last_ckpt else
-                        transfer.union_vocabulary(config, source) if source else None)
-    run = (Run(config, out, data, log, progress) if dist_ctx is None else
-           distributed.DistributedRun(config, out, data, log, progress, dist_ctx))
-    run.loss_hook = loss_hook
-    if last_ckpt is not None:
-        run.restore(last_ckpt)
-        if writer:
-            _repair_metrics(out / "metrics.jsonl", run.counters.step)
-    else:
-        if writer:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        if source is not None:
-            transfer.initialise(run.model, data.vocab, source, log)
-    transfer.freeze(run.model, config.train.freeze_layers)
-    try:
-        if writer:
-            ckpt_io.atomic_write_text(out / "config.toml", to_toml(run.config))
-    except OSError as exc:
-        raise _write_failed(out / "config.toml", exc) from None
-    log(f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
-        f"characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
-        f"{run.config.model.num_layers}×{run.config.model.hidden_size}, "
-        f"{count_parameters(run.model):,} parameters; {run.device.type}, {run.precision}, "
-        f"{run.threads} threads")
-    with SignalGuard(log) as guard:
-        reason = _loop(run, guard, on_eval)
-    if dist_ctx is not None:
-        distributed.finish()
-    log(f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
-        f"{run.counters.best_saved_val:.4f} nats/char ({run.counters.best_saved_val / math.log(2):.3f} "
-        f"bits/char) at step {run.counters.best_step}; run folder {out}")
-    if run.config.train.report and writer:
-        from charlstm.report import report_run
-
-        paths = report_run(out, log=log)
-        log(f"charlstm: wrote {paths['html']} and {paths['md']}")
-    return out
 
 
 def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | None = None) -> str:
@@ -645,7 +345,7 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
                       "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"],
                       "chars_per_s": round(speed, 1)}
             if run.writer:
-                _append_line(run.out / "metrics.jsonl", json.dumps(record))
+                run.folder.append_metrics(record)
             window_losses, window_chars, window_start = [], 0, now
             if run.config.optim.schedule == "plateau":
                 run.plateau.update(val)
@@ -663,7 +363,7 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
                                 f"{speed / 1000:.1f}k ch/s", refresh=False)
             if t.sample_every and c.evals % t.sample_every == 0 and run.writer:
                 text = run.sample(seed=t.seed + c.step)
-                _append_line(run.out / "samples.txt", f"--- step {c.step}, val {val:.3f}\n{text}\n")
+                run.folder.append_sample(f"--- step {c.step}, val {val:.3f}\n{text}\n")
                 bar.write(f"--- step {c.step}, val {val:.3f} ---\n{text}\n", file=sys.stderr)
             if t.early_stopping and c.bad_evals >= t.early_stopping:
                 reason = f"early stopping: no improvement in {t.early_stopping} evaluations"
@@ -689,7 +389,14 @@ def _finish(run: Run, last_val: float | None, report_only: bool) -> None:
             run.save_best(val)
             c.best_step = c.step
         if not report_only and run.writer:
-            _append_line(run.out / "metrics.jsonl", json.dumps(
+            run.folder.append_metrics(
                 {"step": c.step, "time": round(c.elapsed, 3), "val_loss": val,
-                 "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"], "final": True}))
+                 "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"], "final": True})
     run.save_last()
+
+
+def fit(run: Run, on_eval: Callable[[int, float], None] | None = None) -> str:
+    """Train `run` until its budget, early stopping, a signal or a fault ends it, saving as it goes;
+    returns why it stopped. Raises `TrainingStopped` after a SIGINT/SIGTERM (having saved)."""
+    with SignalGuard(run.log) as guard:
+        return _loop(run, guard, on_eval)

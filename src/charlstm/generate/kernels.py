@@ -797,8 +797,8 @@ def warm_up() -> float:
     import time
 
     from charlstm.config import ModelConfig
+    from charlstm.generate.sampling import SamplingParams
     from charlstm.model import CharRNN
-    from charlstm.sampling import SamplingParams
 
     t0 = time.perf_counter()
     model = CharRNN(ModelConfig(embedding_size=2, hidden_size=4, num_layers=2, vocab_size=3)).eval()

@@ -1,0 +1,1 @@
+"""Experiments that train many runs: hyperparameter search (tuning) and cell comparison."""

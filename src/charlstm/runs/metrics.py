@@ -1,0 +1,58 @@
+"""`metrics.jsonl`: one JSON object per line, appended as training goes.
+
+Appending a line is not atomic: a run killed in the middle of a write leaves a torn last line. Every
+reader goes through `read_records`, which skips a line that is not a JSON object with an integer
+``step``, so a torn line (or any other damaged one) never stops a report, a comparison or a resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from charlstm.atomic import atomic_write_text
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a line; raises OSError as the file system does."""
+    append_line(path, json.dumps(record))
+
+
+def append_line(path: Path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and isinstance(record.get("step"), int):
+        return record
+    return None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file (damaged lines skipped); [] when there is no file."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [r for r in map(_parse, lines) if r is not None]
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Keep the records a resumed run stands on: those of steps up to `step`.
+
+    A run killed between two checkpoints leaves records of steps after its last checkpoint, which the
+    resumed run is about to redo and log again, and perhaps a torn last line. Both go; the file is
+    rewritten atomically, and only when something changes.
+    """
+    if not path.is_file():
+        return
+    old = path.read_text(encoding="utf-8", errors="replace")
+    kept = [line + "\n" for line in old.splitlines()
+            if (r := _parse(line)) is not None and r["step"] <= step]
+    if "".join(kept) != old:
+        atomic_write_text(path, "".join(kept))

@@ -1,0 +1,170 @@
+"""One training job from start to end: what `charlstm train` and `charlstm.train` run.
+
+This is the layer above the loop. It decides what a job is made of (pre-training then fine-tuning, one
+process or many under torchrun, a report at the end) and composes the pieces: the run folder, the
+data, a `Run` (or a `DistributedRun`), transfer of another run's weights, and the loop. Nothing below
+imports it, so the loop stays a loop.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from charlstm.config import RunConfig, from_dict, load_toml, to_toml
+from charlstm.data.loading import prepare_data
+from charlstm.errors import UserError
+from charlstm.model import count_parameters
+from charlstm.runs.folder import RunFolder
+from charlstm.training import distributed, transfer
+from charlstm.training.loop import Run, fit
+
+# Adam moves each weight by about lr per step: far above 1 a run can only diverge, and from about
+# 3e37 Adam's own step overflows float32 (a RuntimeError deep inside torch).
+MAX_LR = 10.0
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    """The log of every process but the first in a distributed job."""
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
+    """The stored configuration of `run_dir`, with budget-like overrides applied."""
+    ck = RunFolder(Path(run_dir)).resume_checkpoint()
+    config = from_dict(ck.meta["config"])
+    changed_model = {k for k in overrides
+                     if k in asdict(config.model) and overrides[k] != getattr(config.model, k)}
+    if changed_model:
+        raise UserError(
+            f"cannot change the model's {', '.join(sorted(changed_model))} when resuming; "
+            "train a new run or fine-tune with --init-from"
+        )
+    return config.replace(**overrides)
+
+
+def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False,
+          progress: bool = True, log: Callable[[str], None] | None = None,
+          loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+          on_eval: Callable[[int, float], None] | None = None) -> Path:
+    """Train a model as `config` says and write the run to `out`; returns the run folder.
+
+    ``init_from`` starts from another run's weights, ``pretrain`` makes that run first.
+    `on_eval(step, val_loss)` is called after each scheduled evaluation, once the run is saved; an
+    exception it raises (a tuner pruning the trial) ends the run and propagates. `loss_hook(step,
+    loss)` may replace each step's loss (tests use it to inject faults).
+
+    With ``resume=True``, `out` must hold a run; it continues from its ``last/`` checkpoint (the
+    caller passes the stored configuration, see `resume_config`). Raises `UserError` for bad input,
+    `TrainingStopped` after a SIGINT/SIGTERM (having saved), `NonFiniteLoss` on a numerical fault.
+    """
+    log = log or _stderr
+    out = Path(out)
+    if config.optim.lr > MAX_LR:
+        raise UserError(f"lr {config.optim.lr:g} is far beyond any rate Adam trains with (each step "
+                        f"moves every weight by about lr); use at most {MAX_LR:g}, e.g. 3e-3")
+    if config.train.pretrain and not resume:  # two runs: <out>-pretrain, then `out` from it
+        return pretrain_then_finetune(config, out, force=force, progress=progress, log=log,
+                                      on_eval=on_eval)
+    ctx = distributed.setup(config.train.device)  # None unless started by torchrun
+    writer = ctx is None or ctx.rank == 0
+    if not writer:
+        log, progress = _quiet, False
+    folder = RunFolder(out)
+    if writer:
+        if not resume:
+            folder.start_new(force)
+        folder.remove_stale_temps()
+    last_ckpt = folder.read_checkpoint("last") if resume else None
+    source = None
+    if config.train.init_from and last_ckpt is None:
+        source = transfer.read_source(config.train.init_from)
+        transfer.check_architecture(config, source)
+    data = prepare_data(config, last_ckpt.vocab if last_ckpt else
+                        transfer.union_vocabulary(config, source) if source else None)
+    run = (Run(config, folder, data, log, progress) if ctx is None else
+           distributed.DistributedRun(config, folder, data, log, progress, ctx))
+    run.loss_hook = loss_hook
+    if last_ckpt is not None:
+        run.restore(last_ckpt)
+        if writer:
+            folder.keep_metrics_up_to(run.counters.step)
+    elif source is not None:
+        transfer.initialise(run.model, data.vocab, source, log)
+    transfer.freeze(run.model, config.train.freeze_layers)
+    if writer:
+        folder.write_config(to_toml(run.config))
+    log(f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
+        f"characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
+        f"{run.config.model.num_layers}×{run.config.model.hidden_size}, "
+        f"{count_parameters(run.model):,} parameters; {run.device.type}, {run.precision}, "
+        f"{run.threads} threads")
+    reason = fit(run, on_eval)
+    if ctx is not None:
+        distributed.finish()
+    best = run.counters.best_saved_val
+    log(f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
+        f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char) at step "
+        f"{run.counters.best_step}; run folder {out}")
+    if run.config.train.report and writer:
+        from charlstm.analysis.report import report_run  # matplotlib: only when a report is asked
+
+        paths = report_run(out, log=log)
+        log(f"charlstm: wrote {paths['html']} and {paths['md']}")
+    return out
+
+
+def pretrain_out(out: Path) -> Path:
+    """Where the pre-training phase of a run in `out` goes: beside it, ``<out>-pretrain``."""
+    return Path(out).with_name(Path(out).name + "-pretrain")
+
+
+def pretrain_then_finetune(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> Path:
+    """Pre-train on ``config.train.pretrain`` for ``pretrain_time`` seconds into ``<out>-pretrain``,
+    then fine-tune on the run's own text from its best weights into `out`; returns `out`.
+
+    The pre-training phase uses the run's settings with ``pretrain_config``'s on top, if given: a
+    large text wants larger batches and a higher rate than a small one fine-tuned gently. The
+    model's shape is the pre-training phase's. `on_eval` sees the fine-tuning phase only.
+    """
+    out = Path(out)
+    t = config.train
+    name = t.pretrain
+    as_file = Path(name).is_file()
+    pre = load_toml(t.pretrain_config, base=config) if t.pretrain_config else config
+    pre = pre.replace(
+        dataset=None if as_file else name,
+        text=name if as_file else None,
+        max_time=t.pretrain_time,
+        max_steps=None,
+        init_from=None,
+        pretrain=None,
+        pretrain_config=None,
+        freeze_layers=0,
+    )
+    pre_out = pretrain_out(out)
+    train(pre, pre_out, force=force, progress=progress, log=log)
+    fine = config.replace(
+        pretrain=None,
+        pretrain_config=None,
+        init_from=str(pre_out),
+        **{k: getattr(pre.model, k) for k in transfer.ARCHITECTURE},
+    )
+    return train(fine, out, force=force, progress=progress, log=log, on_eval=on_eval)
