@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from charlstm.atomic import atomic_file
 from charlstm.errors import UserError
 
 DATA_ENV = "CHARLSTM_DATA"
@@ -118,24 +118,20 @@ def download(ds: NamedDataset, dest: Path, progress: bool = True) -> Path:
     """Download to a temporary file beside `dest`, check the sha256, then rename into place."""
     from tqdm import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{ds.filename}.", dir=dest.parent)
-    tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(ds.url, timeout=30) as resp:
+        with atomic_file(dest) as out, urllib.request.urlopen(ds.url, timeout=30) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=ds.name, disable=not progress) as bar:
                 for block in iter(lambda: resp.read(1 << 16), b""):
                     out.write(block)
                     digest.update(block)
                     bar.update(len(block))
-        if digest.hexdigest() != ds.sha256:
-            raise UserError(
-                f"the download of {ds.name} from {ds.url} does not match its pinned sha256; "
-                "try again later or place a verified copy in " + str(dest.parent)
-            )
-        os.replace(tmp, dest)
+            if digest.hexdigest() != ds.sha256:  # inside the block: a bad download never lands
+                raise UserError(
+                    f"the download of {ds.name} from {ds.url} does not match its pinned sha256; "
+                    "try again later or place a verified copy in " + str(dest.parent)
+                )
         return dest
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", None) or exc
@@ -144,8 +140,6 @@ def download(ds: NamedDataset, dest: Path, progress: bool = True) -> Path:
             f"cannot download {ds.name} from {ds.url} ({reason}); put {ds.filename} in {places} "
             f"(or point {DATA_ENV} at a folder holding it)"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def resolve(name: str, allow_download: bool = True, progress: bool = True) -> Path:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from charlstm.atomic import atomic_file, atomic_write_text
 from charlstm.data.corpus import MAX_NUL_SHARE, check_encoding, split_point
 from charlstm.data.vocabulary import Vocabulary, describe_char
 from charlstm.errors import UserError
@@ -115,8 +115,6 @@ class PrepareResult:
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
-    from charlstm.atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
 
 
@@ -160,25 +158,19 @@ def prepare(text_path: str | Path, out: str | Path, *, encoding: str = "utf-8",
         table[order] = np.arange(len(order), dtype=dtype)
         # -- pass 2: decode again and write the final ids ----------------------------------------
         again, ids_hash, written = hashlib.sha256(), hashlib.sha256(), 0
-        tmp = out / f".{IDS_FILE}.tmp"
         try:
-            with open(tmp, "wb") as fh:
+            with atomic_file(out / IDS_FILE) as fh:
                 for text in _decoded_chunks(path, encoding, again, bar.update, quoted):
                     block = table[_code_points(text)].tobytes()
                     fh.write(block)
                     ids_hash.update(block)
                     written += len(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if again.hexdigest() != source_hash.hexdigest() or written != length:
-                raise UserError(f"{quoted} changed while it was being prepared; prepare it again "
-                                "once nothing is writing to it")
-            os.replace(tmp, out / IDS_FILE)
+                if again.hexdigest() != source_hash.hexdigest() or written != length:
+                    raise UserError(f"{quoted} changed while it was being prepared; prepare it "
+                                    "again once nothing is writing to it")
         except OSError as exc:
             raise UserError(f"could not write {out / IDS_FILE} ({exc.strerror or exc}); free some "
                             "disk space and prepare again") from None
-        finally:
-            tmp.unlink(missing_ok=True)
     split = split_point(length, val_fraction)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "length": length,
