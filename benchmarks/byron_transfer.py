@@ -50,9 +50,9 @@ def _train(config, out: str, log_path: str) -> dict:
     if config.train.pretrain:
         from charlstm.training.orchestrate import pretrain_out
 
-        pre = ckpt_io.read_checkpoint(
-            checkpoint_path(pretrain_out(Path(out)), "last")
-        ).meta["metrics"]
+        pre = ckpt_io.read_checkpoint(checkpoint_path(pretrain_out(Path(out)), "last")).meta[
+            "metrics"
+        ]
         result.update(pretrain_seconds=pre["elapsed"], pretrain_val_loss=pre["best_val_loss"])
     return result
 

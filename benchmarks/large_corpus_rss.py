@@ -100,11 +100,18 @@ def measured(cmd: list[str], logs: Path) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so that wait4 gives its rusage
+    proc.returncode = os.waitstatus_to_exitcode(
+        status
+    )  # reaped here, so that wait4 gives its rusage
     done.set()
-    return {"code": proc.returncode, "seconds": time.monotonic() - start, "peak_kb": usage.ru_maxrss,
-            "anon_kb": peaks["RssAnon"], "file_kb": peaks["RssFile"],
-            "stderr": logs.with_suffix(".err").read_text()}
+    return {
+        "code": proc.returncode,
+        "seconds": time.monotonic() - start,
+        "peak_kb": usage.ru_maxrss,
+        "anon_kb": peaks["RssAnon"],
+        "file_kb": peaks["RssFile"],
+        "stderr": logs.with_suffix(".err").read_text(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,8 +129,21 @@ def main(argv: list[str] | None = None) -> None:
         size = generate(corpus, args.mb)
         print(f"generated {size / 1e6:.1f} MB in {time.monotonic() - t0:.1f} s", flush=True)
 
-        prep = measured([sys.executable, "-m", "charlstm", "prepare", "--text", str(corpus), "--out",
-                         str(work / "prepared"), "--force", "--no-progress"], work / "prepare")
+        prep = measured(
+            [
+                sys.executable,
+                "-m",
+                "charlstm",
+                "prepare",
+                "--text",
+                str(corpus),
+                "--out",
+                str(work / "prepared"),
+                "--force",
+                "--no-progress",
+            ],
+            work / "prepare",
+        )
         if prep["code"]:
             sys.exit(prep["stderr"])
         # prepare's own figure (its two passes), without the Python and torch start-up
@@ -132,16 +152,54 @@ def main(argv: list[str] | None = None) -> None:
         prep_mb_s = size / 1e6 / max(prep_s, 1e-9)
         meta = json.loads((work / "prepared" / "meta.json").read_text())
 
-        trained = measured([
-            sys.executable, "-m", "charlstm", "train", "--prepared", str(work / "prepared"), "--out",
-            str(work / "run"), "--force", "--max-steps", str(args.steps), "--max-time", "3600",
-            "--eval-interval", str(max(1, args.steps // 3)), "--early-stopping", "0",
-            "--sample-every", "0", "--no-progress", "--val-fraction", "0.002", "--ema", "0",
-            "--batch-size", "64", "--seq-len", "64", "--embedding-size", "32", "--hidden-size", "64", "--num-layers", "1",
-            "--device", "cpu", "--precision", "fp32"], work / "train")
+        trained = measured(
+            [
+                sys.executable,
+                "-m",
+                "charlstm",
+                "train",
+                "--prepared",
+                str(work / "prepared"),
+                "--out",
+                str(work / "run"),
+                "--force",
+                "--max-steps",
+                str(args.steps),
+                "--max-time",
+                "3600",
+                "--eval-interval",
+                str(max(1, args.steps // 3)),
+                "--early-stopping",
+                "0",
+                "--sample-every",
+                "0",
+                "--no-progress",
+                "--val-fraction",
+                "0.002",
+                "--ema",
+                "0",
+                "--batch-size",
+                "64",
+                "--seq-len",
+                "64",
+                "--embedding-size",
+                "32",
+                "--hidden-size",
+                "64",
+                "--num-layers",
+                "1",
+                "--device",
+                "cpu",
+                "--precision",
+                "fp32",
+            ],
+            work / "train",
+        )
         if trained["code"]:
             sys.exit(trained["stderr"])
-        last = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+        last = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()][
+            -1
+        ]
     finally:
         if tmp:
             tmp.cleanup()
@@ -149,21 +207,36 @@ def main(argv: list[str] | None = None) -> None:
     def mb(kb: int) -> float:
         return kb / 1024
 
-    print(f"prepare: {meta['length']:,} characters, vocabulary {meta['vocab_size']} ({meta['dtype']}) in "
-          f"{prep_s:.1f} s = {prep_mb_s:.1f} MB/s ({prep['seconds']:.1f} s with start-up); peak RSS "
-          f"{mb(prep['peak_kb']):.0f} MB (anon {mb(prep['anon_kb']):.0f} MB, file "
-          f"{mb(prep['file_kb']):.0f} MB)")
-    print(f"train:   {args.steps} steps in {trained['seconds']:.1f} s, validation loss "
-          f"{last['val_loss']:.3f}; peak RSS {mb(trained['peak_kb']):.0f} MB (anon "
-          f"{mb(trained['anon_kb']):.0f} MB, file {mb(trained['file_kb']):.0f} MB); target "
-          f"< {TARGET_MB} MB: {'met' if max(prep['peak_kb'], trained['peak_kb']) < TARGET_MB * 1024 else 'MISSED'}")
-    print(json.dumps({
-        "corpus_mb": round(size / 1e6, 1), "characters": meta["length"],
-        "prepare_s": round(prep_s, 2), "prepare_wall_s": round(prep["seconds"], 2), "prepare_mb_per_s": round(prep_mb_s, 1),
-        "prepare_peak_rss_mb": round(mb(prep["peak_kb"])), "train_steps": args.steps,
-        "train_s": round(trained["seconds"], 1), "train_peak_rss_mb": round(mb(trained["peak_kb"])),
-        "train_peak_anon_mb": round(mb(trained["anon_kb"])),
-        "train_peak_file_mb": round(mb(trained["file_kb"])), "target_mb": TARGET_MB}))
+    print(
+        f"prepare: {meta['length']:,} characters, vocabulary {meta['vocab_size']} ({meta['dtype']}) in "
+        f"{prep_s:.1f} s = {prep_mb_s:.1f} MB/s ({prep['seconds']:.1f} s with start-up); peak RSS "
+        f"{mb(prep['peak_kb']):.0f} MB (anon {mb(prep['anon_kb']):.0f} MB, file "
+        f"{mb(prep['file_kb']):.0f} MB)"
+    )
+    print(
+        f"train:   {args.steps} steps in {trained['seconds']:.1f} s, validation loss "
+        f"{last['val_loss']:.3f}; peak RSS {mb(trained['peak_kb']):.0f} MB (anon "
+        f"{mb(trained['anon_kb']):.0f} MB, file {mb(trained['file_kb']):.0f} MB); target "
+        f"< {TARGET_MB} MB: {'met' if max(prep['peak_kb'], trained['peak_kb']) < TARGET_MB * 1024 else 'MISSED'}"
+    )
+    print(
+        json.dumps(
+            {
+                "corpus_mb": round(size / 1e6, 1),
+                "characters": meta["length"],
+                "prepare_s": round(prep_s, 2),
+                "prepare_wall_s": round(prep["seconds"], 2),
+                "prepare_mb_per_s": round(prep_mb_s, 1),
+                "prepare_peak_rss_mb": round(mb(prep["peak_kb"])),
+                "train_steps": args.steps,
+                "train_s": round(trained["seconds"], 1),
+                "train_peak_rss_mb": round(mb(trained["peak_kb"])),
+                "train_peak_anon_mb": round(mb(trained["anon_kb"])),
+                "train_peak_file_mb": round(mb(trained["file_kb"])),
+                "target_mb": TARGET_MB,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -63,9 +63,11 @@ async def stream_once(host: str, port: int, body: dict) -> Result:
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(b"POST /v1/generate/stream HTTP/1.1\r\nHost: %s\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-                     b"Connection: close\r\n\r\n" % (host.encode(), len(payload)) + payload)
+        writer.write(
+            b"POST /v1/generate/stream HTTP/1.1\r\nHost: %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % (host.encode(), len(payload)) + payload
+        )
         status = int((await reader.readline()).split()[1])
         headers = {}
         while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -80,7 +82,7 @@ async def stream_once(host: str, port: int, body: dict) -> Result:
             while "\n\n" in buffer:
                 block, buffer = buffer.split("\n\n", 1)
                 event_line, data_line = block.split("\n", 1)
-                event, data = event_line[len("event: "):], json.loads(data_line[len("data: "):])
+                event, data = event_line[len("event: ") :], json.loads(data_line[len("data: ") :])
                 if event == "start":
                     prompt = data["start_text"]
                 elif event == "chunk":
@@ -91,8 +93,9 @@ async def stream_once(host: str, port: int, body: dict) -> Result:
                     done = data
         result.latency = time.perf_counter() - start
         result.characters = len(text)
-        result.complete = (done is not None and len(text) == body["length"]
-                           and done["samples"] == [prompt + text])
+        result.complete = (
+            done is not None and len(text) == body["length"] and done["samples"] == [prompt + text]
+        )
         return result
     except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
         return Result(status=0, latency=time.perf_counter() - start)
@@ -105,8 +108,12 @@ async def client(host: str, port: int, index: int, args, deadline: float) -> lis
     for k in range(args.requests):
         if time.perf_counter() >= deadline:
             break
-        body = {"start_text": args.start_text, "length": args.length,
-                "temperature": args.temperature, "seed": index * MAX_REQUESTS + k}
+        body = {
+            "start_text": args.start_text,
+            "length": args.length,
+            "temperature": args.temperature,
+            "seed": index * MAX_REQUESTS + k,
+        }
         results.append(await stream_once(host, port, body))
     return results
 
@@ -126,8 +133,9 @@ def ms(seconds: float | None) -> float | None:
 async def load(host: str, port: int, args) -> dict:
     start = time.perf_counter()
     deadline = start + args.duration
-    per_client = await asyncio.gather(*(client(host, port, i, args, deadline)
-                                        for i in range(args.clients)))
+    per_client = await asyncio.gather(
+        *(client(host, port, i, args, deadline) for i in range(args.clients))
+    )
     elapsed = time.perf_counter() - start
     results = [r for rs in per_client for r in rs]
     ok = [r for r in results if r.status == 200]
@@ -149,8 +157,12 @@ async def load(host: str, port: int, args) -> dict:
         "incomplete": sum(not r.complete for r in results),
     }
     p99 = out["first_chunk_ms_p99"]
-    out["target_met"] = (out["errors_5xx"] == 0 and out["incomplete"] == 0 and p99 is not None
-                         and p99 <= TARGET_FIRST_CHUNK_MS)
+    out["target_met"] = (
+        out["errors_5xx"] == 0
+        and out["incomplete"] == 0
+        and p99 is not None
+        and p99 <= TARGET_FIRST_CHUNK_MS
+    )
     return out
 
 
@@ -162,9 +174,23 @@ def free_port() -> int:
 
 def start_server(args) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "charlstm", "serve", args.run, "--host", "127.0.0.1", "--port",
-           str(port), "--log-level", "warning", "--max-concurrency", str(max(64, args.clients)),
-           "--max-length", str(max(4000, args.length))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "charlstm",
+        "serve",
+        args.run,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--max-concurrency",
+        str(max(64, args.clients)),
+        "--max-length",
+        str(max(4000, args.length)),
+    ]
     if args.max_batch:
         cmd += ["--max-batch", str(args.max_batch)]
     proc = subprocess.Popen(cmd)
@@ -188,7 +214,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     p.add_argument("--length", type=int, default=600)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--start-text", default=None, help="default: the model's most frequent character")
+    p.add_argument(
+        "--start-text", default=None, help="default: the model's most frequent character"
+    )
     p.add_argument("--duration", type=float, default=120.0, help="no request starts after this")
     p.add_argument("--max-batch", type=int, help="passed to the server it starts")
     args = p.parse_args()

@@ -48,9 +48,25 @@ def tiny():
 
 def tiny_config(text: Path, **overrides) -> RunConfig:
     base = dict(
-        text=str(text), dataset=None, batch_size=4, seq_len=16, embedding_size=8, hidden_size=16,
-        num_layers=1, dropout=0.0, embedding_dropout=0.0, weight_drop=0.0, ema=0.0, max_steps=20, max_time=None,
-        eval_interval=5, sample_every=0, threads=1, precision="fp32", device="cpu", lr=1e-2,
+        text=str(text),
+        dataset=None,
+        batch_size=4,
+        seq_len=16,
+        embedding_size=8,
+        hidden_size=16,
+        num_layers=1,
+        dropout=0.0,
+        embedding_dropout=0.0,
+        weight_drop=0.0,
+        ema=0.0,
+        max_steps=20,
+        max_time=None,
+        eval_interval=5,
+        sample_every=0,
+        threads=1,
+        precision="fp32",
+        device="cpu",
+        lr=1e-2,
     )
     base.update(overrides)
     return RunConfig().replace(**base)

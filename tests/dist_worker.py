@@ -51,7 +51,9 @@ def main() -> None:
     dist.all_gather_object(everyone, digests)
     if dist.get_rank() == 0:
         same = all(d == everyone[0] for d in everyone) and bool(everyone[0])
-        print(json.dumps({"same_everywhere": same, "world_size": dist.get_world_size()}), flush=True)
+        print(
+            json.dumps({"same_everywhere": same, "world_size": dist.get_world_size()}), flush=True
+        )
     # Close the group here, in step, rather than from interpreter shutdown: closing gloo at exit
     # after all_gather_object aborted one process now and then ("terminate called without an active
     # exception"); the CLI path, which ends without that extra collective, did not (6 of 6 runs).

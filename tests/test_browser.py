@@ -40,9 +40,18 @@ pytestmark = pytest.mark.skipif(
 
 # Without the networking flags Chromium tries to reach Google's services, which a closed network
 # refuses; --no-sandbox because CI runs as root.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 
 POEM = """She walks in beauty, like the night
 Of cloudless climes and starry skies;
@@ -85,10 +94,25 @@ def site(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
     (folder / "poem.txt").write_text(POEM, encoding="utf-8")
     config = RunConfig().replace(
-        text=str(folder / "poem.txt"), dataset=None, val_fraction=0.2, batch_size=8, seq_len=32,
-        embedding_size=16, hidden_size=64, num_layers=1, dropout=0.0, embedding_dropout=0.0,
-        max_steps=60, max_time=None, eval_interval=20, sample_every=0, threads=1, precision="fp32",
-        device="cpu", lr=1e-2)
+        text=str(folder / "poem.txt"),
+        dataset=None,
+        val_fraction=0.2,
+        batch_size=8,
+        seq_len=32,
+        embedding_size=16,
+        hidden_size=64,
+        num_layers=1,
+        dropout=0.0,
+        embedding_dropout=0.0,
+        max_steps=60,
+        max_time=None,
+        eval_interval=20,
+        sample_every=0,
+        threads=1,
+        precision="fp32",
+        device="cpu",
+        lr=1e-2,
+    )
     run = charlstm.train(config, folder / "she-walks-in-beauty", progress=False, log=lambda _: None)
     model = charlstm.load(run)
     model.model = Paced(model.model)
@@ -153,7 +177,8 @@ def test_type_generate_watch_it_stream_then_stop(site, browser, tmp_path) -> Non
     start.send_keys("She walks in beauty")
     browser.execute_script(
         "const s = document.getElementById('length'); s.value = 4000;"
-        "s.dispatchEvent(new Event('input'));")
+        "s.dispatchEvent(new Event('input'));"
+    )
     browser.find_element(By.ID, "generate").click()
 
     poem = browser.find_element(By.ID, "poem")
@@ -184,7 +209,8 @@ def test_an_invalid_request_shows_the_servers_reason(site, browser) -> None:
     url, _ = site
     browser.get(url)
     browser.execute_script(
-        "const s = document.getElementById('temperature'); s.min = -1; s.value = -1;")
+        "const s = document.getElementById('temperature'); s.min = -1; s.value = -1;"
+    )
     browser.find_element(By.ID, "generate").click()
     poem = browser.find_element(By.ID, "poem")
     wait(browser, lambda: "temperature" in poem.text)

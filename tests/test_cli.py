@@ -7,14 +7,32 @@ from click.testing import CliRunner
 
 from charlstm.cli import main
 
-TINY = ["--batch-size", "4", "--seq-len", "16", "--embedding-size", "8", "--hidden-size", "16",
-        "--num-layers", "1", "--eval-interval", "5", "--threads", "1", "--precision", "fp32",
-        "--no-progress", "--sample-every", "0"]
+TINY = [
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "16",
+    "--embedding-size",
+    "8",
+    "--hidden-size",
+    "16",
+    "--num-layers",
+    "1",
+    "--eval-interval",
+    "5",
+    "--threads",
+    "1",
+    "--precision",
+    "fp32",
+    "--no-progress",
+    "--sample-every",
+    "0",
+]
 
 
 def _without(args, flag):
     i = args.index(flag)
-    return args[:i] + args[i + 2:]
+    return args[:i] + args[i + 2 :]
 
 
 def run(*args):
@@ -40,12 +58,36 @@ def _one_line_error(result, *needles):
 
 def test_train_generate_evaluate_end_to_end(trained, corpus, tmp_path):
     """Train → generate (to stdout and to a file) → evaluate --json, on a corpus the test wrote."""
-    result = run("generate", trained, "--start-text", "Ты ", "--length", 40, "--num-samples", 2,
-                 "--seed", 7, "--temperature", 0.5)
+    result = run(
+        "generate",
+        trained,
+        "--start-text",
+        "Ты ",
+        "--length",
+        40,
+        "--num-samples",
+        2,
+        "--seed",
+        7,
+        "--temperature",
+        0.5,
+    )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Ты ")
-    again = run("generate", trained, "--start-text", "Ты ", "--length", 40, "--num-samples", 2,
-                "--seed", 7, "--temperature", 0.5)
+    again = run(
+        "generate",
+        trained,
+        "--start-text",
+        "Ты ",
+        "--length",
+        40,
+        "--num-samples",
+        2,
+        "--seed",
+        7,
+        "--temperature",
+        0.5,
+    )
     assert again.output == result.output
     out_file = tmp_path / "samples.txt"
     assert run("generate", trained, "--length", 30, "--out", out_file).exit_code == 0
@@ -63,8 +105,18 @@ def test_config_file_and_flags_override(corpus, tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text("[model]\nhidden_size = 12\n[train]\nmax_steps = 5\n", encoding="utf-8")
     out = tmp_path / "run"
-    result = run("train", "--config", preset, "--text", corpus, "--out", out, "--max-steps", 6,
-                 *_without(TINY, "--hidden-size"))
+    result = run(
+        "train",
+        "--config",
+        preset,
+        "--text",
+        corpus,
+        "--out",
+        out,
+        "--max-steps",
+        6,
+        *_without(TINY, "--hidden-size"),
+    )
     assert result.exit_code == 0, result.output
     cfg = (out / "config.toml").read_text(encoding="utf-8")
     assert "hidden_size = 12" in cfg and "max_steps = 6" in cfg
@@ -89,8 +141,10 @@ def test_datasets_lists_named_corpora():
 
 
 def test_missing_file(tmp_path):
-    _one_line_error(run("train", "--text", tmp_path / "nope.txt", "--out", tmp_path / "r", *TINY),
-                    "does not exist")
+    _one_line_error(
+        run("train", "--text", tmp_path / "nope.txt", "--out", tmp_path / "r", *TINY),
+        "does not exist",
+    )
 
 
 def test_empty_file(tmp_path):
@@ -108,38 +162,59 @@ def test_binary_file(tmp_path):
 def test_non_utf8_file_names_the_offset(tmp_path):
     p = tmp_path / "cp1251.txt"
     p.write_bytes("Мой дядя самых честных правил".encode("cp1251") * 100)
-    _one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "byte offset 0",
-                    "--encoding")
+    _one_line_error(
+        run("train", "--text", p, "--out", tmp_path / "r", *TINY), "byte offset 0", "--encoding"
+    )
 
 
 def test_other_encoding_is_accepted(tmp_path):
     p = tmp_path / "cp1251.txt"
-    p.write_bytes(("Мой дядя самых честных правил,\nКогда не в шутку занемог\n" * 40).encode("cp1251"))
-    result = run("train", "--text", p, "--encoding", "cp1251", "--out", tmp_path / "r",
-                 "--max-steps", 2, *TINY)
+    p.write_bytes(
+        ("Мой дядя самых честных правил,\nКогда не в шутку занемог\n" * 40).encode("cp1251")
+    )
+    result = run(
+        "train",
+        "--text",
+        p,
+        "--encoding",
+        "cp1251",
+        "--out",
+        tmp_path / "r",
+        "--max-steps",
+        2,
+        *TINY,
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_corpus_shorter_than_a_window(tmp_path):
     p = tmp_path / "short.txt"
     p.write_text("tiny text\n" * 5, encoding="utf-8")
-    _one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "needs at least",
-                    "--seq-len")
+    _one_line_error(
+        run("train", "--text", p, "--out", tmp_path / "r", *TINY), "needs at least", "--seq-len"
+    )
 
 
 def test_out_holding_another_run_is_refused(trained, corpus):
     before = (trained / "last" / "checkpoint.safetensors").read_bytes()
     _one_line_error(run("train", "--text", corpus, "--out", trained, *TINY), "--resume", "--force")
     assert (trained / "last" / "checkpoint.safetensors").read_bytes() == before
-    assert run("train", "--text", corpus, "--out", trained, "--force", "--max-steps", 2,
-               *TINY).exit_code == 0
+    assert (
+        run(
+            "train", "--text", corpus, "--out", trained, "--force", "--max-steps", 2, *TINY
+        ).exit_code
+        == 0
+    )
 
 
 def test_unknown_config_key(tmp_path, corpus):
     preset = tmp_path / "bad.toml"
     preset.write_text("hiden_size = 3\n", encoding="utf-8")
-    _one_line_error(run("train", "--config", preset, "--text", corpus, "--out", tmp_path / "r"),
-                    "hiden_size", "hidden_size")
+    _one_line_error(
+        run("train", "--config", preset, "--text", corpus, "--out", tmp_path / "r"),
+        "hiden_size",
+        "hidden_size",
+    )
 
 
 def test_folder_that_is_not_a_run(tmp_path):
@@ -147,14 +222,17 @@ def test_folder_that_is_not_a_run(tmp_path):
     _one_line_error(run("generate", tmp_path / "notarun"), "not a charlstm run")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--temperature", "-1"], "temperature"),
-    (["--temperature", "nan"], "temperature"),
-    (["--top-p", "0"], "top_p"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--length", "0"], "length"),
-    (["--start-text", "☃"], "--unknown skip"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--temperature", "nan"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--length", "0"], "length"),
+        (["--start-text", "☃"], "--unknown skip"),
+    ],
+)
 def test_bad_generation_options(trained, args, needle):
     _one_line_error(run("generate", trained, *args), needle)
 

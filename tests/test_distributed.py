@@ -39,25 +39,57 @@ REL = 1e-4
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
-               CHARLSTM_DIST_TIMEOUT="60")
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONWARNINGS="ignore",
+        CHARLSTM_DIST_TIMEOUT="60",
+    )
     return env
 
 
 def torchrun(nproc: int, overrides: dict, out: Path, *extra: str) -> dict:
     """Train through tests/dist_worker.py on `nproc` processes; its JSON verdict."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           WORKER, json.dumps(overrides), str(out), *extra]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        WORKER,
+        json.dumps(overrides),
+        str(out),
+        *extra,
+    ]
+    result = subprocess.run(
+        cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _config(corpus: Path, **overrides) -> dict:
-    base = dict(text=str(corpus), dataset=None, batch_size=4, seq_len=16, embedding_size=8,
-                hidden_size=16, num_layers=2, dropout=0.0, embedding_dropout=0.0, weight_drop=0.0,
-                ema=0.9, max_steps=20, max_time=None, eval_interval=5, sample_every=0, threads=1,
-                precision="fp32", device="cpu", lr=1e-2)
+    base = dict(
+        text=str(corpus),
+        dataset=None,
+        batch_size=4,
+        seq_len=16,
+        embedding_size=8,
+        hidden_size=16,
+        num_layers=2,
+        dropout=0.0,
+        embedding_dropout=0.0,
+        weight_drop=0.0,
+        ema=0.9,
+        max_steps=20,
+        max_time=None,
+        eval_interval=5,
+        sample_every=0,
+        threads=1,
+        precision="fp32",
+        device="cpu",
+        lr=1e-2,
+    )
     return {**base, **overrides}
 
 
@@ -78,7 +110,9 @@ def _assert_follows(run: Path, reference: Path) -> None:
     for which in ("last", "best"):
         a, b = _weights(run, which), _weights(reference, which)
         for k in b:
-            torch.testing.assert_close(a[k], b[k], rtol=REL, atol=REL, msg=f"{run.name} {which} {k}")
+            torch.testing.assert_close(
+                a[k], b[k], rtol=REL, atol=REL, msg=f"{run.name} {which} {k}"
+            )
 
 
 def test_two_processes_follow_one_process_and_resume_on_either(corpus, tmp_path):
@@ -111,14 +145,28 @@ def test_two_process_resume_is_exact_with_dropout(corpus, tmp_path):
     """Dropout, weight drop and the weight average on: a 2-process run stopped at 8 and resumed
     (through `charlstm train --resume --nproc 2`) ends bitwise where a straight one does, since each
     process's random generator is saved with the run."""
-    cfg = _config(corpus, dropout=0.2, embedding_dropout=0.1, weight_drop=0.5, max_steps=16,
-                  eval_interval=4)
+    cfg = _config(
+        corpus, dropout=0.2, embedding_dropout=0.1, weight_drop=0.5, max_steps=16, eval_interval=4
+    )
     assert torchrun(2, cfg, tmp_path / "straight")["same_everywhere"]
     half = tmp_path / "half"
     assert torchrun(2, {**cfg, "max_steps": 8}, half)["same_everywhere"]
-    cmd = [sys.executable, "-m", "charlstm", "train", "--resume", str(half), "--max-steps", "16",
-           "--nproc", "2", "--no-progress"]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "charlstm",
+        "train",
+        "--resume",
+        str(half),
+        "--max-steps",
+        "16",
+        "--nproc",
+        "2",
+        "--no-progress",
+    ]
+    result = subprocess.run(
+        cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("2 processes (gloo)") == 1  # rank 0 alone logs
     for which in ("last", "best"):
@@ -127,12 +175,44 @@ def test_two_process_resume_is_exact_with_dropout(corpus, tmp_path):
 
 
 def _long_job(corpus: Path, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "charlstm", "train", "--nproc", "2", "--text", str(corpus), "--out",
-           str(out), "--max-steps", "1000000", "--max-time", "600", "--batch-size", "4", "--seq-len",
-           "16", "--embedding-size", "8", "--hidden-size", "16", "--num-layers", "1",
-           "--eval-interval", "5", "--threads", "1", "--precision", "fp32", "--sample-every", "0",
-           "--no-progress"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "charlstm",
+        "train",
+        "--nproc",
+        "2",
+        "--text",
+        str(corpus),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1000000",
+        "--max-time",
+        "600",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--embedding-size",
+        "8",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--eval-interval",
+        "5",
+        "--threads",
+        "1",
+        "--precision",
+        "fp32",
+        "--sample-every",
+        "0",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     last = checkpoint_path(out, "last")
     deadline = time.monotonic() + 180
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:

@@ -40,13 +40,25 @@ CHARS = "ab \ncdefghijkl"  # space and newline are common, so lines and stanzas 
 VOCAB = Vocabulary(tuple(CHARS))
 
 
-def tiny_model(num_layers: int = 2, hidden_size: int = 16, cell: str = "lstm", seed: int = 0,
-               scale: float = 3.0) -> CharRNN:
+def tiny_model(
+    num_layers: int = 2,
+    hidden_size: int = 16,
+    cell: str = "lstm",
+    seed: int = 0,
+    scale: float = 3.0,
+) -> CharRNN:
     """A random model; `scale` sharpens its distributions and its recurrence, so that text has
     some structure and greedy text is not one character repeated."""
     torch.manual_seed(seed)
-    config = ModelConfig(embedding_size=8, hidden_size=hidden_size, num_layers=num_layers, cell=cell,
-                         dropout=0.0, embedding_dropout=0.0, vocab_size=len(CHARS))
+    config = ModelConfig(
+        embedding_size=8,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        cell=cell,
+        dropout=0.0,
+        embedding_dropout=0.0,
+        vocab_size=len(CHARS),
+    )
     model = CharRNN(config)
     with torch.no_grad():
         model.fc.weight.mul_(scale)
@@ -60,15 +72,17 @@ def text_model(model: CharRNN | None = None) -> TextModel:
     return TextModel(model or tiny_model(), VOCAB, {}, Path("tiny"), torch.device("cpu"))
 
 
-def run(model, prompts, length=120, params=None, seeds=None, stop=None, fast=True,
-        max_chars=64) -> list[str]:
+def run(
+    model, prompts, length=120, params=None, seeds=None, stop=None, fast=True, max_chars=64
+) -> list[str]:
     """Each stream's generated text (start text excluded)."""
     params = params or SamplingParams(0.8)
     prompts = [VOCAB.encode(p) for p in prompts]
     seeds = stream_seeds(11, len(prompts)) if seeds is None else seeds
     texts = [""] * len(prompts)
-    for outputs in generate_stream(model, prompts, length, params, seeds, VOCAB.decode, stop,
-                                   max_chars=max_chars, fast=fast):
+    for outputs in generate_stream(
+        model, prompts, length, params, seeds, VOCAB.decode, stop, max_chars=max_chars, fast=fast
+    ):
         for i, out in outputs.items():
             texts[i] += out.text
     return texts
@@ -100,13 +114,19 @@ def test_greedy_output_is_identical_on_both_paths(num_layers, batch_rows, monkey
     assert len(set("".join(fast))) > 2  # not a degenerate model
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(0.3), SamplingParams(1.0), SamplingParams(1.7),
-    SamplingParams(0.8, top_k=3), SamplingParams(0.8, top_p=0.6),
-    SamplingParams(1.2, top_k=5, top_p=0.9),
-    SamplingParams(1.0, repetition_penalty=1.5, repetition_window=4),
-    SamplingParams(0.0, repetition_penalty=3.0),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(0.3),
+        SamplingParams(1.0),
+        SamplingParams(1.7),
+        SamplingParams(0.8, top_k=3),
+        SamplingParams(0.8, top_p=0.6),
+        SamplingParams(1.2, top_k=5, top_p=0.9),
+        SamplingParams(1.0, repetition_penalty=1.5, repetition_window=4),
+        SamplingParams(0.0, repetition_penalty=3.0),
+    ],
+)
 def test_seeded_sampling_is_identical_on_both_paths(params):
     """Same seeds, same characters: the compiled path reproduces the reference path's draws."""
     model = tiny_model()
@@ -114,13 +134,23 @@ def test_seeded_sampling_is_identical_on_both_paths(params):
     assert run(model, prompts, 200, params) == run(model, prompts, 200, params, fast=False)
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(0.25), SamplingParams(1.0), SamplingParams(3.0), SamplingParams(0.0),
-    SamplingParams(0.7, top_k=1), SamplingParams(0.7, top_k=4), SamplingParams(1.0, top_k=13),
-    SamplingParams(1.0, top_p=0.05), SamplingParams(1.0, top_p=0.5), SamplingParams(1.0, top_p=1.0),
-    SamplingParams(0.9, top_k=6, top_p=0.7, repetition_penalty=1.3),
-    SamplingParams(0.5, repetition_penalty=2.0, repetition_window=3),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(0.25),
+        SamplingParams(1.0),
+        SamplingParams(3.0),
+        SamplingParams(0.0),
+        SamplingParams(0.7, top_k=1),
+        SamplingParams(0.7, top_k=4),
+        SamplingParams(1.0, top_k=13),
+        SamplingParams(1.0, top_p=0.05),
+        SamplingParams(1.0, top_p=0.5),
+        SamplingParams(1.0, top_p=1.0),
+        SamplingParams(0.9, top_k=6, top_p=0.7, repetition_penalty=1.3),
+        SamplingParams(0.5, repetition_penalty=2.0, repetition_window=3),
+    ],
+)
 def test_compiled_sampler_draws_what_sample_step_draws(params):
     """Given the same logits, seeds and counters, `kernels.sample_rows` returns `sample_step`'s ids
     (the same uniforms, float64 probabilities and cdf inversion)."""
@@ -138,20 +168,36 @@ def draw(logits, params, seeds, counters, recent):
     """One draw per row through the compiled sampler."""
     N, V = logits.shape
     out = np.empty((N, 1), np.int64)
-    kernels.sample_rows(logits, np.zeros(V, np.float32), np.full(N, float(params.temperature)),
-                        np.full(N, params.top_k or 0), np.full(N, 2.0 if params.top_p is None
-                                                            else float(params.top_p)),
-                        np.full(N, float(params.repetition_penalty)), np.full(N, recent.shape[1]),
-                        recent.copy(), seeds, counters.copy(), np.ones(N, np.int64), 0, out)
+    kernels.sample_rows(
+        logits,
+        np.zeros(V, np.float32),
+        np.full(N, float(params.temperature)),
+        np.full(N, params.top_k or 0),
+        np.full(N, 2.0 if params.top_p is None else float(params.top_p)),
+        np.full(N, float(params.repetition_penalty)),
+        np.full(N, recent.shape[1]),
+        recent.copy(),
+        seeds,
+        counters.copy(),
+        np.ones(N, np.int64),
+        0,
+        out,
+    )
     return out[:, 0]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32), V=st.integers(2, 30), temperature=st.floats(0.05, 5.0),
-       top_k=st.one_of(st.none(), st.integers(1, 30)),
-       top_p=st.one_of(st.none(), st.floats(0.01, 1.0)),
-       scale=st.floats(0.0, 20.0))
-def test_top_k_and_top_p_never_draw_an_excluded_character(seed, V, temperature, top_k, top_p, scale):
+@given(
+    seed=st.integers(0, 2**32),
+    V=st.integers(2, 30),
+    temperature=st.floats(0.05, 5.0),
+    top_k=st.one_of(st.none(), st.integers(1, 30)),
+    top_p=st.one_of(st.none(), st.floats(0.01, 1.0)),
+    scale=st.floats(0.0, 20.0),
+)
+def test_top_k_and_top_p_never_draw_an_excluded_character(
+    seed, V, temperature, top_k, top_p, scale
+):
     """Whatever the logits (ties included), a draw is never outside the top-k set or the nucleus,
     and it equals the reference sampler's."""
     rng = np.random.default_rng(seed)
@@ -209,9 +255,11 @@ def test_without_numba_generation_takes_the_reference_path():
         "from charlstm.generate.engine import Engine, Request\n"
         "m = CharRNN(ModelConfig(embedding_size=4, hidden_size=8, num_layers=1, vocab_size=3))\n"
         "e = Engine(m, lambda ids: ''.join('ab '[i] for i in ids)); e.add(Request([0], 30))\n"
-        "out = e.step(30); assert not e.compiled and len(out[0].text) == 30; print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            check=False)
+        "out = e.step(30); assert not e.compiled and len(out[0].text) == 30; print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.stdout.strip() == "ok", result.stderr
 
 
@@ -226,7 +274,7 @@ def test_a_stream_writes_the_same_text_alone_and_in_a_batch(batch_rows, threads,
     model = tiny_model()
     prompts = ["a" * (i % 5 + 1) + "b\n" * (i % 3) for i in range(16)]
     seeds = stream_seeds(3, 16)
-    alone = [run(model, [p], 150, seeds=seeds[i:i + 1])[0] for i, p in enumerate(prompts)]
+    alone = [run(model, [p], 150, seeds=seeds[i : i + 1])[0] for i, p in enumerate(prompts)]
     for n in (1, 2):
         threads(n)
         assert run(model, prompts, 150, seeds=seeds) == alone
@@ -239,7 +287,9 @@ def test_streams_finish_early_and_leave_the_batch():
     model = tiny_model()
     engine = Engine(model, VOCAB.decode)
     lengths = [3, 10, 25, 25]
-    sids = [engine.add(Request(VOCAB.encode("ab"), n, SamplingParams(0.9), seed=7)) for n in lengths]
+    sids = [
+        engine.add(Request(VOCAB.encode("ab"), n, SamplingParams(0.9), seed=7)) for n in lengths
+    ]
     texts = dict.fromkeys(sids, "")
     active = []
     while engine.active:
@@ -258,8 +308,10 @@ def test_cancel_frees_a_row_between_steps():
     seeds = stream_seeds(1, 3)
     expected = run(model, ["a", "b", "c"], 40, seeds=seeds)
     engine = Engine(model, VOCAB.decode)
-    sids = [engine.add(Request(VOCAB.encode(p), 40, SamplingParams(0.8), int(s)))
-            for p, s in zip("abc", seeds)]
+    sids = [
+        engine.add(Request(VOCAB.encode(p), 40, SamplingParams(0.8), int(s)))
+        for p, s in zip("abc", seeds)
+    ]
     texts = dict.fromkeys(sids, "")
     for sid, out in engine.step(7).items():
         texts[sid] += out.text
@@ -300,17 +352,33 @@ def test_stop_string_is_never_handed_out_even_when_split_across_steps(max_chars)
     stop = free[40:43]  # three characters at 40: with max_chars 1 they arrive in three steps
     rule = StopRule((stop, "never-in-this-text"))
     outputs = []
-    for step in generate_stream(model, [VOCAB.encode("a")], 300, SamplingParams(1.0),
-                                stream_seeds(11, 1), VOCAB.decode, rule, max_chars=max_chars):
+    for step in generate_stream(
+        model,
+        [VOCAB.encode("a")],
+        300,
+        SamplingParams(1.0),
+        stream_seeds(11, 1),
+        VOCAB.decode,
+        rule,
+        max_chars=max_chars,
+    ):
         outputs.append(step[0].text)
     text = "".join(outputs)
-    assert text == free[:free.index(stop)] == first_cut(free, rule)
+    assert text == free[: free.index(stop)] == first_cut(free, rule)
     assert stop not in text
 
 
-@pytest.mark.parametrize("rule", [StopRule(max_lines=1), StopRule(max_lines=3),
-                                  StopRule(max_stanzas=1), StopRule(max_stanzas=2),
-                                  StopRule(("\n\n",), max_lines=4), StopRule(("c", "de"))])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        StopRule(max_lines=1),
+        StopRule(max_lines=3),
+        StopRule(max_stanzas=1),
+        StopRule(max_stanzas=2),
+        StopRule(("\n\n",), max_lines=4),
+        StopRule(("c", "de")),
+    ],
+)
 @pytest.mark.parametrize("fast", [True, False])
 def test_lines_stanzas_and_stops_cut_where_stop_rule_cut_says(rule, fast):
     """--max-lines, --max-stanzas and stop strings end each stream where `StopRule.cut` would."""
@@ -319,17 +387,21 @@ def test_lines_stanzas_and_stops_cut_where_stop_rule_cut_says(rule, fast):
     free = run(model, prompts, 600, SamplingParams(1.0))
     assert sum(t.count("\n\n") for t in free) > 2  # the rules have something to find
     assert run(model, prompts, 600, SamplingParams(1.0), stop=rule, fast=fast, max_chars=7) == [
-        first_cut(t, rule) for t in free]
+        first_cut(t, rule) for t in free
+    ]
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet="ab \n", max_size=60),
-       stops=st.lists(st.text(alphabet="ab \n", min_size=1, max_size=4), max_size=3),
-       max_lines=st.one_of(st.none(), st.integers(1, 6)),
-       max_stanzas=st.one_of(st.none(), st.integers(1, 3)),
-       chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8))
-def test_incremental_stop_logic_agrees_with_stop_rule_cut(text, stops, max_lines, max_stanzas,
-                                                          chunks):
+@given(
+    text=st.text(alphabet="ab \n", max_size=60),
+    stops=st.lists(st.text(alphabet="ab \n", min_size=1, max_size=4), max_size=3),
+    max_lines=st.one_of(st.none(), st.integers(1, 6)),
+    max_stanzas=st.one_of(st.none(), st.integers(1, 3)),
+    chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8),
+)
+def test_incremental_stop_logic_agrees_with_stop_rule_cut(
+    text, stops, max_lines, max_stanzas, chunks
+):
     """Fed in chunks of any size, the engine's incremental stop logic ends a stream exactly where
     `StopRule.cut` first fires on the text so far, and everything it hands out stays handed out."""
     rule = StopRule(tuple(stops), max_lines, max_stanzas)
@@ -338,7 +410,7 @@ def test_incremental_stop_logic_agrees_with_stop_rule_cut(text, stops, max_lines
     while pos < len(text):
         n = chunks[i % len(chunks)]
         i += 1
-        step = _hand_out(s, text[pos:pos + n], len(text[pos:pos + n]))
+        step = _hand_out(s, text[pos : pos + n], len(text[pos : pos + n]))
         pos += n
         out += step.text
         if step.finished:
@@ -355,9 +427,17 @@ def test_stop_rule_settings_are_validated():
         StopRule(max_stanzas=-1)
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"temperature": float("nan")},
-                                    {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5},
-                                    {"repetition_penalty": 0.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"top_k": -1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"repetition_penalty": 0.5},
+    ],
+)
 def test_invalid_sampling_values_are_rejected(kwargs):
     with pytest.raises(UserError):
         text_model().generate("a", 10, **kwargs)
@@ -366,8 +446,16 @@ def test_invalid_sampling_values_are_rejected(kwargs):
 # ---------------------------------------------------------------------------------------- API, CLI
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"stop": ["b"], "max_lines": 2}, {"max_stanzas": 1},
-                                    {"temperature": 0.0}, {"top_p": 0.8, "repetition_penalty": 1.2}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"stop": ["b"], "max_lines": 2},
+        {"max_stanzas": 1},
+        {"temperature": 0.0},
+        {"top_p": 0.8, "repetition_penalty": 1.2},
+    ],
+)
 def test_stream_yields_the_text_that_generate_returns(kwargs):
     """`TextModel.stream` pieces, joined, are `TextModel.generate`'s texts (start text included)."""
     model = text_model()
@@ -386,19 +474,57 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gen")
     corpus = folder / "corpus.txt"
     corpus.write_text("ab ba\ncab\n\nbad cab\nabc\n\n" * 40, encoding="utf-8")
-    result = CliRunner().invoke(main, [
-        "train", "--text", str(corpus), "--out", str(folder / "run"), "--max-steps", "5",
-        "--batch-size", "4", "--seq-len", "16", "--embedding-size", "8", "--hidden-size", "16",
-        "--num-layers", "1", "--threads", "1", "--precision", "fp32", "--no-progress",
-        "--sample-every", "0", "--eval-interval", "5"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--text",
+            str(corpus),
+            "--out",
+            str(folder / "run"),
+            "--max-steps",
+            "5",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "16",
+            "--embedding-size",
+            "8",
+            "--hidden-size",
+            "16",
+            "--num-layers",
+            "1",
+            "--threads",
+            "1",
+            "--precision",
+            "fp32",
+            "--no-progress",
+            "--sample-every",
+            "0",
+            "--eval-interval",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return folder / "run"
 
 
 def test_cli_stream_prints_what_plain_generate_prints(trained):
     """`charlstm generate --stream` prints the same sample as without it."""
-    args = ["generate", str(trained), "--start-text", "ab", "--length", "150", "--seed", "3",
-            "--temperature", "0.8", "--max-lines", "3"]
+    args = [
+        "generate",
+        str(trained),
+        "--start-text",
+        "ab",
+        "--length",
+        "150",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.8",
+        "--max-lines",
+        "3",
+    ]
     plain = CliRunner().invoke(main, args)
     streamed = CliRunner().invoke(main, [*args, "--stream"])
     assert plain.exit_code == 0 and streamed.exit_code == 0, plain.output + streamed.output
@@ -407,8 +533,16 @@ def test_cli_stream_prints_what_plain_generate_prints(trained):
 
 def test_cli_temperatures_prints_one_column_per_temperature(trained):
     """`--temperatures 0.2,0.5,1.0` prints three samples side by side, reproducibly with --seed."""
-    args = ["generate", str(trained), "--length", "80", "--temperatures", "0.2,0.5,1.0",
-            "--seed", "1"]
+    args = [
+        "generate",
+        str(trained),
+        "--length",
+        "80",
+        "--temperatures",
+        "0.2,0.5,1.0",
+        "--seed",
+        "1",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
@@ -421,8 +555,17 @@ def test_cli_bench_generate_prints_figures_and_one_json_line():
     from charlstm.bench import generation as bench
 
     lines = []
-    result = bench.run(text_model(), lab_chars=50, single_chars=500, batch_chars=2000,
-                       streams=(1, 40), start_chars=50, repeats=1, big=False, log=lines.append)
+    result = bench.run(
+        text_model(),
+        lab_chars=50,
+        single_chars=500,
+        batch_chars=2000,
+        streams=(1, 40),
+        start_chars=50,
+        repeats=1,
+        big=False,
+        log=lines.append,
+    )
     assert result["library_40_chars_per_s"] > 0 and result["lab_chars_per_s"] > 0
     assert any("lab loop" in line for line in lines)
     json.dumps(result)

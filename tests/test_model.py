@@ -12,7 +12,9 @@ def test_logits_match_a_batch_first_lstm_with_the_same_weights():
     """The model runs time-major inside; callers still get (B, T, V) logits, and the same numbers
     a batch-first LSTM with the same weights gives."""
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(embedding_size=6, hidden_size=10, num_layers=2, vocab_size=7)).eval()
+    model = CharRNN(
+        ModelConfig(embedding_size=6, hidden_size=10, num_layers=2, vocab_size=7)
+    ).eval()
     reference = nn.LSTM(6, 10, 2, batch_first=True)
     reference.load_state_dict(model.rnn.state_dict())
     idx = torch.randint(0, 7, (3, 5))

@@ -19,11 +19,19 @@ def test_byron_lab_notebook_executes(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # The kernel is the "python3" kernelspec of this environment; jupyter_client starts it with
     # this interpreter, so it imports the charlstm under test.
-    client = NotebookClient(nb, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
     client.execute()
     assert (run / "best" / "checkpoint.safetensors").is_file()
     assert (run / "last" / "checkpoint.safetensors").is_file()
-    outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                      for o in cell.get("outputs", []))
+    outputs = "".join(
+        o.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+    )
     assert "longest copy" in outputs and "T = 0.5" in outputs

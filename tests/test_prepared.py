@@ -19,8 +19,10 @@ from charlstm.runs import checkpoint as ckpt_io
 from charlstm.runs.folder import checkpoint_path
 from charlstm.training.orchestrate import train
 
-WORDS = ("мороз и солнце день чудесный ещё ты дремлешь друг прелестный ёж "
-         "the quick brown fox jumps over a lazy dog — «quoted» 1812 ✓").split()
+WORDS = (
+    "мороз и солнце день чудесный ещё ты дремлешь друг прелестный ёж "
+    "the quick brown fox jumps over a lazy dog — «quoted» 1812 ✓"
+).split()
 
 
 def generated_corpus(path, n_bytes, seed=0, crlf=True, bom=True):
@@ -79,18 +81,23 @@ def test_other_encoding_and_utf16_bom(tmp_path):
     for name, encoding in (("a.txt", "cp1251"), ("b.txt", "utf-16")):
         src = tmp_path / name
         src.write_bytes(text.encode(encoding))
-        prepared.prepare(src, tmp_path / name.replace(".txt", ""), encoding=encoding, progress=False)
+        prepared.prepare(
+            src, tmp_path / name.replace(".txt", ""), encoding=encoding, progress=False
+        )
         corpus = prepared.open_prepared(tmp_path / name.replace(".txt", ""))
         expected = read_text(src, encoding)
         assert prepared.decode_ids(corpus.vocab, corpus.ids) == expected
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b"", "is empty"),
-    (b"  \n\t\r\n", "only whitespace"),
-    (b"ok text" + b"\xff\xfe" + b"x" * 10, "byte 0xff at byte offset 7"),
-    (b"\x00\x01\x02" * 100, "looks binary"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "is empty"),
+        (b"  \n\t\r\n", "only whitespace"),
+        (b"ok text" + b"\xff\xfe" + b"x" * 10, "byte 0xff at byte offset 7"),
+        (b"\x00\x01\x02" * 100, "looks binary"),
+    ],
+)
 def test_bad_text_is_one_clear_error(tmp_path, content, needle):
     src = tmp_path / "bad.txt"
     src.write_bytes(content)
@@ -138,22 +145,50 @@ def test_resume_needs_the_same_vocabulary(tmp_path, corpus, tiny):
     other.write_text("abc abd\n" * 200, encoding="utf-8")
     prepared.prepare(other, tmp_path / "q", progress=False)
     with pytest.raises(UserError, match="different vocabulary"):
-        prepare_data(tiny(corpus, prepared=str(tmp_path / "q")),
-                     prepared.open_prepared(tmp_path / "p").vocab)
+        prepare_data(
+            tiny(corpus, prepared=str(tmp_path / "q")), prepared.open_prepared(tmp_path / "p").vocab
+        )
 
 
 def test_cli_prepare_then_train(tmp_path, corpus):
     """Through the CLI: prepare --text, then train --prepared (no --text, no --dataset)."""
     runner = CliRunner()
-    result = runner.invoke(main, ["prepare", "--text", str(corpus), "--out", str(tmp_path / "p"),
-                                  "--no-progress"])
+    result = runner.invoke(
+        main, ["prepare", "--text", str(corpus), "--out", str(tmp_path / "p"), "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     assert "prepared" in result.output and "MB/s" in result.output
-    result = runner.invoke(main, [
-        "train", "--prepared", str(tmp_path / "p"), "--out", str(tmp_path / "run"), "--max-steps",
-        "5", "--batch-size", "4", "--seq-len", "16", "--embedding-size", "8", "--hidden-size", "16",
-        "--num-layers", "1", "--eval-interval", "5", "--threads", "1", "--no-progress",
-        "--sample-every", "0", "--precision", "fp32"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "--prepared",
+            str(tmp_path / "p"),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "5",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "16",
+            "--embedding-size",
+            "8",
+            "--hidden-size",
+            "16",
+            "--num-layers",
+            "1",
+            "--eval-interval",
+            "5",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--sample-every",
+            "0",
+            "--precision",
+            "fp32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "last" / "checkpoint.safetensors").is_file()
     evaluated = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--json"])

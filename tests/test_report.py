@@ -39,9 +39,25 @@ def run_dir(tmp_path_factory):
     corpus = folder / "poems.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     config = RunConfig().replace(
-        text=str(corpus), dataset=None, batch_size=4, seq_len=16, embedding_size=8, hidden_size=16,
-        num_layers=1, dropout=0.0, embedding_dropout=0.0, weight_drop=0.0, ema=0.0, max_steps=20,
-        max_time=None, eval_interval=5, sample_every=0, threads=1, precision="fp32", device="cpu")
+        text=str(corpus),
+        dataset=None,
+        batch_size=4,
+        seq_len=16,
+        embedding_size=8,
+        hidden_size=16,
+        num_layers=1,
+        dropout=0.0,
+        embedding_dropout=0.0,
+        weight_drop=0.0,
+        ema=0.0,
+        max_steps=20,
+        max_time=None,
+        eval_interval=5,
+        sample_every=0,
+        threads=1,
+        precision="fp32",
+        device="cpu",
+    )
     return train(config, folder / "run", progress=False, log=lambda msg: None)
 
 
@@ -68,8 +84,19 @@ def _one_line_error(result, *needles):
 def test_analyze_generated_samples(run_dir):
     """Generated samples give every figure per temperature, in range, JSON-able and reproducible."""
     a = analyze_run(run_dir, **SMALL)
-    assert {"run", "checkpoint", "corpus", "validation", "uniform_loss", "history", "metrics",
-            "settings", "training_structure", "results", "seconds"} <= set(a)
+    assert {
+        "run",
+        "checkpoint",
+        "corpus",
+        "validation",
+        "uniform_loss",
+        "history",
+        "metrics",
+        "settings",
+        "training_structure",
+        "results",
+        "seconds",
+    } <= set(a)
     assert a["checkpoint"]["which"] == "last" and a["checkpoint"]["step"] == 20
     assert a["corpus"]["training_chars"] == len(TRAIN_TEXT)
     v = a["validation"]
@@ -109,7 +136,7 @@ def test_shuffled_words_have_no_long_copies(run_dir):
     """The training text's words in a shuffled order share almost no copies of 50 characters."""
     words = TRAIN_TEXT.split()
     random.Random(0).shuffle(words)
-    lines = [" ".join(words[i:i + 6]) for i in range(0, len(words), 6)]
+    lines = [" ".join(words[i : i + 6]) for i in range(0, len(words), 6)]
     a = analyze_run(run_dir, text="\n".join(lines), text_label="shuffled")
     m = a["results"][0]["memorisation"]
     assert m["coverage"][50] < 0.02 and m["longest_copy_length"] < 50
@@ -165,23 +192,51 @@ def test_train_report_flag(tmp_path):
     corpus = tmp_path / "poems.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     out = tmp_path / "run"
-    result = cli("train", "--text", corpus, "--out", out, "--max-steps", 5, "--batch-size", 4,
-                 "--seq-len", 16, "--embedding-size", 8, "--hidden-size", 16, "--num-layers", 1,
-                 "--eval-interval", 5, "--threads", 1, "--precision", "fp32", "--no-progress",
-                 "--sample-every", 0, "--report")
+    result = cli(
+        "train",
+        "--text",
+        corpus,
+        "--out",
+        out,
+        "--max-steps",
+        5,
+        "--batch-size",
+        4,
+        "--seq-len",
+        16,
+        "--embedding-size",
+        8,
+        "--hidden-size",
+        16,
+        "--num-layers",
+        1,
+        "--eval-interval",
+        5,
+        "--threads",
+        1,
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--sample-every",
+        0,
+        "--report",
+    )
     assert result.exit_code == 0, result.output
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert "report = true" in (out / "config.toml").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--text", "missing.txt"], "does not exist"),
-    (["--temperatures", "hot"], "--temperatures"),
-    (["--samples", "0"], "--samples"),
-    (["--length", "-5"], "--length"),
-    (["--temperatures", "-1"], "temperatures"),
-    (["--threads", "0"], "--threads"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--text", "missing.txt"], "does not exist"),
+        (["--temperatures", "hot"], "--temperatures"),
+        (["--samples", "0"], "--samples"),
+        (["--length", "-5"], "--length"),
+        (["--temperatures", "-1"], "temperatures"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
 @pytest.mark.parametrize("command", ["analyze", "report"])
 def test_bad_options_are_one_line_errors(run_dir, tmp_path, command, args, needle):
     """Each bad option ends in one line on stderr and exit status 2, before any work is done."""

@@ -31,13 +31,28 @@ LONG = 4000  # with the paced model, a generation of at least 4 s: it outlasts e
 def write_run(folder: Path, seed: int = 0, val_loss: float = 2.5) -> Path:
     """A run folder holding an untrained tiny model (a few thousand parameters)."""
     torch.manual_seed(seed)
-    mc = ModelConfig(embedding_size=8, hidden_size=16, num_layers=1, dropout=0.0,
-                     embedding_dropout=0.0, vocab_size=len(VOCAB))
+    mc = ModelConfig(
+        embedding_size=8,
+        hidden_size=16,
+        num_layers=1,
+        dropout=0.0,
+        embedding_dropout=0.0,
+        vocab_size=len(VOCAB),
+    )
     model = CharRNN(mc)
-    meta = {"model": asdict(mc), "vocab": list(VOCAB), "config": replace(RunConfig(), model=mc).to_dict(),
-            "step": 10, "metrics": {"val_loss": val_loss}, "source": "test"}
-    save_checkpoint(checkpoint_path(folder, "best"),
-                    {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
+    meta = {
+        "model": asdict(mc),
+        "vocab": list(VOCAB),
+        "config": replace(RunConfig(), model=mc).to_dict(),
+        "step": 10,
+        "metrics": {"val_loss": val_loss},
+        "source": "test",
+    }
+    save_checkpoint(
+        checkpoint_path(folder, "best"),
+        {f"model.{k}": v for k, v in model.state_dict().items()},
+        meta,
+    )
     return folder
 
 
@@ -95,7 +110,7 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
     for block in text[:-2].split("\n\n"):
         lines = block.split("\n")
         assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: ")
-        events.append((lines[0][len("event: "):], json.loads(lines[1][len("data: "):])))
+        events.append((lines[0][len("event: ") :], json.loads(lines[1][len("data: ") :])))
     return events
 
 
@@ -108,11 +123,22 @@ class RawStream:
         self.sent: asyncio.Queue = asyncio.Queue()
         self.inbox.put_nowait({"type": "http.request", "body": data, "more_body": False})
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "server": ("test", 80), "client": ("127.0.0.1", 5000),
-            "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                        (b"content-length", str(len(data)).encode())],
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "server": ("test", 80),
+            "client": ("127.0.0.1", 5000),
+            "headers": [
+                (b"host", b"test"),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
         }
         self.buffer = ""
         self.task = asyncio.create_task(app(scope, self.inbox.get, self.sent.put))
@@ -168,8 +194,9 @@ def test_generate_returns_samples_model_and_timing(model) -> None:
 def test_generate_without_seed_reports_the_seed_it_drew(model) -> None:
     """With no seed the server draws one and returns it, so the text can be made again."""
     first = call(model, "POST", "/v1/generate", json={"start_text": "a", "length": 30}).json()
-    again = call(model, "POST", "/v1/generate",
-                 json={"start_text": "a", "length": 30, "seed": first["seed"]}).json()
+    again = call(
+        model, "POST", "/v1/generate", json={"start_text": "a", "length": 30, "seed": first["seed"]}
+    ).json()
     assert again["samples"] == first["samples"]
 
 
@@ -180,7 +207,10 @@ def test_stream_is_server_sent_events_start_chunks_done(model) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     events = parse_sse(r.text)
-    assert events[0] == ("start", {"model": "run", "start_text": "the ", "num_samples": 3, "seed": 5})
+    assert events[0] == (
+        "start",
+        {"model": "run", "start_text": "the ", "num_samples": 3, "seed": 5},
+    )
     assert events[-1][0] == "done"
     chunks = events[1:-1]
     assert chunks and all(name == "chunk" for name, _ in chunks)
@@ -193,8 +223,19 @@ def test_stream_is_server_sent_events_start_chunks_done(model) -> None:
 
 def test_stop_string_and_max_lines_end_a_sample_early(model) -> None:
     """A stop rule ends the sample before the stop string, and says so in finish_reasons."""
-    r = call(model, "POST", "/v1/generate", json={"start_text": "a", "length": 2000, "seed": 1,
-                                                   "temperature": 1.0, "stop": ["e"], "max_lines": 2})
+    r = call(
+        model,
+        "POST",
+        "/v1/generate",
+        json={
+            "start_text": "a",
+            "length": 2000,
+            "seed": 1,
+            "temperature": 1.0,
+            "stop": ["e"],
+            "max_lines": 2,
+        },
+    )
     out = r.json()
     assert out["finish_reasons"] == ["stop"]
     generated = out["samples"][0][1:]
@@ -203,8 +244,12 @@ def test_stop_string_and_max_lines_end_a_sample_early(model) -> None:
 
 def test_unknown_characters_are_dropped_on_request(model) -> None:
     """With unknown: "skip" characters the model never saw are dropped from the start text."""
-    r = call(model, "POST", "/v1/generate",
-             json={"start_text": "Hello", "unknown": "skip", "length": 5, "seed": 1})
+    r = call(
+        model,
+        "POST",
+        "/v1/generate",
+        json={"start_text": "Hello", "unknown": "skip", "length": 5, "seed": 1},
+    )
     assert r.status_code == 200
     assert r.json()["samples"][0].startswith("ello")
 
@@ -267,14 +312,26 @@ def test_bodies_over_the_limit_are_413(model) -> None:
 
     async def chunked():
         for i in range(0, len(big), 1000):
-            yield big[i:i + 1000]
+            yield big[i : i + 1000]
 
     config = {"max_body_bytes": 4096}
-    r = call(model, "POST", "/v1/generate", config=config, content=big,
-             headers={"content-type": "application/json"})
+    r = call(
+        model,
+        "POST",
+        "/v1/generate",
+        config=config,
+        content=big,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and "4096" in r.json()["detail"]
-    r = call(model, "POST", "/v1/generate", config=config, content=chunked(),
-             headers={"content-type": "application/json"})
+    r = call(
+        model,
+        "POST",
+        "/v1/generate",
+        config=config,
+        content=chunked(),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413
 
 
@@ -409,7 +466,9 @@ def test_several_models_are_chosen_by_the_model_field(model, tmp_path) -> None:
             listing = (await client.get("/v1/models")).json()
             assert listing["default"] == "run"
             assert [m["name"] for m in listing["models"]] == ["run", "run-2"]
-            assert (await client.get("/v1/model", params={"model": "run-2"})).json()["val_loss"] == 1.5
+            assert (await client.get("/v1/model", params={"model": "run-2"})).json()[
+                "val_loss"
+            ] == 1.5
             assert (await client.get("/v1/model", params={"model": "nope"})).status_code == 404
             body = {"start_text": "a", "length": 40, "seed": 2}
             first = (await client.post("/v1/generate", json=body)).json()
@@ -435,14 +494,20 @@ def test_page_and_docs_are_served_without_any_cdn(model) -> None:
     async def go():
         async with serving(model) as (_, client):
             page = await client.get("/")
-            assert page.status_code == 200 and 'id="generate"' in page.text and 'id="stop"' in page.text
+            assert (
+                page.status_code == 200
+                and 'id="generate"' in page.text
+                and 'id="stop"' in page.text
+            )
             for name in ("app.js", "style.css"):
                 assert (await client.get(f"/static/{name}")).status_code == 200
             docs = (await client.get("/docs")).text
             assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn" not in docs
             assert (await client.get("/docs-assets/swagger-ui-bundle.js")).status_code == 200
             spec = (await client.get("/openapi.json")).json()
-            assert {"/v1/generate", "/v1/generate/stream", "/v1/model", "/healthz"} <= set(spec["paths"])
+            assert {"/v1/generate", "/v1/generate/stream", "/v1/model", "/healthz"} <= set(
+                spec["paths"]
+            )
             schema = spec["components"]["schemas"]["GenerateRequest"]["properties"]
             assert schema["length"]["maximum"] == 4000
 
@@ -459,5 +524,12 @@ def test_serve_cli_reports_a_missing_run_without_traceback(tmp_path) -> None:
 
 def test_serve_cli_help_lists_the_limits() -> None:
     result = CliRunner().invoke(main, ["serve", "--help"])
-    for flag in ("--host", "--port", "--max-length", "--max-concurrency", "--max-batch", "--time-limit"):
+    for flag in (
+        "--host",
+        "--port",
+        "--max-length",
+        "--max-concurrency",
+        "--max-batch",
+        "--time-limit",
+    ):
         assert flag in result.output

@@ -19,8 +19,13 @@ def _weights(run, which="last"):
 def test_run_folder_has_everything(corpus, tmp_path, tiny):
     """A run writes config.toml, metrics.jsonl, best/ and last/ checkpoints."""
     run = train(tiny(corpus, sample_every=2), tmp_path / "run", progress=False)
-    for name in ("config.toml", "metrics.jsonl", "samples.txt", "best/checkpoint.safetensors",
-                 "last/checkpoint.safetensors"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "samples.txt",
+        "best/checkpoint.safetensors",
+        "last/checkpoint.safetensors",
+    ):
         assert (run / name).exists(), name
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if not x.get("final")] == [5, 10, 15, 20]
@@ -40,16 +45,20 @@ def test_same_seed_same_weights(corpus, tmp_path, tiny):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("batching, extra", [
-    ("stream", {}),
-    ("random", {}),
-    ("stream", {"weight_drop": 0.5, "ema": 0.9, "warmup_steps": 4}),
-])
+@pytest.mark.parametrize(
+    "batching, extra",
+    [
+        ("stream", {}),
+        ("random", {}),
+        ("stream", {"weight_drop": 0.5, "ema": 0.9, "warmup_steps": 4}),
+    ],
+)
 def test_resume_equals_uninterrupted(corpus, tmp_path, tiny, batching, extra):
     """N steps, stop, resume to 2N: bitwise the same weights as going straight to 2N (including
     the weight average, weight drop's random masks and the warm-up)."""
-    cfg = tiny(corpus, batching=batching, max_steps=24, eval_interval=5, dropout=0.2,
-               num_layers=2, **extra)
+    cfg = tiny(
+        corpus, batching=batching, max_steps=24, eval_interval=5, dropout=0.2, num_layers=2, **extra
+    )
     straight = train(cfg, tmp_path / "straight", progress=False)
     half = train(cfg.replace(max_steps=12), tmp_path / "half", progress=False)
     resumed = train(resume_config(half, {"max_steps": 24}), half, resume=True, progress=False)
@@ -60,16 +69,22 @@ def test_resume_equals_uninterrupted(corpus, tmp_path, tiny, batching, extra):
 
 def test_best_checkpoint_is_kept_not_last(corpus, tmp_path, tiny):
     """With a learning rate that diverges, best/ holds the lowest validation loss seen."""
-    run = train(tiny(corpus, max_steps=40, eval_interval=5, lr=0.3, early_stopping=0),
-                tmp_path / "run", progress=False)
+    run = train(
+        tiny(corpus, max_steps=40, eval_interval=5, lr=0.3, early_stopping=0),
+        tmp_path / "run",
+        progress=False,
+    )
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     best = ckpt_io.read_checkpoint(checkpoint_path(run, "best")).meta["metrics"]["val_loss"]
     assert best == pytest.approx(min(x["val_loss"] for x in lines))
 
 
 def test_early_stopping_stops(corpus, tmp_path, tiny):
-    run = train(tiny(corpus, max_steps=400, eval_interval=2, lr=0.5, early_stopping=2),
-                tmp_path / "run", progress=False)
+    run = train(
+        tiny(corpus, max_steps=400, eval_interval=2, lr=0.5, early_stopping=2),
+        tmp_path / "run",
+        progress=False,
+    )
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) < 400
 
@@ -124,6 +139,7 @@ def test_quality_per_time_reports_the_roofline_against_the_peak_it_measured(corp
     assert result["val_loss"] > 0 and result["steps"] > 0
     low, high = result["matmul_gflops_range"]
     assert 0 < low <= result["matmul_gflops"] <= high
-    assert result["roofline"] == pytest.approx(result["step_gflops"] / result["matmul_gflops"],
-                                               abs=1e-3)
+    assert result["roofline"] == pytest.approx(
+        result["step_gflops"] / result["matmul_gflops"], abs=1e-3
+    )
     assert result["library_chars_per_s"] > 0 and result["bare_chars_per_s"] > 0

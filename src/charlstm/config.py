@@ -51,7 +51,9 @@ class ModelConfig:
     num_layers: int = 2
     dropout: float = 0.5  # between recurrent layers and before the output layer
     embedding_dropout: float = 0.2
-    weight_drop: float = 0.6  # DropConnect on the hidden-to-hidden weights (AWD-LSTM), training only
+    weight_drop: float = (
+        0.6  # DropConnect on the hidden-to-hidden weights (AWD-LSTM), training only
+    )
     # One dropout mask per sequence of a batch, shared by its time steps (variational dropout), for
     # the embedding and output dropouts; between stacked layers PyTorch's own dropout stays.
     locked_dropout: bool = False
@@ -96,7 +98,9 @@ class TrainConfig:
     freeze_layers: int = 0  # with init_from: freeze the embedding and the lowest K recurrent layers
     pretrain: str | None = None  # a dataset name or text file to pre-train on before this run
     pretrain_time: float = 300.0  # seconds of the pre-training phase (the run's own is max_time)
-    pretrain_config: str | None = None  # a TOML preset overriding this run's fields for pre-training
+    pretrain_config: str | None = (
+        None  # a TOML preset overriding this run's fields for pre-training
+    )
     report: bool = False  # write report.html and report.md (`charlstm report`) when training ends
 
 
@@ -177,7 +181,9 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in overrides.items():
         if name not in index:
-            raise UserError(f"unknown config key {name!r}{_suggest(name)}; see `charlstm train --help`")
+            raise UserError(
+                f"unknown config key {name!r}{_suggest(name)}; see `charlstm train --help`"
+            )
         section, f = index[name]
         per_section[section][name] = _coerce(name, value, f.type)
     new = {s: dataclasses.replace(getattr(config, s), **vals) for s, vals in per_section.items()}
@@ -206,7 +212,9 @@ def flatten_toml(doc: dict[str, Any], source: str) -> dict[str, Any]:
 def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {str(path)!r} does not exist; check the path given to --config")
+        raise UserError(
+            f"config file {str(path)!r} does not exist; check the path given to --config"
+        )
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -233,7 +241,9 @@ def from_dict(doc: dict[str, Any]) -> RunConfig:
 def to_toml(config: RunConfig) -> str:
     import tomli_w
 
-    doc = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in config.to_dict().items()}
+    doc = {
+        s: {k: v for k, v in vals.items() if v is not None} for s, vals in config.to_dict().items()
+    }
     return tomli_w.dumps(doc)
 
 
@@ -279,12 +289,18 @@ def validate(config: RunConfig) -> None:
     if t.early_stopping < 0 or t.skip_nonfinite < 0 or t.sample_every < 0:
         raise UserError("early_stopping, skip_nonfinite and sample_every must be >= 0")
     if not 0 <= t.freeze_layers <= m.num_layers:
-        raise UserError(f"freeze_layers must be in [0, num_layers={m.num_layers}], got {t.freeze_layers}")
+        raise UserError(
+            f"freeze_layers must be in [0, num_layers={m.num_layers}], got {t.freeze_layers}"
+        )
     if t.freeze_layers and not (t.init_from or t.pretrain):
-        raise UserError("freeze_layers only makes sense with init_from or pretrain (frozen random "
-                        "weights learn nothing)")
+        raise UserError(
+            "freeze_layers only makes sense with init_from or pretrain (frozen random "
+            "weights learn nothing)"
+        )
     if t.init_from and t.pretrain:
-        raise UserError("give init_from or pretrain, not both: pretrain makes the run to start from")
+        raise UserError(
+            "give init_from or pretrain, not both: pretrain makes the run to start from"
+        )
     _check_positive("pretrain_time", t.pretrain_time)
     if t.pretrain_config and not t.pretrain:
         raise UserError("pretrain_config needs pretrain (the text to pre-train on)")

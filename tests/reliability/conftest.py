@@ -39,8 +39,16 @@ CORPUS_TEXT = _VERSE * 8  # about 2,900 characters
 # The smallest model that still has every moving part: dropout (so the torch RNG matters), Adam,
 # the plateau schedule and carried hidden state. Saves are cheap, so tests can save often.
 TINY = dict(
-    hidden_size=16, embedding_size=8, num_layers=1, batch_size=4, seq_len=16, threads=1,
-    device="cpu", sample_every=0, early_stopping=0, eval_streams=2,
+    hidden_size=16,
+    embedding_size=8,
+    num_layers=1,
+    batch_size=4,
+    seq_len=16,
+    threads=1,
+    device="cpu",
+    sample_every=0,
+    early_stopping=0,
+    eval_streams=2,
 )
 
 
@@ -58,7 +66,9 @@ def cli_flags(**overrides) -> list[str]:
 
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(
+        PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore"
+    )
     return env
 
 
@@ -69,15 +79,18 @@ def charlstm_cmd(*args: str | Path, helper: bool = False) -> list[str]:
 
 
 def run_charlstm(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(charlstm_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          env=subprocess_env())
+    return subprocess.run(
+        charlstm_cmd(*args), capture_output=True, text=True, timeout=timeout, env=subprocess_env()
+    )
 
 
 def last_tensors(run: Path) -> dict[str, torch.Tensor]:
     return ckpt_io.read_checkpoint(checkpoint_path(run, "last")).tensors
 
 
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = "") -> None:
+def assert_same_tensors(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = ""
+) -> None:
     """Bitwise equality of every tensor whose name starts with `prefix`."""
     a = {k: v for k, v in a.items() if k.startswith(prefix)}
     b = {k: v for k, v in b.items() if k.startswith(prefix)}
@@ -145,11 +158,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for kind, label in SUMMARY:
         line = f"{label}: {TALLY.held[kind]}/{TALLY.tried[kind]}"
         if kind == "bad_inputs" and TALLY.tried[kind]:
-            line += (f" ({TALLY.notes['bad_inputs_valid']} gave a valid result, "
-                     f"{TALLY.notes['bad_inputs_refused']} a one-line UserError)")
+            line += (
+                f" ({TALLY.notes['bad_inputs_valid']} gave a valid result, "
+                f"{TALLY.notes['bad_inputs_refused']} a one-line UserError)"
+            )
         if kind == "kills" and TALLY.tried[kind]:
-            line += (f" ({TALLY.notes['kills_mid_write']} of them during a write; "
-                     f"{TALLY.notes['steps_lost']} saved steps lost)")
+            line += (
+                f" ({TALLY.notes['kills_mid_write']} of them during a write; "
+                f"{TALLY.notes['steps_lost']} saved steps lost)"
+            )
         tr.write_line(line)
 
 
@@ -169,7 +186,9 @@ def trained_run(tmp_path_factory, corpus) -> Path:
     from charlstm.training.orchestrate import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    train(tiny_config(corpus, max_steps=30, eval_interval=10), out, progress=False, log=lambda m: None)
+    train(
+        tiny_config(corpus, max_steps=30, eval_interval=10), out, progress=False, log=lambda m: None
+    )
     return out
 
 

@@ -99,8 +99,15 @@ def lib(call: Callable[[], object]) -> str:
 
 
 def train_cli(env: Env, *args, text: Path | None = None) -> str:
-    return cli("train", "--text", text or env.corpus, "--out", env.tmp / "out", *cli_flags(max_steps=3),
-               *args)
+    return cli(
+        "train",
+        "--text",
+        text or env.corpus,
+        "--out",
+        env.tmp / "out",
+        *cli_flags(max_steps=3),
+        *args,
+    )
 
 
 def generate_cli(run: Path, *args) -> str:
@@ -128,6 +135,7 @@ def _unreadable_header() -> bytes:
 def _full_disk(env: Env) -> None:
     def write(fh, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     env.monkeypatch.setattr(atomic, "_write_all", write)
 
 
@@ -140,6 +148,7 @@ def _fail_checkpoint_writes(env: Env) -> None:
         if calls["n"] == 1:  # config.toml goes through; the first checkpoint does not
             return original(fh, data)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     env.monkeypatch.setattr(atomic, "_write_all", write)
 
 
@@ -152,6 +161,7 @@ def _corrupt_weights_after(env: Env, step: int) -> None:
             with torch.no_grad():
                 self.model.fc.weight[0, 0] = math.inf
         return loss
+
     env.monkeypatch.setattr(loop.Run, "train_step", corrupting)
 
 
@@ -177,13 +187,16 @@ def _wrong_bytes(*args, **kwargs):
 
         def __exit__(self, *exc):
             return False
+
     return Response(b"wrong")
 
 
 def _resume_after_text_change(env: Env) -> str:
     text = env.file("growing.txt", env.corpus.read_text())
     run = env.tmp / "growing-run"
-    orchestrate.train(tiny_config(text, max_steps=3, eval_interval=3), run, progress=False, log=lambda m: None)
+    orchestrate.train(
+        tiny_config(text, max_steps=3, eval_interval=3), run, progress=False, log=lambda m: None
+    )
     text.write_text(text.read_text() + "☃ new characters ✓")
     return cli("train", "--resume", run, "--max-steps", "6", "--no-progress")
 
@@ -191,8 +204,12 @@ def _resume_after_text_change(env: Env) -> str:
 def _stopped_before_first_checkpoint(env: Env) -> str:
     """The error, then the command it suggests must work."""
     run = env.tmp / "early"
-    orchestrate.train(tiny_config(env.corpus, max_steps=3, eval_interval=3), run, progress=False,
-                   log=lambda m: None)
+    orchestrate.train(
+        tiny_config(env.corpus, max_steps=3, eval_interval=3),
+        run,
+        progress=False,
+        log=lambda m: None,
+    )
     shutil.rmtree(run / "best")
     shutil.rmtree(run / "last")  # as if killed before the first save
     line = cli("train", "--resume", run, "--no-progress")
@@ -214,6 +231,7 @@ def _read_error(env: Env) -> str:
 
     def refuse(self):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
     env.monkeypatch.setattr(Path, "read_bytes", refuse)
     return lib(lambda: charlstm.data.corpus.read_text(path))
 
@@ -228,7 +246,9 @@ def _no_state(env: Env) -> str:
 def _damaged_state(env: Env) -> str:
     run = env.copy_run()
     path = checkpoint_path(run, "last")
-    path.write_bytes(_with_meta(path.read_bytes(), lambda m: m["resume"]["counters"].__setitem__("step", "x")))
+    path.write_bytes(
+        _with_meta(path.read_bytes(), lambda m: m["resume"]["counters"].__setitem__("step", "x"))
+    )
     return cli("train", "--resume", run, "--max-steps", "40", "--no-progress")
 
 
@@ -246,212 +266,489 @@ def _cuda_missing(env: Env) -> str:
 # id → (what provokes it, words the message must hold). The ids are the rows of docs/errors.md.
 CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     # -- configuration ------------------------------------------------------------------------
-    "config-key-empty": (lambda e: lib(lambda: RunConfig().replace(hidden_size=None)),
-                         "config key 'hidden_size' cannot be empty"),
-    "config-key-not-finite": (lambda e: train_cli(e, "--lr", "nan"), "config key 'lr' must be a finite number"),
-    "config-key-wrong-type": (lambda e: train_cli(e, "--config", toml(e, 'hidden_size = "big"')),
-                              "config key 'hidden_size' must be int, got 'big'"),
-    "config-unknown-key": (lambda e: lib(lambda: RunConfig().replace(hiden_size=3)),
-                           "unknown config key 'hiden_size' (did you mean 'hidden_size'?)"),
-    "config-unknown-section-key": (lambda e: train_cli(e, "--config", toml(e, "[model]\nhiden_size = 3")),
-                                   "unknown key model.hiden_size in"),
-    "config-unknown-toml-key": (lambda e: train_cli(e, "--config", toml(e, "hiden_size = 3")),
-                                "unknown key 'hiden_size' in"),
-    "bench-set-no-equals": (lambda e: cli("bench", "train", "--budget", "1", "--set", "lr"),
-                            "--set takes KEY=VALUE, got 'lr'"),
-    "config-file-missing": (lambda e: train_cli(e, "--config", e.tmp / "nope.toml"),
-                            "does not exist; check the path given to --config"),
-    "config-preset-unreadable": (lambda e: lib(lambda: toml_keys(e.tmp / "gone.toml")), "cannot read the preset"),
-    "config-invalid-toml": (lambda e: train_cli(e, "--config", toml(e, "hidden_size = = 3")), "is not valid TOML"),
-    "config-choice": (lambda e: train_cli(e, "--cell", "transformer"), "cell must be one of lstm, gru, rnn"),
-    "config-not-positive": (lambda e: train_cli(e, "--hidden-size", "0"), "hidden_size must be positive, got 0"),
-    "config-probability": (lambda e: train_cli(e, "--dropout", "1.5"), "dropout must be in [0, 1), got 1.5"),
+    "config-key-empty": (
+        lambda e: lib(lambda: RunConfig().replace(hidden_size=None)),
+        "config key 'hidden_size' cannot be empty",
+    ),
+    "config-key-not-finite": (
+        lambda e: train_cli(e, "--lr", "nan"),
+        "config key 'lr' must be a finite number",
+    ),
+    "config-key-wrong-type": (
+        lambda e: train_cli(e, "--config", toml(e, 'hidden_size = "big"')),
+        "config key 'hidden_size' must be int, got 'big'",
+    ),
+    "config-unknown-key": (
+        lambda e: lib(lambda: RunConfig().replace(hiden_size=3)),
+        "unknown config key 'hiden_size' (did you mean 'hidden_size'?)",
+    ),
+    "config-unknown-section-key": (
+        lambda e: train_cli(e, "--config", toml(e, "[model]\nhiden_size = 3")),
+        "unknown key model.hiden_size in",
+    ),
+    "config-unknown-toml-key": (
+        lambda e: train_cli(e, "--config", toml(e, "hiden_size = 3")),
+        "unknown key 'hiden_size' in",
+    ),
+    "bench-set-no-equals": (
+        lambda e: cli("bench", "train", "--budget", "1", "--set", "lr"),
+        "--set takes KEY=VALUE, got 'lr'",
+    ),
+    "config-file-missing": (
+        lambda e: train_cli(e, "--config", e.tmp / "nope.toml"),
+        "does not exist; check the path given to --config",
+    ),
+    "config-preset-unreadable": (
+        lambda e: lib(lambda: toml_keys(e.tmp / "gone.toml")),
+        "cannot read the preset",
+    ),
+    "config-invalid-toml": (
+        lambda e: train_cli(e, "--config", toml(e, "hidden_size = = 3")),
+        "is not valid TOML",
+    ),
+    "config-choice": (
+        lambda e: train_cli(e, "--cell", "transformer"),
+        "cell must be one of lstm, gru, rnn",
+    ),
+    "config-not-positive": (
+        lambda e: train_cli(e, "--hidden-size", "0"),
+        "hidden_size must be positive, got 0",
+    ),
+    "config-probability": (
+        lambda e: train_cli(e, "--dropout", "1.5"),
+        "dropout must be in [0, 1), got 1.5",
+    ),
     "config-ema": (lambda e: train_cli(e, "--ema", "1"), "ema must be in [0, 1)"),
-    "config-weight-decay": (lambda e: train_cli(e, "--weight-decay", "-1"), "weight_decay must be >= 0"),
-    "config-plateau-factor": (lambda e: train_cli(e, "--plateau-factor", "2"), "plateau_factor must be in (0, 1)"),
-    "config-negative-count": (lambda e: train_cli(e, "--early-stopping", "-1"),
-                              "early_stopping, skip_nonfinite and sample_every must be >= 0"),
-    "lr-too-large": (lambda e: train_cli(e, "--lr", "1e38"), "is far beyond any rate Adam trains with"),
-    "cli-unknown-option": (lambda e: _click_usage("train", "--hiden-size", "3"), "No such option '--hiden-size'"),
-    "cli-resume-with-config": (lambda e: cli("train", "--resume", e.run, "--config", toml(e, "")),
-                               "--config cannot be combined with --resume"),
-    "cli-resume-other-out": (lambda e: cli("train", "--resume", e.run, "--out", e.tmp / "x"),
-                             "--out cannot differ from --resume"),
-    "cli-temperatures": (lambda e: generate_cli(e.run, "--temperatures", "warm,cold"),
-                         "--temperatures takes numbers separated by commas"),
+    "config-weight-decay": (
+        lambda e: train_cli(e, "--weight-decay", "-1"),
+        "weight_decay must be >= 0",
+    ),
+    "config-plateau-factor": (
+        lambda e: train_cli(e, "--plateau-factor", "2"),
+        "plateau_factor must be in (0, 1)",
+    ),
+    "config-negative-count": (
+        lambda e: train_cli(e, "--early-stopping", "-1"),
+        "early_stopping, skip_nonfinite and sample_every must be >= 0",
+    ),
+    "lr-too-large": (
+        lambda e: train_cli(e, "--lr", "1e38"),
+        "is far beyond any rate Adam trains with",
+    ),
+    "cli-unknown-option": (
+        lambda e: _click_usage("train", "--hiden-size", "3"),
+        "No such option '--hiden-size'",
+    ),
+    "cli-resume-with-config": (
+        lambda e: cli("train", "--resume", e.run, "--config", toml(e, "")),
+        "--config cannot be combined with --resume",
+    ),
+    "cli-resume-other-out": (
+        lambda e: cli("train", "--resume", e.run, "--out", e.tmp / "x"),
+        "--out cannot differ from --resume",
+    ),
+    "cli-temperatures": (
+        lambda e: generate_cli(e.run, "--temperatures", "warm,cold"),
+        "--temperatures takes numbers separated by commas",
+    ),
     # -- the text -------------------------------------------------------------------------------
-    "text-missing": (lambda e: train_cli(e, text=e.tmp / "missing.txt"), "does not exist; check the path given to --text"),
+    "text-missing": (
+        lambda e: train_cli(e, text=e.tmp / "missing.txt"),
+        "does not exist; check the path given to --text",
+    ),
     "text-is-folder": (lambda e: train_cli(e, text=e.tmp), "is a folder, not a text file"),
     "text-unreadable": (_read_error, "cannot read"),
-    "text-empty": (lambda e: train_cli(e, text=e.file("empty.txt", b"")), "is empty; give a file with some text"),
-    "text-empty-whitespace": (lambda e: train_cli(e, text=e.file("blank.txt", " \n\t\n")), "is empty"),
-    "text-whitespace": (lambda e: train_cli(e, text=e.file("blank.txt", "\u3000 \u3000\n")),
-                        "holds only whitespace"),
-    "text-binary": (lambda e: train_cli(e, text=e.file("data.bin", b"\x00\x01\x02" * 100)), "looks binary (100 NUL"),
-    "text-not-utf8": (lambda e: train_cli(e, text=e.file("cp1251.txt", "Мой дядя".encode("cp1251"))),
-                      "is not valid utf-8: byte 0xcc at byte offset 0 cannot be decoded"),
-    "text-not-utf8-offset": (lambda e: train_cli(e, text=e.file("mixed.txt", b"plain ascii then \xff")),
-                             "byte 0xff at byte offset 17"),
-    "text-unknown-encoding": (lambda e: train_cli(e, "--encoding", "klingon"), "unknown encoding 'klingon'"),
-    "text-lone-surrogate": (lambda e: train_cli(e, "--encoding", "unicode_escape",
-                                                text=e.file("escaped.txt", "abc \\ud800 def " * 10)),
-                            "decodes to a lone surrogate U+D800 at character 4"),
-    "text-val-fraction": (lambda e: train_cli(e, "--val-fraction", "1.5"), "val_fraction must be in [0, 1)"),
-    "text-too-short-for-split": (lambda e: train_cli(e, text=e.file("short.txt", "abcdefghij")),
-                                 "too few for a validation split"),
-    "text-no-validation": (lambda e: train_cli(e, "--val-fraction", "0"), "the validation text needs at least 2"),
-    "text-shorter-than-window": (lambda e: train_cli(e, text=e.file("line.txt", "a short line of text\n" * 4)),
-                                 "stream batching with --batch-size 4 and --seq-len 16 needs at least"),
-    "text-shorter-than-random-window": (lambda e: train_cli(e, "--batching", "random", "--seq-len", "9000"),
-                                        "windows of --seq-len 9000 need at least"),
-    "text-none": (lambda e: cli("train", "--dataset", "", "--out", e.tmp / "o", *cli_flags(max_steps=2)),
-                  "no training text: give --text FILE or --dataset NAME"),
-    "batching-kind": (lambda e: lib(lambda: make_batcher("zigzag", [1, 2, 3], 1, 1, 0)),
-                      "batching must be 'stream' or 'random'"),
+    "text-empty": (
+        lambda e: train_cli(e, text=e.file("empty.txt", b"")),
+        "is empty; give a file with some text",
+    ),
+    "text-empty-whitespace": (
+        lambda e: train_cli(e, text=e.file("blank.txt", " \n\t\n")),
+        "is empty",
+    ),
+    "text-whitespace": (
+        lambda e: train_cli(e, text=e.file("blank.txt", "\u3000 \u3000\n")),
+        "holds only whitespace",
+    ),
+    "text-binary": (
+        lambda e: train_cli(e, text=e.file("data.bin", b"\x00\x01\x02" * 100)),
+        "looks binary (100 NUL",
+    ),
+    "text-not-utf8": (
+        lambda e: train_cli(e, text=e.file("cp1251.txt", "Мой дядя".encode("cp1251"))),
+        "is not valid utf-8: byte 0xcc at byte offset 0 cannot be decoded",
+    ),
+    "text-not-utf8-offset": (
+        lambda e: train_cli(e, text=e.file("mixed.txt", b"plain ascii then \xff")),
+        "byte 0xff at byte offset 17",
+    ),
+    "text-unknown-encoding": (
+        lambda e: train_cli(e, "--encoding", "klingon"),
+        "unknown encoding 'klingon'",
+    ),
+    "text-lone-surrogate": (
+        lambda e: train_cli(
+            e, "--encoding", "unicode_escape", text=e.file("escaped.txt", "abc \\ud800 def " * 10)
+        ),
+        "decodes to a lone surrogate U+D800 at character 4",
+    ),
+    "text-val-fraction": (
+        lambda e: train_cli(e, "--val-fraction", "1.5"),
+        "val_fraction must be in [0, 1)",
+    ),
+    "text-too-short-for-split": (
+        lambda e: train_cli(e, text=e.file("short.txt", "abcdefghij")),
+        "too few for a validation split",
+    ),
+    "text-no-validation": (
+        lambda e: train_cli(e, "--val-fraction", "0"),
+        "the validation text needs at least 2",
+    ),
+    "text-shorter-than-window": (
+        lambda e: train_cli(e, text=e.file("line.txt", "a short line of text\n" * 4)),
+        "stream batching with --batch-size 4 and --seq-len 16 needs at least",
+    ),
+    "text-shorter-than-random-window": (
+        lambda e: train_cli(e, "--batching", "random", "--seq-len", "9000"),
+        "windows of --seq-len 9000 need at least",
+    ),
+    "text-none": (
+        lambda e: cli("train", "--dataset", "", "--out", e.tmp / "o", *cli_flags(max_steps=2)),
+        "no training text: give --text FILE or --dataset NAME",
+    ),
+    "batching-kind": (
+        lambda e: lib(lambda: make_batcher("zigzag", [1, 2, 3], 1, 1, 0)),
+        "batching must be 'stream' or 'random'",
+    ),
     # -- named datasets -------------------------------------------------------------------------
-    "dataset-unknown": (lambda e: cli("train", "--dataset", "nope", "--out", e.tmp / "o"), "unknown dataset 'nope'"),
-    "dataset-corrupt-copy": (lambda e: (_offline(e), e.file("no-data/byron_ru.txt", "not byron"),
-                                        cli("train", "--dataset", "byron-ru", "--out", e.tmp / "o"))[2],
-                             "does not match the pinned sha256 of byron-ru"),
-    "dataset-no-local-copy": (lambda e: (_offline(e), lib(lambda: load_corpus("byron-ru", None,
-                                                                              allow_download=False)))[1],
-                              "no local copy of byron-ru"),
-    "dataset-download-failed": (lambda e: (_offline(e, _no_network),
-                                           cli("train", "--dataset", "byron-ru", "--out", e.tmp / "o"))[1],
-                                "cannot download byron-ru"),
-    "dataset-download-mismatch": (lambda e: (_offline(e, _wrong_bytes),
-                                             cli("train", "--dataset", "byron-ru", "--out", e.tmp / "o"))[1],
-                                  "does not match its pinned sha256"),
+    "dataset-unknown": (
+        lambda e: cli("train", "--dataset", "nope", "--out", e.tmp / "o"),
+        "unknown dataset 'nope'",
+    ),
+    "dataset-corrupt-copy": (
+        lambda e: (
+            _offline(e),
+            e.file("no-data/byron_ru.txt", "not byron"),
+            cli("train", "--dataset", "byron-ru", "--out", e.tmp / "o"),
+        )[2],
+        "does not match the pinned sha256 of byron-ru",
+    ),
+    "dataset-no-local-copy": (
+        lambda e: (_offline(e), lib(lambda: load_corpus("byron-ru", None, allow_download=False)))[
+            1
+        ],
+        "no local copy of byron-ru",
+    ),
+    "dataset-download-failed": (
+        lambda e: (
+            _offline(e, _no_network),
+            cli("train", "--dataset", "byron-ru", "--out", e.tmp / "o"),
+        )[1],
+        "cannot download byron-ru",
+    ),
+    "dataset-download-mismatch": (
+        lambda e: (
+            _offline(e, _wrong_bytes),
+            cli("train", "--dataset", "byron-ru", "--out", e.tmp / "o"),
+        )[1],
+        "does not match its pinned sha256",
+    ),
     # -- hardware -------------------------------------------------------------------------------
-    "device-cuda-missing": (_cuda_missing, "--device cuda was asked for but no CUDA GPU is visible"),
-    "device-unknown": (lambda e: lib(lambda: hardware.pick_device("tpu")), "device must be auto, cpu or cuda"),
-    "precision-unknown": (lambda e: lib(lambda: hardware.pick_precision("fp8", torch.device("cpu"))),
-                          "precision must be auto, fp32 or bf16"),
-    "precision-bf16-missing": (_bf16_missing, "--precision bf16 was asked for but this CPU has no native bf16"),
+    "device-cuda-missing": (
+        _cuda_missing,
+        "--device cuda was asked for but no CUDA GPU is visible",
+    ),
+    "device-unknown": (
+        lambda e: lib(lambda: hardware.pick_device("tpu")),
+        "device must be auto, cpu or cuda",
+    ),
+    "precision-unknown": (
+        lambda e: lib(lambda: hardware.pick_precision("fp8", torch.device("cpu"))),
+        "precision must be auto, fp32 or bf16",
+    ),
+    "precision-bf16-missing": (
+        _bf16_missing,
+        "--precision bf16 was asked for but this CPU has no native bf16",
+    ),
     # -- run folders and training ---------------------------------------------------------------
     # (the CLI's --out refuses a file itself, with click's usage error)
-    "out-is-file": (lambda e: lib(lambda: charlstm.train(tiny_config(e.corpus), e.corpus, progress=False)),
-                    "is a file; give a folder path"),
-    "out-holds-run": (lambda e: cli("train", "--text", e.corpus, "--out", e.run, *cli_flags(max_steps=2)),
-                      "holds a run; continue it with --resume, choose another --out, or pass --force"),
-    "out-not-empty": (lambda e: (e.file("notes.txt", "mine"),
-                                 cli("train", "--text", e.corpus, "--out", e.tmp, *cli_flags(max_steps=2)))[1],
-                      "is not empty and is not a charlstm run"),
-    "out-cannot-create": (lambda e: cli("train", "--text", e.corpus, "--out", e.corpus / "sub",
-                                        *cli_flags(max_steps=2)), "cannot create --out"),
-    "run-write-failed": (lambda e: (_full_disk(e), train_cli(e))[1],
-                         "could not write "),
-    "resume-folder-missing": (lambda e: cli("train", "--resume", e.tmp / "nowhere"), "does not exist; give a folder"),
-    "resume-not-a-run": (lambda e: cli("train", "--resume", e.tmp), "is not a charlstm run folder (no last/ checkpoint)"),
-    "resume-before-first-checkpoint": (_stopped_before_first_checkpoint,
-                                       "stopped before its first checkpoint, so there is nothing to resume"),
-    "resume-model-change": (lambda e: cli("train", "--resume", e.run, "--hidden-size", "32"),
-                            "cannot change the model's hidden_size when resuming"),
+    "out-is-file": (
+        lambda e: lib(lambda: charlstm.train(tiny_config(e.corpus), e.corpus, progress=False)),
+        "is a file; give a folder path",
+    ),
+    "out-holds-run": (
+        lambda e: cli("train", "--text", e.corpus, "--out", e.run, *cli_flags(max_steps=2)),
+        "holds a run; continue it with --resume, choose another --out, or pass --force",
+    ),
+    "out-not-empty": (
+        lambda e: (
+            e.file("notes.txt", "mine"),
+            cli("train", "--text", e.corpus, "--out", e.tmp, *cli_flags(max_steps=2)),
+        )[1],
+        "is not empty and is not a charlstm run",
+    ),
+    "out-cannot-create": (
+        lambda e: cli(
+            "train", "--text", e.corpus, "--out", e.corpus / "sub", *cli_flags(max_steps=2)
+        ),
+        "cannot create --out",
+    ),
+    "run-write-failed": (lambda e: (_full_disk(e), train_cli(e))[1], "could not write "),
+    "resume-folder-missing": (
+        lambda e: cli("train", "--resume", e.tmp / "nowhere"),
+        "does not exist; give a folder",
+    ),
+    "resume-not-a-run": (
+        lambda e: cli("train", "--resume", e.tmp),
+        "is not a charlstm run folder (no last/ checkpoint)",
+    ),
+    "resume-before-first-checkpoint": (
+        _stopped_before_first_checkpoint,
+        "stopped before its first checkpoint, so there is nothing to resume",
+    ),
+    "resume-model-change": (
+        lambda e: cli("train", "--resume", e.run, "--hidden-size", "32"),
+        "cannot change the model's hidden_size when resuming",
+    ),
     "resume-text-changed": (_resume_after_text_change, "has characters the run's vocabulary lacks"),
     "resume-no-state": (_no_state, "holds no training state"),
     "resume-damaged-state": (_damaged_state, "holds damaged training state"),
-    "nonfinite-loss": (lambda e: lib(lambda: orchestrate.train(
-        tiny_config(e.corpus, max_steps=9, eval_interval=3), e.tmp / "nan",
-        loss_hook=lambda step, loss: loss * math.nan, progress=False, log=lambda m: None)),
-        "the loss or gradient became non-finite at step 0 (1 time(s), 0 allowed)"),
+    "nonfinite-loss": (
+        lambda e: lib(
+            lambda: orchestrate.train(
+                tiny_config(e.corpus, max_steps=9, eval_interval=3),
+                e.tmp / "nan",
+                loss_hook=lambda step, loss: loss * math.nan,
+                progress=False,
+                log=lambda m: None,
+            )
+        ),
+        "the loss or gradient became non-finite at step 0 (1 time(s), 0 allowed)",
+    ),
     # (without a moving average, so that the evaluated weights are the corrupted ones)
-    "nonfinite-validation": (lambda e: (_corrupt_weights_after(e, 5), train_cli(
-        e, "--max-steps", "9", "--eval-interval", "3", "--ema", "0"))[1],
-        "the validation loss became non-finite at step 6"),
-    "nonfinite-weights": (lambda e: (_corrupt_weights_after(e, 7), train_cli(
-        e, "--max-steps", "8", "--eval-interval", "3", "--ema", "0"))[1],
-        "the weights became non-finite by step 8"),
+    "nonfinite-validation": (
+        lambda e: (
+            _corrupt_weights_after(e, 5),
+            train_cli(e, "--max-steps", "9", "--eval-interval", "3", "--ema", "0"),
+        )[1],
+        "the validation loss became non-finite at step 6",
+    ),
+    "nonfinite-weights": (
+        lambda e: (
+            _corrupt_weights_after(e, 7),
+            train_cli(e, "--max-steps", "8", "--eval-interval", "3", "--ema", "0"),
+        )[1],
+        "the weights became non-finite by step 8",
+    ),
     # -- checkpoints ----------------------------------------------------------------------------
     "run-missing": (lambda e: generate_cli(e.tmp / "nowhere"), "run folder"),
-    "not-a-run": (lambda e: generate_cli(e.tmp), "is not a charlstm run folder (no best/ or last/ checkpoint)"),
-    "ckpt-no-file": (lambda e: lib(lambda: ckpt_io.read_checkpoint(e.tmp / "none.safetensors")),
-                     "no checkpoint file at"),
-    "ckpt-too-large": (lambda e: generate_cli(_sparse_file(e)), "larger than any charlstm checkpoint"),
-    "ckpt-truncated": (lambda e: generate_cli(e.hostile_run("truncated-at-7")), "is truncated (7 bytes)"),
-    "ckpt-truncated-header": (lambda e: generate_cli(e.hostile_run("truncated-at-100")),
-                              "is truncated (header cut short)"),
-    "ckpt-truncated-tensors": (lambda e: generate_cli(e.run_with(
-        checkpoint_path(e.run, "last").read_bytes()[:-1])), "bytes); use an intact copy"),
-    "ckpt-pickle": (lambda e: generate_cli(e.hostile_run("pickle-protocol-4")),
-                    "is a pickle (torch.save) file; charlstm never unpickles"),
-    "ckpt-torch-save": (lambda e: generate_cli(e.hostile_run("torch-save-zip")), "is a pickle (torch.save) file"),
-    "ckpt-not-safetensors": (lambda e: generate_cli(e.hostile_run("text-file")),
-                             "is not a charlstm checkpoint (not a safetensors file)"),
-    "ckpt-huge-header": (lambda e: generate_cli(e.hostile_run("huge-header-2^40")),
-                         "claims a 1,099,511,627,776-byte header"),
-    "ckpt-unreadable-header": (lambda e: generate_cli(e.run_with(_unreadable_header())),
-                               "is not a safetensors file (unreadable header)"),
-    "ckpt-malformed-st-metadata": (lambda e: generate_cli(e.hostile_run("metadata-not-a-string")),
-                                   "has malformed safetensors metadata"),
-    "ckpt-malformed-entry": (lambda e: generate_cli(e.hostile_run("string-offsets")),
-                             "has a malformed entry for tensor 'model.fc.bias'"),
-    "ckpt-not-charlstm": (lambda e: generate_cli(e.hostile_run("plain-safetensors")),
-                          "is a safetensors file but not a charlstm checkpoint"),
-    "ckpt-unreadable-metadata": (lambda e: generate_cli(e.hostile_run("metadata-not-json")),
-                                 "has unreadable charlstm metadata"),
-    "ckpt-invalid-safetensors": (lambda e: generate_cli(e.run_with(_bad_dtype(e))),
-                                 "is not a valid safetensors file"),
-    "ckpt-format-tag": (lambda e: generate_cli(e.hostile_run("foreign-format-tag")), "wrong format tag"),
-    "ckpt-format-version": (lambda e: generate_cli(e.hostile_run("future-format-version")),
-                            "has checkpoint format version 99; this charlstm reads version 1"),
-    "ckpt-lacks-key": (lambda e: generate_cli(e.hostile_run("missing-vocab")), "metadata lacks 'vocab'"),
-    "ckpt-metadata-not-table": (lambda e: generate_cli(e.hostile_run("model-not-a-table")),
-                                "has malformed metadata (model, config or metrics is not a table)"),
-    "ckpt-invalid-config": (lambda e: generate_cli(e.hostile_run("unknown-cell")),
-                            "has an invalid configuration (cell must be one of"),
-    "ckpt-malformed-vocab": (lambda e: generate_cli(e.hostile_run("lone-surrogate-in-vocab")),
-                             "has a malformed vocabulary"),
-    "ckpt-repeated-vocab": (lambda e: generate_cli(e.hostile_run("repeated-vocab")),
-                            "has a vocabulary with repeated characters"),
-    "ckpt-vocab-size": (lambda e: generate_cli(e.hostile_run("vocab-size-mismatch")),
-                        "characters but the model expects"),
-    "ckpt-too-many-layers": (lambda e: generate_cli(e.hostile_run("million-layers")),
-                             "declares 10000000 layers but holds only"),
-    "ckpt-cannot-build": (lambda e: generate_cli(e.hostile_run("huge-hidden-size")),
-                          "describes a model that cannot be built"),
-    "ckpt-weights-mismatch": (lambda e: generate_cli(e.hostile_run("missing-tensor")),
-                              "weights do not match the model (missing ['fc.bias']"),
-    "ckpt-wrong-shape": (lambda e: generate_cli(e.hostile_run("wrong-shape-tensor")),
-                         "tensor fc.weight has shape (66, 16), the configuration says (65, 16)"),
-    "ckpt-nonfinite": (lambda e: generate_cli(e.hostile_run("nan-weights")), "holds non-finite or non-float"),
-    "ckpt-invalid-step": (lambda e: generate_cli(e.hostile_run("negative-step")), "has an invalid step count"),
-    "ckpt-metric-not-finite": (lambda e: generate_cli(e.run_with(_with_meta(
-        checkpoint_path(e.run, "best").read_bytes(), _val_nan))), "metric val_loss is not finite"),
-    "ckpt-write-failed": (lambda e: (_fail_checkpoint_writes(e), train_cli(e, "--eval-interval", "3"))[1],
-                          "the previous checkpoint is intact; free some disk space and resume with --resume"),
+    "not-a-run": (
+        lambda e: generate_cli(e.tmp),
+        "is not a charlstm run folder (no best/ or last/ checkpoint)",
+    ),
+    "ckpt-no-file": (
+        lambda e: lib(lambda: ckpt_io.read_checkpoint(e.tmp / "none.safetensors")),
+        "no checkpoint file at",
+    ),
+    "ckpt-too-large": (
+        lambda e: generate_cli(_sparse_file(e)),
+        "larger than any charlstm checkpoint",
+    ),
+    "ckpt-truncated": (
+        lambda e: generate_cli(e.hostile_run("truncated-at-7")),
+        "is truncated (7 bytes)",
+    ),
+    "ckpt-truncated-header": (
+        lambda e: generate_cli(e.hostile_run("truncated-at-100")),
+        "is truncated (header cut short)",
+    ),
+    "ckpt-truncated-tensors": (
+        lambda e: generate_cli(e.run_with(checkpoint_path(e.run, "last").read_bytes()[:-1])),
+        "bytes); use an intact copy",
+    ),
+    "ckpt-pickle": (
+        lambda e: generate_cli(e.hostile_run("pickle-protocol-4")),
+        "is a pickle (torch.save) file; charlstm never unpickles",
+    ),
+    "ckpt-torch-save": (
+        lambda e: generate_cli(e.hostile_run("torch-save-zip")),
+        "is a pickle (torch.save) file",
+    ),
+    "ckpt-not-safetensors": (
+        lambda e: generate_cli(e.hostile_run("text-file")),
+        "is not a charlstm checkpoint (not a safetensors file)",
+    ),
+    "ckpt-huge-header": (
+        lambda e: generate_cli(e.hostile_run("huge-header-2^40")),
+        "claims a 1,099,511,627,776-byte header",
+    ),
+    "ckpt-unreadable-header": (
+        lambda e: generate_cli(e.run_with(_unreadable_header())),
+        "is not a safetensors file (unreadable header)",
+    ),
+    "ckpt-malformed-st-metadata": (
+        lambda e: generate_cli(e.hostile_run("metadata-not-a-string")),
+        "has malformed safetensors metadata",
+    ),
+    "ckpt-malformed-entry": (
+        lambda e: generate_cli(e.hostile_run("string-offsets")),
+        "has a malformed entry for tensor 'model.fc.bias'",
+    ),
+    "ckpt-not-charlstm": (
+        lambda e: generate_cli(e.hostile_run("plain-safetensors")),
+        "is a safetensors file but not a charlstm checkpoint",
+    ),
+    "ckpt-unreadable-metadata": (
+        lambda e: generate_cli(e.hostile_run("metadata-not-json")),
+        "has unreadable charlstm metadata",
+    ),
+    "ckpt-invalid-safetensors": (
+        lambda e: generate_cli(e.run_with(_bad_dtype(e))),
+        "is not a valid safetensors file",
+    ),
+    "ckpt-format-tag": (
+        lambda e: generate_cli(e.hostile_run("foreign-format-tag")),
+        "wrong format tag",
+    ),
+    "ckpt-format-version": (
+        lambda e: generate_cli(e.hostile_run("future-format-version")),
+        "has checkpoint format version 99; this charlstm reads version 1",
+    ),
+    "ckpt-lacks-key": (
+        lambda e: generate_cli(e.hostile_run("missing-vocab")),
+        "metadata lacks 'vocab'",
+    ),
+    "ckpt-metadata-not-table": (
+        lambda e: generate_cli(e.hostile_run("model-not-a-table")),
+        "has malformed metadata (model, config or metrics is not a table)",
+    ),
+    "ckpt-invalid-config": (
+        lambda e: generate_cli(e.hostile_run("unknown-cell")),
+        "has an invalid configuration (cell must be one of",
+    ),
+    "ckpt-malformed-vocab": (
+        lambda e: generate_cli(e.hostile_run("lone-surrogate-in-vocab")),
+        "has a malformed vocabulary",
+    ),
+    "ckpt-repeated-vocab": (
+        lambda e: generate_cli(e.hostile_run("repeated-vocab")),
+        "has a vocabulary with repeated characters",
+    ),
+    "ckpt-vocab-size": (
+        lambda e: generate_cli(e.hostile_run("vocab-size-mismatch")),
+        "characters but the model expects",
+    ),
+    "ckpt-too-many-layers": (
+        lambda e: generate_cli(e.hostile_run("million-layers")),
+        "declares 10000000 layers but holds only",
+    ),
+    "ckpt-cannot-build": (
+        lambda e: generate_cli(e.hostile_run("huge-hidden-size")),
+        "describes a model that cannot be built",
+    ),
+    "ckpt-weights-mismatch": (
+        lambda e: generate_cli(e.hostile_run("missing-tensor")),
+        "weights do not match the model (missing ['fc.bias']",
+    ),
+    "ckpt-wrong-shape": (
+        lambda e: generate_cli(e.hostile_run("wrong-shape-tensor")),
+        "tensor fc.weight has shape (66, 16), the configuration says (65, 16)",
+    ),
+    "ckpt-nonfinite": (
+        lambda e: generate_cli(e.hostile_run("nan-weights")),
+        "holds non-finite or non-float",
+    ),
+    "ckpt-invalid-step": (
+        lambda e: generate_cli(e.hostile_run("negative-step")),
+        "has an invalid step count",
+    ),
+    "ckpt-metric-not-finite": (
+        lambda e: generate_cli(
+            e.run_with(_with_meta(checkpoint_path(e.run, "best").read_bytes(), _val_nan))
+        ),
+        "metric val_loss is not finite",
+    ),
+    "ckpt-write-failed": (
+        lambda e: (_fail_checkpoint_writes(e), train_cli(e, "--eval-interval", "3"))[1],
+        "the previous checkpoint is intact; free some disk space and resume with --resume",
+    ),
     # -- generation and evaluation --------------------------------------------------------------
-    "temperature-negative": (lambda e: generate_cli(e.run, "--temperature", "-1"),
-                             "temperature must be a finite number >= 0, got -1.0"),
-    "temperature-nan": (lambda e: generate_cli(e.run, "--temperature", "nan"),
-                        "temperature must be a finite number >= 0, got nan"),
-    "temperature-tiny": (lambda e: generate_cli(e.run, "--temperature", "1e-300"),
-                         "temperature must be 0 (greedy) or at least 1e-100"),
-    "top-k-negative": (lambda e: generate_cli(e.run, "--top-k", "-1"), "top_k must be a whole number >= 0"),
-    "top-p-zero": (lambda e: generate_cli(e.run, "--top-p", "0"), "top_p must be in (0, 1], got 0.0"),
-    "top-p-above-one": (lambda e: generate_cli(e.run, "--top-p", "1.5"), "top_p must be in (0, 1], got 1.5"),
-    "repetition-penalty": (lambda e: generate_cli(e.run, "--repetition-penalty", "0.5"),
-                           "repetition_penalty must be between 1 and"),
-    "repetition-window": (lambda e: lib(lambda: SamplingParams(repetition_window=0)),
-                          "repetition_window must be >= 1"),
+    "temperature-negative": (
+        lambda e: generate_cli(e.run, "--temperature", "-1"),
+        "temperature must be a finite number >= 0, got -1.0",
+    ),
+    "temperature-nan": (
+        lambda e: generate_cli(e.run, "--temperature", "nan"),
+        "temperature must be a finite number >= 0, got nan",
+    ),
+    "temperature-tiny": (
+        lambda e: generate_cli(e.run, "--temperature", "1e-300"),
+        "temperature must be 0 (greedy) or at least 1e-100",
+    ),
+    "top-k-negative": (
+        lambda e: generate_cli(e.run, "--top-k", "-1"),
+        "top_k must be a whole number >= 0",
+    ),
+    "top-p-zero": (
+        lambda e: generate_cli(e.run, "--top-p", "0"),
+        "top_p must be in (0, 1], got 0.0",
+    ),
+    "top-p-above-one": (
+        lambda e: generate_cli(e.run, "--top-p", "1.5"),
+        "top_p must be in (0, 1], got 1.5",
+    ),
+    "repetition-penalty": (
+        lambda e: generate_cli(e.run, "--repetition-penalty", "0.5"),
+        "repetition_penalty must be between 1 and",
+    ),
+    "repetition-window": (
+        lambda e: lib(lambda: SamplingParams(repetition_window=0)),
+        "repetition_window must be >= 1",
+    ),
     "stop-empty": (lambda e: generate_cli(e.run, "--stop", ""), "stop strings must not be empty"),
-    "max-lines": (lambda e: generate_cli(e.run, "--max-lines", "0"), "max_lines must be >= 1, got 0"),
+    "max-lines": (
+        lambda e: generate_cli(e.run, "--max-lines", "0"),
+        "max_lines must be >= 1, got 0",
+    ),
     "length": (lambda e: generate_cli(e.run, "--length", "0"), "length must be >= 1, got 0"),
-    "num-samples": (lambda e: generate_cli(e.run, "--num-samples", "0"), "num_samples must be >= 1"),
-    "start-text-empty": (lambda e: generate_cli(e.run, "--start-text", ""), "start_text must not be empty"),
-    "start-text-unknown": (lambda e: generate_cli(e.run, "--start-text", "snow ☃"),
-                           "the text has characters the model never saw: '☃'; remove them or pass --unknown skip"),
-    "start-text-all-unknown": (lambda e: generate_cli(e.run, "--start-text", "☃", "--unknown", "skip"),
-                               "the start text has no character the model knows"),
-    "unknown-policy": (lambda e: lib(lambda: charlstm.load(e.run, device="cpu").generate(" ", unknown="ignore")),
-                       "unknown-character policy 'ignore' is not one of"),
-    "one-seed-per-stream": (lambda e: lib(lambda: list(charlstm.load(e.run, device="cpu").stream(
-        ["a", "b"], seeds=[1]))), "give one seed per stream"),
-    "prompt-empty": (lambda e: lib(lambda: Request(prompt=[], length=5)),
-                     "the start text is empty after removing unknown characters"),
-    "evaluate-too-short": (lambda e: cli("evaluate", e.run, "--text", e.file("one.txt", "М")),
-                           "the text to evaluate needs at least 2 known characters"),
-    "evaluate-unknown": (lambda e: cli("evaluate", e.run, "--text", e.file("snow.txt", "☃☃☃ snow")),
-                         "the text has characters the model never saw"),
+    "num-samples": (
+        lambda e: generate_cli(e.run, "--num-samples", "0"),
+        "num_samples must be >= 1",
+    ),
+    "start-text-empty": (
+        lambda e: generate_cli(e.run, "--start-text", ""),
+        "start_text must not be empty",
+    ),
+    "start-text-unknown": (
+        lambda e: generate_cli(e.run, "--start-text", "snow ☃"),
+        "the text has characters the model never saw: '☃'; remove them or pass --unknown skip",
+    ),
+    "start-text-all-unknown": (
+        lambda e: generate_cli(e.run, "--start-text", "☃", "--unknown", "skip"),
+        "the start text has no character the model knows",
+    ),
+    "unknown-policy": (
+        lambda e: lib(lambda: charlstm.load(e.run, device="cpu").generate(" ", unknown="ignore")),
+        "unknown-character policy 'ignore' is not one of",
+    ),
+    "one-seed-per-stream": (
+        lambda e: lib(
+            lambda: list(charlstm.load(e.run, device="cpu").stream(["a", "b"], seeds=[1]))
+        ),
+        "give one seed per stream",
+    ),
+    "prompt-empty": (
+        lambda e: lib(lambda: Request(prompt=[], length=5)),
+        "the start text is empty after removing unknown characters",
+    ),
+    "evaluate-too-short": (
+        lambda e: cli("evaluate", e.run, "--text", e.file("one.txt", "М")),
+        "the text to evaluate needs at least 2 known characters",
+    ),
+    "evaluate-unknown": (
+        lambda e: cli("evaluate", e.run, "--text", e.file("snow.txt", "☃☃☃ snow")),
+        "the text has characters the model never saw",
+    ),
 }
 
 
@@ -482,16 +779,35 @@ def test_error(env, case) -> None:
 
 # ---------------------------------------------------------------------------------------- the doc
 
-ROW = re.compile(r"^\|\s*`([a-z0-9-]+)`\s*\|(.*)\|\s*`test_errors\.py::test_error\[([a-z0-9-]+)\]`\s*\|\s*$")
+ROW = re.compile(
+    r"^\|\s*`([a-z0-9-]+)`\s*\|(.*)\|\s*`test_errors\.py::test_error\[([a-z0-9-]+)\]`\s*\|\s*$"
+)
 # Modules whose every raised error must have a row. Errors of features that other people are still
 # building (the commands and settings below) are left to their owners to document.
-CORE = ["generate/textmodel", "data/batching", "runs/checkpoint", "runs/folder", "cli", "config",
-        "data/corpus", "data/datasets", "generate/engine", "hardware", "generate/sampling",
-        "training/loop", "training/orchestrate", "data/loading", "data/vocabulary"]
+CORE = [
+    "generate/textmodel",
+    "data/batching",
+    "runs/checkpoint",
+    "runs/folder",
+    "cli",
+    "config",
+    "data/corpus",
+    "data/datasets",
+    "generate/engine",
+    "hardware",
+    "generate/sampling",
+    "training/loop",
+    "training/orchestrate",
+    "data/loading",
+    "data/vocabulary",
+]
 PENDING_FUNCTIONS = {  # module → functions whose errors are not listed yet
     "cli": {"bench_generate", "prepare", "_run_analysis", "compare", "tune", "_int_list"},
     "config": {"parse_duration"},
-    "generate/engine": {"__init__", "step"},  # the engine's internal switches (compiled path, step size)
+    "generate/engine": {
+        "__init__",
+        "step",
+    },  # the engine's internal switches (compiled path, step size)
 }
 PENDING = ("freeze_layers", "init_from or pretrain", "pretrain_config")  # config: transfer learning
 
@@ -538,8 +854,12 @@ def test_every_error_raised_in_the_core_modules_is_documented() -> None:
                 for node in ast.walk(fn):
                     owner[node] = fn.name  # inner functions are walked later and win
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args
-                    and node.func.id in ("UserError", "CheckpointError", "NonFiniteLoss")):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.args
+                and node.func.id in ("UserError", "CheckpointError", "NonFiniteLoss")
+            ):
                 continue
             if owner.get(node) in PENDING_FUNCTIONS.get(module, ()):
                 continue

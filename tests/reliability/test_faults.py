@@ -52,26 +52,35 @@ def _nan_at(*steps: int):
             left.remove(step)
             return loss * float("nan")
         return loss
+
     return hook
 
 
 def _inf_grad_at(step_at: int):
     """A finite loss whose gradient is infinite: d/dx sqrt(x) at x = 0."""
+
     def hook(step, loss):
         if step != step_at:
             return loss
         zero = (loss - loss.detach()).abs()  # value 0, but connected to every weight
         return loss + torch.sqrt(zero)
+
     return hook
 
 
-@pytest.mark.parametrize("hook,what", [(_nan_at(12), "NaN loss"), (_inf_grad_at(12), "infinite gradient")])
-def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus, hook, what) -> None:
+@pytest.mark.parametrize(
+    "hook,what", [(_nan_at(12), "NaN loss"), (_inf_grad_at(12), "infinite gradient")]
+)
+def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path, corpus, hook, what
+) -> None:
     """A NaN loss or an infinite gradient at step 12 (evaluations every 5 steps) raises
     `NonFiniteLoss` naming the step; last/ still holds step 10, loads, has finite weights, and the
     run resumes from it."""
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteLoss, match=r"non-finite at step 12 .*last good checkpoint is kept"):
+    with pytest.raises(
+        NonFiniteLoss, match=r"non-finite at step 12 .*last good checkpoint is kept"
+    ):
         train(tiny_config(corpus, max_steps=30, eval_interval=5), run, loss_hook=hook, **QUIET)
     ck = _ckpt(run)
     assert ck.meta["step"] == 10
@@ -86,34 +95,60 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path, corpus) -> None:
     reaches its budget with finite weights; a third NaN stops it."""
     run = tmp_path / "run"
     logged: list[str] = []
-    train(tiny_config(corpus, max_steps=30, eval_interval=5, skip_nonfinite=2), run,
-          loss_hook=_nan_at(7, 13), progress=False, log=logged.append)
+    train(
+        tiny_config(corpus, max_steps=30, eval_interval=5, skip_nonfinite=2),
+        run,
+        loss_hook=_nan_at(7, 13),
+        progress=False,
+        log=logged.append,
+    )
     ck = _ckpt(run)
     assert ck.meta["step"] == 30 and ck.meta["resume"]["counters"]["nonfinite"] == 2
     assert sum("step skipped" in line for line in logged) == 2
     assert all(torch.isfinite(t).all() for t in ck.model_state().values())
     with pytest.raises(NonFiniteLoss, match=r"3 time\(s\), 2 allowed"):
-        train(tiny_config(corpus, max_steps=30, eval_interval=5, skip_nonfinite=2), tmp_path / "again",
-              loss_hook=_nan_at(3, 3, 3), **QUIET)
+        train(
+            tiny_config(corpus, max_steps=30, eval_interval=5, skip_nonfinite=2),
+            tmp_path / "again",
+            loss_hook=_nan_at(3, 3, 3),
+            **QUIET,
+        )
 
 
-def test_nonfinite_loss_through_the_cli_is_one_line_and_exit_2(tmp_path, corpus, monkeypatch) -> None:
+def test_nonfinite_loss_through_the_cli_is_one_line_and_exit_2(
+    tmp_path, corpus, monkeypatch
+) -> None:
     """`charlstm train` hitting a NaN prints one `charlstm: error:` line and exits with status 2."""
-    monkeypatch.setattr(orchestrate, "train", functools.partial(orchestrate.train, loss_hook=_nan_at(8)))
-    result = CliRunner().invoke(main, ["train", "--text", str(corpus), "--out", str(tmp_path / "run"),
-                                       *cli_flags(max_steps=30, eval_interval=5)])
+    monkeypatch.setattr(
+        orchestrate, "train", functools.partial(orchestrate.train, loss_hook=_nan_at(8))
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--text",
+            str(corpus),
+            "--out",
+            str(tmp_path / "run"),
+            *cli_flags(max_steps=30, eval_interval=5),
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("charlstm: error: the loss or gradient became non-finite at step 8")
     assert _ckpt(tmp_path / "run").meta["step"] == 5
 
 
-@pytest.mark.parametrize("corrupt_at,max_steps,message", [
-    (9, 30, "the validation loss became non-finite at step 10"),  # just before an evaluation
-    (11, 12, "the weights became non-finite by step 12"),  # just before the final save
-])
-def test_weights_that_overflow_are_never_saved(tmp_path, corpus, monkeypatch, corrupt_at, max_steps,
-                                               message) -> None:
+@pytest.mark.parametrize(
+    "corrupt_at,max_steps,message",
+    [
+        (9, 30, "the validation loss became non-finite at step 10"),  # just before an evaluation
+        (11, 12, "the weights became non-finite by step 12"),  # just before the final save
+    ],
+)
+def test_weights_that_overflow_are_never_saved(
+    tmp_path, corpus, monkeypatch, corrupt_at, max_steps, message
+) -> None:
     """Weights can become infinite with a finite loss and gradient (one huge step). Whether the
     next evaluation or the final save finds them, the run stops with `NonFiniteLoss` and never
     overwrites last/ or best/ with weights that could not be loaded again."""
@@ -137,8 +172,17 @@ def test_weights_that_overflow_are_never_saved(tmp_path, corpus, monkeypatch, co
 def test_a_learning_rate_that_overflows_adam_is_a_user_error(tmp_path, corpus) -> None:
     """--lr 1e38 makes Adam's first step overflow float32 (a RuntimeError deep in torch): the CLI
     must refuse it in one line with exit status 2 instead."""
-    result = CliRunner().invoke(main, ["train", "--text", str(corpus), "--out", str(tmp_path / "run"),
-                                       *cli_flags(max_steps=5, lr=1e38)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--text",
+            str(corpus),
+            "--out",
+            str(tmp_path / "run"),
+            *cli_flags(max_steps=5, lr=1e38),
+        ],
+    )
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.stderr.strip().startswith("charlstm: error: lr")
 
@@ -158,18 +202,23 @@ def _full_disk_from(call: int):
             return original(fh, data)
         fh.write(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     return write
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:
     """The bytes of every checkpoint file of `run` (config.toml and metrics.jsonl may change)."""
-    return {str(p.relative_to(run)): p.read_bytes()
-            for p in sorted(run.rglob("*")) if p.is_file() and p.parent.name in ("best", "last")}
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.parent.name in ("best", "last")
+    }
 
 
 @pytest.mark.parametrize("failing_write", [1, 2, 3])
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypatch,
-                                                               failing_write) -> None:
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(
+    tmp_path, corpus, monkeypatch, failing_write
+) -> None:
     """The disk fills up during the first, second or third write of a resumed run (config.toml,
     then best/ and last/ at step 15): training stops with one line that says the previous
     checkpoint is intact; last/ is byte-for-byte what it was, no temporary file is left, and once
@@ -179,7 +228,9 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, corpus,
     train(tiny_config(corpus, **settings), run, **QUIET)
     before = _snapshot(run)
     monkeypatch.setattr(atomic, "_write_all", _full_disk_from(failing_write))
-    result = CliRunner().invoke(main, ["train", "--resume", str(run), "--max-steps", "20", "--no-progress"])
+    result = CliRunner().invoke(
+        main, ["train", "--resume", str(run), "--max-steps", "20", "--no-progress"]
+    )
     monkeypatch.undo()
     assert result.exit_code == 2, (result.output, result.exception)
     line = result.stderr.strip().splitlines()[-1]
@@ -256,9 +307,27 @@ def test_a_real_full_tmpfs(tmp_path, corpus) -> None:
     mnt.mkdir()
     script = 'mount -t tmpfs -o size=512k tmpfs "$0" || exit 77; exec "$@"'
     proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(mnt),
-         sys.executable, "-c", _TMPFS_CHECK, str(mnt), str(corpus), *cli_flags()],
-        capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            str(mnt),
+            sys.executable,
+            "-c",
+            _TMPFS_CHECK,
+            str(mnt),
+            str(corpus),
+            *cli_flags(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     if proc.returncode == 77 or (proc.returncode != 0 and "unshare" in proc.stderr):
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0, proc.stderr

@@ -76,13 +76,22 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
         kind = "first" if i == 0 else ("anytime", "training", "mid-write", "training")[i % 4]
         if kind == "mid-write":
             # Writes: config.toml, then best/ and last/ at every step; pick one of the first few.
-            env.update(CHARLSTM_TEST_PAUSE=f"write:{rng.randint(1, 6)}", CHARLSTM_TEST_MARKER=str(marker))
-        args = (["train", "--text", corpus, "--out", run, *flags] if i == 0
-                else ["train", "--resume", run, "--no-progress"])
+            env.update(
+                CHARLSTM_TEST_PAUSE=f"write:{rng.randint(1, 6)}", CHARLSTM_TEST_MARKER=str(marker)
+            )
+        args = (
+            ["train", "--text", corpus, "--out", run, *flags]
+            if i == 0
+            else ["train", "--resume", run, "--no-progress"]
+        )
         temps_before = set(_temp_files(run))
         with open(log, "w") as err:
-            proc = subprocess.Popen(charlstm_cmd(*args, helper=kind == "mid-write"), env=env,
-                                    stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(
+                charlstm_cmd(*args, helper=kind == "mid-write"),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         started = lambda log=log: STARTED in log.read_text(errors="replace")
         if kind == "first":  # the very first process must have saved something to resume from
             _wait_for(lambda: checkpoint_path(run, "last").is_file(), 60)
@@ -97,7 +106,9 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
         proc.send_signal(signal.SIGKILL)
         rc = proc.wait(30)
         text = log.read_text(errors="replace")
-        assert rc == -signal.SIGKILL, f"the process ended by itself (rc {rc}) before the kill:\n{text}"
+        assert rc == -signal.SIGKILL, (
+            f"the process ended by itself (rc {rc}) before the kill:\n{text}"
+        )
         if STARTED in text:  # this process restored from the previous kills' checkpoints
             for _ in pending:
                 TALLY.record("kills", True)
@@ -112,7 +123,9 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
         TALLY.note("steps_lost", lost)
         assert lost == 0, f"last/ went back from step {last_step} to {ck.meta['step']}"
         last_step = ck.meta["step"]
-        if set(_temp_files(run)) - temps_before:  # a write was cut short: its temporary file is left
+        if (
+            set(_temp_files(run)) - temps_before
+        ):  # a write was cut short: its temporary file is left
             TALLY.note("kills_mid_write")
         if kind == "mid-write":
             assert marker.exists(), text
@@ -120,8 +133,13 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
 
     # -- resume to the end: the last kill is survived once this run restores from it ------------
     final = last_step + 5
-    done = subprocess.run(charlstm_cmd("train", "--resume", run, "--max-steps", final, "--no-progress"),
-                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    done = subprocess.run(
+        charlstm_cmd("train", "--resume", run, "--max-steps", final, "--no-progress"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     for _ in pending:
         TALLY.record("kills", done.returncode == 0)
     assert done.returncode == 0, done.stderr
@@ -137,13 +155,19 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, corpus) -> None:
     runs end bitwise equal to runs that were never killed."""
     seed = int(os.environ.get("CHARLSTM_KILL_SEED", "20240601"))
     with ThreadPoolExecutor(2) as pool:  # the two runs share the two cores
-        futures = [pool.submit(_kill_chain, tmp_path, corpus, b, seed + j)
-                   for j, b in enumerate(("stream", "random"))]
+        futures = [
+            pool.submit(_kill_chain, tmp_path, corpus, b, seed + j)
+            for j, b in enumerate(("stream", "random"))
+        ]
         results = [(f.result(), b) for f, b in zip(futures, ("stream", "random"), strict=True)]
     for (run, final), batching in results:
         ref = tmp_path / f"reference-{batching}"
-        train(tiny_config(corpus, batching=batching, eval_interval=1, max_steps=final), ref,
-              progress=False, log=lambda m: None)
+        train(
+            tiny_config(corpus, batching=batching, eval_interval=1, max_steps=final),
+            ref,
+            progress=False,
+            log=lambda m: None,
+        )
         same = True
         try:
             assert_same_tensors(last_tensors(run), last_tensors(ref))

@@ -39,8 +39,9 @@ QUIET = dict(progress=False, log=lambda m: None)
 # Two layers so that dropout also acts between them, weight drop and a moving average of the weights
 # (each with state to carry over), and a high rate with no plateau patience so that the schedule
 # halves the rate during the run. The EMA is short so that the evaluated weights follow training.
-SETUP = dict(num_layers=2, dropout=0.3, weight_drop=0.3, ema=0.5, lr=0.3, plateau_patience=0,
-             eval_interval=3)
+SETUP = dict(
+    num_layers=2, dropout=0.3, weight_drop=0.3, ema=0.5, lr=0.3, plateau_patience=0, eval_interval=3
+)
 
 
 def _meta(run: Path) -> dict:
@@ -86,17 +87,22 @@ def test_exact_resume_after_the_step_budget(tmp_path, corpus, batching) -> None:
 
 def _signal_at(step: int, signum: int):
     """A loss hook that sends this process `signum` once, during step `step`."""
+
     def hook(current: int, loss):
         if current == step:
             os.kill(os.getpid(), signum)
         return loss
+
     return hook
 
 
-@pytest.mark.parametrize("signum,batching,schedule", [
-    (signal.SIGINT, "stream", "cosine"),
-    (signal.SIGTERM, "random", "plateau"),
-])
+@pytest.mark.parametrize(
+    "signum,batching,schedule",
+    [
+        (signal.SIGINT, "stream", "cosine"),
+        (signal.SIGTERM, "random", "plateau"),
+    ],
+)
 def test_exact_resume_after_a_signal(tmp_path, corpus, signum, batching, schedule) -> None:
     """A signal at step 17 of 40 stops the run with exit code 130/143 after saving; resuming gives
     an uninterrupted run's weights (cosine without a time budget, which would depend on the clock)."""
@@ -104,7 +110,12 @@ def test_exact_resume_after_a_signal(tmp_path, corpus, signum, batching, schedul
     ref = _reference(tmp_path, corpus, 40, **settings)
     run = tmp_path / "run"
     with pytest.raises(TrainingStopped) as stopped:
-        train(tiny_config(corpus, max_steps=40, **settings), run, loss_hook=_signal_at(17, signum), **QUIET)
+        train(
+            tiny_config(corpus, max_steps=40, **settings),
+            run,
+            loss_hook=_signal_at(17, signum),
+            **QUIET,
+        )
     assert stopped.value.exit_code == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
     assert _meta(run)["step"] == 18
     train(resume_config(run, {}), run, resume=True, **QUIET)
@@ -114,14 +125,20 @@ def test_exact_resume_after_a_signal(tmp_path, corpus, signum, batching, schedul
 def test_exact_resume_keeps_early_stopping_counters(tmp_path, corpus) -> None:
     """A run that stops early (no improvement in 2 evaluations) stops at the same step with the
     same weights when it was interrupted half-way and resumed."""
-    settings = dict(batching="stream", lr=0.3, eval_interval=3, early_stopping=2, plateau_patience=50, ema=0.5)
+    settings = dict(
+        batching="stream", lr=0.3, eval_interval=3, early_stopping=2, plateau_patience=50, ema=0.5
+    )
     ref = _reference(tmp_path, corpus, 400, **settings)
     stop = _meta(ref)["step"]
     assert 8 < stop < 400, f"the reference run should stop early, stopped at {stop}"
     run = tmp_path / "run"
     with pytest.raises(TrainingStopped):
-        train(tiny_config(corpus, max_steps=400, **settings), run,
-              loss_hook=_signal_at(stop // 2 | 1, signal.SIGINT), **QUIET)
+        train(
+            tiny_config(corpus, max_steps=400, **settings),
+            run,
+            loss_hook=_signal_at(stop // 2 | 1, signal.SIGINT),
+            **QUIET,
+        )
     train(resume_config(run, {}), run, resume=True, **QUIET)
     assert _meta(run)["step"] == stop
     _compare(run, ref)
@@ -169,8 +186,14 @@ def test_sigterm_from_outside_saves_exits_143_and_resumes_exactly(tmp_path, corp
     settings = dict(REAL, batching="random")
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        charlstm_cmd("train", "--text", corpus, "--out", run, *cli_flags(max_steps=STEPS, **settings)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        charlstm_cmd(
+            "train", "--text", corpus, "--out", run, *cli_flags(max_steps=STEPS, **settings)
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
     wanted = random.randint(1, 5)
     _wait_for(lambda: _metrics_lines(run) >= wanted or proc.poll() is not None)
     proc.send_signal(signal.SIGTERM)
@@ -178,8 +201,13 @@ def test_sigterm_from_outside_saves_exits_143_and_resumes_exactly(tmp_path, corp
     assert proc.returncode == 143, err
     assert "Traceback" not in err and f"charlstm train --resume {run}" in err
     assert 20 * wanted <= _meta(run)["step"] < STEPS
-    done = subprocess.run(charlstm_cmd("train", "--resume", run, "--no-progress"), capture_output=True,
-                          text=True, env=subprocess_env(), timeout=120)
+    done = subprocess.run(
+        charlstm_cmd("train", "--resume", run, "--no-progress"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     _compare(run, _reference(tmp_path, corpus, STEPS, **settings))
 
@@ -196,15 +224,28 @@ def test_second_ctrl_c_during_the_final_save_does_not_corrupt_it(tmp_path, corpu
     settings = dict(REAL, batching="stream")
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            charlstm_cmd("train", "--text", corpus, "--out", run, *cli_flags(max_steps=STEPS, **settings),
-                         helper=True), stdout=subprocess.DEVNULL, stderr=err, env=env)
+            charlstm_cmd(
+                "train",
+                "--text",
+                corpus,
+                "--out",
+                run,
+                *cli_flags(max_steps=STEPS, **settings),
+                helper=True,
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+        )
     wanted = random.randint(1, 5)
     last = checkpoint_path(run, "last")  # there must be an old checkpoint to keep
     _wait_for(lambda: (_metrics_lines(run) >= wanted and last.is_file()) or proc.poll() is not None)
     proc.send_signal(signal.SIGINT)
     _wait_for(lambda: marker.exists() or proc.poll() is not None)
     assert marker.exists(), log.read_text()
-    before = _meta(run)["step"]  # the previous checkpoint is intact while the new one is half-written
+    before = _meta(run)[
+        "step"
+    ]  # the previous checkpoint is intact while the new one is half-written
     proc.send_signal(signal.SIGINT)
     _wait_for(lambda: "already saving" in log.read_text())
     marker.with_name(marker.name + ".go").touch()
@@ -212,7 +253,12 @@ def test_second_ctrl_c_during_the_final_save_does_not_corrupt_it(tmp_path, corpu
     assert f"charlstm train --resume {run}" in log.read_text()
     after = _meta(run)["step"]
     assert after > before or (after == before and after % 20 == 0)
-    done = subprocess.run(charlstm_cmd("train", "--resume", run, "--no-progress"), capture_output=True,
-                          text=True, env=subprocess_env(), timeout=120)
+    done = subprocess.run(
+        charlstm_cmd("train", "--resume", run, "--no-progress"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     _compare(run, _reference(tmp_path, corpus, STEPS, **settings))

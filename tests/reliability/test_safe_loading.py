@@ -48,7 +48,7 @@ class _CreatesFile:
 
 def _split(data: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8: 8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def _join(header: dict, body: bytes) -> bytes:
@@ -79,11 +79,16 @@ def hostile_files(good: Path, sentinel: Path) -> dict[str, bytes]:
     n = struct.unpack("<Q", data[:8])[0]
     files: dict[str, bytes] = {}
     for proto in range(pickle.HIGHEST_PROTOCOL + 1):
-        files[f"pickle-protocol-{proto}"] = pickle.dumps({"model": _CreatesFile(sentinel)}, protocol=proto)
+        files[f"pickle-protocol-{proto}"] = pickle.dumps(
+            {"model": _CreatesFile(sentinel)}, protocol=proto
+        )
     for zipped in (True, False):
         buf = io.BytesIO()
-        torch.save({"model.fc.weight": torch.zeros(2), "x": _CreatesFile(sentinel)}, buf,
-                   _use_new_zipfile_serialization=zipped)
+        torch.save(
+            {"model.fc.weight": torch.zeros(2), "x": _CreatesFile(sentinel)},
+            buf,
+            _use_new_zipfile_serialization=zipped,
+        )
         files[f"torch-save-{'zip' if zipped else 'legacy'}"] = buf.getvalue()
     for cut in (0, 7, 8, 9, 100, 8 + n - 1, 8 + n, len(data) // 2, len(data) - 1):
         files[f"truncated-at-{cut}"] = data[:cut]
@@ -93,7 +98,9 @@ def hostile_files(good: Path, sentinel: Path) -> dict[str, bytes]:
     files["empty-json-header"] = _join({}, b"")
 
     def wrong_shape(t):
-        t["model.fc.weight"] = torch.zeros(t["model.fc.weight"].shape[0] + 1, t["model.fc.weight"].shape[1])
+        t["model.fc.weight"] = torch.zeros(
+            t["model.fc.weight"].shape[0] + 1, t["model.fc.weight"].shape[1]
+        )
 
     def transposed(t):
         t["model.fc.weight"] = t["model.fc.weight"].T.contiguous()
@@ -101,11 +108,16 @@ def hostile_files(good: Path, sentinel: Path) -> dict[str, bytes]:
     files["wrong-shape-tensor"] = _with_tensors(good, wrong_shape)
     files["transposed-tensor"] = _with_tensors(good, transposed)
     files["integer-tensor"] = _with_tensors(
-        good, lambda t: t.__setitem__("model.fc.bias", t["model.fc.bias"].to(torch.int32)))
+        good, lambda t: t.__setitem__("model.fc.bias", t["model.fc.bias"].to(torch.int32))
+    )
     files["nan-weights"] = _with_tensors(
-        good, lambda t: t.__setitem__("model.fc.bias", torch.full_like(t["model.fc.bias"], float("nan"))))
+        good,
+        lambda t: t.__setitem__("model.fc.bias", torch.full_like(t["model.fc.bias"], float("nan"))),
+    )
     files["missing-tensor"] = _with_tensors(good, lambda t: t.pop("model.fc.bias"))
-    files["extra-model-tensor"] = _with_tensors(good, lambda t: t.__setitem__("model.spy", torch.zeros(1)))
+    files["extra-model-tensor"] = _with_tensors(
+        good, lambda t: t.__setitem__("model.spy", torch.zeros(1))
+    )
     files["plain-safetensors"] = st_save({"w": torch.zeros(3)})
 
     def set_key(key, value):
@@ -118,8 +130,12 @@ def hostile_files(good: Path, sentinel: Path) -> dict[str, bytes]:
     files["foreign-format-tag"] = _with_meta(data, set_key("format", "something-else"))
     files["vocab-size-mismatch"] = _with_meta(data, lambda m: m["vocab"].append("\u2603"))
     files["repeated-vocab"] = _with_meta(data, lambda m: m["vocab"].__setitem__(1, m["vocab"][0]))
-    files["lone-surrogate-in-vocab"] = _with_meta(data, lambda m: m["vocab"].__setitem__(0, "\ud800"))
-    files["empty-vocab"] = _with_meta(data, lambda m: (m.__setitem__("vocab", []), set_model("vocab_size", 0)(m)))
+    files["lone-surrogate-in-vocab"] = _with_meta(
+        data, lambda m: m["vocab"].__setitem__(0, "\ud800")
+    )
+    files["empty-vocab"] = _with_meta(
+        data, lambda m: (m.__setitem__("vocab", []), set_model("vocab_size", 0)(m))
+    )
     files["million-layers"] = _with_meta(data, set_model("num_layers", 10**7))
     files["huge-hidden-size"] = _with_meta(data, set_model("hidden_size", 10**12))
     files["unknown-cell"] = _with_meta(data, set_model("cell", "transformer"))
@@ -130,9 +146,11 @@ def hostile_files(good: Path, sentinel: Path) -> dict[str, bytes]:
     files["metadata-not-json"] = _join({**header, "__metadata__": {"charlstm": "{not json"}}, body)
     files["metadata-not-a-string"] = _join({**header, "__metadata__": {"charlstm": 5}}, body)
     files["string-offsets"] = _join(
-        {**header, "model.fc.bias": {**header["model.fc.bias"], "data_offsets": ["0", "x"]}}, body)
+        {**header, "model.fc.bias": {**header["model.fc.bias"], "data_offsets": ["0", "x"]}}, body
+    )
     files["offsets-past-the-end"] = _join(
-        {**header, "model.fc.bias": {**header["model.fc.bias"], "data_offsets": [0, 10**15]}}, body)
+        {**header, "model.fc.bias": {**header["model.fc.bias"], "data_offsets": [0, 10**15]}}, body
+    )
     files["deeply-nested-header"] = struct.pack("<Q", 200_002) + b"[" * 100_001 + b"]" * 100_001
     nested = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     files["deeply-nested-object"] = struct.pack("<Q", len(nested)) + nested
@@ -160,11 +178,15 @@ def _doors(run: Path, corpus: Path) -> dict[str, object]:
         "charlstm.load": lambda: charlstm.load(run, device="cpu"),
         "generate": lambda: cli("generate", run, "--length", "5", "--device", "cpu"),
         "evaluate": lambda: cli("evaluate", run, "--text", corpus, "--json"),
-        "train --resume": lambda: cli("train", "--resume", run, "--max-steps", "99", "--no-progress"),
+        "train --resume": lambda: cli(
+            "train", "--resume", run, "--max-steps", "99", "--no-progress"
+        ),
     }
 
 
-def test_hostile_checkpoints_are_refused_and_never_executed(tmp_path, good_checkpoint, corpus) -> None:
+def test_hostile_checkpoints_are_refused_and_never_executed(
+    tmp_path, good_checkpoint, corpus
+) -> None:
     """Pickles and torch.save files (whose loading would create a file), truncated files, wrong
     shapes, huge headers and malformed metadata: every door refuses each in one line, and the
     file the pickles would create never appears."""
@@ -199,8 +221,9 @@ def test_hostile_checkpoints_are_refused_and_never_executed(tmp_path, good_check
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("layout", ["missing", "empty", "unrelated-files", "empty-checkpoint-folders",
-                                    "text-file"])
+@pytest.mark.parametrize(
+    "layout", ["missing", "empty", "unrelated-files", "empty-checkpoint-folders", "text-file"]
+)
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path, corpus, layout) -> None:
     """A missing path, an empty folder, a folder of other files, best/ and last/ without checkpoint
     files, or a text file given as the run: one-line errors from every door, never a traceback."""
@@ -231,7 +254,9 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, corpus, layout) -> None
         TALLY.record("hostile", ok)
 
 
-def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(tmp_path, trained_run, corpus) -> None:
+def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(
+    tmp_path, trained_run, corpus
+) -> None:
     """The weights and schema may be fine while the training state inside last/ is damaged (a
     wrong-shape Adam moment or hidden state, counters of the wrong type): resuming must refuse it
     with one line before any step runs, and never crash mid-training."""
@@ -247,12 +272,18 @@ def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(tmp_path, trained
     cases = {
         "optimizer-moment-shape": _with_tensors(good, optim_shape),
         "hidden-state-shape": _with_tensors(good, hidden_shape),
-        "rng-state": _with_tensors(good, lambda t: t.__setitem__("rng.torch", torch.zeros(3, dtype=torch.uint8))),
-        "counters-wrong-type": _with_meta(good.read_bytes(),
-                                          lambda m: m["resume"]["counters"].__setitem__("step", "five")),
-        "counters-unknown-key": _with_meta(good.read_bytes(),
-                                           lambda m: m["resume"]["counters"].__setitem__("spy", 1)),
-        "batcher-state": _with_meta(good.read_bytes(), lambda m: m["resume"].__setitem__("batcher", {})),
+        "rng-state": _with_tensors(
+            good, lambda t: t.__setitem__("rng.torch", torch.zeros(3, dtype=torch.uint8))
+        ),
+        "counters-wrong-type": _with_meta(
+            good.read_bytes(), lambda m: m["resume"]["counters"].__setitem__("step", "five")
+        ),
+        "counters-unknown-key": _with_meta(
+            good.read_bytes(), lambda m: m["resume"]["counters"].__setitem__("spy", 1)
+        ),
+        "batcher-state": _with_meta(
+            good.read_bytes(), lambda m: m["resume"].__setitem__("batcher", {})
+        ),
         "no-resume-state": _with_meta(good.read_bytes(), lambda m: m.pop("resume")),
     }
     failures = []
@@ -263,8 +294,13 @@ def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(tmp_path, trained
         before = checkpoint_path(run, "last").read_bytes()
         ok = False
         try:
-            train(resume_config(run, {"max_steps": 40}), run, resume=True, progress=False,
-                  log=lambda m: None)
+            train(
+                resume_config(run, {"max_steps": 40}),
+                run,
+                resume=True,
+                progress=False,
+                log=lambda m: None,
+            )
             failures.append(f"{name}: resumed from damaged state")
         except UserError as exc:
             ok = "\n" not in str(exc)
@@ -278,13 +314,21 @@ def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(tmp_path, trained
 # ---------------------------------------------------------------------------------------- fuzzing
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzzed_checkpoints_load_or_are_refused(tmp_path, good_checkpoint, data) -> None:
     """A real checkpoint with random damage (metadata values replaced, header bytes flipped, tensor
@@ -292,7 +336,9 @@ def test_fuzzed_checkpoints_load_or_are_refused(tmp_path, good_checkpoint, data)
     `CheckpointError`; no other exception ever escapes `read_checkpoint`."""
     raw = good_checkpoint.read_bytes()
     header, body = _split(raw)
-    how = data.draw(st.sampled_from(["meta", "model-meta", "resume", "header-bytes", "entry", "cut"]))
+    how = data.draw(
+        st.sampled_from(["meta", "model-meta", "resume", "header-bytes", "entry", "cut"])
+    )
     if how in ("meta", "model-meta", "resume"):
         meta = json.loads(header["__metadata__"]["charlstm"])
         target = meta if how == "meta" else meta["model"] if how == "model-meta" else meta["resume"]
@@ -333,10 +379,16 @@ def test_fuzzed_checkpoints_load_or_are_refused(tmp_path, good_checkpoint, data)
     assert ok
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(["counters", "optimizer", "plateau", "batcher", "threads"]),
-       value=json_values)
-def test_fuzzed_resume_state_resumes_or_is_refused(tmp_path_factory, trained_run, key, value) -> None:
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key=st.sampled_from(["counters", "optimizer", "plateau", "batcher", "threads"]),
+    value=json_values,
+)
+def test_fuzzed_resume_state_resumes_or_is_refused(
+    tmp_path_factory, trained_run, key, value
+) -> None:
     """The training state of last/ replaced by random JSON: `--resume` either trains on or refuses
     with a `UserError`, before touching the checkpoint; it never crashes."""
     run = tmp_path_factory.mktemp("fuzz-resume") / "run"
@@ -345,7 +397,13 @@ def test_fuzzed_resume_state_resumes_or_is_refused(tmp_path_factory, trained_run
     path.write_bytes(_with_meta(path.read_bytes(), lambda m: m["resume"].__setitem__(key, value)))
     ok = valid = False
     try:
-        train(resume_config(run, {"max_steps": 32}), run, resume=True, progress=False, log=lambda m: None)
+        train(
+            resume_config(run, {"max_steps": 32}),
+            run,
+            resume=True,
+            progress=False,
+            log=lambda m: None,
+        )
         ok = valid = True
     except UserError as exc:
         ok = "\n" not in str(exc)

@@ -156,9 +156,7 @@ class CorpusIndex:
             levels.pop()
         return levels
 
-    def _lcp(
-        self, blocks: list[np.ndarray], i: np.ndarray, j: np.ndarray, m: int
-    ) -> np.ndarray:
+    def _lcp(self, blocks: list[np.ndarray], i: np.ndarray, j: np.ndarray, m: int) -> np.ndarray:
         """Length of the common prefix of generated suffixes ``i`` and corpus suffixes ``j``."""
         n = self._n
         top = len(self._ranks) - 1
@@ -290,9 +288,7 @@ def _novel_share(index: CorpusIndex, generated: str, n: int) -> float | None:
     return _share(sum(gram not in known for gram in grams), len(grams))
 
 
-def _reproduced_lines(
-    index: CorpusIndex, generated: str, min_line_len: int
-) -> tuple[int, int]:
+def _reproduced_lines(index: CorpusIndex, generated: str, min_line_len: int) -> tuple[int, int]:
     """(lines considered, lines equal to a training line); short lines are skipped as trivial."""
     # Lines such as "ROMEO:" or "And so" recur in any corpus; only long lines say "memorised".
     candidates = [s for line in generated.split("\n") if len(s := line.strip()) >= min_line_len]
@@ -324,9 +320,7 @@ def memorisation_report(
         start = length = 0
     if length == 0:
         start = 0
-    coverage = {
-        int(k): (float(_covered(ms, k).mean()) if len(ms) else None) for k in ks
-    }
+    coverage = {int(k): (float(_covered(ms, k).mean()) if len(ms) else None) for k in ks}
     span_min_len = int(max(ks))
     considered, reproduced = _reproduced_lines(index, generated, min_line_len)
     return MemorisationReport(

@@ -45,10 +45,16 @@ def loss_curves(analysis: dict[str, Any]) -> bytes | None:
         if train:
             ax.plot([r[x] for r in train], [r["train_loss"] for r in train], label="training")
         ax.plot([r[x] for r in val], [r["val_loss"] for r in val], marker=".", label="validation")
-        ax.plot([best[x]], [best["val_loss"]], "o", color="C3",
-                label=f"best {best['val_loss']:.3f}")
-        ax.axhline(analysis["uniform_loss"], color="grey", ls="--", lw=1,
-                   label=f"uniform guess {analysis['uniform_loss']:.2f}")
+        ax.plot(
+            [best[x]], [best["val_loss"]], "o", color="C3", label=f"best {best['val_loss']:.3f}"
+        )
+        ax.axhline(
+            analysis["uniform_loss"],
+            color="grey",
+            ls="--",
+            lw=1,
+            label=f"uniform guess {analysis['uniform_loss']:.2f}",
+        )
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss, nats/char")
@@ -59,8 +65,9 @@ def loss_curves(analysis: dict[str, Any]) -> bytes | None:
 
 def learning_rate(analysis: dict[str, Any]) -> bytes | None:
     """The learning rate at each evaluation, on a log scale."""
-    records = [r for r in analysis["metrics"]
-               if isinstance(r.get("lr"), int | float) and r["lr"] > 0]
+    records = [
+        r for r in analysis["metrics"] if isinstance(r.get("lr"), int | float) and r["lr"] > 0
+    ]
     if not records:
         return None
     fig = Figure(figsize=(6, 3), layout="constrained")
@@ -99,8 +106,14 @@ def temperature_sweep(analysis: dict[str, Any]) -> bytes | None:
     longest = [max(r["memorisation"]["longest_copy_length"], 1) for r in results]
     ax2.plot(temps, longest, marker="o")
     for t, n in zip(temps, longest, strict=True):
-        ax2.annotate(f"{n:,}", (t, n), textcoords="offset points", xytext=(0, 6), ha="center",
-                     fontsize="small")
+        ax2.annotate(
+            f"{n:,}",
+            (t, n),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize="small",
+        )
     ax2.set_yscale("log")  # from a few characters (novel) to thousands (recited)
     ax2.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax2.yaxis.set_major_formatter(ScalarFormatter())
@@ -108,10 +121,18 @@ def temperature_sweep(analysis: dict[str, Any]) -> bytes | None:
     ax2.margins(y=0.15)  # room for the labels above the points
     ax2.set_ylabel("characters")
     ax2.set_title("longest copy")
-    ax3.plot(temps, [r["distance"]["structure_distance"] for r in results], marker="o",
-             label="structure (lines, stanzas, endings)")
-    ax3.plot(temps, [r["distance"]["char_freq_tv"] for r in results], marker="s",
-             label="character frequencies")
+    ax3.plot(
+        temps,
+        [r["distance"]["structure_distance"] for r in results],
+        marker="o",
+        label="structure (lines, stanzas, endings)",
+    )
+    ax3.plot(
+        temps,
+        [r["distance"]["char_freq_tv"] for r in results],
+        marker="s",
+        label="character frequencies",
+    )
     ax3.set_ylim(bottom=0)
     ax3.set_ylabel("distance from training text")
     ax3.set_title("shape")
@@ -132,12 +153,19 @@ def _binned(hist: dict[int, int], width: int, top: int) -> dict[int, float]:
     return out
 
 
-def _histogram_panel(ax, training: dict, results: list[dict[str, Any]], key: str, width: int,
-                     top: int, xlabel: str) -> None:
+def _histogram_panel(
+    ax, training: dict, results: list[dict[str, Any]], key: str, width: int, top: int, xlabel: str
+) -> None:
     train = _binned(_int_keys(training[key]), width, top) if training[key] else {}
     if train:
-        ax.bar(list(train), list(train.values()), width=width, align="edge", color="0.75",
-               label="training")
+        ax.bar(
+            list(train),
+            list(train.values()),
+            width=width,
+            align="edge",
+            color="0.75",
+            label="training",
+        )
     for i, r in enumerate(results):
         hist = _int_keys(r["structure"][key])
         if not hist:
@@ -146,8 +174,13 @@ def _histogram_panel(ax, training: dict, results: list[dict[str, Any]], key: str
         xs = list(range(0, top + width, width))
         ys = [gen.get(x, 0.0) for x in xs]
         t = r["temperature"]
-        ax.step(xs + [xs[-1] + width], ys + [ys[-1]], where="post", color=f"C{i}",
-                label=r["source"] if t is None else f"T = {t:g}")
+        ax.step(
+            xs + [xs[-1] + width],
+            ys + [ys[-1]],
+            where="post",
+            color=f"C{i}",
+            label=r["source"] if t is None else f"T = {t:g}",
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("share")
     ax.grid(alpha=0.3)
@@ -159,10 +192,24 @@ def length_histograms(analysis: dict[str, Any]) -> bytes:
     fig = Figure(figsize=(12, 3.8), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     training, results = analysis["training_structure"], analysis["results"]
-    _histogram_panel(ax1, training, results, "line_chars", LINE_CHAR_BIN, LINE_CHAR_MAX,
-                     f"line length, characters (last bar: ≥ {LINE_CHAR_MAX})")
-    _histogram_panel(ax2, training, results, "stanza_lines", 1, STANZA_MAX,
-                     f"stanza length, lines (last bar: ≥ {STANZA_MAX})")
+    _histogram_panel(
+        ax1,
+        training,
+        results,
+        "line_chars",
+        LINE_CHAR_BIN,
+        LINE_CHAR_MAX,
+        f"line length, characters (last bar: ≥ {LINE_CHAR_MAX})",
+    )
+    _histogram_panel(
+        ax2,
+        training,
+        results,
+        "stanza_lines",
+        1,
+        STANZA_MAX,
+        f"stanza length, lines (last bar: ≥ {STANZA_MAX})",
+    )
     return _png(fig)
 
 

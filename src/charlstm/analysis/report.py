@@ -84,15 +84,26 @@ def _analyse_text(index, train_stats, text: str, excerpt: str) -> dict[str, Any]
         "memorisation": memo,
         "structure": stats.to_dict(),
         "distance": structure_distance(stats, train_stats),
-        "excerpt": {"text": excerpt, "copied_spans": [
-            list(span) for span in copied_spans(index, excerpt, HIGHLIGHT_LENGTH)]},
+        "excerpt": {
+            "text": excerpt,
+            "copied_spans": [list(span) for span in copied_spans(index, excerpt, HIGHLIGHT_LENGTH)],
+        },
     }
 
 
-def analyze_run(run: str | Path, *, samples: int = 8, length: int = 1000,
-                temperatures: Sequence[float] = DEFAULT_TEMPERATURES, text: str | None = None,
-                text_label: str = "given text", seed: int = 0, which: str = "last",
-                device: str = "auto", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def analyze_run(
+    run: str | Path,
+    *,
+    samples: int = 8,
+    length: int = 1000,
+    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+    text: str | None = None,
+    text_label: str = "given text",
+    seed: int = 0,
+    which: str = "last",
+    device: str = "auto",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Compare what RUN generates (or `text`) with RUN's training text; a JSON-ready dict.
 
     Without `text`, for each temperature `samples` texts of `length` characters are generated
@@ -123,8 +134,9 @@ def analyze_run(run: str | Path, *, samples: int = 8, length: int = 1000,
 
     validation = None
     if len(data.val_ids) >= 2:
-        loss = evaluate_ids(model.model, data.val_ids, n_streams=config.train.eval_streams,
-                            device=model.device)
+        loss = evaluate_ids(
+            model.model, data.val_ids, n_streams=config.train.eval_streams, device=model.device
+        )
         validation = {**loss_metrics(loss), "characters": len(data.val_ids)}
     clock["validation"] = time.perf_counter()
 
@@ -135,8 +147,13 @@ def analyze_run(run: str | Path, *, samples: int = 8, length: int = 1000,
     results = []
     generation_s = 0.0
     if text is not None:
-        results.append({"temperature": None, "source": text_label,
-                        **_analyse_text(index, train_stats, text, text[:SAMPLE_CHARS])})
+        results.append(
+            {
+                "temperature": None,
+                "source": text_label,
+                **_analyse_text(index, train_stats, text, text[:SAMPLE_CHARS]),
+            }
+        )
     else:
         start = "\n" if "\n" in model.vocab else model.vocab.chars[0]
         for t in temperatures:
@@ -144,37 +161,57 @@ def analyze_run(run: str | Path, *, samples: int = 8, length: int = 1000,
             with torch.inference_mode():
                 texts = model.generate(start, length, t, num_samples=samples, seed=seed)
             generation_s += time.perf_counter() - t0
-            texts = [s[len(start):] for s in texts]  # analyse what the model wrote, not the prompt
+            texts = [s[len(start) :] for s in texts]  # analyse what the model wrote, not the prompt
             log(f"temperature {t:g}: {samples} × {length} characters generated")
-            results.append({"temperature": float(t), "source": "generated",
-                            **_analyse_text(index, train_stats, "\n\n".join(texts),
-                                            texts[0][:SAMPLE_CHARS])})
+            results.append(
+                {
+                    "temperature": float(t),
+                    "source": "generated",
+                    **_analyse_text(
+                        index, train_stats, "\n\n".join(texts), texts[0][:SAMPLE_CHARS]
+                    ),
+                }
+            )
     end = time.perf_counter()
 
     records = RunFolder(run_dir).read_metrics() if run_dir else []
     return {
         "run": str(run_dir or ckpt),
         "name": model.name,
-        "checkpoint": {"which": ckpt.parent.name if run_dir else None, "path": str(ckpt),
-                       "step": model.meta.get("step")},
-        "corpus": {"source": data.source, "training_chars": len(data.train_text),
-                   "validation_chars": len(data.val_ids), "vocabulary": len(model.vocab)},
+        "checkpoint": {
+            "which": ckpt.parent.name if run_dir else None,
+            "path": str(ckpt),
+            "step": model.meta.get("step"),
+        },
+        "corpus": {
+            "source": data.source,
+            "training_chars": len(data.train_text),
+            "validation_chars": len(data.val_ids),
+            "vocabulary": len(model.vocab),
+        },
         "validation": validation,
         "uniform_loss": math.log(len(model.vocab)),  # a model that learned nothing
         "history": _history(records),
         "metrics": records,
-        "settings": {"samples": samples, "length": length,
-                     "temperatures": list(map(float, temperatures)), "seed": seed,
-                     "copy_lengths": list(COPY_LENGTHS), "highlight_length": HIGHLIGHT_LENGTH,
-                     "text": None if text is None else text_label},
+        "settings": {
+            "samples": samples,
+            "length": length,
+            "temperatures": list(map(float, temperatures)),
+            "seed": seed,
+            "copy_lengths": list(COPY_LENGTHS),
+            "highlight_length": HIGHLIGHT_LENGTH,
+            "text": None if text is None else text_label,
+        },
         "config": model.meta["config"],
         "training_structure": train_stats.to_dict(),
         "results": results,
-        "seconds": {"validation": clock["validation"] - clock["start"],
-                    "index": clock["index"] - clock["validation"],
-                    "generation": generation_s,
-                    "analysis": end - clock["index"] - generation_s,
-                    "total": end - clock["start"]},
+        "seconds": {
+            "validation": clock["validation"] - clock["start"],
+            "index": clock["index"] - clock["validation"],
+            "generation": generation_s,
+            "analysis": end - clock["index"] - generation_s,
+            "total": end - clock["start"],
+        },
     }
 
 
@@ -202,18 +239,31 @@ def _label(result: dict[str, Any]) -> str:
 def memorisation_table(analysis: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: copies, coverage, novelty and structure distance for each result."""
     ks = analysis["settings"]["copy_lengths"]
-    header = ["text", "characters", "longest copy", *(f"copied ≥ {k}" for k in ks),
-              "novel 3-grams", "novel 4-grams", "lines reproduced", "structure distance"]
+    header = [
+        "text",
+        "characters",
+        "longest copy",
+        *(f"copied ≥ {k}" for k in ks),
+        "novel 3-grams",
+        "novel 4-grams",
+        "lines reproduced",
+        "structure distance",
+    ]
     rows = []
     for r in analysis["results"]:
         m = r["memorisation"]
-        rows.append([
-            _label(r), f"{r['chars']:,}", f"{m['longest_copy_length']:,}",
-            *(_pct(_at(m["coverage"], k)) for k in ks),
-            _pct(_at(m["novel_ngram_share"], 3)), _pct(_at(m["novel_ngram_share"], 4)),
-            f"{m['lines_reproduced']}/{m['lines_considered']}",
-            _num(r["distance"]["structure_distance"]),
-        ])
+        rows.append(
+            [
+                _label(r),
+                f"{r['chars']:,}",
+                f"{m['longest_copy_length']:,}",
+                *(_pct(_at(m["coverage"], k)) for k in ks),
+                _pct(_at(m["novel_ngram_share"], 3)),
+                _pct(_at(m["novel_ngram_share"], 4)),
+                f"{m['lines_reproduced']}/{m['lines_considered']}",
+                _num(r["distance"]["structure_distance"]),
+            ]
+        )
     return header, rows
 
 
@@ -236,8 +286,13 @@ def structure_table(analysis: dict[str, Any]) -> tuple[list[str], list[list[str]
     for title, key, digits in STRUCTURE_ROWS:
         fmt = _pct if digits is None else (lambda x, d=digits: _num(x, d))
         rows.append([title, fmt(train[key]), *(fmt(r["structure"][key]) for r in results)])
-    rows.append(["character frequencies, distance", "0", *(_num(r["distance"]["char_freq_tv"])
-                                                          for r in results)])
+    rows.append(
+        [
+            "character frequencies, distance",
+            "0",
+            *(_num(r["distance"]["char_freq_tv"]) for r in results),
+        ]
+    )
     return header, rows
 
 
@@ -248,20 +303,44 @@ def validation_rows(analysis: dict[str, Any]) -> list[list[str]]:
     ck = analysis["checkpoint"]
     if v is not None:
         where = f"{ck['which']}/ checkpoint" if ck["which"] else "this checkpoint"
-        rows.append([f"{where}, step {ck['step']}", _num(v["loss"]), _num(v["bits_per_char"]),
-                     _num(v["perplexity"], 1)])
+        rows.append(
+            [
+                f"{where}, step {ck['step']}",
+                _num(v["loss"]),
+                _num(v["bits_per_char"]),
+                _num(v["perplexity"], 1),
+            ]
+        )
     h = analysis["history"]
     if h is not None:
         best = h["best_val_loss"]
-        rows.append([f"best during training, step {h['best_step']}", _num(best),
-                     _num(best / math.log(2)), _num(math.exp(min(best, 700)), 1)])
+        rows.append(
+            [
+                f"best during training, step {h['best_step']}",
+                _num(best),
+                _num(best / math.log(2)),
+                _num(math.exp(min(best, 700)), 1),
+            ]
+        )
         if h["last_train_loss"] is not None:
             tl = h["last_train_loss"]
-            rows.append(["training loss, last evaluation window", _num(tl), _num(tl / math.log(2)),
-                         _num(math.exp(min(tl, 700)), 1)])
+            rows.append(
+                [
+                    "training loss, last evaluation window",
+                    _num(tl),
+                    _num(tl / math.log(2)),
+                    _num(math.exp(min(tl, 700)), 1),
+                ]
+            )
     u = analysis["uniform_loss"]
-    rows.append([f"uniform guess over {analysis['corpus']['vocabulary']} characters", _num(u),
-                 _num(u / math.log(2)), _num(math.exp(u), 1)])
+    rows.append(
+        [
+            f"uniform guess over {analysis['corpus']['vocabulary']} characters",
+            _num(u),
+            _num(u / math.log(2)),
+            _num(math.exp(u), 1),
+        ]
+    )
     return rows
 
 
@@ -280,16 +359,21 @@ def _text_table(header: list[str], rows: list[list[str]]) -> str:
 def format_table(analysis: dict[str, Any]) -> str:
     """The analysis as plain-text tables for the terminal."""
     c = analysis["corpus"]
-    parts = [(f"{analysis['run']} ({analysis['checkpoint']['which'] or 'checkpoint'}, step "
-             f"{analysis['checkpoint']['step']}) against {c['source']}: {c['training_chars']:,} "
-             f"training characters"),
-             "",
-             _text_table(["validation", "loss (nats/char)", "bits/char", "perplexity"],
-                         validation_rows(analysis)),
-             "",
-             _text_table(*memorisation_table(analysis)),
-             "",
-             _text_table(*structure_table(analysis))]
+    parts = [
+        (
+            f"{analysis['run']} ({analysis['checkpoint']['which'] or 'checkpoint'}, step "
+            f"{analysis['checkpoint']['step']}) against {c['source']}: {c['training_chars']:,} "
+            f"training characters"
+        ),
+        "",
+        _text_table(
+            ["validation", "loss (nats/char)", "bits/char", "perplexity"], validation_rows(analysis)
+        ),
+        "",
+        _text_table(*memorisation_table(analysis)),
+        "",
+        _text_table(*structure_table(analysis)),
+    ]
     return "\n".join(parts)
 
 
@@ -314,15 +398,23 @@ DEFINITIONS = (
 def _blocks(analysis: dict[str, Any], images: Sequence[str]) -> list[tuple]:
     c, ck, s = analysis["corpus"], analysis["checkpoint"], analysis["settings"]
     results = analysis["results"]
-    what = (f"the text {s['text']}" if s["text"] else
-            f"{s['samples']} samples of {s['length']:,} characters at each temperature "
-            f"(seed {s['seed']})")
+    what = (
+        f"the text {s['text']}"
+        if s["text"]
+        else f"{s['samples']} samples of {s['length']:,} characters at each temperature "
+        f"(seed {s['seed']})"
+    )
     blocks: list[tuple] = [
         ("h", 1, f"What {analysis['name']} learned"),
-        ("p", (f"Run {analysis['run']}, {ck['which'] or 'checkpoint'} at step {ck['step']}, "
-              f"trained on {c['source']} ({c['training_chars']:,} training and "
-              f"{c['validation_chars']:,} validation characters, {c['vocabulary']} distinct). "
-              f"Analysed: {what}.")),
+        (
+            "p",
+            (
+                f"Run {analysis['run']}, {ck['which'] or 'checkpoint'} at step {ck['step']}, "
+                f"trained on {c['source']} ({c['training_chars']:,} training and "
+                f"{c['validation_chars']:,} validation characters, {c['vocabulary']} distinct). "
+                f"Analysed: {what}."
+            ),
+        ),
         ("h", 2, "Validation"),
         ("table", ["", "loss (nats/char)", "bits/char", "perplexity"], validation_rows(analysis)),
         ("h", 2, "Memorisation and novelty"),
@@ -341,8 +433,7 @@ def _blocks(analysis: dict[str, Any], images: Sequence[str]) -> list[tuple]:
         blocks += [("img", name, captions[name]) for name in images]
     shown = _shown_results(results)
     if shown:
-        blocks.append(("h", 2,
-                       f"Samples (copies of ≥ {HIGHLIGHT_LENGTH} characters highlighted)"))
+        blocks.append(("h", 2, f"Samples (copies of ≥ {HIGHLIGHT_LENGTH} characters highlighted)"))
         for r in shown:
             e = r["excerpt"]
             copied = sum(b - a for a, b in e["copied_spans"])
@@ -376,7 +467,7 @@ def _md_line(line: str, marks: list[bool]) -> str:
         piece = line[i:j]
         if marks[i] and piece.strip():
             lead = piece[: len(piece) - len(piece.lstrip())]
-            trail = piece[len(piece.rstrip()):]
+            trail = piece[len(piece.rstrip()) :]
             out.append(f"{lead}**{_md_escape(piece.strip())}**{trail}")
         else:
             out.append(_md_escape(piece))
@@ -399,7 +490,7 @@ def _md_sample(text: str, spans: Sequence[Sequence[int]]) -> str:
         stripped = line.strip()
         if stripped:
             lead = len(line) - len(line.lstrip())
-            lines.append(_md_line(stripped, marks[pos + lead: pos + lead + len(stripped)]))
+            lines.append(_md_line(stripped, marks[pos + lead : pos + lead + len(stripped)]))
         elif lines:
             stanzas.append(lines)
             lines = []
@@ -469,20 +560,28 @@ def render_html(analysis: dict[str, Any], images: dict[str, bytes]) -> str:
             body.append(f"<p>{html.escape(block[1])}</p>")
         elif kind == "table":
             head = "".join(f"<th>{html.escape(c)}</th>" for c in block[1])
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                           for row in block[2])
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                for row in block[2]
+            )
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif kind == "img":
             data = base64.b64encode(images[block[1]]).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(block[2])}" '
-                        f'src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+            body.append(
+                f'<figure><img alt="{html.escape(block[2])}" '
+                f'src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(block[2])}</figcaption></figure>"
+            )
         elif kind == "sample":
-            body.append(f"<h3>{html.escape(block[1])}</h3>"
-                        f'<pre class="sample">{_html_sample(block[2], block[3])}</pre>')
+            body.append(
+                f"<h3>{html.escape(block[1])}</h3>"
+                f'<pre class="sample">{_html_sample(block[2], block[3])}</pre>'
+            )
     title = html.escape(f"What {analysis['name']} learned")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_report(analysis: dict[str, Any], out: str | Path) -> dict[str, Path]:
@@ -509,8 +608,10 @@ def write_report(analysis: dict[str, Any], out: str | Path) -> dict[str, Path]:
         paths["html"] = out / "report.html"
         atomic_write_text(paths["html"], render_html(analysis, images))
     except OSError as exc:
-        raise UserError(f"could not write the report into {str(out)!r} ({exc.strerror or exc}); "
-                        "choose a folder you can write to with --out") from None
+        raise UserError(
+            f"could not write the report into {str(out)!r} ({exc.strerror or exc}); "
+            "choose a folder you can write to with --out"
+        ) from None
     return paths
 
 
@@ -527,8 +628,10 @@ def report_folder(run: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run)
     if run.is_file():
         if run_dir_of(run) is None:
-            raise UserError(f"{str(run)!r} is a checkpoint file, not a run folder; say where the "
-                            "report goes with --out")
+            raise UserError(
+                f"{str(run)!r} is a checkpoint file, not a run folder; say where the "
+                "report goes with --out"
+            )
         return run.parent.parent
     return run
 

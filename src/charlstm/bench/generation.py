@@ -36,8 +36,9 @@ def random_model(vocab_size: int = LAB_VOCAB, seed: int = 0, **sizes: int) -> Te
     """A randomly initialised model (the speed does not depend on training) and a vocabulary of
     letters, space and newline."""
     torch.manual_seed(seed)
-    config = ModelConfig(**{**LAB_MODEL, **sizes}, dropout=0.0, embedding_dropout=0.0,
-                         vocab_size=vocab_size)
+    config = ModelConfig(
+        **{**LAB_MODEL, **sizes}, dropout=0.0, embedding_dropout=0.0, vocab_size=vocab_size
+    )
     alphabet = " \n" + "".join(chr(c) for c in range(0x430, 0x450)) + "abcdefghijklmnopqrstuvwxyz"
     alphabet += "".join(chr(c) for c in range(0x3B1, 0x3B1 + max(0, vocab_size - len(alphabet))))
     vocab = Vocabulary(tuple(alphabet[:vocab_size]))
@@ -45,8 +46,9 @@ def random_model(vocab_size: int = LAB_VOCAB, seed: int = 0, **sizes: int) -> Te
 
 
 @torch.inference_mode()
-def lab_loop(model: torch.nn.Module, start: list[int], n: int, temperature: float,
-             seed: int = 0) -> tuple[list[int], float, float]:
+def lab_loop(
+    model: torch.nn.Module, start: list[int], n: int, temperature: float, seed: int = 0
+) -> tuple[list[int], float, float]:
     """The lab's generation loop; returns (ids, seconds, seconds to the first character)."""
     rng = np.random.default_rng(seed)
     V = model.fc.out_features
@@ -63,16 +65,29 @@ def lab_loop(model: torch.nn.Module, start: list[int], n: int, temperature: floa
     return out, time.perf_counter() - t0, first
 
 
-def library(model: TextModel, streams: int, length: int, temperature: float, fast: bool | None = None,
-            start: str = " ") -> tuple[float, float]:
+def library(
+    model: TextModel,
+    streams: int,
+    length: int,
+    temperature: float,
+    fast: bool | None = None,
+    start: str = " ",
+) -> tuple[float, float]:
     """(seconds, CPU seconds of all the process's threads) for `streams` samples of `length`
     characters through `generate_stream`."""
     prompts = [model.vocab.encode(start)] * streams
     params = SamplingParams(temperature)
     t0, c0 = time.perf_counter(), time.process_time()
     drawn = 0
-    for outputs in generate_stream(model.model, prompts, length, params, stream_seeds(1, streams),
-                                   model.vocab.decode, fast=fast):
+    for outputs in generate_stream(
+        model.model,
+        prompts,
+        length,
+        params,
+        stream_seeds(1, streams),
+        model.vocab.decode,
+        fast=fast,
+    ):
         drawn += sum(o.drawn for o in outputs.values())
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert drawn == streams * length
@@ -105,22 +120,39 @@ def _best(fn, repeats: int):
     return min((fn() for _ in range(repeats)), key=lambda r: r[0] if isinstance(r, tuple) else r)
 
 
-def run(model: TextModel | None = None, *, temperature: float = 0.5, lab_chars: int = 3000,
-        single_chars: int = 100_000, batch_chars: int = 400_000, streams: tuple[int, ...] = (1, 16, 256),
-        start_chars: int = 1000, repeats: int = 3, big: bool = True,
-        log=print) -> dict[str, Any]:
+def run(
+    model: TextModel | None = None,
+    *,
+    temperature: float = 0.5,
+    lab_chars: int = 3000,
+    single_chars: int = 100_000,
+    batch_chars: int = 400_000,
+    streams: tuple[int, ...] = (1, 16, 256),
+    start_chars: int = 1000,
+    repeats: int = 3,
+    big: bool = True,
+    log=print,
+) -> dict[str, Any]:
     """Time everything; `log` gets the table lines. Returns the figures (chars/s, seconds)."""
     source = model.path.as_posix() if model is not None else "random lab-sized model"
     model = model or random_model()
     m = model.model
     V, H, L = m.fc.out_features, m.config.hidden_size, m.config.num_layers
     result: dict[str, Any] = {
-        "model": source, "cell": m.config.cell, "hidden_size": H, "num_layers": L,
-        "embedding_size": m.config.embedding_size, "vocab_size": V, "temperature": temperature,
-        "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2),
+        "model": source,
+        "cell": m.config.cell,
+        "hidden_size": H,
+        "num_layers": L,
+        "embedding_size": m.config.embedding_size,
+        "vocab_size": V,
+        "temperature": temperature,
+        "threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[0], 2),
     }
-    log(f"model: {source} ({L} × {H} {m.config.cell}, vocabulary {V}); temperature {temperature}; "
-        f"{torch.get_num_threads()} threads; load average {result['load_average']}")
+    log(
+        f"model: {source} ({L} × {H} {m.config.cell}, vocabulary {V}); temperature {temperature}; "
+        f"{torch.get_num_threads()} threads; load average {result['load_average']}"
+    )
 
     # The compiled kernels load from numba's cache (or compile on the first run ever): that cost
     # is paid once per process, so it is reported apart and kept out of the speeds.
@@ -130,8 +162,10 @@ def run(model: TextModel | None = None, *, temperature: float = 0.5, lab_chars: 
     library(model, _batched_streams(), 4, temperature)
     result["compiled"] = compiled
     result["warmup_s"] = round(time.perf_counter() - t0, 3)
-    log(f"compiled kernels: {'yes' if compiled else 'no (reference path)'}; "
-        f"first call (cache load or compile) {result['warmup_s']:.2f} s")
+    log(
+        f"compiled kernels: {'yes' if compiled else 'no (reference path)'}; "
+        f"first call (cache load or compile) {result['warmup_s']:.2f} s"
+    )
 
     lab, by_threads = _lab_speed(m, model.vocab.encode(" "), lab_chars, temperature, repeats)
     result["lab_chars_per_s"] = round(lab)
@@ -139,32 +173,40 @@ def run(model: TextModel | None = None, *, temperature: float = 0.5, lab_chars: 
     log(f"{'lab loop, 1 stream':<34}{lab:>14,.0f} chars/s   (best of {by_threads} by thread count)")
     for n in streams:
         length = max(200, (single_chars if n == 1 else batch_chars) // n)
-        seconds, cpu = _best(lambda n=n, length=length: library(model, n, length, temperature),
-                             repeats)
+        seconds, cpu = _best(
+            lambda n=n, length=length: library(model, n, length, temperature), repeats
+        )
         speed, per_cpu = n * length / seconds, n * length / max(cpu, 1e-9)
         result[f"library_{n}_chars_per_s"] = round(speed)
         result[f"ratio_{n}_vs_lab"] = round(speed / lab, 1)
         result[f"library_{n}_chars_per_cpu_s"] = round(per_cpu)
-        log(f"{f'library, {n} stream' + ('s' if n > 1 else ''):<34}{speed:>14,.0f} chars/s"
-            f"{speed / lab:>10.1f}× the lab loop   ({per_cpu:,.0f} per CPU-second)")
+        log(
+            f"{f'library, {n} stream' + ('s' if n > 1 else ''):<34}{speed:>14,.0f} chars/s"
+            f"{speed / lab:>10.1f}× the lab loop   ({per_cpu:,.0f} per CPU-second)"
+        )
     ref_chars = min(lab_chars, 1000)
     ref = ref_chars / library(model, 1, ref_chars, temperature, fast=False)[0]
     result["reference_1_chars_per_s"] = round(ref)
-    log(f"{'library reference path, 1 stream':<34}{ref:>14,.0f} chars/s{ref / lab:>10.1f}× the lab loop")
+    log(
+        f"{'library reference path, 1 stream':<34}{ref:>14,.0f} chars/s{ref / lab:>10.1f}× the lab loop"
+    )
 
     long_start = "".join(model.vocab.chars[2 + i % (V - 2)] for i in range(start_chars))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(by_threads, key=by_threads.get))  # the lab's faster setting
     try:
-        lab_ttfc = min(lab_loop(m, model.vocab.encode(long_start), 1, temperature)[2]
-                       for _ in range(repeats))
+        lab_ttfc = min(
+            lab_loop(m, model.vocab.encode(long_start), 1, temperature)[2] for _ in range(repeats)
+        )
     finally:
         torch.set_num_threads(threads)
     ttfc = _best(lambda: first_character(model, long_start, temperature), repeats)
     result["first_char_s"] = round(ttfc, 5)
     result["lab_first_char_s"] = round(lab_ttfc, 5)
-    log(f"time to first character after a {start_chars}-character start text: "
-        f"{ttfc * 1e3:.2f} ms (lab loop {lab_ttfc * 1e3:.2f} ms)")
+    log(
+        f"time to first character after a {start_chars}-character start text: "
+        f"{ttfc * 1e3:.2f} ms (lab loop {lab_ttfc * 1e3:.2f} ms)"
+    )
 
     if big:
         result["big"] = _big(temperature, repeats, log)
@@ -180,8 +222,9 @@ def _lab_speed(m, start: list[int], n: int, temperature: float, repeats: int):
     try:
         for t in sorted({1, threads}):
             torch.set_num_threads(t)
-            by_threads[t] = round(n / min(lab_loop(m, start, n, temperature)[1]
-                                          for _ in range(repeats)))
+            by_threads[t] = round(
+                n / min(lab_loop(m, start, n, temperature)[1] for _ in range(repeats))
+            )
     finally:
         torch.set_num_threads(threads)
     return max(by_threads.values()), by_threads
@@ -201,18 +244,27 @@ def _big(temperature: float, repeats: int, log) -> dict[str, Any]:
     model = random_model(embedding_size=64, hidden_size=512, num_layers=1)
     m = model.model
     weight_bytes = 4 * (m.rnn.weight_hh_l0.numel() + m.fc.weight.numel())  # read per character
-    out: dict[str, Any] = {"hidden_size": 512, "num_layers": 1, "weight_bytes_per_char": weight_bytes}
+    out: dict[str, Any] = {
+        "hidden_size": 512,
+        "num_layers": 1,
+        "weight_bytes_per_char": weight_bytes,
+    }
     lab, out["lab_chars_per_s_by_threads"] = _lab_speed(m, [0], 1000, temperature, repeats)
     out["lab_chars_per_s"] = round(lab)
     log(f"1 × 512 model: {weight_bytes / 1e6:.2f} MB of weights read per character")
     log(f"{'  lab loop, 1 stream':<34}{lab:>14,.0f} chars/s")
     for n, total in ((1, 20_000), (16, 40_000), (256, 100_000)):
         length = max(100, total // n)
-        speed = n * length / _best(lambda n=n, length=length: library(model, n, length, temperature),
-                                   repeats)[0]
+        speed = (
+            n
+            * length
+            / _best(lambda n=n, length=length: library(model, n, length, temperature), repeats)[0]
+        )
         out[f"library_{n}_chars_per_s"] = round(speed)
-        log(f"{f'  library, {n} stream' + ('s' if n > 1 else ''):<34}{speed:>14,.0f} chars/s"
-            f"{speed / lab:>10.1f}× the lab loop")
+        log(
+            f"{f'  library, {n} stream' + ('s' if n > 1 else ''):<34}{speed:>14,.0f} chars/s"
+            f"{speed / lab:>10.1f}× the lab loop"
+        )
     dram = bandwidth(512 << 20, repeats)
     cached = bandwidth(weight_bytes, 20 * repeats)
     single = out["library_1_chars_per_s"]
@@ -221,7 +273,13 @@ def _big(temperature: float, repeats: int, log) -> dict[str, Any]:
         out[f"{name}_bandwidth_gb_s"] = round(bw / 1e9, 1)
         out[f"{name}_bound_chars_per_s"] = round(bound)
         out[f"single_vs_{name}_bound"] = round(single / bound, 3)
-        where = "memory (512 MB array)" if name == "dram" else f"cache ({weight_bytes / 1e6:.1f} MB array)"
-        log(f"  bandwidth from {where}: {bw / 1e9:.1f} GB/s → bound {bound:,.0f} chars/s for one "
-            f"stream; measured {single / bound:.0%} of it")
+        where = (
+            "memory (512 MB array)"
+            if name == "dram"
+            else f"cache ({weight_bytes / 1e6:.1f} MB array)"
+        )
+        log(
+            f"  bandwidth from {where}: {bw / 1e9:.1f} GB/s → bound {bound:,.0f} chars/s for one "
+            f"stream; measured {single / bound:.0%} of it"
+        )
     return out

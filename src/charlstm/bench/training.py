@@ -34,7 +34,9 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def matmul_gflops(precision: str, seconds: float = 1.0, sizes: tuple[int, ...] = (1024, 2048)) -> float:
+def matmul_gflops(
+    precision: str, seconds: float = 1.0, sizes: tuple[int, ...] = (1024, 2048)
+) -> float:
     """The best GFLOP/s of square matrix products at `precision` on the current threads."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     best = 0.0
@@ -74,8 +76,9 @@ def _bare_step(model, opt, x, y, hidden, device, precision, clip):
     return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
 
 
-def step_speed(config: RunConfig, seconds: float = 6.0, peak_precision: str | None = None
-               ) -> dict[str, Any]:
+def step_speed(
+    config: RunConfig, seconds: float = 6.0, peak_precision: str | None = None
+) -> dict[str, Any]:
     """Characters/s of the library's step (`Run.train_step`) and of a bare loop on the same model
     and batches, timed in alternating slices so that both see the same machine load.
 
@@ -99,8 +102,9 @@ def step_speed(config: RunConfig, seconds: float = 6.0, peak_precision: str | No
         hidden = None
         for b in batches[:3]:  # warm-up both
             run.train_step(b)
-            hidden = _bare_step(bare, opt, b.x, b.y, hidden, run.device, run.precision,
-                                config.optim.grad_clip)
+            hidden = _bare_step(
+                bare, opt, b.x, b.y, hidden, run.device, run.precision, config.optim.grad_clip
+            )
         deadline = _now() + seconds
         i = 0
         peaks: list[float] = []
@@ -115,23 +119,38 @@ def step_speed(config: RunConfig, seconds: float = 6.0, peak_precision: str | No
                     if name == "library":
                         run.train_step(b)
                     else:
-                        hidden = _bare_step(bare, opt, b.x.to(run.device), b.y.to(run.device),
-                                            None if b.reset else hidden, run.device, run.precision,
-                                            config.optim.grad_clip)
+                        hidden = _bare_step(
+                            bare,
+                            opt,
+                            b.x.to(run.device),
+                            b.y.to(run.device),
+                            None if b.reset else hidden,
+                            run.device,
+                            run.precision,
+                            config.optim.grad_clip,
+                        )
                 timings[name] += _now() - start
                 steps[name] += 4
     lib = steps["library"] * chars / timings["library"]
     bare_speed = steps["bare"] * chars / timings["bare"]
-    result: dict[str, Any] = {"library_chars_per_s": lib, "bare_chars_per_s": bare_speed,
-                              "library_vs_bare": lib / bare_speed}
+    result: dict[str, Any] = {
+        "library_chars_per_s": lib,
+        "bare_chars_per_s": bare_speed,
+        "library_vs_bare": lib / bare_speed,
+    }
     if peaks:
         result["matmul_gflops"] = statistics.median(peaks)
         result["matmul_gflops_range"] = (min(peaks), max(peaks))
     return result
 
 
-def quality_per_time(config: RunConfig, budget: float, out: Path | None = None,
-                     progress: bool = False, speed_seconds: float = 12.0) -> dict[str, Any]:
+def quality_per_time(
+    config: RunConfig,
+    budget: float,
+    out: Path | None = None,
+    progress: bool = False,
+    speed_seconds: float = 12.0,
+) -> dict[str, Any]:
     """Train for `budget` seconds and measure everything listed in the module docstring."""
     from charlstm.data.corpus import load_corpus, split_text
     from charlstm.generate.textmodel import load

@@ -41,7 +41,7 @@ def decode_text(data: bytes, encoding: str = "utf-8", source: str = "the text") 
     """Decode bytes to a normalised string, or raise a `UserError` that says how to fix it."""
     check_encoding(encoding)
     if encoding.lower().replace("_", "-") in ("utf-8", "utf8") and data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+        data = data[len(codecs.BOM_UTF8) :]
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -76,12 +76,16 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read {str(path)!r}: {exc.strerror}; check its permissions") from None
+        raise UserError(
+            f"cannot read {str(path)!r}: {exc.strerror}; check its permissions"
+        ) from None
     if not data.strip():
         raise UserError(f"text file {str(path)!r} is empty; give a file with some text in it")
     text = decode_text(data, encoding, source=repr(str(path)))
     if not text.strip():
-        raise UserError(f"text file {str(path)!r} holds only whitespace; give a file with text in it")
+        raise UserError(
+            f"text file {str(path)!r} holds only whitespace; give a file with text in it"
+        )
     return text
 
 
@@ -105,8 +109,9 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def load_corpus(dataset: str | None, text_path: str | None, encoding: str = "utf-8",
-                allow_download: bool = True) -> tuple[str, str]:
+def load_corpus(
+    dataset: str | None, text_path: str | None, encoding: str = "utf-8", allow_download: bool = True
+) -> tuple[str, str]:
     """The text a run trains on and a label for it: `text_path` if given, else the named dataset."""
     from charlstm.data import datasets
 

@@ -122,7 +122,9 @@ def download(ds: NamedDataset, dest: Path, progress: bool = True) -> Path:
     try:
         with atomic_file(dest) as out, urllib.request.urlopen(ds.url, timeout=30) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=ds.name, disable=not progress) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=ds.name, disable=not progress
+            ) as bar:
                 for block in iter(lambda: resp.read(1 << 16), b""):
                     out.write(block)
                     digest.update(block)

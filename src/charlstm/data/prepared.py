@@ -55,8 +55,9 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
-def _decoded_chunks(path: Path, encoding: str, digest: Any, on_bytes: Callable[[int], None],
-                    source: str) -> Iterator[str]:
+def _decoded_chunks(
+    path: Path, encoding: str, digest: Any, on_bytes: Callable[[int], None], source: str
+) -> Iterator[str]:
     """Yield the normalised text of `path` chunk by chunk, feeding the raw bytes to `digest`."""
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     is_utf8 = encoding.lower().replace("_", "-") in ("utf-8", "utf8")
@@ -118,9 +119,16 @@ def _atomic_json(path: Path, doc: Any) -> None:
     atomic_write_text(path, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
 
 
-def prepare(text_path: str | Path, out: str | Path, *, encoding: str = "utf-8",
-            val_fraction: float = 0.1, source: str | None = None, force: bool = False,
-            progress: bool = True) -> PrepareResult:
+def prepare(
+    text_path: str | Path,
+    out: str | Path,
+    *,
+    encoding: str = "utf-8",
+    val_fraction: float = 0.1,
+    source: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> PrepareResult:
     """Encode the text file `text_path` into the folder `out` (see the module docstring)."""
     import time
 
@@ -134,14 +142,22 @@ def prepare(text_path: str | Path, out: str | Path, *, encoding: str = "utf-8",
     check_encoding(encoding)
     replaceable = force and out.is_dir() and (out / META_FILE).is_file()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not replaceable:
-        raise UserError(f"--out {str(out)!r} exists and is not an empty folder; choose another "
-                        "folder (or pass --force to replace a prepared corpus)")
+        raise UserError(
+            f"--out {str(out)!r} exists and is not an empty folder; choose another "
+            "folder (or pass --force to replace a prepared corpus)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     size = path.stat().st_size
     start = time.monotonic()
     quoted = repr(str(path))
-    with tqdm(total=2 * size, unit="B", unit_scale=True, desc="prepare", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=2 * size,
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         # -- pass 1: count every code point (and hash the source) -------------------------------
         counts = np.zeros(N_CODE_POINTS, dtype=np.int64)
         source_hash = hashlib.sha256()
@@ -166,17 +182,29 @@ def prepare(text_path: str | Path, out: str | Path, *, encoding: str = "utf-8",
                     ids_hash.update(block)
                     written += len(text)
                 if again.hexdigest() != source_hash.hexdigest() or written != length:
-                    raise UserError(f"{quoted} changed while it was being prepared; prepare it "
-                                    "again once nothing is writing to it")
+                    raise UserError(
+                        f"{quoted} changed while it was being prepared; prepare it "
+                        "again once nothing is writing to it"
+                    )
         except OSError as exc:
-            raise UserError(f"could not write {out / IDS_FILE} ({exc.strerror or exc}); free some "
-                            "disk space and prepare again") from None
+            raise UserError(
+                f"could not write {out / IDS_FILE} ({exc.strerror or exc}); free some "
+                "disk space and prepare again"
+            ) from None
     split = split_point(length, val_fraction)
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "length": length,
-        "dtype": np.dtype(dtype).name, "vocab_size": len(vocab), "val_fraction": val_fraction,
-        "split": split, "source": label, "source_bytes": size, "encoding": encoding,
-        "source_sha256": source_hash.hexdigest(), "ids_sha256": ids_hash.hexdigest(),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "length": length,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": len(vocab),
+        "val_fraction": val_fraction,
+        "split": split,
+        "source": label,
+        "source_bytes": size,
+        "encoding": encoding,
+        "source_sha256": source_hash.hexdigest(),
+        "ids_sha256": ids_hash.hexdigest(),
     }
     _atomic_json(out / VOCAB_FILE, vocab.to_list())
     _atomic_json(out / META_FILE, meta)  # written last: its presence marks a complete folder
@@ -227,8 +255,10 @@ def decode_ids(vocab: Vocabulary, ids: np.ndarray) -> str:
 
 
 def _fail(path: Path, why: str) -> UserError:
-    return UserError(f"{path} is not a usable prepared corpus ({why}); prepare it again with "
-                     f"`charlstm prepare --text FILE --out {path}`")
+    return UserError(
+        f"{path} is not a usable prepared corpus ({why}); prepare it again with "
+        f"`charlstm prepare --text FILE --out {path}`"
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -243,8 +273,10 @@ def open_prepared(folder: str | Path, *, verify: bool = True) -> PreparedCorpus:
     folder = Path(folder)
     if not (folder / META_FILE).is_file():
         if not folder.is_dir():
-            raise UserError(f"prepared corpus {str(folder)!r} does not exist; make it with "
-                            f"`charlstm prepare --text FILE --out {folder}`")
+            raise UserError(
+                f"prepared corpus {str(folder)!r} does not exist; make it with "
+                f"`charlstm prepare --text FILE --out {folder}`"
+            )
         raise _fail(folder, f"no {META_FILE}: not prepared, or preparing was interrupted")
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
@@ -260,15 +292,18 @@ def open_prepared(folder: str | Path, *, verify: bool = True) -> PreparedCorpus:
     ids_path = folder / IDS_FILE
     actual = ids_path.stat().st_size if ids_path.is_file() else -1
     if actual != length * dtype.itemsize:
-        raise _fail(folder, f"{IDS_FILE} has {actual:,} bytes, expected {length * dtype.itemsize:,}")
+        raise _fail(
+            folder, f"{IDS_FILE} has {actual:,} bytes, expected {length * dtype.itemsize:,}"
+        )
     if verify and sha256_file(ids_path) != meta.get("ids_sha256"):
         raise _fail(folder, f"{IDS_FILE} does not match its sha256: the file is damaged")
     ids = np.memmap(ids_path, dtype=dtype, mode="r", shape=(length,))
     return PreparedCorpus(folder, meta, vocab, ids)
 
 
-def load_split(folder: str | Path, val_fraction: float, vocab: Vocabulary | None = None
-               ) -> tuple[Vocabulary, np.ndarray, np.ndarray, str]:
+def load_split(
+    folder: str | Path, val_fraction: float, vocab: Vocabulary | None = None
+) -> tuple[Vocabulary, np.ndarray, np.ndarray, str]:
     """(vocab, train ids, validation ids, source label) of a prepared corpus, for training.
 
     `vocab` is the run's own vocabulary when it resumes: the ids were written with the prepared
@@ -286,6 +321,8 @@ def load_split(folder: str | Path, val_fraction: float, vocab: Vocabulary | None
 def describe(result: PrepareResult) -> str:
     rate = result.source_bytes / 1e6 / max(result.seconds, 1e-9)
     top = ", ".join(describe_char(c) for c in result.vocab.chars[:8])
-    return (f"prepared {result.length:,} characters ({result.source_bytes / 1e6:.1f} MB, vocabulary "
-            f"{len(result.vocab)}: {top}, …) into {result.out} in {result.seconds:.1f} s "
-            f"({rate:.1f} MB/s)")
+    return (
+        f"prepared {result.length:,} characters ({result.source_bytes / 1e6:.1f} MB, vocabulary "
+        f"{len(result.vocab)}: {top}, …) into {result.out} in {result.seconds:.1f} s "
+        f"({rate:.1f} MB/s)"
+    )

@@ -67,7 +67,9 @@ class Vocabulary:
         """Map text to indices. Unknown characters raise `UserError`, or are dropped with a warning
         under ``unknown="skip"``."""
         if unknown not in UNKNOWN_POLICIES:
-            raise UserError(f"unknown-character policy {unknown!r} is not one of {UNKNOWN_POLICIES}")
+            raise UserError(
+                f"unknown-character policy {unknown!r} is not one of {UNKNOWN_POLICIES}"
+            )
         missing = self.unknown(text)
         if missing:
             shown = ", ".join(describe_char(c) for c in missing[:10])

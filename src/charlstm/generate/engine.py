@@ -36,7 +36,9 @@ class Request:
         if self.length < 1:
             raise UserError(f"length must be >= 1, got {self.length}")
         if len(self.prompt) == 0:
-            raise UserError("the start text is empty after removing unknown characters; give a start text")
+            raise UserError(
+                "the start text is empty after removing unknown characters; give a start text"
+            )
 
 
 @dataclass
@@ -100,7 +102,7 @@ def _stop_cut(s: _Stream, new: str) -> int | None:
         pos = new.find("\n", pos + 1)
     if fired is None and new[last:].strip():
         s.stanza_has_text = True
-    s.tail = (s.tail + new)[-s.tail_size:]
+    s.tail = (s.tail + new)[-s.tail_size :]
     return None if fired is None else fired[1]
 
 
@@ -119,7 +121,9 @@ def _held_back(s: _Stream) -> int:
     return held
 
 
-def _codepoints(decode: Callable[[Sequence[int]], str], vocab_size: int | None) -> np.ndarray | None:
+def _codepoints(
+    decode: Callable[[Sequence[int]], str], vocab_size: int | None
+) -> np.ndarray | None:
     """Each id's code point, when `decode` maps ids to single characters: then a whole row of ids
     decodes with one numpy take and one bytes.decode instead of a Python call per character."""
     if not vocab_size:
@@ -141,8 +145,14 @@ class Engine:
     `sampling.sample_step`. Both draw the same characters from the same logits. `fast=False`
     forces the reference path, `fast=True` the compiled one."""
 
-    def __init__(self, model: torch.nn.Module, decode: Callable[[Sequence[int]], str],
-                 device: torch.device | str = "cpu", *, fast: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        decode: Callable[[Sequence[int]], str],
+        device: torch.device | str = "cpu",
+        *,
+        fast: bool | None = None,
+    ) -> None:
         self.model = model.eval()
         self.decode = decode
         self.device = torch.device(device)
@@ -182,7 +192,7 @@ class Engine:
                 self.logits = torch.cat([self.logits, row_logits])
                 self.hidden = _cat_hidden(self.hidden, hidden)
         self._next_id += 1
-        recent = list(request.prompt)[-request.params.repetition_window:]
+        recent = list(request.prompt)[-request.params.repetition_window :]
         self.streams[sid] = _Stream(request, recent=recent)
         self.ids.append(sid)
         return sid
@@ -227,7 +237,7 @@ class Engine:
                 for k, s in enumerate(streams):
                     tail = s.recent[-W:]
                     if tail:
-                        recent[k, W - len(tail):] = tail
+                        recent[k, W - len(tail) :] = tail
             out[rows] = sample_step(logits[rows], params, seeds, counters, recent)
         return out
 
@@ -282,7 +292,7 @@ class Engine:
         block = self._decode_block(ids)  # every row's k characters, one after the other
         for row, (sid, s) in enumerate(zip(self.ids, streams)):
             n = int(limits[row])
-            new = block[row * k:row * k + n] if block is not None else self._decode(ids[row, :n])
+            new = block[row * k : row * k + n] if block is not None else self._decode(ids[row, :n])
             outputs[sid] = _hand_out(s, new, n)
             if not outputs[sid].finished:
                 keep.append(row)
@@ -302,7 +312,7 @@ def _hand_out(s: _Stream, new: str, drawn: int) -> StepOutput:
     if cut is not None:
         buf = buf[: max(0, len(s.pending) + cut)]
     held = 0 if finished else min(_held_back(s), len(buf))
-    s.pending = buf[len(buf) - held:] if held else ""
+    s.pending = buf[len(buf) - held :] if held else ""
     return StepOutput(buf[: len(buf) - held], finished, drawn)
 
 
@@ -329,10 +339,18 @@ def _select_hidden(h, index: torch.Tensor):
     return h.index_select(1, index)
 
 
-def generate_stream(model, prompts: Sequence[Sequence[int]], length: int, params: SamplingParams,
-                    seeds: np.ndarray, decode, stop: StopRule | None = None,
-                    device: torch.device | str = "cpu", max_chars: int = 64,
-                    fast: bool | None = None) -> Iterator[dict[int, StepOutput]]:
+def generate_stream(
+    model,
+    prompts: Sequence[Sequence[int]],
+    length: int,
+    params: SamplingParams,
+    seeds: np.ndarray,
+    decode,
+    stop: StopRule | None = None,
+    device: torch.device | str = "cpu",
+    max_chars: int = 64,
+    fast: bool | None = None,
+) -> Iterator[dict[int, StepOutput]]:
     """Run N streams to completion, yielding each step's outputs (stream index → StepOutput).
 
     Each step draws up to `max_chars` characters per stream: 64 keeps the per-step Python work

@@ -47,12 +47,27 @@ _FAST = {"contract", "arcp", "nsz", "afn"}
 # tanh as an odd/even rational function on [-c, c] (the approximation Eigen and TensorFlow use for
 # float32): branch-free, so LLVM vectorises the gate loops, unlike calls to libm's tanhf/expf.
 _CLAMP = np.float32(7.90531110763549805)
-_A1, _A3, _A5, _A7 = (np.float32(v) for v in (4.89352455891786e-03, 6.37261928875436e-04,
-                                              1.48572235717979e-05, 5.12229709037114e-08))
-_A9, _A11, _A13 = (np.float32(v) for v in (-8.60467152213735e-11, 2.00018790482477e-13,
-                                           -2.76076847742355e-16))
-_B0, _B2, _B4, _B6 = (np.float32(v) for v in (4.89352518554385e-03, 2.26843463243900e-03,
-                                              1.18534705686654e-04, 1.19825839466702e-06))
+_A1, _A3, _A5, _A7 = (
+    np.float32(v)
+    for v in (
+        4.89352455891786e-03,
+        6.37261928875436e-04,
+        1.48572235717979e-05,
+        5.12229709037114e-08,
+    )
+)
+_A9, _A11, _A13 = (
+    np.float32(v) for v in (-8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
+)
+_B0, _B2, _B4, _B6 = (
+    np.float32(v)
+    for v in (
+        4.89352518554385e-03,
+        2.26843463243900e-03,
+        1.18534705686654e-04,
+        1.19825839466702e-06,
+    )
+)
 _HALF = np.float32(0.5)
 
 
@@ -122,8 +137,10 @@ class LSTMWeights:
 
         emb = model.encoder.weight.float().cpu()  # (V, E)
         table = emb @ rnn.weight_ih_l0.float().cpu().T + bias("bias_ih_l0") + bias("bias_hh_l0")
-        w_up = [torch.cat([getattr(rnn, f"weight_ih_l{l}"), getattr(rnn, f"weight_hh_l{l}")], 1).T
-                for l in range(1, L)]
+        w_up = [
+            torch.cat([getattr(rnn, f"weight_ih_l{l}"), getattr(rnn, f"weight_hh_l{l}")], 1).T
+            for l in range(1, L)
+        ]
         b_up = [bias(f"bias_ih_l{l}") + bias(f"bias_hh_l{l}") for l in range(1, L)]
         w_up = f32(torch.stack(w_up)) if w_up else np.zeros((0, 2 * H, 4 * H), np.float32)
         w_hh0, w_fc = f32(rnn.weight_hh_l0.T), f32(fc.weight.T)
@@ -146,9 +163,13 @@ class LSTMWeights:
 def supports(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether `LSTMWeights` can run this model: a plain LSTM (no projections) on the CPU."""
     rnn = getattr(model, "rnn", None)
-    return (device.type == "cpu" and isinstance(rnn, torch.nn.LSTM)
-            and not rnn.bidirectional and getattr(rnn, "proj_size", 0) == 0
-            and all(hasattr(model, n) for n in ("encoder", "fc")))
+    return (
+        device.type == "cpu"
+        and isinstance(rnn, torch.nn.LSTM)
+        and not rnn.bidirectional
+        and getattr(rnn, "proj_size", 0) == 0
+        and all(hasattr(model, n) for n in ("encoder", "fc"))
+    )
 
 
 # ---------------------------------------------------------------------------------------- the step
@@ -161,7 +182,7 @@ def _cell(g, h, c):
     Every array is indexed by the bare loop variable: numba adds a negative-index check to an
     expression like H + j, and that check alone stops LLVM from vectorising the loop."""
     H = h.shape[0]
-    gi, gf, gg, go = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
+    gi, gf, gg, go = g[:H], g[H : 2 * H], g[2 * H : 3 * H], g[3 * H :]
     for j in range(H):
         cj = _sigmoid(gf[j]) * c[j] + _sigmoid(gi[j]) * _tanh(gg[j])
         c[j] = cj
@@ -196,11 +217,11 @@ def _step_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, x, g):
     for l in range(w_up.shape[0]):
         g[:] = b_up[l]
         lo = l * H  # layer l+1 reads [h_l (just updated), h_{l+1} (previous step)]
-        _matvec_add(S[r, lo:lo + 2 * H], w_up[l], g)
-        _cell(g, S[r, lo + H:lo + 2 * H], C[r, lo + H:lo + 2 * H])
+        _matvec_add(S[r, lo : lo + 2 * H], w_up[l], g)
+        _cell(g, S[r, lo + H : lo + 2 * H], C[r, lo + H : lo + 2 * H])
     top = w_up.shape[0] * H
     logits[r, :] = 0.0
-    _matvec_add(S[r, top:top + H], w_fc, logits[r])
+    _matvec_add(S[r, top : top + H], w_fc, logits[r])
 
 
 @nb.njit(error_model="numpy", cache=True, nogil=True)
@@ -220,10 +241,10 @@ def lstm_cells(below, own, bias, S, C, layer):
     off = layer * H
     g = np.empty(4 * H, np.float32)
     for r in range(S.shape[0]):
-        x, y = below[r, 4 * H:8 * H], own[r, :4 * H]
+        x, y = below[r, 4 * H : 8 * H], own[r, : 4 * H]
         for j in range(4 * H):
             g[j] = x[j] + y[j] + bias[j]
-        _cell(g, S[r, off:off + H], C[r, off:off + H])
+        _cell(g, S[r, off : off + H], C[r, off : off + H])
 
 
 # ---------------------------------------------------------------------------------------- sampling
@@ -252,7 +273,8 @@ _LN2_LO = 1.90821492927058770002e-10
 _EXP_MIN = -708.0  # below this exp(x) is subnormal, and 0 changes no cdf comparison
 # 1/k!: the Taylor series of exp(r) to r^13, for |r| <= ln2/2 (truncation error < 0.1 ulp).
 _F2, _F3, _F4, _F5, _F6, _F7, _F8, _F9, _F10, _F11, _F12, _F13 = (
-    1.0 / math.factorial(k) for k in range(2, 14))
+    1.0 / math.factorial(k) for k in range(2, 14)
+)
 
 
 @nb.njit(fastmath={"contract"}, error_model="numpy", cache=True)
@@ -376,8 +398,23 @@ def _sum(a):
 
 
 @nb.njit(error_model="numpy", cache=True, inline="always")
-def _sample_row(lg, b_fc, temperature, top_k, top_p, penalty, recent, window, seed, counter, z, p,
-                mark, order, bits):
+def _sample_row(
+    lg,
+    b_fc,
+    temperature,
+    top_k,
+    top_p,
+    penalty,
+    recent,
+    window,
+    seed,
+    counter,
+    z,
+    p,
+    mark,
+    order,
+    bits,
+):
     """`sampling.sample_step` for one row, in the same float64 operations and order. lg: float32
     logits without the fc bias; recent: this row's last ids, right-aligned, -1 where empty; top_k 0
     and top_p >= 1 mean off. z, p (V,) float64, mark (V,) bool, order and bits (V,) int64 are
@@ -446,11 +483,42 @@ def _sample_row(lg, b_fc, temperature, top_k, top_p, penalty, recent, window, se
 
 
 @nb.njit(error_model="numpy", cache=True, inline="always")
-def _draw(r, lg, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds, counters, z, p,
-          mark, order, bits):
+def _draw(
+    r,
+    lg,
+    b_fc,
+    temperature,
+    top_k,
+    top_p,
+    penalty,
+    window,
+    recent,
+    seeds,
+    counters,
+    z,
+    p,
+    mark,
+    order,
+    bits,
+):
     """Draw row r's next character from its logits lg and advance its counter and recent window."""
-    x = _sample_row(lg, b_fc, temperature[r], top_k[r], top_p[r], penalty[r], recent[r],
-                    window[r], seeds[r], counters[r], z, p, mark, order, bits)
+    x = _sample_row(
+        lg,
+        b_fc,
+        temperature[r],
+        top_k[r],
+        top_p[r],
+        penalty[r],
+        recent[r],
+        window[r],
+        seeds[r],
+        counters[r],
+        z,
+        p,
+        mark,
+        order,
+        bits,
+    )
     counters[r] += _ONE
     if penalty[r] != 1.0:
         W = recent.shape[1]
@@ -461,8 +529,21 @@ def _draw(r, lg, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds
 
 
 @nb.njit(error_model="numpy", cache=True, nogil=True)
-def sample_rows(logits, b_fc, temperature, top_k, top_p, penalty, window, recent, seeds, counters,
-                limits, t, out):
+def sample_rows(
+    logits,
+    b_fc,
+    temperature,
+    top_k,
+    top_p,
+    penalty,
+    window,
+    recent,
+    seeds,
+    counters,
+    limits,
+    t,
+    out,
+):
     """Draw every row's character t of this call into out[:, t] (-1 once a row has drawn its
     `limits[r]` characters)."""
     V = logits.shape[1]
@@ -471,13 +552,47 @@ def sample_rows(logits, b_fc, temperature, top_k, top_p, penalty, window, recent
     for r in range(logits.shape[0]):
         out[r, t] = -1
         if t < limits[r]:
-            out[r, t] = _draw(r, logits[r], b_fc, temperature, top_k, top_p, penalty, window, recent,
-                              seeds, counters, z, p, mark, order, bits)
+            out[r, t] = _draw(
+                r,
+                logits[r],
+                b_fc,
+                temperature,
+                top_k,
+                top_p,
+                penalty,
+                window,
+                recent,
+                seeds,
+                counters,
+                z,
+                p,
+                mark,
+                order,
+                bits,
+            )
 
 
 @nb.njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
-def sample_into_layer0(G0, table, S, C, logits, lg_off, b_fc, temperature, top_k, top_p, penalty,
-                       window, recent, seeds, counters, limits, t, out):
+def sample_into_layer0(
+    G0,
+    table,
+    S,
+    C,
+    logits,
+    lg_off,
+    b_fc,
+    temperature,
+    top_k,
+    top_p,
+    penalty,
+    window,
+    recent,
+    seeds,
+    counters,
+    limits,
+    t,
+    out,
+):
     """Batched step, first half: draw every row's character t (as `sample_rows`) from
     logits[r, lg_off:lg_off + V], then feed it to layer 0, whose recurrent product h0 @ W_hh0 is
     G0[:, :4H] (computed before the draw: it does not depend on the character): add the
@@ -490,10 +605,26 @@ def sample_into_layer0(G0, table, S, C, logits, lg_off, b_fc, temperature, top_k
         x = 0  # rows that are done are fed a dummy character: they leave after this call
         out[r, t] = -1
         if t < limits[r]:
-            x = _draw(r, logits[r, lg_off:lg_off + V], b_fc, temperature, top_k, top_p, penalty,
-                      window, recent, seeds, counters, z, p, mark, order, bits)
+            x = _draw(
+                r,
+                logits[r, lg_off : lg_off + V],
+                b_fc,
+                temperature,
+                top_k,
+                top_p,
+                penalty,
+                window,
+                recent,
+                seeds,
+                counters,
+                z,
+                p,
+                mark,
+                order,
+                bits,
+            )
             out[r, t] = x
-        g = G0[r, :4 * H]
+        g = G0[r, : 4 * H]
         row = table[x]
         for j in range(4 * H):
             g[j] += row[j]
@@ -501,8 +632,28 @@ def sample_into_layer0(G0, table, S, C, logits, lg_off, b_fc, temperature, top_k
 
 
 @nb.njit(error_model="numpy", cache=True)
-def _advance_row(r, table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperature, top_k, top_p,
-                 penalty, window, recent, seeds, counters, limits, out):
+def _advance_row(
+    r,
+    table,
+    w_hh0,
+    w_up,
+    b_up,
+    w_fc,
+    b_fc,
+    S,
+    C,
+    logits,
+    temperature,
+    top_k,
+    top_p,
+    penalty,
+    window,
+    recent,
+    seeds,
+    counters,
+    limits,
+    out,
+):
     V = logits.shape[1]
     z = np.empty(V)
     p = np.empty(V)
@@ -511,8 +662,24 @@ def _advance_row(r, table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperat
     bits = np.empty(V, np.int64)
     g = np.empty(4 * w_hh0.shape[0], np.float32)
     for t in range(limits[r]):
-        x = _draw(r, logits[r], b_fc, temperature, top_k, top_p, penalty, window, recent, seeds,
-                  counters, z, p, mark, order, bits)
+        x = _draw(
+            r,
+            logits[r],
+            b_fc,
+            temperature,
+            top_k,
+            top_p,
+            penalty,
+            window,
+            recent,
+            seeds,
+            counters,
+            z,
+            p,
+            mark,
+            order,
+            bits,
+        )
         out[r, t] = x
         _step_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, x, g)
     for t in range(limits[r], out.shape[1]):
@@ -520,12 +687,51 @@ def _advance_row(r, table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperat
 
 
 @nb.njit(error_model="numpy", cache=True, nogil=True)
-def advance_rows(table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperature, top_k, top_p,
-                 penalty, window, recent, seeds, counters, limits, out):
+def advance_rows(
+    table,
+    w_hh0,
+    w_up,
+    b_up,
+    w_fc,
+    b_fc,
+    S,
+    C,
+    logits,
+    temperature,
+    top_k,
+    top_p,
+    penalty,
+    window,
+    recent,
+    seeds,
+    counters,
+    limits,
+    out,
+):
     """Few streams: row r draws limits[r] characters into out[r] (then -1), all in this call."""
     for r in range(S.shape[0]):
-        _advance_row(r, table, w_hh0, w_up, b_up, w_fc, b_fc, S, C, logits, temperature, top_k,
-                     top_p, penalty, window, recent, seeds, counters, limits, out)
+        _advance_row(
+            r,
+            table,
+            w_hh0,
+            w_up,
+            b_up,
+            w_fc,
+            b_fc,
+            S,
+            C,
+            logits,
+            temperature,
+            top_k,
+            top_p,
+            penalty,
+            window,
+            recent,
+            seeds,
+            counters,
+            limits,
+            out,
+        )
 
 
 # ---------------------------------------------------------------------------------------- streams
@@ -567,32 +773,57 @@ class LSTMRows:
         S = np.zeros((1, self.S.shape[1]), np.float32)
         C = np.zeros_like(S)
         logits = np.zeros((1, w.vocab_size), np.float32)
-        prime_row(w.table, w.w_hh0, w.w_up, w.b_up, w.w_fc, S, C, logits, 0,
-                  np.asarray(prompt, dtype=np.int64))
+        prime_row(
+            w.table,
+            w.w_hh0,
+            w.w_up,
+            w.b_up,
+            w.w_fc,
+            S,
+            C,
+            logits,
+            0,
+            np.asarray(prompt, dtype=np.int64),
+        )
         W = max(self.recent.shape[1], params.repetition_window)
         if W > self.recent.shape[1]:  # widen on the left: rows stay right-aligned
             pad = np.full((len(self), W - self.recent.shape[1]), -1, np.int64)
             self.recent = np.concatenate([pad, self.recent], axis=1)
         recent = np.full((1, W), -1, np.int64)
-        tail = list(prompt)[-params.repetition_window:]
-        recent[0, W - len(tail):] = tail
+        tail = list(prompt)[-params.repetition_window :]
+        recent[0, W - len(tail) :] = tail
         self.S = np.concatenate([self.S, S])
         self.C = np.concatenate([self.C, C])
         self.logits = np.concatenate([self.logits, logits])
         self.recent = np.concatenate([self.recent, recent])
-        for name, value in (("temperature", params.temperature), ("top_k", params.top_k or 0),
-                            ("top_p", 2.0 if params.top_p is None else params.top_p),
-                            ("penalty", params.repetition_penalty),
-                            ("window", params.repetition_window), ("seeds", seed % (1 << 64)),
-                            ("counters", 0)):
+        for name, value in (
+            ("temperature", params.temperature),
+            ("top_k", params.top_k or 0),
+            ("top_p", 2.0 if params.top_p is None else params.top_p),
+            ("penalty", params.repetition_penalty),
+            ("window", params.repetition_window),
+            ("seeds", seed % (1 << 64)),
+            ("counters", 0),
+        ):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.array([value], dtype=arr.dtype)]))
 
     def keep(self, rows) -> None:
         """Keep only `rows` (indices, in order)."""
         index = np.asarray(rows, dtype=np.int64)
-        for name in ("S", "C", "logits", "temperature", "top_k", "top_p", "penalty", "window",
-                     "recent", "seeds", "counters"):
+        for name in (
+            "S",
+            "C",
+            "logits",
+            "temperature",
+            "top_k",
+            "top_p",
+            "penalty",
+            "window",
+            "recent",
+            "seeds",
+            "counters",
+        ):
             setattr(self, name, np.ascontiguousarray(getattr(self, name)[index]))
 
     def advance(self, k: int, limits: np.ndarray) -> np.ndarray:
@@ -610,8 +841,10 @@ class LSTMRows:
         else:  # per-row blocks: worth a thread hop only for enough characters
             T = min(threads, N) if N * k >= _THREAD_MIN_WORK else 1
         bounds = [N * i // T for i in range(T + 1)]
-        tasks = [lambda a=a, b=b: self._advance_block(a, b, k, limits, out)
-                 for a, b in itertools.pairwise(bounds)]
+        tasks = [
+            lambda a=a, b=b: self._advance_block(a, b, k, limits, out)
+            for a, b in itertools.pairwise(bounds)
+        ]
         batched = N >= self.batch_rows
         workers = _workers() if T > 1 or batched else None
         if workers is not None and (workers.usable or not batched):
@@ -625,17 +858,47 @@ class LSTMRows:
 
     def _advance_block(self, a: int, b: int, k: int, limits: np.ndarray, out: np.ndarray) -> None:
         w = self.w
-        args = [x[a:b] for x in (self.S, self.C, self.logits, self.temperature, self.top_k,
-                                 self.top_p, self.penalty, self.window, self.recent, self.seeds,
-                                 self.counters, limits, out)]
+        args = [
+            x[a:b]
+            for x in (
+                self.S,
+                self.C,
+                self.logits,
+                self.temperature,
+                self.top_k,
+                self.top_p,
+                self.penalty,
+                self.window,
+                self.recent,
+                self.seeds,
+                self.counters,
+                limits,
+                out,
+            )
+        ]
         if b - a >= self.batch_rows:
             _batched_steps(w, k, *args)
         else:
             advance_rows(w.table, w.w_hh0, w.w_up, w.b_up, w.w_fc, w.b_fc, *args)
 
 
-def _batched_steps(w: LSTMWeights, k, S, C, logits, temperature, top_k, top_p, penalty, window,
-                   recent, seeds, counters, limits, out) -> None:
+def _batched_steps(
+    w: LSTMWeights,
+    k,
+    S,
+    C,
+    logits,
+    temperature,
+    top_k,
+    top_p,
+    penalty,
+    window,
+    recent,
+    seeds,
+    counters,
+    limits,
+    out,
+) -> None:
     """k steps of every row at once, one GEMM per layer and step.
 
     Layer l's h at step t is needed twice: as its own recurrent input at t + 1 and as the input of
@@ -645,18 +908,36 @@ def _batched_steps(w: LSTMWeights, k, S, C, logits, temperature, top_k, top_p, p
     H, L, V = w.hidden_size, w.num_layers, w.vocab_size
     with torch.inference_mode():  # worker threads start in grad mode; skip autograd's dispatch
         # the recurrent products of the state the rows start from (logits are already known)
-        A = [_gemm(S[:, l * H:(l + 1) * H], w.fused[l], w.fused_lin[l]) for l in range(L)]
+        A = [_gemm(S[:, l * H : (l + 1) * H], w.fused[l], w.fused_lin[l]) for l in range(L)]
         lg, lg_off = logits, 0
         for t in range(k):
-            sample_into_layer0(A[0], w.table, S, C, lg, lg_off, w.b_fc, temperature, top_k, top_p,
-                               penalty, window, recent, seeds, counters, limits, t, out)
+            sample_into_layer0(
+                A[0],
+                w.table,
+                S,
+                C,
+                lg,
+                lg_off,
+                w.b_fc,
+                temperature,
+                top_k,
+                top_p,
+                penalty,
+                window,
+                recent,
+                seeds,
+                counters,
+                limits,
+                t,
+                out,
+            )
             for l in range(L):
-                new = _gemm(S[:, l * H:(l + 1) * H], w.fused[l], w.fused_lin[l])
+                new = _gemm(S[:, l * H : (l + 1) * H], w.fused[l], w.fused_lin[l])
                 if l + 1 < L:  # layer l+1: this step's input product, its own from the last step
                     lstm_cells(new, A[l + 1], w.b_up[l], S, C, l + 1)
                 A[l] = new
             lg, lg_off = A[L - 1], 4 * H
-        logits[:] = lg[:, lg_off:lg_off + V]
+        logits[:] = lg[:, lg_off : lg_off + V]
 
 
 # ---------------------------------------------------------------------------------------- threads
@@ -702,8 +983,9 @@ def _gemm(x: np.ndarray, W: np.ndarray, W_lin: torch.Tensor) -> np.ndarray:
     measured 1.3-1.6x faster for the lab model's shapes. (`_linear_pointwise` is the op PyTorch's
     own compiler emits for linear layers on the CPU.) numpy for small products and as fallback."""
     if 2 * x.shape[0] * x.shape[1] * W.shape[1] >= _ONEDNN_MIN_FLOP and _onednn_works():
-        return torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x), W_lin, None, "none", [],
-                                                  "").numpy()
+        return torch.ops.mkldnn._linear_pointwise(
+            torch.from_numpy(x), W_lin, None, "none", [], ""
+        ).numpy()
     return x @ W
 
 
@@ -716,9 +998,12 @@ def _pack(lin: torch.Tensor) -> torch.Tensor:
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(lin, _PACK_ROWS)
         x = torch.arange(8 * lin.shape[1], dtype=torch.float32).reshape(8, -1) / lin.shape[1]
-        same = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-                           torch.ops.mkldnn._linear_pointwise(x, lin, None, "none", [], ""),
-                           rtol=1e-5, atol=1e-5)
+        same = torch.allclose(
+            torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+            torch.ops.mkldnn._linear_pointwise(x, lin, None, "none", [], ""),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     except (RuntimeError, AttributeError):
         return lin
     return packed if same else lin
@@ -729,12 +1014,15 @@ _PACK_ROWS = 128  # the rows a batched block typically has (256 streams on 2 thr
 
 @functools.cache
 def _onednn_works() -> bool:
-    if not (hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()):
+    if not (
+        hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+    ):
         return False
     x, W = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 4), np.float32)
     try:
-        y = torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x), torch.from_numpy(W.T.copy()),
-                                               None, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(
+            torch.from_numpy(x), torch.from_numpy(W.T.copy()), None, "none", [], ""
+        )
     except RuntimeError:
         return False
     return np.array_equal(y.numpy(), x @ W)
@@ -747,12 +1035,18 @@ class _Workers:
         import ctypes
 
         # PyTorch's OpenMP runtime (oneDNN GEMMs) and numpy's OpenBLAS: per-thread thread counts
-        self._omp = _load_function(os.path.join(os.path.dirname(torch.__file__), "lib"),
-                                   ("libgomp*", "libiomp5*", "libomp*"), "omp_set_num_threads",
-                                   None)
+        self._omp = _load_function(
+            os.path.join(os.path.dirname(torch.__file__), "lib"),
+            ("libgomp*", "libiomp5*", "libomp*"),
+            "omp_set_num_threads",
+            None,
+        )
         self._blas = _load_function(
             os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs"),
-            ("*openblas*",), "openblas_set_num_threads_local", ctypes.c_int)
+            ("*openblas*",),
+            "openblas_set_num_threads_local",
+            ctypes.c_int,
+        )
         # without a way to make a worker single-threaded: one thread, and threaded GEMMs
         self.usable = self._blas is not None and (self._omp is not None or not _onednn_works())
         self._pool = None

@@ -73,21 +73,29 @@ class SamplingParams:
         # Below MIN_TEMPERATURE (or above MAX_PENALTY) logits / temperature can overflow float64 into
         # inf - inf = NaN, which silently draws character 0; such values are greedy in all but name.
         if 0 < t < MIN_TEMPERATURE:
-            raise UserError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}")
+            raise UserError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}"
+            )
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise UserError(f"top_k must be a whole number >= 0, got {self.top_k!r}; 0 disables it")
         p = self.top_p
-        if p is not None and (not isinstance(p, int | float) or not math.isfinite(p) or not 0 < p <= 1):
+        if p is not None and (
+            not isinstance(p, int | float) or not math.isfinite(p) or not 0 < p <= 1
+        ):
             raise UserError(f"top_p must be in (0, 1], got {p!r}")
         r = self.repetition_penalty
         if not isinstance(r, int | float) or not math.isfinite(r) or not 1 <= r <= MAX_PENALTY:
-            raise UserError(f"repetition_penalty must be between 1 and {MAX_PENALTY:g}, got {r!r}; "
-                            "1 disables it")
+            raise UserError(
+                f"repetition_penalty must be between 1 and {MAX_PENALTY:g}, got {r!r}; "
+                "1 disables it"
+            )
         if self.repetition_window < 1:
             raise UserError(f"repetition_window must be >= 1, got {self.repetition_window}")
 
 
-def apply_repetition_penalty(logits: np.ndarray, recent: np.ndarray | None, penalty: float) -> np.ndarray:
+def apply_repetition_penalty(
+    logits: np.ndarray, recent: np.ndarray | None, penalty: float
+) -> np.ndarray:
     """CTRL's penalty: shrink the logits of recently produced characters. `recent` is (N, W) of ids,
     -1 where empty."""
     if penalty == 1.0 or recent is None or recent.size == 0:
@@ -124,11 +132,17 @@ def next_token_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
-def sample_step(logits: np.ndarray, params: SamplingParams, seeds: np.ndarray, counter: int | np.ndarray,
-                recent: np.ndarray | None = None) -> np.ndarray:
+def sample_step(
+    logits: np.ndarray,
+    params: SamplingParams,
+    seeds: np.ndarray,
+    counter: int | np.ndarray,
+    recent: np.ndarray | None = None,
+) -> np.ndarray:
     """The reference sampler: one character index per row of `logits` (N, V)."""
-    logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float64), recent,
-                                      params.repetition_penalty)
+    logits = apply_repetition_penalty(
+        np.asarray(logits, dtype=np.float64), recent, params.repetition_penalty
+    )
     if params.temperature == 0:
         return logits.argmax(axis=1)
     p = next_token_probs(logits, params)

@@ -29,8 +29,14 @@ from charlstm.runs.folder import find_checkpoint, run_dir_of
 class TextModel:
     """A trained model with its vocabulary, ready to generate and evaluate."""
 
-    def __init__(self, model: CharRNN, vocab: Vocabulary, meta: dict[str, Any], path: Path,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model: CharRNN,
+        vocab: Vocabulary,
+        meta: dict[str, Any],
+        path: Path,
+        device: torch.device,
+    ) -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.meta = meta
@@ -47,7 +53,9 @@ class TextModel:
         v = (self.meta.get("metrics") or {}).get("val_loss")
         return v if isinstance(v, float) and math.isfinite(v) else None
 
-    def _prompts(self, start_text: str | Sequence[str], num_samples: int, unknown: str) -> list[list[int]]:
+    def _prompts(
+        self, start_text: str | Sequence[str], num_samples: int, unknown: str
+    ) -> list[list[int]]:
         if num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {num_samples}")
         texts = [start_text] * num_samples if isinstance(start_text, str) else list(start_text)
@@ -55,14 +63,28 @@ class TextModel:
             raise UserError("start_text must not be empty; the lab's default is a single space ' '")
         prompts = [self.vocab.encode(normalise_newlines(t), unknown=unknown) for t in texts]
         if any(not p for p in prompts):
-            raise UserError("the start text has no character the model knows; give another start text")
+            raise UserError(
+                "the start text has no character the model knows; give another start text"
+            )
         return prompts
 
-    def stream(self, start_text: str | Sequence[str] = " ", length: int = 200, temperature: float = 0.3,
-               top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
-               seed: int | None = None, *, repetition_penalty: float = 1.0,
-               stop: Sequence[str] = (), max_lines: int | None = None, max_stanzas: int | None = None,
-               unknown: str = "error", seeds: Sequence[int] | None = None) -> Iterator[dict[int, str]]:
+    def stream(
+        self,
+        start_text: str | Sequence[str] = " ",
+        length: int = 200,
+        temperature: float = 0.3,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_samples: int = 1,
+        seed: int | None = None,
+        *,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        max_lines: int | None = None,
+        max_stanzas: int | None = None,
+        unknown: str = "error",
+        seeds: Sequence[int] | None = None,
+    ) -> Iterator[dict[int, str]]:
         """Yield {stream index: new text} as characters are produced.
 
         The first item holds each stream's start text (after dropping unknown characters)."""
@@ -78,20 +100,37 @@ class TextModel:
         else:
             stream_seed_arr = stream_seeds(seed, len(prompts))
         yield {i: self.vocab.decode(p) for i, p in enumerate(prompts)}
-        for outputs in generate_stream(self.model, prompts, length, params, stream_seed_arr,
-                                       self.vocab.decode, rule, self.device):
+        for outputs in generate_stream(
+            self.model,
+            prompts,
+            length,
+            params,
+            stream_seed_arr,
+            self.vocab.decode,
+            rule,
+            self.device,
+        ):
             texts = {i: o.text for i, o in outputs.items() if o.text}
             if texts:
                 yield texts
 
-    def generate(self, start_text: str | Sequence[str] = " ", length: int = 200, temperature: float = 0.3,
-                 top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
-                 seed: int | None = None, **kwargs: Any) -> list[str]:
+    def generate(
+        self,
+        start_text: str | Sequence[str] = " ",
+        length: int = 200,
+        temperature: float = 0.3,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_samples: int = 1,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
         """`num_samples` texts, each the start text followed by up to `length` generated characters."""
         n = num_samples if isinstance(start_text, str) else len(start_text)
         out = [""] * n
-        for texts in self.stream(start_text, length, temperature, top_k, top_p, num_samples, seed,
-                                 **kwargs):
+        for texts in self.stream(
+            start_text, length, temperature, top_k, top_p, num_samples, seed, **kwargs
+        ):
             for i, t in texts.items():
                 out[i] += t
         return out

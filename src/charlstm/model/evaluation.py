@@ -25,8 +25,9 @@ def loss_metrics(loss: float) -> dict[str, float]:
     }
 
 
-def _window(ids: np.ndarray, rows: np.ndarray, L: int, start: int, width: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _window(
+    ids: np.ndarray, rows: np.ndarray, L: int, start: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Columns [start, start+width) of `batching.eval_streams`'s (x, y) for `rows`, read from `ids` on
     demand: a memory-mapped validation split is never copied whole (8 bytes a character)."""
     n_pred = len(ids) - 1
@@ -39,9 +40,16 @@ def _window(ids: np.ndarray, rows: np.ndarray, L: int, start: int, width: int
 
 
 @torch.inference_mode()
-def loss_sums(model, ids: np.ndarray, *, n_streams: int = 8, window: int = 512,
-              device: torch.device | str = "cpu", precision: str = "fp32",
-              rows: np.ndarray | None = None) -> tuple[float, int]:
+def loss_sums(
+    model,
+    ids: np.ndarray,
+    *,
+    n_streams: int = 8,
+    window: int = 512,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    rows: np.ndarray | None = None,
+) -> tuple[float, int]:
     """(summed cross-entropy, number of predictions) over `rows` of the stream layout (all rows if
     None). Rows are independent, so processes that each take some rows can add their sums up."""
     device = torch.device(device)
@@ -59,8 +67,12 @@ def loss_sums(model, ids: np.ndarray, *, n_streams: int = 8, window: int = 512,
             xb, yb = xb.to(device), yb.to(device)
             with autocast(device, precision):
                 logits, hidden = model(xb, hidden)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                yb.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
             total += float(loss)
             count += int((yb != -100).sum())
     finally:
@@ -68,9 +80,17 @@ def loss_sums(model, ids: np.ndarray, *, n_streams: int = 8, window: int = 512,
     return total, count
 
 
-def evaluate_ids(model, ids: np.ndarray, *, n_streams: int = 8, window: int = 512,
-                 device: torch.device | str = "cpu", precision: str = "fp32") -> float:
+def evaluate_ids(
+    model,
+    ids: np.ndarray,
+    *,
+    n_streams: int = 8,
+    window: int = 512,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> float:
     """Mean cross-entropy (nats/char) of predicting ids[1:] from ids[:-1] with carried state."""
-    total, count = loss_sums(model, ids, n_streams=n_streams, window=window, device=device,
-                             precision=precision)
+    total, count = loss_sums(
+        model, ids, n_streams=n_streams, window=window, device=device, precision=precision
+    )
     return total / count

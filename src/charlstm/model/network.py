@@ -44,7 +44,9 @@ class CharRNN(nn.Module):
             return (h, torch.zeros(shape, device=device))
         return h
 
-    def forward(self, idx: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+    def forward(
+        self, idx: torch.Tensor, hidden: Hidden | None = None
+    ) -> tuple[torch.Tensor, Hidden]:
         """idx (B, T) of character indices → logits (B, T, V) and the new hidden state.
 
         Inside, everything runs time-major, (T, B, ·), the layout PyTorch's LSTM kernels (oneDNN on
@@ -56,8 +58,11 @@ class CharRNN(nn.Module):
         if self.training and self.config.weight_drop > 0:
             # DropConnect on the recurrent weights (AWD-LSTM): one mask per forward pass, shared by
             # every time step, so the recurrence itself is regularised, not just its inputs.
-            dropped = {name: dropout(w, self.config.weight_drop)
-                       for name, w in self.rnn.named_parameters() if name.startswith("weight_hh")}
+            dropped = {
+                name: dropout(w, self.config.weight_drop)
+                for name, w in self.rnn.named_parameters()
+                if name.startswith("weight_hh")
+            }
             out, hidden = functional_call(self.rnn, dropped, (x, hidden), strict=False)
         else:
             out, hidden = self.rnn(x, hidden)  # (T, B, H)

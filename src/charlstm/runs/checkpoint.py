@@ -60,10 +60,12 @@ class Checkpoint:
         return from_dict(self.meta["config"])
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        return {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+        return {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) + 1:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+        return {
+            k[len(prefix) + 1 :]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")
+        }
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -111,7 +113,7 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
     if 8 + n > len(data):
         raise CheckpointError(f"{path} is truncated (header cut short); use an intact copy")
     try:
-        header = json.loads(data[8: 8 + n])
+        header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
     # (byte 8 is "{", so a header that parses is an object)
@@ -122,8 +124,11 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
                 raise CheckpointError(f"{path} has malformed safetensors metadata")
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(type(o) is int and o >= 0 for o in offsets)):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int and o >= 0 for o in offsets)
+        ):
             raise CheckpointError(f"{path} has a malformed entry for tensor {name!r}")
         end = max(end, offsets[1])
     if 8 + n + end > len(data):
@@ -137,7 +142,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a checkpoint file; every failure is a one-line `CheckpointError`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}; give a run folder made by `charlstm train`")
+        raise CheckpointError(
+            f"no checkpoint file at {path}; give a run folder made by `charlstm train`"
+        )
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise CheckpointError(f"{path} is {size:,} bytes, larger than any charlstm checkpoint")
@@ -177,9 +184,12 @@ def validate_checkpoint(ckpt: Checkpoint) -> None:
     for key in ("model", "vocab", "config", "step"):
         if key not in meta:
             raise CheckpointError(f"{path} metadata lacks {key!r}; the file is damaged")
-    if not all(isinstance(meta[k], dict) for k in ("model", "config")) or \
-            not isinstance(meta.get("metrics") or {}, dict):
-        raise CheckpointError(f"{path} has malformed metadata (model, config or metrics is not a table)")
+    if not all(isinstance(meta[k], dict) for k in ("model", "config")) or not isinstance(
+        meta.get("metrics") or {}, dict
+    ):
+        raise CheckpointError(
+            f"{path} has malformed metadata (model, config or metrics is not a table)"
+        )
     try:
         mc = model_config_from_meta(meta)
         from_dict(meta["config"])
@@ -187,8 +197,13 @@ def validate_checkpoint(ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{path} has an invalid configuration ({exc})") from None
     vocab = meta["vocab"]
     # A lone surrogate is not a character any text can hold; printing one would crash the CLI.
-    if not (isinstance(vocab, list) and vocab and all(
-            isinstance(c, str) and len(c) == 1 and not 0xD800 <= ord(c) <= 0xDFFF for c in vocab)):
+    if not (
+        isinstance(vocab, list)
+        and vocab
+        and all(
+            isinstance(c, str) and len(c) == 1 and not 0xD800 <= ord(c) <= 0xDFFF for c in vocab
+        )
+    ):
         raise CheckpointError(f"{path} has a malformed vocabulary")
     if len(set(vocab)) != len(vocab):
         raise CheckpointError(f"{path} has a vocabulary with repeated characters")
@@ -211,7 +226,9 @@ def validate_checkpoint(ckpt: Checkpoint) -> None:
     if set(state) != set(expected):
         missing = sorted(set(expected) - set(state))[:3]
         extra = sorted(set(state) - set(expected))[:3]
-        raise CheckpointError(f"{path} weights do not match the model (missing {missing}, extra {extra})")
+        raise CheckpointError(
+            f"{path} weights do not match the model (missing {missing}, extra {extra})"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(

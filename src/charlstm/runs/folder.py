@@ -58,8 +58,9 @@ def find_checkpoint(run: str | Path, prefer: str = "best") -> Path:
     if run.is_file():
         return run
     if not run.exists():
-        raise CheckpointError(f"run folder {str(run)!r} does not exist; give a folder made by "
-                              "`charlstm train`")
+        raise CheckpointError(
+            f"run folder {str(run)!r} does not exist; give a folder made by `charlstm train`"
+        )
     for which in [prefer] + [w for w in CHECKPOINTS if w != prefer]:
         p = checkpoint_path(run, which)
         if p.is_file():
@@ -104,7 +105,9 @@ class RunFolder:
             raise UserError(f"--out {str(out)!r} is a file; give a folder path")
         if out.is_dir() and any(out.iterdir()):
             if not force:
-                what = "holds a run" if is_run_dir(out) else "is not empty and is not a charlstm run"
+                what = (
+                    "holds a run" if is_run_dir(out) else "is not empty and is not a charlstm run"
+                )
                 raise UserError(
                     f"--out {str(out)!r} {what}; continue it with --resume, choose another --out, or "
                     "pass --force to replace the run's files"
@@ -118,24 +121,30 @@ class RunFolder:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"cannot create --out {str(out)!r} ({exc.strerror or exc}); choose a "
-                            "folder you can write to") from None
+            raise UserError(
+                f"cannot create --out {str(out)!r} ({exc.strerror or exc}); choose a "
+                "folder you can write to"
+            ) from None
 
     def resume_checkpoint(self) -> Checkpoint:
         """The last/ checkpoint to resume from, or a one-line error saying why there is none."""
         last = self.checkpoint_file("last")
         if not last.is_file():
             if not self.path.is_dir():
-                raise CheckpointError(f"run folder {str(self.path)!r} does not exist; give a folder "
-                                      "made by `charlstm train`")
+                raise CheckpointError(
+                    f"run folder {str(self.path)!r} does not exist; give a folder "
+                    "made by `charlstm train`"
+                )
             if self.config_file.is_file():  # stopped (or killed) before its first checkpoint
                 raise UserError(
                     f"{str(self.path)!r} stopped before its first checkpoint, so there is nothing to "
                     f"resume; start it again with: charlstm train --config {self.config_file} --out "
                     f"{self.path} --force"
                 )
-            raise CheckpointError(f"{str(self.path)!r} is not a charlstm run folder (no last/ "
-                                  "checkpoint); give a folder made by `charlstm train`")
+            raise CheckpointError(
+                f"{str(self.path)!r} is not a charlstm run folder (no last/ "
+                "checkpoint); give a folder made by `charlstm train`"
+            )
         return read_checkpoint(last)
 
     def remove_stale_temps(self) -> None:
@@ -167,8 +176,9 @@ class RunFolder:
         except OSError as exc:
             raise write_failed(self.metrics_file, exc) from None
 
-    def save_checkpoint(self, which: str, tensors: dict[str, torch.Tensor],
-                        meta: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self, which: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
         save_checkpoint(self.checkpoint_file(which), tensors, meta)
 
     # -- reading ---------------------------------------------------------------------------------

@@ -52,7 +52,10 @@ def keep_records_up_to(path: Path, step: int) -> None:
     if not path.is_file():
         return
     old = path.read_text(encoding="utf-8", errors="replace")
-    kept = [line + "\n" for line in old.splitlines()
-            if (r := _parse(line)) is not None and r["step"] <= step]
+    kept = [
+        line + "\n"
+        for line in old.splitlines()
+        if (r := _parse(line)) is not None and r["step"] <= step
+    ]
     if "".join(kept) != old:
         atomic_write_text(path, "".join(kept))

@@ -86,8 +86,9 @@ class Server:
     def worker(self, name: str | None) -> ModelWorker:
         worker = self.workers.get(name or self.default)
         if worker is None:
-            raise FieldError("model", f"no model named {name!r}; this server has "
-                                      f"{', '.join(self.workers)}")
+            raise FieldError(
+                "model", f"no model named {name!r}; this server has {', '.join(self.workers)}"
+            )
         return worker
 
     def admit(self, body: GenerateRequest) -> tuple[ModelWorker, Job]:
@@ -96,10 +97,14 @@ class Server:
         c = self.config
         worker = self.worker(body.model)
         if body.length > c.max_length:
-            raise FieldError("length", f"must be at most {c.max_length} (the server's --max-length)")
+            raise FieldError(
+                "length", f"must be at most {c.max_length} (the server's --max-length)"
+            )
         if len(body.start_text) > c.max_start_chars:
-            raise FieldError("start_text", f"has {len(body.start_text)} characters; the limit is "
-                                           f"{c.max_start_chars}")
+            raise FieldError(
+                "start_text",
+                f"has {len(body.start_text)} characters; the limit is {c.max_start_chars}",
+            )
         limit = min(c.max_num_samples, c.max_concurrency)
         if body.num_samples > limit:
             raise FieldError("num_samples", f"must be at most {limit}")
@@ -108,13 +113,18 @@ class Server:
         missing = vocab.unknown(text)
         if missing and body.unknown == "error":
             shown = ", ".join(describe_char(ch) for ch in missing[:10])
-            raise FieldError("start_text", f"has characters the model never saw: {shown}; remove "
-                                           'them or send "unknown": "skip" to drop them')
+            raise FieldError(
+                "start_text",
+                f"has characters the model never saw: {shown}; remove "
+                'them or send "unknown": "skip" to drop them',
+            )
         text = "".join(ch for ch in text if ch in vocab)
         if not text:
             raise FieldError("start_text", "has no character the model knows; give another one")
         try:
-            params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty)
+            params = SamplingParams(
+                body.temperature, body.top_k, body.top_p, body.repetition_penalty
+            )
             rule = StopRule(tuple(body.stop), body.max_lines, body.max_stanzas)
         except UserError as exc:  # the schema should have caught it; keep the 422 promise anyway
             raise FieldError("body", str(exc)) from None
@@ -124,11 +134,17 @@ class Server:
             raise Busy(max(1, min(60, math.ceil(wait))))
         seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         prompt = vocab.encode(text)
-        requests = [EngineRequest(prompt, body.length, params, int(s), rule)
-                    for s in stream_seeds(seed, n)]
+        requests = [
+            EngineRequest(prompt, body.length, params, int(s), rule) for s in stream_seeds(seed, n)
+        ]
         self.used += n
-        job = Job(requests, text, seed, time.perf_counter() + c.time_limit,
-                  on_close=lambda j: self._release(worker, j))
+        job = Job(
+            requests,
+            text,
+            seed,
+            time.perf_counter() + c.time_limit,
+            on_close=lambda j: self._release(worker, j),
+        )
         worker.submit(job)
         return worker, job
 
@@ -157,9 +173,13 @@ class Server:
             "val_loss": val,
             "val_bits_per_char": None if val is None else val / math.log(2),
             "device": str(m.device),
-            "limits": {"max_length": c.max_length, "max_start_chars": c.max_start_chars,
-                       "max_num_samples": min(c.max_num_samples, c.max_concurrency),
-                       "max_concurrency": c.max_concurrency, "time_limit": c.time_limit},
+            "limits": {
+                "max_length": c.max_length,
+                "max_start_chars": c.max_start_chars,
+                "max_num_samples": min(c.max_num_samples, c.max_concurrency),
+                "max_concurrency": c.max_concurrency,
+                "time_limit": c.time_limit,
+            },
         }
 
 
@@ -179,8 +199,13 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             too_big = declared.isdigit()
             response = JSONResponse(
-                {"detail": f"request body larger than {self.max_bytes} bytes" if too_big
-                 else "invalid Content-Length header"}, status_code=413 if too_big else 400)
+                {
+                    "detail": f"request body larger than {self.max_bytes} bytes"
+                    if too_big
+                    else "invalid Content-Length header"
+                },
+                status_code=413 if too_big else 400,
+            )
             return await response(scope, receive, send)
         seen = 0
 
@@ -202,10 +227,12 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
-                 status_code: int = 200) -> None:  # FastAPI's OpenAPI reads status_code's default
-        super().__init__(content, status_code,
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(
+        self, content: AsyncIterator[str], on_close: Callable[[], None], status_code: int = 200
+    ) -> None:  # FastAPI's OpenAPI reads status_code's default
+        super().__init__(
+            content, status_code, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.on_close = on_close
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -221,8 +248,15 @@ def sse(event: str, data: Any) -> str:
 
 
 async def _events(job: Job, model: str) -> AsyncIterator[str]:
-    yield sse("start", {"model": model, "start_text": job.start_text, "num_samples": len(job.requests),
-                        "seed": job.seed})
+    yield sse(
+        "start",
+        {
+            "model": model,
+            "start_text": job.start_text,
+            "num_samples": len(job.requests),
+            "seed": job.seed,
+        },
+    )
     try:
         async for texts in job.chunks():
             for i, text in sorted(texts.items()):
@@ -234,7 +268,9 @@ async def _events(job: Job, model: str) -> AsyncIterator[str]:
 
 
 def _field_name(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query") else [str(p) for p in loc]
+    parts = (
+        [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query") else [str(p) for p in loc]
+    )
     name = ".".join(p for p in parts if not p.isdigit())
     index = "".join(f"[{p}]" for p in parts if p.isdigit())
     return (name or "body") + index
@@ -259,18 +295,28 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         yield
         await server.shutdown()
 
-    app = FastAPIOffline(title="charlstm", version=_version(), lifespan=lifespan,
-                         static_url="/docs-assets",
-                         description="Generate text with character-level recurrent models.")
+    app = FastAPIOffline(
+        title="charlstm",
+        version=_version(),
+        lifespan=lifespan,
+        static_url="/docs-assets",
+        description="Generate text with character-level recurrent models.",
+    )
     app.state.server = server
     Body = request_model(config)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _unprocessable([
-            ErrorDetail(field="body" if e.get("type") == "json_invalid" else _field_name(e["loc"]),
-                        reason=e.get("msg", "")) for e in exc.errors()])
+        return _unprocessable(
+            [
+                ErrorDetail(
+                    field="body" if e.get("type") == "json_invalid" else _field_name(e["loc"]),
+                    reason=e.get("msg", ""),
+                )
+                for e in exc.errors()
+            ]
+        )
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError) -> JSONResponse:
@@ -279,12 +325,20 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
     @app.exception_handler(Busy)
     async def _busy(request: Request, exc: Busy) -> JSONResponse:
         return JSONResponse(
-            {"detail": f"the server is generating its limit of {config.max_concurrency} streams; "
-                       f"retry in {exc.retry_after} s"},
-            status_code=429, headers={"Retry-After": str(exc.retry_after)})
+            {
+                "detail": f"the server is generating its limit of {config.max_concurrency} streams; "
+                f"retry in {exc.retry_after} s"
+            },
+            status_code=429,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
 
-    @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"],
-              responses={**ERROR_RESPONSES, 504: {"model": ErrorResponse, "description": "Time limit."}})
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        tags=["generate"],
+        responses={**ERROR_RESPONSES, 504: {"model": ErrorResponse, "description": "Time limit."}},
+    )
     async def generate(body: Body, request: Request) -> GenerateResponse:
         """Generate `num_samples` texts and return them whole."""
         worker, job = server.admit(body)
@@ -300,13 +354,21 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
             job.close()
         return job.response(worker.name)
 
-    @app.post("/v1/generate/stream", tags=["generate"], response_class=EventStream,
-              responses={**ERROR_RESPONSES, 200: {
-                  "content": {"text/event-stream": {}},
-                  "description": "Server-sent events: `start` (model, start text, seed), one `chunk` "
-                                 "per piece of text ({index, text}), then `done` (the same object "
-                                 "as POST /v1/generate) or `error` ({error, message}, e.g. "
-                                 "error=time_limit)."}})
+    @app.post(
+        "/v1/generate/stream",
+        tags=["generate"],
+        response_class=EventStream,
+        responses={
+            **ERROR_RESPONSES,
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "Server-sent events: `start` (model, start text, seed), one `chunk` "
+                "per piece of text ({index, text}), then `done` (the same object "
+                "as POST /v1/generate) or `error` ({error, message}, e.g. "
+                "error=time_limit).",
+            },
+        },
+    )
     async def generate_stream(body: Body) -> EventStream:
         """Generate and stream the text as server-sent events while it is produced."""
         worker, job = server.admit(body)
@@ -322,14 +384,19 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         """One model (the default unless `model` names another)."""
         name = model or server.default
         if name not in server.workers:
-            raise HTTPException(404, f"no model named {name!r}; this server has "
-                                     f"{', '.join(server.workers)}")
+            raise HTTPException(
+                404, f"no model named {name!r}; this server has {', '.join(server.workers)}"
+            )
         return server.model_info(name)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "models": list(server.workers), "streams": server.used,
-                "max_concurrency": config.max_concurrency}
+        return {
+            "status": "ok",
+            "models": list(server.workers),
+            "streams": server.used,
+            "max_concurrency": config.max_concurrency,
+        }
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -352,8 +419,15 @@ def _version() -> str:
     return __version__
 
 
-def serve(runs: Sequence[str | Path], *, host: str = "127.0.0.1", port: int = 8000,
-          config: ServerConfig | None = None, threads: int = 1, log_level: str = "info") -> None:
+def serve(
+    runs: Sequence[str | Path],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: ServerConfig | None = None,
+    threads: int = 1,
+    log_level: str = "info",
+) -> None:
     """Load `runs` once and serve them until interrupted."""
     import uvicorn
 

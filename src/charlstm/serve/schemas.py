@@ -21,8 +21,13 @@ class ServerConfig:
     tick_seconds: float = 0.01  # longest run of engine steps between two hand-overs of text
 
     def __post_init__(self) -> None:
-        for name in ("max_length", "max_concurrency", "max_start_chars", "max_num_samples",
-                     "max_body_bytes"):
+        for name in (
+            "max_length",
+            "max_concurrency",
+            "max_start_chars",
+            "max_num_samples",
+            "max_body_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch is not None and self.max_batch < 1:
@@ -48,16 +53,22 @@ class GenerateRequest(BaseModel):
     length: int = Field(200, ge=1, description="Characters to generate per sample.")
     temperature: float = Field(0.3, ge=0, allow_inf_nan=False, description="0 is greedy.")
     top_k: int | None = Field(None, ge=0, description="Keep the k most likely characters; 0 = off.")
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling.")
+    top_p: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling."
+    )
     repetition_penalty: float = Field(1.0, ge=1, allow_inf_nan=False)
     num_samples: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**64, description="Same seed, same text; none = random.")
-    stop: list[StopString] = Field(default_factory=list, max_length=8,
-                                   description="End a sample before any of these strings.")
+    seed: int | None = Field(
+        None, ge=0, lt=2**64, description="Same seed, same text; none = random."
+    )
+    stop: list[StopString] = Field(
+        default_factory=list, max_length=8, description="End a sample before any of these strings."
+    )
     max_lines: int | None = Field(None, ge=1)
     max_stanzas: int | None = Field(None, ge=1)
     unknown: Literal["error", "skip"] = Field(
-        "error", description="Start-text characters the model never saw: reject, or drop them.")
+        "error", description="Start-text characters the model never saw: reject, or drop them."
+    )
     model: str | None = Field(None, description="Which served model; the first one by default.")
 
 
@@ -65,11 +76,27 @@ def request_model(config: ServerConfig) -> type[GenerateRequest]:
     """`GenerateRequest` with this server's limits in its schema, so that /docs shows them and one
     422 names every bad field at once."""
     return create_model(
-        "GenerateRequest", __base__=GenerateRequest, __doc__=GenerateRequest.__doc__,
-        start_text=(str, Field(" ", min_length=1, max_length=config.max_start_chars,
-                               description="Text the samples continue.")),
-        length=(int, Field(min(200, config.max_length), ge=1, le=config.max_length,
-                           description="Characters to generate per sample.")),
+        "GenerateRequest",
+        __base__=GenerateRequest,
+        __doc__=GenerateRequest.__doc__,
+        start_text=(
+            str,
+            Field(
+                " ",
+                min_length=1,
+                max_length=config.max_start_chars,
+                description="Text the samples continue.",
+            ),
+        ),
+        length=(
+            int,
+            Field(
+                min(200, config.max_length),
+                ge=1,
+                le=config.max_length,
+                description="Characters to generate per sample.",
+            ),
+        ),
         num_samples=(int, Field(1, ge=1, le=min(config.max_num_samples, config.max_concurrency))),
     )
 
@@ -105,7 +132,10 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Request body too large."},
     422: {"model": ValidationErrorResponse, "description": "A field is invalid: which, and why."},
-    429: {"model": ErrorResponse, "description": "Too many concurrent generations; see Retry-After."},
+    429: {
+        "model": ErrorResponse,
+        "description": "Too many concurrent generations; see Retry-After.",
+    },
 }
 
 

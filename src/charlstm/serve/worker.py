@@ -23,8 +23,14 @@ log = logging.getLogger("charlstm.server")
 class Job:
     """One request's streams: the text the worker has produced for them, and how each ended."""
 
-    def __init__(self, requests: list[EngineRequest], start_text: str, seed: int,
-                 deadline: float, on_close: Callable[["Job"], None]) -> None:
+    def __init__(
+        self,
+        requests: list[EngineRequest],
+        start_text: str,
+        seed: int,
+        deadline: float,
+        on_close: Callable[["Job"], None],
+    ) -> None:
         n = len(requests)
         self.requests = requests
         self.start_text = start_text
@@ -94,8 +100,12 @@ class Job:
             samples=[self.start_text + g for g in self.generated],
             finish_reasons=[r or "length" for r in self.finish_reasons],
             seed=self.seed,
-            timing=Timing(first_chunk_ms=first, total_ms=total * 1e3, characters=chars,
-                          chars_per_second=chars / total if total > 0 else 0.0),
+            timing=Timing(
+                first_chunk_ms=first,
+                total_ms=total * 1e3,
+                characters=chars,
+                chars_per_second=chars / total if total > 0 else 0.0,
+            ),
         )
 
 
@@ -128,7 +138,9 @@ class ModelWorker:
     def start(self) -> None:
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"engine {self.name}")
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"engine {self.name}"
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -168,8 +180,11 @@ class ModelWorker:
         now = time.perf_counter()
         for job in [j for j in self.jobs if now > j.deadline]:
             limit = job.deadline - job.started
-            job.fail("time_limit", f"the generation ran past its time limit of {limit:g} s; "
-                                   "ask for fewer characters or try again when the server is less busy")
+            job.fail(
+                "time_limit",
+                f"the generation ran past its time limit of {limit:g} s; "
+                "ask for fewer characters or try again when the server is less busy",
+            )
             self.drop(job)
 
     async def _run(self) -> None:
@@ -188,8 +203,12 @@ class ModelWorker:
                 sids, steps = await asyncio.to_thread(self._tick, requests, cancels)
                 self._deliver(joining, sids, steps)
             except Exception:  # a bug must fail the requests in flight, not stop the worker
-                log.exception("engine of model %s failed; its requests end with an error", self.name)
-                self._reset("internal", "the model failed while generating; the server logged the cause")
+                log.exception(
+                    "engine of model %s failed; its requests end with an error", self.name
+                )
+                self._reset(
+                    "internal", "the model failed while generating; the server logged the cause"
+                )
 
     def _deliver(self, joining: list[tuple[Job, int]], sids: list[int], steps: list) -> None:
         """On the event loop: record the new streams and hand each step's text to its job."""

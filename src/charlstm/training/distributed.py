@@ -73,7 +73,9 @@ class Context:
     local_rank: int
     local_world_size: int
     backend: str
-    device: torch.device  # where collectives' tensors live: CPU for gloo, this process's GPU for NCCL
+    device: (
+        torch.device
+    )  # where collectives' tensors live: CPU for gloo, this process's GPU for NCCL
 
 
 _context: Context | None = None
@@ -100,23 +102,28 @@ def setup(device: str = "auto") -> Context | None:
         return None
     env = {k: int(os.environ[k]) for k in ("RANK", "LOCAL_RANK") if k in os.environ}
     if len(env) < 2 or "MASTER_ADDR" not in os.environ:
-        raise UserError("WORLD_SIZE is set but RANK, LOCAL_RANK or MASTER_ADDR is not; start "
-                        "distributed training with torchrun (or charlstm train --nproc N)")
+        raise UserError(
+            "WORLD_SIZE is set but RANK, LOCAL_RANK or MASTER_ADDR is not; start "
+            "distributed training with torchrun (or charlstm train --nproc N)"
+        )
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     on_gpu = pick_device(device).type == "cuda"
     if on_gpu:
         if env["LOCAL_RANK"] >= torch.cuda.device_count():
-            raise UserError(f"{local_world} processes on this machine but only "
-                            f"{torch.cuda.device_count()} GPUs; use --nproc-per-node "
-                            f"{torch.cuda.device_count()} or --device cpu")
+            raise UserError(
+                f"{local_world} processes on this machine but only "
+                f"{torch.cuda.device_count()} GPUs; use --nproc-per-node "
+                f"{torch.cuda.device_count()} or --device cpu"
+            )
         torch.cuda.set_device(env["LOCAL_RANK"])
     backend = "nccl" if on_gpu else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     atexit.register(_teardown)
     comm = torch.device("cuda", env["LOCAL_RANK"]) if on_gpu else torch.device("cpu")
-    _context = Context(dist.get_rank(), dist.get_world_size(), env["LOCAL_RANK"], local_world, backend,
-                       comm)
+    _context = Context(
+        dist.get_rank(), dist.get_world_size(), env["LOCAL_RANK"], local_world, backend, comm
+    )
     return _context
 
 
@@ -157,8 +164,18 @@ def _is_collective_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
-        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset",
-                                  "Broken pipe", "timed out", "Timed out"))
+        word in text
+        for word in (
+            "gloo",
+            "Gloo",
+            "NCCL",
+            "Connection closed",
+            "Connection reset",
+            "Broken pipe",
+            "timed out",
+            "Timed out",
+        )
+    )
 
 
 class RowShard:
@@ -186,41 +203,60 @@ def _quiet(message: str) -> None:
 class DistributedRun(Run):
     """A `Run` that is one of `ctx.world_size` processes training the same model."""
 
-    def __init__(self, config, folder: RunFolder, data, log: Callable[[str], None], progress: bool,
-                 ctx: Context) -> None:
+    def __init__(
+        self,
+        config,
+        folder: RunFolder,
+        data,
+        log: Callable[[str], None],
+        progress: bool,
+        ctx: Context,
+    ) -> None:
         B, N = config.data.batch_size, ctx.world_size
         if B % N:
-            raise UserError(f"--batch-size {B} does not split evenly over {N} processes; use a "
-                            f"multiple of {N} (each process trains batch_size / {N} streams)")
+            raise UserError(
+                f"--batch-size {B} does not split evenly over {N} processes; use a "
+                f"multiple of {N} (each process trains batch_size / {N} streams)"
+            )
         self.ctx = ctx
-        super().__init__(config, folder, data, log if ctx.rank == 0 else _quiet, progress and ctx.rank == 0)
+        super().__init__(
+            config, folder, data, log if ctx.rank == 0 else _quiet, progress and ctx.rank == 0
+        )
         self.writer = ctx.rank == 0
         self.last_saved_step: int | None = None
         # Each process gets its share of the cores unless --threads says otherwise.
-        self.threads = set_threads(config.train.threads
-                                   or max(1, available_cores() // ctx.local_world_size))
+        self.threads = set_threads(
+            config.train.threads or max(1, available_cores() // ctx.local_world_size)
+        )
         per = B // N
         self.rows = slice(ctx.rank * per, (ctx.rank + 1) * per)
         self.batcher = RowShard(self.batcher, self.rows)
         self._check_same_job(data)
         if ctx.rank:
             torch.manual_seed(config.train.seed + RANK_SEED_STRIDE * ctx.rank)
-        self.log(f"charlstm: {N} processes ({ctx.backend}), {per} of the {B} streams each, "
-                 f"{self.threads} threads each")
+        self.log(
+            f"charlstm: {N} processes ({ctx.backend}), {per} of the {B} streams each, "
+            f"{self.threads} threads each"
+        )
 
     # -- agreement ------------------------------------------------------------------------------
 
     def _check_same_job(self, data) -> None:
         """Every process must train the same configuration on the same text: a node with another
         copy of the corpus would otherwise train on different data without a word."""
-        doc = json.dumps([self.config.to_dict(), data.vocab.to_list(), len(data.train_ids),
-                          len(data.val_ids)], sort_keys=True, ensure_ascii=False)
+        doc = json.dumps(
+            [self.config.to_dict(), data.vocab.to_list(), len(data.train_ids), len(data.val_ids)],
+            sort_keys=True,
+            ensure_ascii=False,
+        )
         mine = hashlib.sha256(doc.encode()).hexdigest()
         everyone: list[str | None] = [None] * self.ctx.world_size
         self._collective(dist.all_gather_object, everyone, mine)
         if len(set(everyone)) > 1:
-            raise UserError("the processes of this job disagree on the configuration, the vocabulary "
-                            "or the corpus; give every node the same corpus and the same options")
+            raise UserError(
+                "the processes of this job disagree on the configuration, the vocabulary "
+                "or the corpus; give every node the same corpus and the same options"
+            )
 
     def _collective(self, fn, *args, **kwargs):
         try:
@@ -234,8 +270,11 @@ class DistributedRun(Run):
         # gloo's messages start with a source location and run on: keep the first sentence
         first = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().split("\n")[0]).split(". ")[0]
         first = first or type(exc).__name__
-        saved = (f"the last checkpoint (step {self.last_saved_step}) is intact"
-                 if self.last_saved_step is not None else "no checkpoint had been written yet")
+        saved = (
+            f"the last checkpoint (step {self.last_saved_step}) is intact"
+            if self.last_saved_step is not None
+            else "no checkpoint had been written yet"
+        )
         return PeerFailure(
             f"rank {self.ctx.rank} of {self.ctx.world_size}: another process of this job stopped or "
             f"stopped answering ({first[:160]}); the job ends here and {saved}; continue with: "
@@ -251,8 +290,9 @@ class DistributedRun(Run):
         collectives, and the job would hang until the timeout (seen: 2 runs in 3 of
         test_ctrl_c_stops_every_process_at_the_same_step). Such a signal is sent at the next step."""
         requested = guard.requested.value if guard.requested is not None else 0
-        flags = torch.tensor([self.counters.elapsed, float(requested)], dtype=torch.float64,
-                             device=self.ctx.device)
+        flags = torch.tensor(
+            [self.counters.elapsed, float(requested)], dtype=torch.float64, device=self.ctx.device
+        )
         self._collective(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
         self.counters.elapsed = float(flags[0])
         agreed = int(flags[1])
@@ -295,13 +335,21 @@ class DistributedRun(Run):
     def evaluate(self) -> float:
         ids = self.data.val_ids
         S, _ = stream_layout(len(ids), self.config.train.eval_streams)
-        rows = np.arange(S)[self.ctx.rank::self.ctx.world_size]
-        total, count = loss_sums(self.eval_model, ids, n_streams=self.config.train.eval_streams,
-                                 device=self.device, precision=self.precision, rows=rows)
+        rows = np.arange(S)[self.ctx.rank :: self.ctx.world_size]
+        total, count = loss_sums(
+            self.eval_model,
+            ids,
+            n_streams=self.config.train.eval_streams,
+            device=self.device,
+            precision=self.precision,
+            rows=rows,
+        )
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.ctx.device)
         self._collective(dist.all_reduce, sums)
         val = (sums[0] / sums[1]).reshape(1)
-        self._collective(dist.broadcast, val, src=0)  # bit-identical on every process, by construction
+        self._collective(
+            dist.broadcast, val, src=0
+        )  # bit-identical on every process, by construction
         return float(val)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -325,8 +373,9 @@ class DistributedRun(Run):
         local = self.hidden
         full = None
         if local is not None:
-            full = hidden_from_tensors([self._gather_rows(h) for h in hidden_tensors(local)],
-                                       self.config.model.cell)
+            full = hidden_from_tensors(
+                [self._gather_rows(h) for h in hidden_tensors(local)], self.config.model.cell
+            )
         self._rng_states = self._gather_rng()
         if self.writer:
             self.hidden = full
@@ -357,7 +406,8 @@ class DistributedRun(Run):
         if self.hidden is not None:
             self.hidden = hidden_from_tensors(
                 [h[:, self.rows].contiguous() for h in hidden_tensors(self.hidden)],
-                self.config.model.cell)
+                self.config.model.cell,
+            )
         self.last_saved_step = self.counters.step
         saved = ck.tensors.get("dist.world_size")
         saved_n = int(saved.reshape(-1)[0]) if saved is not None else 1
@@ -369,8 +419,10 @@ class DistributedRun(Run):
         elif rank:
             torch.manual_seed(self.config.train.seed + RANK_SEED_STRIDE * rank + self.counters.step)
         if saved_n != self.ctx.world_size:
-            self.log(f"note: resuming on {self.ctx.world_size} processes (the run used {saved_n}); the "
-                     "batches are the same, dropout's random masks are not")
+            self.log(
+                f"note: resuming on {self.ctx.world_size} processes (the run used {saved_n}); the "
+                "batches are the same, dropout's random masks are not"
+            )
 
 
 # ---------------------------------------------------------------------------------------- launching
@@ -390,14 +442,20 @@ def launch(nproc: int, args: list[str]) -> int:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // nproc)))
     try:
-        torchrun.main(["--standalone", f"--nproc-per-node={nproc}", "-m", "charlstm", "train", *args])
+        torchrun.main(
+            ["--standalone", f"--nproc-per-node={nproc}", "-m", "charlstm", "train", *args]
+        )
     except SignalException as exc:
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        print(f"charlstm: error: the process of rank {rank} {how} (its message, if any, is above); "
-              "the job has ended", file=sys.stderr, flush=True)
+        print(
+            f"charlstm: error: the process of rank {rank} {how} (its message, if any, is above); "
+            "the job has ended",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 - code if code < 0 else code or 1
     return 0

@@ -55,7 +55,9 @@ class Counters:
     best_val: float = math.inf  # best of the scheduled evaluations (drives early stopping)
     best_step: int = -1
     bad_evals: int = 0
-    best_saved_val: float = math.inf  # loss of the weights in best/ (may come from a final evaluation)
+    best_saved_val: float = (
+        math.inf
+    )  # loss of the weights in best/ (may come from a final evaluation)
     nonfinite: int = 0
 
 
@@ -69,8 +71,14 @@ def _is_number(value: Any) -> bool:
 class Run:
     """One training run: its folder, model, optimizer, batcher and counters."""
 
-    def __init__(self, config: RunConfig, folder: RunFolder, data: PreparedData,
-                 log: Callable[[str], None], progress: bool) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        folder: RunFolder,
+        data: PreparedData,
+        log: Callable[[str], None],
+        progress: bool,
+    ) -> None:
         t = config.train
         self.folder = folder
         self.out = folder.path
@@ -84,8 +92,9 @@ class Run:
         torch.manual_seed(t.seed)
         self.model = CharRNN(self.config.model).to(self.device)
         o = self.config.optim
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                    amsgrad=o.amsgrad)
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad
+        )
         self.plateau = Plateau(o.plateau_factor, o.plateau_patience)
         # With `ema`, evaluation, sampling and best/ use a moving average of the weights: on a tiny
         # corpus the averaged weights generalise better than the noisy last iterate.
@@ -171,7 +180,9 @@ class Run:
     def restore(self, ck: Checkpoint) -> None:
         info = ck.meta.get("resume")
         if not isinstance(info, dict):
-            raise UserError(f"{ck.path} holds no training state; resume from a run's last/ checkpoint")
+            raise UserError(
+                f"{ck.path} holds no training state; resume from a run's last/ checkpoint"
+            )
         # The schema check of the file covers the weights; the training state is checked here, so
         # that damage is reported before the first step instead of crashing somewhere inside it.
         try:
@@ -182,8 +193,10 @@ class Run:
                 "run folder, or start a new run"
             ) from None
         if info.get("threads") != self.threads:
-            self.log(f"note: resuming with {self.threads} threads (the run used {info.get('threads')}); "
-                     "results will not be bitwise identical to an uninterrupted run")
+            self.log(
+                f"note: resuming with {self.threads} threads (the run used {info.get('threads')}); "
+                "results will not be bitwise identical to an uninterrupted run"
+            )
 
     def _restore_state(self, ck: Checkpoint, info: dict[str, Any]) -> None:
         self.model.load_state_dict(ck.model_state())
@@ -191,13 +204,18 @@ class Run:
             self.ema.load_state_dict(ck.group("ema"))
         load_optimizer(self.opt, ck.group("optim"), info["optimizer"])
         plateau = info["plateau"]
-        if not (set(plateau) <= set(self.plateau.state_dict()) and all(_is_number(v) for v in plateau.values())):
+        if not (
+            set(plateau) <= set(self.plateau.state_dict())
+            and all(_is_number(v) for v in plateau.values())
+        ):
             raise ValueError("the plateau schedule's state is malformed")
         self.plateau.load_state_dict(plateau)
         self.batcher.load_state_dict(info["batcher"])  # checks the position against the text
         names = {f.name for f in dataclasses.fields(Counters)}
         if set(info["counters"]) != names:
-            raise ValueError(f"the counters are {sorted(info['counters'])}, expected {sorted(names)}")
+            raise ValueError(
+                f"the counters are {sorted(info['counters'])}, expected {sorted(names)}"
+            )
         counters = Counters(**info["counters"])
         for f in dataclasses.fields(Counters):
             value = getattr(counters, f.name)
@@ -213,14 +231,21 @@ class Run:
             tensors = [hidden[str(i)].to(self.device) for i in range(len(hidden))]
             want = (m.num_layers, B, m.hidden_size)
             if len(tensors) != (2 if m.cell == "lstm" else 1) or any(
-                    tuple(h.shape) != want or not h.is_floating_point() for h in tensors):
+                tuple(h.shape) != want or not h.is_floating_point() for h in tensors
+            ):
                 raise ValueError(f"the carried hidden state does not have shape {want}")
             self.hidden = hidden_from_tensors(tensors, m.cell)
 
     def _progress_metrics(self) -> dict[str, Any]:
         c = self.counters
-        return {"elapsed": round(c.elapsed, 3), "chars": c.chars, "best_val_loss": c.best_saved_val,
-                "best_step": c.best_step, "device": self.device.type, "precision": self.precision}
+        return {
+            "elapsed": round(c.elapsed, 3),
+            "chars": c.chars,
+            "best_val_loss": c.best_saved_val,
+            "best_step": c.best_step,
+            "device": self.device.type,
+            "precision": self.precision,
+        }
 
     # -- pieces of the loop --------------------------------------------------------------------
 
@@ -234,16 +259,27 @@ class Run:
         return loss
 
     def evaluate(self) -> float:
-        return evaluate_ids(self.eval_model, self.data.val_ids, n_streams=self.config.train.eval_streams,
-                            device=self.device, precision=self.precision)
+        return evaluate_ids(
+            self.eval_model,
+            self.data.val_ids,
+            n_streams=self.config.train.eval_streams,
+            device=self.device,
+            precision=self.precision,
+        )
 
     def sample(self, seed: int) -> str:
         t = self.config.train
         vocab = self.data.vocab
         start = "\n" if "\n" in vocab else vocab.chars[0]
-        chunks = generate_stream(self.eval_model, [vocab.encode(start)], t.sample_length,
-                                 SamplingParams(temperature=t.sample_temperature),
-                                 stream_seeds(seed, 1), vocab.decode, device=self.device)
+        chunks = generate_stream(
+            self.eval_model,
+            [vocab.encode(start)],
+            t.sample_length,
+            SamplingParams(temperature=t.sample_temperature),
+            stream_seeds(seed, 1),
+            vocab.decode,
+            device=self.device,
+        )
         text = "".join(o[0].text for o in chunks if 0 in o)
         self.model.train()
         return start + text
@@ -253,9 +289,12 @@ class Run:
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
         hidden = None if batch.reset else self.hidden
-        lr = learning_rate(self.counters.step, budget_progress(self.counters.step, self.counters.elapsed,
-                                                               self.config.train),
-                           self.plateau.scale, self.config.optim)
+        lr = learning_rate(
+            self.counters.step,
+            budget_progress(self.counters.step, self.counters.elapsed, self.config.train),
+            self.plateau.scale,
+            self.config.optim,
+        )
         for group in self.opt.param_groups:
             group["lr"] = lr
         with autocast(self.device, self.precision):
@@ -269,7 +308,9 @@ class Run:
         if finite:
             loss.backward()
             clip = self.config.optim.grad_clip
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), clip if clip > 0 else math.inf
+            )
             finite = bool(torch.isfinite(norm))
         if not finite:
             self.opt.zero_grad(set_to_none=True)
@@ -282,8 +323,10 @@ class Run:
                     f"({self.counters.nonfinite} time(s), {allowed} allowed); the last good checkpoint "
                     "is kept: lower --lr, raise --grad-clip, or allow skips with --skip-nonfinite N"
                 )
-            self.log(f"warning: non-finite loss at step {self.counters.step}, step skipped "
-                     f"({self.counters.nonfinite}/{allowed})")
+            self.log(
+                f"warning: non-finite loss at step {self.counters.step}, step skipped "
+                f"({self.counters.nonfinite}/{allowed})"
+            )
             return None
         self.opt.step()
         if self.ema is not None:
@@ -303,8 +346,15 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
     window_chars, window_start = 0, start
     chars_per_step = run.config.data.batch_size * run.config.data.seq_len
     total = t.max_steps if t.max_steps else None
-    bar = tqdm(total=total, initial=c.step if total else 0, disable=not run.progress, unit="step",
-               dynamic_ncols=True, file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=total,
+        initial=c.step if total else 0,
+        disable=not run.progress,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        leave=False,
+    )
     last_val: float | None = None
     reason = "budget"
     try:
@@ -340,10 +390,15 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
             now = time.monotonic()
             c.elapsed = base_elapsed + (now - start)
             speed = window_chars / max(now - window_start, 1e-9)
-            record = {"step": c.step, "time": round(c.elapsed, 3),
-                      "train_loss": float(np.mean(window_losses)), "val_loss": val,
-                      "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"],
-                      "chars_per_s": round(speed, 1)}
+            record = {
+                "step": c.step,
+                "time": round(c.elapsed, 3),
+                "train_loss": float(np.mean(window_losses)),
+                "val_loss": val,
+                "val_bpc": val / math.log(2),
+                "lr": run.opt.param_groups[0]["lr"],
+                "chars_per_s": round(speed, 1),
+            }
             if run.writer:
                 run.folder.append_metrics(record)
             window_losses, window_chars, window_start = [], 0, now
@@ -358,9 +413,12 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
             run.save_last()
             if on_eval is not None:
                 on_eval(c.step, val)
-            bar.set_postfix_str(f"train {record['train_loss']:.3f} val {val:.3f} "
-                                f"({val / math.log(2):.2f} bpc) lr {record['lr']:.2e} "
-                                f"{speed / 1000:.1f}k ch/s", refresh=False)
+            bar.set_postfix_str(
+                f"train {record['train_loss']:.3f} val {val:.3f} "
+                f"({val / math.log(2):.2f} bpc) lr {record['lr']:.2e} "
+                f"{speed / 1000:.1f}k ch/s",
+                refresh=False,
+            )
             if t.sample_every and c.evals % t.sample_every == 0 and run.writer:
                 text = run.sample(seed=t.seed + c.step)
                 run.folder.append_sample(f"--- step {c.step}, val {val:.3f}\n{text}\n")
@@ -370,8 +428,10 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
                 break
     except TrainingStopped:
         _finish(run, last_val, report_only=True)
-        run.log(f"charlstm: saved at step {run.counters.step}; continue with: "
-                f"charlstm train --resume {run.out}")
+        run.log(
+            f"charlstm: saved at step {run.counters.step}; continue with: "
+            f"charlstm train --resume {run.out}"
+        )
         raise
     finally:
         bar.close()
@@ -390,8 +450,15 @@ def _finish(run: Run, last_val: float | None, report_only: bool) -> None:
             c.best_step = c.step
         if not report_only and run.writer:
             run.folder.append_metrics(
-                {"step": c.step, "time": round(c.elapsed, 3), "val_loss": val,
-                 "val_bpc": val / math.log(2), "lr": run.opt.param_groups[0]["lr"], "final": True})
+                {
+                    "step": c.step,
+                    "time": round(c.elapsed, 3),
+                    "val_loss": val,
+                    "val_bpc": val / math.log(2),
+                    "lr": run.opt.param_groups[0]["lr"],
+                    "final": True,
+                }
+            )
     run.save_last()
 
 

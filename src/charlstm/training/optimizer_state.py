@@ -17,11 +17,16 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
                 tensors[f"{pid}.{key}"] = value
             else:
                 scalars[f"{pid}.{key}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
+def load_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         pid, key = name.split(".", 1)
@@ -40,9 +45,17 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     for group in opt.param_groups:
         for p in group["params"]:
             for key, value in opt.state.get(p, {}).items():
-                ok = (torch.is_tensor(value) and value.numel() == 1 and bool(torch.isfinite(value).all())
-                      if key == "step" else
-                      key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and torch.is_tensor(value)
-                      and value.shape == p.shape and bool(torch.isfinite(value).all()))
+                ok = (
+                    torch.is_tensor(value)
+                    and value.numel() == 1
+                    and bool(torch.isfinite(value).all())
+                    if key == "step"
+                    else key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                    and torch.is_tensor(value)
+                    and value.shape == p.shape
+                    and bool(torch.isfinite(value).all())
+                )
                 if not ok:
-                    raise ValueError(f"Adam's {key!r} does not fit a weight of shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"Adam's {key!r} does not fit a weight of shape {tuple(p.shape)}"
+                    )

@@ -42,8 +42,11 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
     """The stored configuration of `run_dir`, with budget-like overrides applied."""
     ck = RunFolder(Path(run_dir)).resume_checkpoint()
     config = from_dict(ck.meta["config"])
-    changed_model = {k for k in overrides
-                     if k in asdict(config.model) and overrides[k] != getattr(config.model, k)}
+    changed_model = {
+        k
+        for k in overrides
+        if k in asdict(config.model) and overrides[k] != getattr(config.model, k)
+    }
     if changed_model:
         raise UserError(
             f"cannot change the model's {', '.join(sorted(changed_model))} when resuming; "
@@ -52,10 +55,17 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
     return config.replace(**overrides)
 
 
-def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool = True, log: Callable[[str], None] | None = None,
-          loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-          on_eval: Callable[[int, float], None] | None = None) -> Path:
+def train(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> Path:
     """Train a model as `config` says and write the run to `out`; returns the run folder.
 
     ``init_from`` starts from another run's weights, ``pretrain`` makes that run first.
@@ -70,11 +80,14 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     log = log or _stderr
     out = Path(out)
     if config.optim.lr > MAX_LR:
-        raise UserError(f"lr {config.optim.lr:g} is far beyond any rate Adam trains with (each step "
-                        f"moves every weight by about lr); use at most {MAX_LR:g}, e.g. 3e-3")
+        raise UserError(
+            f"lr {config.optim.lr:g} is far beyond any rate Adam trains with (each step "
+            f"moves every weight by about lr); use at most {MAX_LR:g}, e.g. 3e-3"
+        )
     if config.train.pretrain and not resume:  # two runs: <out>-pretrain, then `out` from it
-        return pretrain_then_finetune(config, out, force=force, progress=progress, log=log,
-                                      on_eval=on_eval)
+        return pretrain_then_finetune(
+            config, out, force=force, progress=progress, log=log, on_eval=on_eval
+        )
     ctx = distributed.setup(config.train.device)  # None unless started by torchrun
     writer = ctx is None or ctx.rank == 0
     if not writer:
@@ -89,10 +102,19 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     if config.train.init_from and last_ckpt is None:
         source = transfer.read_source(config.train.init_from)
         transfer.check_architecture(config, source)
-    data = prepare_data(config, last_ckpt.vocab if last_ckpt else
-                        transfer.union_vocabulary(config, source) if source else None)
-    run = (Run(config, folder, data, log, progress) if ctx is None else
-           distributed.DistributedRun(config, folder, data, log, progress, ctx))
+    data = prepare_data(
+        config,
+        last_ckpt.vocab
+        if last_ckpt
+        else transfer.union_vocabulary(config, source)
+        if source
+        else None,
+    )
+    run = (
+        Run(config, folder, data, log, progress)
+        if ctx is None
+        else distributed.DistributedRun(config, folder, data, log, progress, ctx)
+    )
     run.loss_hook = loss_hook
     if last_ckpt is not None:
         run.restore(last_ckpt)
@@ -103,18 +125,22 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, force: bo
     transfer.freeze(run.model, config.train.freeze_layers)
     if writer:
         folder.write_config(to_toml(run.config))
-    log(f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
+    log(
+        f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
         f"characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
         f"{run.config.model.num_layers}×{run.config.model.hidden_size}, "
         f"{count_parameters(run.model):,} parameters; {run.device.type}, {run.precision}, "
-        f"{run.threads} threads")
+        f"{run.threads} threads"
+    )
     reason = fit(run, on_eval)
     if ctx is not None:
         distributed.finish()
     best = run.counters.best_saved_val
-    log(f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
+    log(
+        f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
         f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char) at step "
-        f"{run.counters.best_step}; run folder {out}")
+        f"{run.counters.best_step}; run folder {out}"
+    )
     if run.config.train.report and writer:
         from charlstm.analysis.report import report_run  # matplotlib: only when a report is asked
 
