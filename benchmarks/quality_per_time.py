@@ -1,7 +1,8 @@
 """Validation loss reached within a wall-clock training budget, with speed and roofline figures.
 
     python benchmarks/quality_per_time.py --config configs/shakespeare-100s.toml --budget 100
-    python benchmarks/quality_per_time.py --dataset byron-ru --config configs/byron.toml --budget 120
+    python benchmarks/quality_per_time.py --dataset byron-ru --config configs/byron.toml \\
+        --budget 120
 
 Prints one JSON line (see charlstm.bench.training). Same as `charlstm bench train`.
 """

@@ -3,10 +3,10 @@
     python benchmarks/serve_load.py RUN [--clients 32] [--requests 4] [--length 600] [--max-batch N]
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 [...]
 
-With RUN it starts `charlstm serve RUN` on a free loopback port (and stops it afterwards); with --url
-it targets a server already running on this machine (loopback addresses only). Each client sends
-`--requests` streaming requests one after another, each for `--length` characters with no stop rule,
-so a complete text has exactly that many; no request starts after `--duration` seconds.
+With RUN it starts `charlstm serve RUN` on a free loopback port (and stops it afterwards); with
+--url it targets a server already running on this machine (loopback addresses only). Each client
+sends `--requests` streaming requests one after another, each for `--length` characters with no stop
+rule, so a complete text has exactly that many; no request starts after `--duration` seconds.
 
 Prints requests/s, p50/p99 latency (request sent to stream end), p50/p99 time to the first `chunk`
 event (generated text, not the echoed start text), generated characters/s, the count of 5xx answers
