@@ -40,7 +40,7 @@ def main() -> None:
 
     def save_last(self) -> None:  # record what each process holds at every save
         original(self)
-        digests[self.counters.step] = _digest(self)
+        digests[self.state.progress.step] = _digest(self)
 
     distributed.DistributedRun.save_last = save_last
     if "--resume" in sys.argv:

@@ -156,7 +156,7 @@ def test_weights_that_overflow_are_never_saved(
 
     def corrupting_step(self, batch):
         loss = step_once(self, batch)
-        if self.counters.step == corrupt_at:
+        if self.state.progress.step == corrupt_at:
             with torch.no_grad():
                 self.model.fc.weight[0, 0] = math.inf
         return loss

@@ -5,30 +5,32 @@ Launched by PyTorch's own launcher, one process per CPU share or GPU::
     torchrun --standalone --nproc-per-node 2 -m charlstm train --dataset tinyshakespeare ...
     charlstm train --nproc 2 ...          # the same, torchrun started for you
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `training.train` sees them, joins the process group
-(gloo on CPU, NCCL on CUDA) and trains a `DistributedRun` instead of a `Run`. What each process does:
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `orchestrate.train` sees them, joins the process
+group (gloo on CPU, NCCL on CUDA) and trains a `DistributedRun` instead of a `Run`. What each
+process does:
 
-* **The same global batch.** Every process runs the same batcher (same seed, same state) and keeps its
-  own rows: with B streams and N processes, rank r trains rows r·B/N … (r+1)·B/N − 1 and carries their
-  hidden state. One process and N processes see the same batches, and the batcher's state in a
+* **The same global batch.** Every process runs the same batcher (same seed, same state) and keeps
+  its own rows: with B streams and N processes, rank r trains rows r·B/N … (r+1)·B/N − 1 and carries
+  their hidden state. One process and N processes see the same batches, and the batcher's state in a
   checkpoint is global, so a run resumes with any N that divides B.
-* **Gradients averaged** by DDP during backward; each process's loss is the mean over its rows, so the
-  average of the N gradients is the gradient of the global mean loss. Adam, clipping and the weight
-  average then see identical numbers everywhere and the weights stay identical bit for bit.
+* **Gradients averaged** by DDP during backward; each process's loss is the mean over its rows, so
+  the average of the N gradients is the gradient of the global mean loss. Adam, clipping and the
+  weight average then see identical numbers everywhere and the weights stay identical bit for bit.
 * **Agreed decisions.** Before every step the processes agree on the elapsed time and on any stop
-  signal (one tiny all-reduce), and the loss they log and test for finiteness is the global mean (one
-  more): the time budget, the cosine schedule, Ctrl-C and a skipped non-finite step are decided once
-  for all. The validation loss is summed over the evaluation streams, each process taking some of them,
-  then broadcast from rank 0, so early stopping and the plateau schedule agree too.
-* **Rank 0 writes** metrics, samples and checkpoints; before a ``last/`` save the others send it their
-  rows of the hidden state and their random-generator states, so the checkpoint holds the global state.
+  signal (one tiny all-reduce), and the loss they log and test for finiteness is the global mean
+  (one more): the time budget, the cosine schedule, Ctrl-C and a skipped non-finite step are decided
+  once for all. The validation loss is summed over the evaluation streams, each process taking some
+  of them, then broadcast from rank 0, so early stopping and the plateau schedule agree too.
+* **Rank 0 writes** metrics, samples and checkpoints; before a ``last/`` save the others send it
+  their rows of the hidden state and their random-generator states, so the checkpoint holds the
+  global state.
 * **Failures.** A process that dies makes the others' next collective fail (or time out after
   ``CHARLSTM_DIST_TIMEOUT`` seconds, default 300); they end with one line saying so, and torchrun's
   agent stops whatever is left. Checkpoints are written atomically, so ``last/`` stays loadable.
 
-Dropout differs per process (each has its own generator, seeded from the run's seed and its rank), so
-a run with dropout is not bitwise the same on 1 and N processes; without dropout it is the same up to
-floating-point summation order (see tests/test_distributed.py for the tolerance).
+Dropout differs per process (each has its own generator, seeded from the run's seed and its rank),
+so a run with dropout is not bitwise the same on 1 and N processes; without dropout it is the same
+up to floating-point summation order (see tests/test_distributed.py for the tolerance).
 """
 
 from __future__ import annotations
@@ -148,15 +150,18 @@ def _teardown() -> None:
             if _finished:
                 dist.barrier()
             dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - a dead peer may make teardown fail; we are exiting anyway
+        except Exception:  # noqa: BLE001, S110 - a dead peer can fail teardown; we exit anyway
             pass
     _context = None
 
 
 class PeerFailure(UserError):
-    """A collective failed: another process of the job died, was stopped, or stopped answering."""
+    """A collective failed: another process of the job died, was stopped, or stopped answering.
 
-    exit_code = 1
+    Its own exit status, 3 (docs/errors.md): not 2, since nothing the user gave was wrong, and not
+    1, which means a bug in charlstm; the checkpoint is intact and the job can be resumed."""
+
+    exit_code = 3
 
 
 def _is_collective_failure(exc: BaseException) -> bool:
@@ -179,7 +184,7 @@ def _is_collective_failure(exc: BaseException) -> bool:
 
 
 class RowShard:
-    """This process's rows of a batcher that every process runs in step (see the module docstring)."""
+    """This process's rows of a batcher that every process runs in step (see the module doc)."""
 
     def __init__(self, batcher, rows: slice) -> None:
         self.batcher = batcher
@@ -223,7 +228,6 @@ class DistributedRun(Run):
             config, folder, data, log if ctx.rank == 0 else _quiet, progress and ctx.rank == 0
         )
         self.writer = ctx.rank == 0
-        self.last_saved_step: int | None = None
         # Each process gets its share of the cores unless --threads says otherwise.
         self.threads = set_threads(
             config.train.threads or max(1, available_cores() // ctx.local_world_size)
@@ -276,8 +280,8 @@ class DistributedRun(Run):
             else "no checkpoint had been written yet"
         )
         return PeerFailure(
-            f"rank {self.ctx.rank} of {self.ctx.world_size}: another process of this job stopped or "
-            f"stopped answering ({first[:160]}); the job ends here and {saved}; continue with: "
+            f"rank {self.ctx.rank} of {self.ctx.world_size}: another process of this job stopped "
+            f"or stopped answering ({first[:160]}); the job ends here and {saved}; continue with: "
             f"charlstm train --resume {self.out} --nproc {self.ctx.world_size}"
         )
 
@@ -288,13 +292,16 @@ class DistributedRun(Run):
         the all-reduce is in flight (or just after it) was not in the flags this process sent, so
         acting on it would stop this process alone while its peers go on to the next step's
         collectives, and the job would hang until the timeout (seen: 2 runs in 3 of
-        test_ctrl_c_stops_every_process_at_the_same_step). Such a signal is sent at the next step."""
+        test_ctrl_c_stops_every_process_at_the_same_step). Such a signal is sent at the next
+        step."""
         requested = guard.requested.value if guard.requested is not None else 0
         flags = torch.tensor(
-            [self.counters.elapsed, float(requested)], dtype=torch.float64, device=self.ctx.device
+            [self.state.progress.elapsed, float(requested)],
+            dtype=torch.float64,
+            device=self.ctx.device,
         )
         self._collective(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
-        self.counters.elapsed = float(flags[0])
+        self.state.progress.elapsed = float(flags[0])
         agreed = int(flags[1])
         if agreed and guard.requested is None:
             guard.requested = signal.Signals(agreed)
@@ -311,10 +318,10 @@ class DistributedRun(Run):
         return loss + (mean - loss.detach())
 
     def _wrap(self) -> torch.nn.Module:
-        """DDP broadcasts rank 0's weights and averages gradients in buckets during backward. The raw
-        module stays `self.model` (checkpoints, evaluation, the weight average); only the training
-        forward goes through the wrapper. Wrapped at the first step, once `train` has loaded,
-        initialised and frozen the weights: DDP reduces only the weights that train."""
+        """DDP broadcasts rank 0's weights and averages gradients in buckets during backward. The
+        raw module stays `self.model` (checkpoints, evaluation, the weight average); only the
+        training forward goes through the wrapper. Wrapped at the first step, once `train` has
+        loaded, initialised and frozen the weights: DDP reduces only the weights that train."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.ctx.local_rank] if self.device.type == "cuda" else None
@@ -360,46 +367,28 @@ class DistributedRun(Run):
         self._collective(dist.all_gather, parts, local.contiguous().to(self.ctx.device))
         return torch.cat(parts, dim=1)
 
-    def _gather_rng(self) -> list[dict[str, torch.Tensor]]:
+    def global_hidden(self):
+        """(layers, B, H) from every process's (layers, B/N, H) rows; a collective, so every
+        process calls it before a last/ save."""
+        if self.hidden is None:
+            return None
+        parts = [self._gather_rows(h) for h in hidden_tensors(self.hidden)]
+        return hidden_from_tensors(parts, self.config.model.cell)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Every process's random generators (rank 0's are the run's own rng.* tensors)."""
         mine = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             mine["cuda"] = torch.cuda.get_rng_state(self.device)
         states: list[Any] = [None] * self.ctx.world_size
         self._collective(dist.all_gather_object, states, mine)
-        return states
-
-    def save_last(self) -> None:
-        self._check_finite()  # on every process, so that all stop together
-        local = self.hidden
-        full = None
-        if local is not None:
-            full = hidden_from_tensors(
-                [self._gather_rows(h) for h in hidden_tensors(local)], self.config.model.cell
-            )
-        self._rng_states = self._gather_rng()
-        if self.writer:
-            self.hidden = full
-            try:
-                super().save_last()
-            finally:
-                self.hidden = local
-        self.last_saved_step = self.counters.step
-
-    def extra_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"dist.world_size": torch.tensor([self.ctx.world_size])}
-        for rank, state in enumerate(self._rng_states):
-            if rank:  # rank 0's generators are the run's own rng.* tensors
+        for rank, state in enumerate(states):
+            if rank:
                 tensors[f"rng.rank{rank}.cpu"] = state["cpu"]
                 if "cuda" in state:
                     tensors[f"rng.rank{rank}.cuda"] = state["cuda"]
         return tensors
-
-    def save_best(self, val_loss: float) -> None:
-        self._check_finite()
-        if self.writer:
-            super().save_best(val_loss)
-        else:
-            self.counters.best_saved_val = val_loss
 
     def restore(self, ck) -> None:
         super().restore(ck)  # the global state: all B streams' hidden state, rank 0's generators
@@ -408,7 +397,6 @@ class DistributedRun(Run):
                 [h[:, self.rows].contiguous() for h in hidden_tensors(self.hidden)],
                 self.config.model.cell,
             )
-        self.last_saved_step = self.counters.step
         saved = ck.tensors.get("dist.world_size")
         saved_n = int(saved.reshape(-1)[0]) if saved is not None else 1
         rank = self.ctx.rank
@@ -417,7 +405,9 @@ class DistributedRun(Run):
             if self.device.type == "cuda" and f"rng.rank{rank}.cuda" in ck.tensors:
                 torch.cuda.set_rng_state(ck.tensors[f"rng.rank{rank}.cuda"], self.device)
         elif rank:
-            torch.manual_seed(self.config.train.seed + RANK_SEED_STRIDE * rank + self.counters.step)
+            torch.manual_seed(
+                self.config.train.seed + RANK_SEED_STRIDE * rank + self.state.progress.step
+            )
         if saved_n != self.ctx.world_size:
             self.log(
                 f"note: resuming on {self.ctx.world_size} processes (the run used {saved_n}); the "

@@ -1,25 +1,28 @@
-"""The training loop, from a configuration to a run folder.
+"""The training loop: a `Run` (model, optimizer, batcher, state) and `fit`, which trains it.
 
-`train` reads the corpus, builds the vocabulary and the model, and runs Adam on the cross-entropy of
-next-character prediction until a budget (steps or seconds), early stopping, a signal or a numerical
-fault ends it. Every `eval_interval` steps it measures the validation loss, feeds the plateau schedule
-and early stopping, keeps the best weights in ``best/`` and everything needed to resume in ``last/``.
+`fit` runs Adam on the cross-entropy of next-character prediction until a budget (steps or seconds),
+early stopping, a signal or a numerical fault ends it. Every `eval_interval` steps it measures the
+validation loss, feeds the plateau schedule and early stopping, keeps the best weights in ``best/``
+and everything needed to resume in ``last/``.
 
-Exact resume: the ``last/`` checkpoint holds the weights, Adam's moments, the schedule, the torch RNG,
-the batcher's position and RNG, the carried hidden state and every counter. A run interrupted at step
-N and resumed to 2N ends with the same weights as a run that went straight to 2N (same seed, same
-thread count, CPU). A stop in the middle only *reports* a validation loss; it never feeds the
-schedule or early stopping, which must see exactly the evaluations an uninterrupted run sees.
+Exact resume: the ``last/`` checkpoint holds the weights, Adam's moments, the schedule, the torch
+RNG, the batcher's position and RNG, the carried hidden state and the parts of `state.RunState`. A
+run interrupted at step N and resumed to 2N ends with the same weights as a run that went straight
+to 2N (same seed, same thread count, CPU). A stop in the middle only *reports* a validation loss; it
+never feeds the schedule or early stopping, which must see exactly the evaluations an uninterrupted
+run sees.
+
+What a job is made of (pre-training, many processes, a report) is decided above, in orchestrate.py;
+a distributed run (distributed.py) overrides the few methods marked as such below.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -40,36 +43,17 @@ from charlstm.runs.folder import RunFolder
 from charlstm.training.optimizer_state import load_optimizer, optimizer_tensors
 from charlstm.training.schedule import Plateau, budget_progress, learning_rate
 from charlstm.training.signals import SignalGuard
-
-# ---------------------------------------------------------------------------------------- state
-
-
-@dataclass
-class Counters:
-    """Everything about the run's progress that is not a tensor. Saved with every checkpoint."""
-
-    step: int = 0
-    elapsed: float = 0.0  # seconds of training, summed over resumes
-    chars: int = 0
-    evals: int = 0
-    best_val: float = math.inf  # best of the scheduled evaluations (drives early stopping)
-    best_step: int = -1
-    bad_evals: int = 0
-    best_saved_val: float = (
-        math.inf
-    )  # loss of the weights in best/ (may come from a final evaluation)
-    nonfinite: int = 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
+from charlstm.training.state import RunState, is_number
 
 # ---------------------------------------------------------------------------------------- the run
 
 
 class Run:
-    """One training run: its folder, model, optimizer, batcher and counters."""
+    """One training run: its folder, model, optimizer, batcher and state.
+
+    A distributed run (distributed.py) replaces the methods under "what a distributed run changes"
+    and extends `train_step` (DDP's wrapper, a peer's failure named) and `restore` (its own rows of
+    the hidden state, its own generator); the loop is the same on one process and on many."""
 
     def __init__(
         self,
@@ -106,12 +90,11 @@ class Run:
         d = self.config.data
         self.batcher = make_batcher(d.batching, data.train_ids, d.batch_size, d.seq_len, t.seed)
         self.hidden = None
-        self.counters = Counters()
+        self.state = RunState()
         self.loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
-        # Under torchrun (distributed.py) a step calls a DDP wrapper of the model and only rank 0
-        # writes files; these are the two places a single process differs.
-        self.train_model: torch.nn.Module = self.model
-        self.writer = True
+        self.train_model: torch.nn.Module = self.model  # what a step calls (DDP's wrapper, or this)
+        self.writer = True  # whether this process writes the run folder (rank 0 only, under DDP)
+        self.last_saved_step: int | None = None
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -120,14 +103,14 @@ class Run:
             "model": asdict(self.config.model),
             "vocab": self.data.vocab.to_list(),
             "config": self.config.to_dict(),
-            "step": self.counters.step,
+            "step": self.state.progress.step,
             "metrics": metrics,
             "source": self.data.source,
         }
 
     @property
     def eval_model(self) -> torch.nn.Module:
-        """The weights that are evaluated, sampled and kept as best: the average when `ema` is on."""
+        """The weights that are evaluated, sampled and kept as best (the average with `ema`)."""
         return self.ema.module if self.ema is not None else self.model
 
     def _model_tensors(self) -> dict[str, torch.Tensor]:
@@ -139,18 +122,29 @@ class Run:
         models = [self.model] + ([self.eval_model] if self.eval_model is not self.model else [])
         if not all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
             raise NonFiniteLoss(
-                f"the weights became non-finite by step {self.counters.step}; the last good checkpoint "
+                f"the weights became non-finite by step {self.state.progress.step}; the last good "
+                "checkpoint "
                 "is kept: lower --lr or raise --grad-clip, then resume or train again"
             )
 
     def save_best(self, val_loss: float) -> None:
-        self._check_finite()
-        meta = self._meta({"val_loss": val_loss, **self._progress_metrics()})
-        self.folder.save_checkpoint("best", self._model_tensors(), meta)
-        self.counters.best_saved_val = val_loss
+        """Keep the evaluated weights in best/ (`val_loss` is theirs)."""
+        self._check_finite()  # on every process, so that all stop together
+        self.state.best.kept(val_loss, self.state.progress.step)
+        if self.writer:
+            meta = self._meta({"val_loss": val_loss, **self._progress_metrics()})
+            self.folder.save_checkpoint("best", self._model_tensors(), meta)
 
     def save_last(self) -> None:
+        """Everything exact resume needs, in last/."""
         self._check_finite()
+        hidden = self.global_hidden()  # collectives first, on every process
+        extra = self.extra_tensors()
+        if self.writer:
+            self.folder.save_checkpoint("last", *self._last_checkpoint(hidden, extra))
+        self.last_saved_step = self.state.progress.step
+
+    def _last_checkpoint(self, hidden, extra: dict[str, torch.Tensor]):
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -159,23 +153,19 @@ class Run:
         tensors["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.hidden is not None:
-            for i, h in enumerate(hidden_tensors(self.hidden)):
+        if hidden is not None:
+            for i, h in enumerate(hidden_tensors(hidden)):
                 tensors[f"hidden.{i}"] = h
-        tensors.update(self.extra_tensors())
+        tensors.update(extra)
         meta = self._meta(self._progress_metrics())
         meta["resume"] = {
-            "counters": asdict(self.counters),
+            "counters": self.state.state_dict(),
             "optimizer": opt_info,
             "plateau": self.plateau.state_dict(),
             "batcher": self.batcher.state_dict(),
             "threads": self.threads,
         }
-        self.folder.save_checkpoint("last", tensors, meta)
-
-    def extra_tensors(self) -> dict[str, torch.Tensor]:
-        """More state for last/ (a distributed run adds every process's random generators)."""
-        return {}
+        return tensors, meta
 
     def restore(self, ck: Checkpoint) -> None:
         info = ck.meta.get("resume")
@@ -189,8 +179,8 @@ class Run:
             self._restore_state(ck, info)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
             raise CheckpointError(
-                f"{ck.path} holds damaged training state ({exc}); resume from an intact copy of the "
-                "run folder, or start a new run"
+                f"{ck.path} holds damaged training state ({exc}); resume from an intact copy of "
+                "the run folder, or start a new run"
             ) from None
         if info.get("threads") != self.threads:
             self.log(
@@ -206,22 +196,15 @@ class Run:
         plateau = info["plateau"]
         if not (
             set(plateau) <= set(self.plateau.state_dict())
-            and all(_is_number(v) for v in plateau.values())
+            and all(is_number(v) for v in plateau.values())
         ):
             raise ValueError("the plateau schedule's state is malformed")
         self.plateau.load_state_dict(plateau)
         self.batcher.load_state_dict(info["batcher"])  # checks the position against the text
-        names = {f.name for f in dataclasses.fields(Counters)}
-        if set(info["counters"]) != names:
-            raise ValueError(
-                f"the counters are {sorted(info['counters'])}, expected {sorted(names)}"
-            )
-        counters = Counters(**info["counters"])
-        for f in dataclasses.fields(Counters):
-            value = getattr(counters, f.name)
-            if not _is_number(value) or (f.type == "int" and not isinstance(value, int)):
-                raise ValueError(f"counter {f.name} is {value!r}")
-        self.counters = counters
+        state = RunState()
+        state.load_state_dict(info["counters"])  # checks the keys and their types
+        self.state = state
+        self.last_saved_step = state.progress.step
         torch.set_rng_state(ck.tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in ck.tensors:
             torch.cuda.set_rng_state(ck.tensors["rng.cuda"], self.device)
@@ -237,17 +220,17 @@ class Run:
             self.hidden = hidden_from_tensors(tensors, m.cell)
 
     def _progress_metrics(self) -> dict[str, Any]:
-        c = self.counters
+        p, best = self.state.progress, self.state.best
         return {
-            "elapsed": round(c.elapsed, 3),
-            "chars": c.chars,
-            "best_val_loss": c.best_saved_val,
-            "best_step": c.best_step,
+            "elapsed": round(p.elapsed, 3),
+            "chars": p.chars,
+            "best_val_loss": best.best_saved_val,
+            "best_step": best.best_step,
             "device": self.device.type,
             "precision": self.precision,
         }
 
-    # -- pieces of the loop --------------------------------------------------------------------
+    # -- what a distributed run changes ---------------------------------------------------------
 
     def sync_step(self, guard: SignalGuard) -> bool:
         """Before each step: whether to stop now. A distributed run agrees here on the elapsed time
@@ -257,6 +240,15 @@ class Run:
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss the step logs and tests for finiteness (a distributed run's global mean)."""
         return loss
+
+    def global_hidden(self):
+        """The carried hidden state of all B streams, for last/ (a distributed process holds only
+        its own rows)."""
+        return self.hidden
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """More state for last/ (a distributed run adds every process's random generators)."""
+        return {}
 
     def evaluate(self) -> float:
         return evaluate_ids(
@@ -284,14 +276,17 @@ class Run:
         self.model.train()
         return start + text
 
+    # -- one step ----------------------------------------------------------------------------------
+
     def train_step(self, batch) -> float | None:
-        """One optimisation step; returns the loss, or None when the step was non-finite and skipped."""
+        """One optimisation step; returns the loss, or None for a skipped non-finite step."""
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
         hidden = None if batch.reset else self.hidden
+        p = self.state.progress
         lr = learning_rate(
-            self.counters.step,
-            budget_progress(self.counters.step, self.counters.elapsed, self.config.train),
+            p.step,
+            budget_progress(p.step, p.elapsed, self.config.train),
             self.plateau.scale,
             self.config.optim,
         )
@@ -301,7 +296,7 @@ class Run:
             logits, hidden = self.train_model(x, hidden)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         if self.loss_hook is not None:
-            loss = self.loss_hook(self.counters.step, loss)
+            loss = self.loss_hook(p.step, loss)
         loss = self.reduce_loss(loss)
         self.opt.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
@@ -315,17 +310,16 @@ class Run:
         if not finite:
             self.opt.zero_grad(set_to_none=True)
             self.hidden = None
-            self.counters.nonfinite += 1
+            p.nonfinite += 1
             allowed = self.config.train.skip_nonfinite
-            if self.counters.nonfinite > allowed:
+            if p.nonfinite > allowed:
                 raise NonFiniteLoss(
-                    f"the loss or gradient became non-finite at step {self.counters.step} "
-                    f"({self.counters.nonfinite} time(s), {allowed} allowed); the last good checkpoint "
+                    f"the loss or gradient became non-finite at step {p.step} "
+                    f"({p.nonfinite} time(s), {allowed} allowed); the last good checkpoint "
                     "is kept: lower --lr, raise --grad-clip, or allow skips with --skip-nonfinite N"
                 )
             self.log(
-                f"warning: non-finite loss at step {self.counters.step}, step skipped "
-                f"({self.counters.nonfinite}/{allowed})"
+                f"warning: non-finite loss at step {p.step}, step skipped ({p.nonfinite}/{allowed})"
             )
             return None
         self.opt.step()
@@ -335,20 +329,33 @@ class Run:
         return float(loss.detach())
 
 
-def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | None = None) -> str:
+class _Window:
+    """The training loss and speed since the last evaluation (what a metrics record reports)."""
+
+    def __init__(self, now: float) -> None:
+        self.losses: list[float] = []
+        self.chars = 0
+        self.start = now
+
+    def add(self, loss: float, chars: int) -> None:
+        self.losses.append(loss)
+        self.chars += chars
+
+    def speed(self, now: float) -> float:
+        return self.chars / max(now - self.start, 1e-9)
+
+
+def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | None) -> str:
     from tqdm import tqdm
 
     t = run.config.train
-    c = run.counters
-    base_elapsed = c.elapsed
-    start = time.monotonic()
-    window_losses: list[float] = []
-    window_chars, window_start = 0, start
+    p = run.state.progress
     chars_per_step = run.config.data.batch_size * run.config.data.seq_len
-    total = t.max_steps if t.max_steps else None
+    base_elapsed, start = p.elapsed, time.monotonic()
+    window = _Window(start)
     bar = tqdm(
-        total=total,
-        initial=c.step if total else 0,
+        total=t.max_steps or None,
+        initial=p.step if t.max_steps else 0,
         disable=not run.progress,
         unit="step",
         dynamic_ncols=True,
@@ -356,81 +363,38 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
         leave=False,
     )
     last_val: float | None = None
-    reason = "budget"
     try:
         while True:
-            c.elapsed = base_elapsed + (time.monotonic() - start)
+            p.elapsed = base_elapsed + (time.monotonic() - start)
             if run.sync_step(guard):
                 raise guard.stop_error()
-            if t.max_steps and c.step >= t.max_steps:
-                reason = f"max_steps {t.max_steps}"
-                break
-            if t.max_time and c.elapsed >= t.max_time:
-                reason = f"max_time {t.max_time:g}s"
+            if reason := p.budget_spent(t):
                 break
             loss = run.train_step(run.batcher.next())
-            if loss is None:
+            if loss is None:  # a skipped non-finite step
                 continue
-            c.step += 1
-            c.chars += chars_per_step
-            window_losses.append(loss)
-            window_chars += chars_per_step
+            p.step += 1
+            p.chars += chars_per_step
+            window.add(loss, chars_per_step)
             bar.update(1)
-            if c.step % t.eval_interval:
+            if p.step % t.eval_interval:
                 continue
             # -- a scheduled evaluation: it feeds the schedule, early stopping and best/ ----------
-            val = run.evaluate()
-            if not math.isfinite(val):
-                raise NonFiniteLoss(
-                    f"the validation loss became non-finite at step {c.step}; the last good checkpoint "
-                    "is kept: lower --lr or raise --grad-clip, then resume or train again"
-                )
-            last_val = val
-            c.evals += 1
-            now = time.monotonic()
-            c.elapsed = base_elapsed + (now - start)
-            speed = window_chars / max(now - window_start, 1e-9)
-            record = {
-                "step": c.step,
-                "time": round(c.elapsed, 3),
-                "train_loss": float(np.mean(window_losses)),
-                "val_loss": val,
-                "val_bpc": val / math.log(2),
-                "lr": run.opt.param_groups[0]["lr"],
-                "chars_per_s": round(speed, 1),
-            }
-            if run.writer:
-                run.folder.append_metrics(record)
-            window_losses, window_chars, window_start = [], 0, now
-            if run.config.optim.schedule == "plateau":
-                run.plateau.update(val)
-            if val < c.best_val * (1 - 1e-4):
-                c.best_val, c.best_step, c.bad_evals = val, c.step, 0
-            else:
-                c.bad_evals += 1
-            if val < c.best_saved_val:
-                run.save_best(val)
-            run.save_last()
+            last_val = val = _scheduled_evaluation(run, window, base_elapsed, start, bar)
+            window = _Window(time.monotonic())
             if on_eval is not None:
-                on_eval(c.step, val)
-            bar.set_postfix_str(
-                f"train {record['train_loss']:.3f} val {val:.3f} "
-                f"({val / math.log(2):.2f} bpc) lr {record['lr']:.2e} "
-                f"{speed / 1000:.1f}k ch/s",
-                refresh=False,
-            )
-            if t.sample_every and c.evals % t.sample_every == 0 and run.writer:
-                text = run.sample(seed=t.seed + c.step)
-                run.folder.append_sample(f"--- step {c.step}, val {val:.3f}\n{text}\n")
-                bar.write(f"--- step {c.step}, val {val:.3f} ---\n{text}\n", file=sys.stderr)
-            if t.early_stopping and c.bad_evals >= t.early_stopping:
+                on_eval(p.step, val)
+            if t.sample_every and p.evals % t.sample_every == 0 and run.writer:
+                text = run.sample(seed=t.seed + p.step)
+                run.folder.append_sample(f"--- step {p.step}, val {val:.3f}\n{text}\n")
+                bar.write(f"--- step {p.step}, val {val:.3f} ---\n{text}\n", file=sys.stderr)
+            if run.state.early.should_stop(t.early_stopping):
                 reason = f"early stopping: no improvement in {t.early_stopping} evaluations"
                 break
     except TrainingStopped:
         _finish(run, last_val, report_only=True)
         run.log(
-            f"charlstm: saved at step {run.counters.step}; continue with: "
-            f"charlstm train --resume {run.out}"
+            f"charlstm: saved at step {p.step}; continue with: charlstm train --resume {run.out}"
         )
         raise
     finally:
@@ -439,20 +403,59 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
     return reason
 
 
+def _scheduled_evaluation(
+    run: Run, window: _Window, base_elapsed: float, start: float, bar
+) -> float:
+    """Evaluate, log the record, feed the schedule and early stopping, save best/ and last/."""
+    p = run.state.progress
+    val = run.evaluate()
+    if not math.isfinite(val):
+        raise NonFiniteLoss(
+            f"the validation loss became non-finite at step {p.step}; the last good checkpoint "
+            "is kept: lower --lr or raise --grad-clip, then resume or train again"
+        )
+    p.evals += 1
+    now = time.monotonic()
+    p.elapsed = base_elapsed + (now - start)
+    speed = window.speed(now)
+    record = {
+        "step": p.step,
+        "time": round(p.elapsed, 3),
+        "train_loss": float(np.mean(window.losses)),
+        "val_loss": val,
+        "val_bpc": val / math.log(2),
+        "lr": run.opt.param_groups[0]["lr"],
+        "chars_per_s": round(speed, 1),
+    }
+    if run.writer:
+        run.folder.append_metrics(record)
+    if run.config.optim.schedule == "plateau":
+        run.plateau.update(val)
+    run.state.early.update(val)
+    if run.state.best.improves(val):
+        run.save_best(val)
+    run.save_last()
+    bar.set_postfix_str(
+        f"train {record['train_loss']:.3f} val {val:.3f} ({val / math.log(2):.2f} bpc) "
+        f"lr {record['lr']:.2e} {speed / 1000:.1f}k ch/s",
+        refresh=False,
+    )
+    return val
+
+
 def _finish(run: Run, last_val: float | None, report_only: bool) -> None:
     """Save the final state. A final evaluation (when the last step was not evaluated) can improve
-    best/ but never touches the counters that drive the schedule, so resume stays exact."""
-    c = run.counters
-    if c.step and (last_val is None or c.step % run.config.train.eval_interval):
+    best/ but never touches the state that drives the schedule, so resume stays exact."""
+    p = run.state.progress
+    if p.step and (last_val is None or p.step % run.config.train.eval_interval):
         val = run.evaluate()
-        if val < c.best_saved_val:
+        if run.state.best.improves(val):
             run.save_best(val)
-            c.best_step = c.step
         if not report_only and run.writer:
             run.folder.append_metrics(
                 {
-                    "step": c.step,
-                    "time": round(c.elapsed, 3),
+                    "step": p.step,
+                    "time": round(p.elapsed, 3),
                     "val_loss": val,
                     "val_bpc": val / math.log(2),
                     "lr": run.opt.param_groups[0]["lr"],

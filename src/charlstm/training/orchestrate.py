@@ -1,9 +1,9 @@
 """One training job from start to end: what `charlstm train` and `charlstm.train` run.
 
-This is the layer above the loop. It decides what a job is made of (pre-training then fine-tuning, one
-process or many under torchrun, a report at the end) and composes the pieces: the run folder, the
-data, a `Run` (or a `DistributedRun`), transfer of another run's weights, and the loop. Nothing below
-imports it, so the loop stays a loop.
+This is the layer above the loop. It decides what a job is made of (pre-training then fine-tuning,
+one process or many under torchrun, a report at the end) and composes the pieces: the run folder,
+the data, a `Run` (or a `DistributedRun`), transfer of another run's weights, and the loop. Nothing
+below imports it, so the loop stays a loop.
 """
 
 from __future__ import annotations
@@ -119,15 +119,15 @@ def train(
     if last_ckpt is not None:
         run.restore(last_ckpt)
         if writer:
-            folder.keep_metrics_up_to(run.counters.step)
+            folder.keep_metrics_up_to(run.state.progress.step)
     elif source is not None:
         transfer.initialise(run.model, data.vocab, source, log)
     transfer.freeze(run.model, config.train.freeze_layers)
     if writer:
         folder.write_config(to_toml(run.config))
     log(
-        f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} validation "
-        f"characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
+        f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} "
+        f"validation characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
         f"{run.config.model.num_layers}×{run.config.model.hidden_size}, "
         f"{count_parameters(run.model):,} parameters; {run.device.type}, {run.precision}, "
         f"{run.threads} threads"
@@ -135,11 +135,11 @@ def train(
     reason = fit(run, on_eval)
     if ctx is not None:
         distributed.finish()
-    best = run.counters.best_saved_val
+    best = run.state.best.best_saved_val
     log(
-        f"charlstm: stopped ({reason}) at step {run.counters.step}; best validation loss "
+        f"charlstm: stopped ({reason}) at step {run.state.progress.step}; best validation loss "
         f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char) at step "
-        f"{run.counters.best_step}; run folder {out}"
+        f"{run.state.best.best_step}; run folder {out}"
     )
     if run.config.train.report and writer:
         from charlstm.analysis.report import report_run  # matplotlib: only when a report is asked
