@@ -1,7 +1,8 @@
 """The Python face of charlstm: train a run, load it, generate from it and evaluate it.
 
 >>> import charlstm
->>> run_dir = charlstm.train(charlstm.RunConfig().replace(dataset="byron-ru", max_time=120), "runs/byron")
+>>> config = charlstm.RunConfig().replace(dataset="byron-ru", max_time=120)
+>>> run_dir = charlstm.train(config, "runs/byron")
 >>> model = charlstm.load(run_dir)
 >>> print(model.generate(start_text="Мне ", length=300, temperature=0.5, seed=7)[0])
 """

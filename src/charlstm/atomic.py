@@ -1,8 +1,8 @@
 """Crash-safe file writes: every file charlstm writes appears whole or not at all.
 
 A write goes to a temporary file in the same folder, is flushed to the disk (fsync), and is then
-renamed over the destination; the rename is atomic on POSIX file systems, so a crash, a full disk or a
-Ctrl-C at any moment leaves either the previous file or the new one, never a mixture. Checkpoints,
+renamed over the destination; the rename is atomic on POSIX file systems, so a crash, a full disk or
+a Ctrl-C at any moment leaves either the previous file or the new one, never a mixture. Checkpoints,
 `metrics.jsonl` repairs, config files, reports, prepared corpora and downloads all go through here.
 
 Temporary files are named ``.<name>.<random>.tmp``; `remove_stale_temps` deletes those a crash left.
@@ -19,7 +19,9 @@ from typing import BinaryIO
 
 
 def _write_all(fh: BinaryIO, data: bytes) -> None:
-    """The single place whole-file bytes reach the disk; tests replace it to simulate a full disk."""
+    """The single place whole-file bytes reach the disk.
+
+    Tests replace it to simulate a full disk."""
     fh.write(data)
     fh.flush()
     os.fsync(fh.fileno())

@@ -1,9 +1,9 @@
 """The one exception type a user is meant to see.
 
 Library code raises :class:`UserError` for anything the person running charlstm can fix (a missing
-file, a bad option, a foreign checkpoint). Its message is a single line that names the problem and the
-fix; the CLI prints it to stderr and exits with status 2, without a traceback. Anything else that
-escapes is a bug in charlstm and is allowed to show its traceback.
+file, a bad option, a foreign checkpoint). Its message is a single line that names the problem and
+the fix; the CLI prints it to stderr and exits with status 2, without a traceback. Anything else
+that escapes is a bug in charlstm and is allowed to show its traceback.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The report's plots, drawn with matplotlib into PNG bytes (no display, no pyplot state).
 
-Each function takes the dict of `charlstm.analysis.report.analyze_run` and returns one PNG, or None when the
-analysis has nothing to draw (a run without metrics.jsonl has no curves; a given text has no
-temperature sweep). Figures are built with `matplotlib.figure.Figure` directly, which renders with
-the Agg canvas and never touches a GUI backend or pyplot's global figure list.
+Each function takes the dict of `charlstm.analysis.report.analyze_run` and returns one PNG, or None
+when the analysis has nothing to draw (a run without metrics.jsonl has no curves; a given text has
+no temperature sweep). Figures are built with `matplotlib.figure.Figure` directly, which renders
+with the Agg canvas and never touches a GUI backend or pyplot's global figure list.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """How fast the library generates, next to the lab's per-character loop on the same model.
 
-The lab's loop: one module call on a (1, 1) input per character, logits to the CPU, softmax to numpy,
-`np.random.choice`. The library: `generation.Engine` (compiled kernels for an LSTM on the CPU), one
-stream and batches of streams, plus the time to the first character after a long start text. With
-`big=True` it also times a 1 × 512 model and compares one stream with the bound that memory
-bandwidth sets (every character reads every weight once).
+The lab's loop: one module call on a (1, 1) input per character, logits to the CPU, softmax to
+numpy, `np.random.choice`. The library: `generate.engine.Engine` (compiled kernels for an LSTM on
+the CPU), one stream and batches of streams, plus the time to the first character after a long start
+text. With `big=True` it also times a 1 × 512 model and compares one stream with the bound that
+memory bandwidth sets (every character reads every weight once).
 
 `charlstm bench generate` and `benchmarks/generation_speed.py` print a table and one JSON line.
 """
@@ -187,9 +187,8 @@ def run(
     ref_chars = min(lab_chars, 1000)
     ref = ref_chars / library(model, 1, ref_chars, temperature, fast=False)[0]
     result["reference_1_chars_per_s"] = round(ref)
-    log(
-        f"{'library reference path, 1 stream':<34}{ref:>14,.0f} chars/s{ref / lab:>10.1f}× the lab loop"
-    )
+    label = "library reference path, 1 stream"
+    log(f"{label:<34}{ref:>14,.0f} chars/s{ref / lab:>10.1f}× the lab loop")
 
     long_start = "".join(model.vocab.chars[2 + i % (V - 2)] for i in range(start_chars))
     threads = torch.get_num_threads()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from charlstm.config import ModelConfig, RunConfig, load_toml
+from charlstm.config import ModelConfig, RunConfig, apply_cli_overrides, dataset_label, load_toml
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
 from charlstm.runs.folder import RunFolder
 
@@ -179,8 +179,9 @@ def quality_per_time(
     speeds = step_speed(config, seconds=speed_seconds, peak_precision=precision if on_cpu else None)
     peak = speeds.get("matmul_gflops", float("nan"))
     step_gflops = speeds["library_chars_per_s"] * training_flops_per_char(m) / 1e9
+    cpu = platform.processor() or platform.machine()
     return {
-        "dataset": config.data.dataset or config.data.text,
+        "dataset": dataset_label(config),
         "budget_s": budget,
         "val_loss": round(val["loss"], 4),
         "val_bpc": round(val["bits_per_char"], 4),
@@ -200,7 +201,7 @@ def quality_per_time(
         "device": device.type,
         "parameters": sum(p.numel() for p in model.model.parameters()),
         "wall_s": round(wall, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{cpu}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
 
@@ -217,6 +218,4 @@ def parse_value(text: str) -> Any:
 
 def main_config(preset: str | None, dataset: str | None, overrides: dict[str, Any]) -> RunConfig:
     config = load_toml(preset) if preset else RunConfig()
-    if dataset:
-        overrides = {"dataset": dataset, "text": None, **overrides}
-    return config.replace(**overrides)
+    return apply_cli_overrides(config, {"dataset": dataset, **overrides})

@@ -3,8 +3,8 @@
 Two strategies, both yielding input and target shifted by one character:
 
 ``stream`` (default, as char-rnn and torch-rnn): the text is cut into B contiguous streams, one per
-batch row, and each step takes the next window of T characters from every stream, so the hidden state
-carried over from the previous window is the true context of the next one::
+batch row, and each step takes the next window of T characters from every stream, so the hidden
+state carried over from the previous window is the true context of the next one::
 
     text:   a b c d e f g h i j k l m n o p q r s t u v w x      B = 3 streams, T = 3
     row 0:  a b c | d e f | g h        ← window 0 | window 1 ...
@@ -14,8 +14,8 @@ carried over from the previous window is the true context of the next one::
 Each epoch starts the streams at a fresh random offset (smaller than T) so that window boundaries
 differ from epoch to epoch; on a tiny corpus this is a cheap source of variety.
 
-``random``: the lab's random windows, each row an independent window at a random position; the hidden
-state starts from zero every step.
+``random``: the lab's random windows, each row an independent window at a random position; the
+hidden state starts from zero every step.
 
 Batchers are deterministic given their seed, and expose `state_dict()` so that a resumed run
 continues with exactly the windows an uninterrupted run would have seen.
@@ -155,7 +155,7 @@ def eval_streams(ids: np.ndarray, n_streams: int) -> tuple[torch.Tensor, torch.T
     """Cut a text into `n_streams` contiguous rows covering every prediction exactly once.
 
     Returns (x, y) of shape (S, L); the tail of the last row is padded with -100 in `y` (ignored by
-    the loss) so that the mean over non-padded targets is exactly the per-character loss of the text.
+    the loss) so that the mean over non-padded targets is the text's exact per-character loss.
     """
     n_pred = len(ids) - 1
     S, L = stream_layout(len(ids), n_streams)

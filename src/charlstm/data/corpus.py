@@ -22,8 +22,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def normalise_newlines(text: str) -> str:
     """Strip a leading BOM and turn CRLF (and lone CR) line ends into LF."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -33,7 +32,8 @@ def check_encoding(encoding: str) -> None:
         codecs.lookup(encoding)
     except LookupError:
         raise UserError(
-            f"unknown encoding {encoding!r}; pass a codec Python knows, e.g. --encoding utf-8 or cp1251"
+            f"unknown encoding {encoding!r}; pass a codec Python knows, "
+            "e.g. --encoding utf-8 or cp1251"
         ) from None
 
 
@@ -54,7 +54,8 @@ def decode_text(data: bytes, encoding: str = "utf-8", source: str = "the text") 
     lone = _SURROGATE.search(text)
     if lone:
         raise UserError(
-            f"{source} decodes to a lone surrogate U+{ord(lone.group()):04X} at character {lone.start()}, "
+            f"{source} decodes to a lone surrogate U+{ord(lone.group()):04X} "
+            f"at character {lone.start()}, "
             "which is not a real character; fix the file or pass its real --encoding"
         )
     text = normalise_newlines(text)
@@ -67,7 +68,9 @@ def decode_text(data: bytes, encoding: str = "utf-8", source: str = "the text") 
 
 
 def read_text(path: str | Path, encoding: str = "utf-8") -> str:
-    """Read a corpus file as normalised text; missing, empty, binary or mis-encoded files are errors."""
+    """Read a corpus file as normalised text.
+
+    A missing, empty, binary or mis-encoded file is a `UserError`."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"text file {str(path)!r} does not exist; check the path given to --text")
@@ -91,10 +94,12 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
 
 def split_point(length: int, val_fraction: float) -> int:
     """Where a text of `length` characters is cut: the last `val_fraction` of it is validation.
-    (`prepared` cuts its memory-mapped ids at the same point, so both paths train on the same split.)"""
+
+    (`prepared` cuts its memory-mapped ids at the same point, so both paths train on the same
+    split.)"""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
-    n_val = int(round(length * val_fraction))
+    n_val = round(length * val_fraction)
     if val_fraction > 0 and n_val < 2:
         raise UserError(
             f"the text has {length} characters, too few for a validation split of {val_fraction}; "

@@ -1,8 +1,9 @@
 """Named corpora: where each one comes from, and how a local copy is found or fetched.
 
-Each dataset has a pinned address and a sha256. A copy is looked for in ``$CHARLSTM_DATA`` (tests and
-CI point it at the read-only shared folder), then in the user cache, and only then downloaded. Every
-copy is checked against the sha256 before use: a mismatch is an error, never a silent substitute.
+Each dataset has a pinned address and a sha256. A copy is looked for in ``$CHARLSTM_DATA`` (tests
+and CI point it at the read-only shared folder), then in the user cache, and only then downloaded.
+Every copy is checked against the sha256 before use: a mismatch is an error, never a silent
+substitute.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def get_dataset(name: str) -> NamedDataset:
         return DATASETS[name]
     except KeyError:
         raise UserError(
-            f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (see `charlstm datasets`)"
-            " or give your own file with --text"
+            f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
+            "(see `charlstm datasets`) or give your own file with --text"
         ) from None
 
 

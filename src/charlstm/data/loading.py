@@ -52,7 +52,8 @@ def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> Prepared
         missing = "".join(vocab.unknown(text)[:20])
         raise UserError(
             f"the text {source} has characters the run's vocabulary lacks ({missing!r}); a run can "
-            "only resume on the text it was trained on: train a new run (or fine-tune with --init-from)"
+            "only resume on the text it was trained on: train a new run "
+            "(or fine-tune with --init-from)"
         )
     return PreparedData(
         vocab, vocab.encode_array(train_text), vocab.encode_array(val_text), source, train_text

@@ -6,21 +6,21 @@
     vocab.json   the vocabulary, in `Vocabulary.from_text` order
     meta.json    length, dtype, the validation split point, sha256 of ids.bin and of the source
 
-`open_prepared` maps ``ids.bin`` with `numpy.memmap`: training slices it (the split is a view, never a
-copy), so a process's memory does not grow with the corpus, and the operating system pages the file in
-and out as the batches need it.
+`open_prepared` maps ``ids.bin`` with `numpy.memmap`: training slices it (the split is a view, never
+a copy), so a process's memory does not grow with the corpus, and the operating system pages the
+file in and out as the batches need it.
 
-Why two passes over the text. The vocabulary's order (most frequent first, ties by code point) is only
-known once every character has been counted, and the ids depend on it. Pass 1 decodes and counts;
-pass 2 decodes again and writes the final ids. The alternative, writing provisional ids in a single pass
-and remapping that file, reads the text once but writes and re-reads an intermediate file as large as
-the output (up to 4 bytes a character) — more I/O than re-reading the text, which is usually in the page
-cache after pass 1 anyway. Pass 2 also re-hashes the source, so a file that changed between the passes
-is an error rather than a silently inconsistent corpus.
+Why two passes over the text. The vocabulary's order (most frequent first, ties by code point) is
+only known once every character has been counted, and the ids depend on it. Pass 1 decodes and
+counts; pass 2 decodes again and writes the final ids. The alternative, writing provisional ids in a
+single pass and remapping that file, reads the text once but writes and re-reads an intermediate
+file as large as the output (up to 4 bytes a character) — more I/O than re-reading the text, which
+is usually in the page cache after pass 1 anyway. Pass 2 also re-hashes the source, so a file that
+changed between the passes is an error rather than a silently inconsistent corpus.
 
-Decoding matches `corpus.read_text` exactly: a byte-order mark is dropped, CRLF and lone CR become LF
-(a CR that ends one chunk is held back until the next chunk shows whether an LF follows), and the same
-checks refuse binary files, lone surrogates and empty or whitespace-only texts.
+Decoding matches `corpus.read_text` exactly: a byte-order mark is dropped, CRLF and lone CR become
+LF (a CR that ends one chunk is held back until the next chunk shows whether an LF follows), and the
+same checks refuse binary files, lone surrogates and empty or whitespace-only texts.
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def prepare(
         length = int(counts.sum())
         _check_counts(counts, length, quoted)
         present = np.flatnonzero(counts)
-        # Vocabulary.from_text order: most frequent first, ties by code point (lexsort: last key first)
+        # Vocabulary.from_text order: most frequent first, ties by code point
+        # (lexsort: last key first)
         order = present[np.lexsort((present, -counts[present]))]
         vocab = Vocabulary(tuple(chr(int(c)) for c in order))
         dtype = vocab.index_dtype
@@ -218,8 +219,8 @@ def _check_counts(counts: np.ndarray, length: int, source: str) -> None:
     surrogates = np.flatnonzero(counts[0xD800:0xE000])
     if len(surrogates):
         raise UserError(
-            f"{source} decodes to a lone surrogate U+{0xD800 + int(surrogates[0]):04X}, which is not "
-            "a real character; fix the file or pass its real --encoding"
+            f"{source} decodes to a lone surrogate U+{0xD800 + int(surrogates[0]):04X}, "
+            "which is not a real character; fix the file or pass its real --encoding"
         )
     if counts[0] > MAX_NUL_SHARE * length:
         raise UserError(
@@ -230,7 +231,7 @@ def _check_counts(counts: np.ndarray, length: int, source: str) -> None:
         raise UserError(f"text file {source} holds only whitespace; give a file with text in it")
 
 
-# ---------------------------------------------------------------------------------------- reading back
+# ------------------------------------------------------------------------------------- reading back
 
 
 @dataclass

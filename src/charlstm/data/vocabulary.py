@@ -21,7 +21,9 @@ UNKNOWN_POLICIES = ("error", "skip")
 
 
 def describe_char(ch: str) -> str:
-    """A readable name for a character in error messages ('\\n', 'U+0301 COMBINING ACUTE ACCENT')."""
+    """A readable name for a character in error messages.
+
+    E.g. '\\n' or 'U+0301 COMBINING ACUTE ACCENT'."""
     if ch.isprintable() and not ch.isspace():
         return repr(ch)
     name = unicodedata.name(ch, "")
@@ -30,7 +32,7 @@ def describe_char(ch: str) -> str:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """An ordered set of characters with `encode`/`decode` and an explicit unknown-character policy."""
+    """An ordered set of characters with `encode`/`decode` and a policy for unknown characters."""
 
     chars: tuple[str, ...]
     char_to_idx: dict[str, int] = field(init=False, repr=False, compare=False)
@@ -105,6 +107,6 @@ class Vocabulary:
         return cls(tuple(chars))
 
     def union(self, other: Vocabulary) -> Vocabulary:
-        """This vocabulary followed by the characters only `other` has (indices of self are kept)."""
+        """This vocabulary, then the characters only `other` has (self's indices are kept)."""
         extra = tuple(c for c in other.chars if c not in self.char_to_idx)
         return Vocabulary(self.chars + extra)

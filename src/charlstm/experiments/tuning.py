@@ -94,7 +94,7 @@ def default_storage(study: str, root: str | Path = "runs/tune") -> str:
 
 
 def _storage(path: str, grace_period: int):
-    """An SQLite-backed storage with heartbeats, so a killed tuner's trial is noticed and retried."""
+    """SQLite-backed storage with heartbeats, so a killed tuner's trial is noticed and retried."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -392,12 +392,12 @@ def tune(
 ) -> TuneResult:
     """Run (or resume) the study until it holds `trials` finished trials; returns its results.
 
-    `base` supplies everything the search does not (the text, the evaluation cadence, early stopping,
-    the seed; a `max_steps` caps each trial besides the time budget). With `enqueue_base`, a new
-    study's first trial is `base` itself, so the tuned preset is never worse than the starting point
-    on the tuning budget. A trial whose process died is retried once no heartbeat has come from it
-    for `grace_period` seconds. `preset_defaults` are fields the preset should have instead of the
-    base's (settings only the search wanted, such as no samples).
+    `base` supplies everything the search does not (the text, the evaluation cadence, early
+    stopping, the seed; a `max_steps` caps each trial besides the time budget). With `enqueue_base`,
+    a new study's first trial is `base` itself, so the tuned preset is never worse than the starting
+    point on the tuning budget. A trial whose process died is retried once no heartbeat has come
+    from it for `grace_period` seconds. `preset_defaults` are fields the preset should have instead
+    of the base's (settings only the search wanted, such as no samples).
     """
     import optuna
     from tqdm import tqdm

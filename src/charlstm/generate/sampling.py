@@ -70,8 +70,9 @@ class SamplingParams:
         t = self.temperature
         if not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
             raise UserError(f"temperature must be a finite number >= 0, got {t!r}; 0 means greedy")
-        # Below MIN_TEMPERATURE (or above MAX_PENALTY) logits / temperature can overflow float64 into
-        # inf - inf = NaN, which silently draws character 0; such values are greedy in all but name.
+        # Below MIN_TEMPERATURE (or above MAX_PENALTY) logits / temperature can overflow float64
+        # into inf - inf = NaN, which silently draws character 0; such values are greedy in all but
+        # name.
         if 0 < t < MIN_TEMPERATURE:
             raise UserError(
                 f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}"

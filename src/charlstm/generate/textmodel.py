@@ -1,8 +1,8 @@
 """A trained model loaded from a run folder, ready to generate and evaluate.
 
 `load` reads a checkpoint (never unpickling) and rebuilds the network and its vocabulary from the
-file alone; `TextModel` wraps them with the generation and evaluation calls that the CLI, the server,
-the report and the Python API share.
+file alone; `TextModel` wraps them with the generation and evaluation calls that the CLI, the
+server, the report and the Python API share.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class TextModel:
         seed: int | None = None,
         **kwargs: Any,
     ) -> list[str]:
-        """`num_samples` texts, each the start text followed by up to `length` generated characters."""
+        """`num_samples` texts, each the start text then up to `length` generated characters."""
         n = num_samples if isinstance(start_text, str) else len(start_text)
         out = [""] * n
         for texts in self.stream(
@@ -141,7 +141,7 @@ class TextModel:
         if len(ids) < 2:
             raise UserError("the text to evaluate needs at least 2 known characters")
         loss = evaluate_ids(self.model, ids, device=self.device)
-        return {**loss_metrics(loss), "characters": int(len(ids))}
+        return {**loss_metrics(loss), "characters": len(ids)}
 
 
 def load(run: str | Path, which: str = "best", device: str = "auto") -> TextModel:

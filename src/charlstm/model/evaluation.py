@@ -28,8 +28,10 @@ def loss_metrics(loss: float) -> dict[str, float]:
 def _window(
     ids: np.ndarray, rows: np.ndarray, L: int, start: int, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns [start, start+width) of `batching.eval_streams`'s (x, y) for `rows`, read from `ids` on
-    demand: a memory-mapped validation split is never copied whole (8 bytes a character)."""
+    """Columns [start, start+width) of `data.batching.eval_streams`'s (x, y) for `rows`.
+
+    Read from `ids` on demand: a memory-mapped validation split is never copied whole (8 bytes a
+    character)."""
     n_pred = len(ids) - 1
     pos = rows[:, None] * L + start + np.arange(width)[None, :]  # (R, W) prediction index
     valid = pos < n_pred

@@ -1,8 +1,9 @@
 """The network: Embedding → recurrent layers → Dropout → Linear, as in the lab.
 
 The lab names its parts ``encoder`` (the embedding), ``lstm``, ``dropout`` and ``fc``; we keep
-``encoder``, ``dropout`` and ``fc`` and call the recurrent part ``rnn`` because ``--cell`` may make it a
-GRU or a plain RNN for comparison. The module is plain: no optimizer, vocabulary or file I/O inside.
+``encoder``, ``dropout`` and ``fc`` and call the recurrent part ``rnn`` because ``--cell`` may make
+it a GRU or a plain RNN for comparison. The module is plain: no optimizer, vocabulary or file I/O
+inside.
 """
 
 from __future__ import annotations

@@ -10,6 +10,6 @@ A run folder is what `charlstm train` writes and every other command reads::
         last/checkpoint.safetensors   everything needed to resume exactly
         report.html, report.md, report/   written by `charlstm report`
 
-`folder` knows that layout, `metrics` reads and writes the log, `checkpoint` the file format. The rest
-of charlstm asks them instead of joining paths itself.
+`folder` knows that layout, `metrics` reads and writes the log, `checkpoint` the file format. The
+rest of charlstm asks them instead of joining paths itself.
 """

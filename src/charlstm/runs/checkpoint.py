@@ -1,11 +1,11 @@
 """Self-describing, crash-safe checkpoints that load without running any code.
 
 A checkpoint is ONE safetensors file. Its tensors are the model weights (``model.*``) and, for the
-``last/`` checkpoint, everything needed to resume exactly (``optim.*``, ``rng.*``, ``hidden.*``). Its
-header metadata holds a JSON document: format and version, the model configuration, the vocabulary,
-the whole run configuration, the step, the metrics and the resumable counters. One file means one
-atomic ``os.replace``: a crash or a full disk at any moment leaves either the old file or the new one,
-never a mixture.
+``last/`` checkpoint, everything needed to resume exactly (``optim.*``, ``rng.*``, ``hidden.*``).
+Its header metadata holds a JSON document: format and version, the model configuration, the
+vocabulary, the whole run configuration, the step, the metrics and the resumable counters. One file
+means one atomic ``os.replace``: a crash or a full disk at any moment leaves either the old file or
+the new one, never a mixture.
 
 Loading never unpickles. Before safetensors parses anything we check the first bytes (a pickle or a
 ``torch.save`` zip is refused by name), the header length (a hostile header cannot make us allocate
@@ -80,8 +80,8 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
         atomic_write_bytes(path, data)
     except OSError as exc:
         raise CheckpointError(
-            f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint is "
-            "intact; free some disk space and resume with --resume"
+            f"could not write checkpoint {path} ({exc.strerror or exc}); "
+            "the previous checkpoint is intact; free some disk space and resume with --resume"
         ) from None
 
 
@@ -108,7 +108,8 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a charlstm checkpoint (not a safetensors file)")
     if n > MAX_HEADER_BYTES:
         raise CheckpointError(
-            f"{path} claims a {n:,}-byte header (limit {MAX_HEADER_BYTES:,}); it is corrupt or hostile"
+            f"{path} claims a {n:,}-byte header (limit {MAX_HEADER_BYTES:,}); "
+            "it is corrupt or hostile"
         )
     if 8 + n > len(data):
         raise CheckpointError(f"{path} is truncated (header cut short); use an intact copy")

@@ -53,7 +53,7 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
 
 
 def find_checkpoint(run: str | Path, prefer: str = "best") -> Path:
-    """The checkpoint file of a run folder (best by default), or a checkpoint file given directly."""
+    """The checkpoint file of a run folder (best by default), or a checkpoint file given as is."""
     run = Path(run)
     if run.is_file():
         return run
@@ -109,8 +109,8 @@ class RunFolder:
                     "holds a run" if is_run_dir(out) else "is not empty and is not a charlstm run"
                 )
                 raise UserError(
-                    f"--out {str(out)!r} {what}; continue it with --resume, choose another --out, or "
-                    "pass --force to replace the run's files"
+                    f"--out {str(out)!r} {what}; continue it with --resume, "
+                    "choose another --out, or pass --force to replace the run's files"
                 )
             for name in RUN_FILES:
                 p = out / name
@@ -137,9 +137,9 @@ class RunFolder:
                 )
             if self.config_file.is_file():  # stopped (or killed) before its first checkpoint
                 raise UserError(
-                    f"{str(self.path)!r} stopped before its first checkpoint, so there is nothing to "
-                    f"resume; start it again with: charlstm train --config {self.config_file} --out "
-                    f"{self.path} --force"
+                    f"{str(self.path)!r} stopped before its first checkpoint, "
+                    "so there is nothing to resume; start it again with: "
+                    f"charlstm train --config {self.config_file} --out {self.path} --force"
                 )
             raise CheckpointError(
                 f"{str(self.path)!r} is not a charlstm run folder (no last/ "

@@ -45,9 +45,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 def keep_records_up_to(path: Path, step: int) -> None:
     """Keep the records a resumed run stands on: those of steps up to `step`.
 
-    A run killed between two checkpoints leaves records of steps after its last checkpoint, which the
-    resumed run is about to redo and log again, and perhaps a torn last line. Both go; the file is
-    rewritten atomically, and only when something changes.
+    A run killed between two checkpoints leaves records of steps after its last checkpoint, which
+    the resumed run is about to redo and log again, and perhaps a torn last line. Both go; the file
+    is rewritten atomically, and only when something changes.
     """
     if not path.is_file():
         return

@@ -1,4 +1,4 @@
-"""Adam's state in a checkpoint: tensors for safetensors, the rest as JSON, checked when read back."""
+"""Adam's state in a checkpoint: tensors for safetensors, the rest as JSON, checked on reading."""
 
 from __future__ import annotations
 

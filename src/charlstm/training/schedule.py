@@ -3,8 +3,8 @@
 ``plateau`` is the lab's rule (halve the rate when the monitored loss has not improved for 5
 evaluations; factor and patience configurable), applied here to the validation loss. ``cosine``
 decays from the base rate to ``min_lr`` over the run's budget, measured as the larger of the step
-fraction and the time fraction, so a run with only ``--max-time`` still anneals. ``constant`` keeps the
-base rate. All three share a linear warm-up over ``warmup_steps``.
+fraction and the time fraction, so a run with only ``--max-time`` still anneals. ``constant`` keeps
+the base rate. All three share a linear warm-up over ``warmup_steps``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Plateau:
     scale: float = 1.0
 
     def update(self, loss: float) -> float:
-        # A relative threshold (as torch's ReduceLROnPlateau) so that noise does not count as progress.
+        # A relative threshold (as torch's ReduceLROnPlateau), so that noise is not progress.
         if loss < self.best * (1 - 1e-4):
             self.best, self.bad = loss, 0
         else:

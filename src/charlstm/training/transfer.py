@@ -93,7 +93,7 @@ def union_vocabulary(config: RunConfig, source: Source) -> Vocabulary:
 def initialise(
     model: nn.Module, vocab: Vocabulary, source: Source, log: Callable[[str], None] | None = None
 ) -> int:
-    """Copy the source's weights into `model` (built for `vocab`); returns the new characters' count.
+    """Copy the source's weights into `model`, built for `vocab`; returns the new characters' count.
 
     Every tensor but the embedding and the output layer has the same shape in both models and is
     copied whole; those two are copied row by row, matched by character.
