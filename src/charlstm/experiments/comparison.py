@@ -1,9 +1,9 @@
 """LSTM vs GRU vs plain RNN: equal parameters, equal time, several seeds, and a long-range probe.
 
 Each cell gets the hidden size that brings its parameter count closest to the LSTM's of the base
-configuration (an LSTM layer has four gates, a GRU three, a plain RNN one, so at equal parameters the
-RNN is about twice as wide), and every run trains for the same number of seconds. The table reports
-the mean and spread over seeds of the best validation loss.
+configuration (an LSTM layer has four gates, a GRU three, a plain RNN one, so at equal parameters
+the RNN is about twice as wide), and every run trains for the same number of seconds. The table
+reports the mean and spread over seeds of the best validation loss.
 
 The probe looks at *how* the cells use context, on the validation text with each run's best weights:
 
@@ -13,8 +13,8 @@ The probe looks at *how* the cells use context, on the validation text with each
   is what the cell gains from context older than k characters; a plain RNN, whose gradient
   vanishes over a few dozen steps, gains the least.
 
-With ``copy_delays``, a synthetic task isolates memory: lines ``k....=k`` where a random key k must be
-recalled after d filler characters. Small models of equal size train on it for a few seconds per
+With ``copy_delays``, a synthetic task isolates memory: lines ``k....=k`` where a random key k must
+be recalled after d filler characters. Small models of equal size train on it for a few seconds per
 delay, and the loss on the recalled character is reported (ln 8 = 2.08 for a guess, 0 for perfect
 recall): the delay at which a cell falls back to guessing is how far back it can learn to look.
 """
@@ -150,7 +150,7 @@ def context_losses(
 
 
 def copy_text(delay: int, n_chars: int = COPY_CHARS, seed: int = 0) -> str:
-    """Lines ``k + "." * delay + "=" + k``: the character after "=" repeats the line's random key."""
+    """Lines ``k + "." * delay + "=" + k``: the character after "=" repeats the line's key."""
     rng = np.random.default_rng(seed)
     keys = rng.choice(list(COPY_KEYS), size=max(2, n_chars // (delay + 4)))
     return "".join(f"{k}{'.' * delay}={k}\n" for k in keys)
@@ -184,7 +184,7 @@ def copy_config(cell: str, hidden: int, text: Path, budget: float, seed: int) ->
 
 
 def recall_loss(run_dir: Path) -> float:
-    """Mean loss on the recalled characters (those after "=") of the copy text's validation split."""
+    """Mean loss on the recalled characters (after "=") of the copy text's validation split."""
     from charlstm.config import from_dict
     from charlstm.data.loading import prepare_data
     from charlstm.generate.textmodel import load
@@ -276,7 +276,7 @@ class Comparison:
         return list(dict.fromkeys(r.cell for r in self.runs))
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per cell: mean, sample standard deviation, min and max over seeds, and the probes' means."""
+        """Per cell: mean, sample standard deviation, min and max over seeds; the probes' means."""
         out = {}
         for cell in self.cells():
             runs = [r for r in self.runs if r.cell == cell]
@@ -324,8 +324,8 @@ def markdown(result: Comparison) -> str:
     s = result.summary()
     out = [
         (
-            f"**{result.dataset}**, {result.budget:g} s per run, best validation loss (nats/char) over "
-            f"{max(v['seeds'] for v in s.values())} seeds"
+            f"**{result.dataset}**, {result.budget:g} s per run, best validation loss (nats/char) "
+            f"over {max(v['seeds'] for v in s.values())} seeds"
         ),
         "",
         "| cell | hidden | parameters | mean ± std | min – max | steps | k chars/s |",
@@ -362,8 +362,8 @@ def markdown(result: Comparison) -> str:
             "",
             (
                 "Loss when the model sees only the last k characters (same positions; `full` = "
-                f"the whole text before, carried state); gain = loss(k = {GAIN_FROM}) − loss(full), "
-                f"what context older than {GAIN_FROM} characters is worth:"
+                f"the whole text before, carried state); gain = loss(k = {GAIN_FROM}) "
+                f"− loss(full), what context older than {GAIN_FROM} characters is worth:"
             ),
             "",
             "| cell | "
@@ -447,8 +447,9 @@ def compare(
     copy_budget: float = 20.0,
     log: Callable[[str], None] | None = None,
 ) -> Comparison:
-    """Train every cell for `budget` seconds with `seeds` seeds at equal parameter counts; returns the
-    comparison and writes ``comparison.json``, ``comparison.md`` and ``curves.png`` to `out_dir`.
+    """Train every cell for `budget` seconds with `seeds` seeds at equal parameter counts; returns
+    the comparison and writes ``comparison.json``, ``comparison.md`` and ``curves.png`` to
+    `out_dir`.
 
     With `reuse`, runs that a previous call finished (same folder) are read, not trained again.
     `jobs` trains that many runs at once in separate processes. `copy_delays` adds the copy task:
@@ -541,7 +542,7 @@ def _train_all(todo: list[tuple[RunConfig, Path]], jobs: int, log: Callable[[str
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        # spawn: a fresh interpreter per worker, no fork of a process that already runs torch threads
+        # spawn: a fresh interpreter per worker, not a fork of a process running torch threads
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {
                 pool.submit(_train_one, config, str(run_dir)): run_dir for config, run_dir in todo
