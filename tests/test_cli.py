@@ -1,11 +1,18 @@
-"""The CLI as a user meets it: end to end on a tiny corpus, and every bad input as one line + exit 2."""
+"""The CLI as a user meets it: end to end on a tiny corpus, every bad input as one line and exit 2,
+and the help and docs/cli.md generated from the commands."""
 
+import importlib.util
 import json
+from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from charlstm.cli import main
+from charlstm.cli import ConfigOption, main
+from charlstm.config import field_specs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "--batch-size",
@@ -241,3 +248,87 @@ def test_unknown_start_text_skip(trained):
     result = run("generate", trained, "--start-text", "Ты☃ ", "--unknown", "skip", "--length", 5)
     assert result.exit_code == 0 and result.stdout.startswith("Ты ")
     assert "charlstm: warning: dropping" in result.stderr
+
+
+# -- help, choices and derived defaults -------------------------------------------------------
+
+
+def _all_commands(group=main, prefix="charlstm"):
+    for name, command in group.commands.items():
+        yield f"{prefix} {name}", command
+        if isinstance(command, click.Group):
+            yield from _all_commands(command, f"{prefix} {name}")
+
+
+def test_every_option_has_one_line_of_help():
+    """Every option of every command says what it does; config flags say it with their field's
+    description, and fixed choices are choices, not free text."""
+    specs = field_specs()
+    for full, command in _all_commands():
+        assert command.help, full
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and "\n" not in param.help, (full, param.name)
+            if param.name in specs and isinstance(param, ConfigOption):
+                spec = specs[param.name]
+                assert param.help == spec.description
+                if spec.choices:
+                    assert isinstance(param.type, click.Choice)
+                    assert tuple(param.type.choices) == spec.choices
+
+
+def test_a_fixed_choice_is_checked_by_the_cli():
+    result = run("train", "--cell", "transformer")
+    assert result.exit_code == 2
+    assert "'transformer' is not one of 'lstm', 'gru', 'rnn'" in result.output
+
+
+def test_train_help_shows_descriptions_and_defaults():
+    result = run("train", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # as one line, whatever the terminal's width
+    assert "--cell [lstm|gru|rnn]" in text and field_specs()["cell"].description in text
+    assert "[default: byron-ru]" in text and "[default: 1337]" in text
+
+
+def test_docs_cli_md_is_what_the_commands_say():
+    """docs/cli.md is generated from the commands (python tools/cli_md.py) and must not drift."""
+    spec = importlib.util.spec_from_file_location("cli_md", ROOT / "tools" / "cli_md.py")
+    cli_md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli_md)
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == cli_md.render(), (
+        "docs/cli.md is out of date: run python tools/cli_md.py"
+    )
+
+
+@pytest.mark.slow
+def test_compare_names_its_folder_and_table_after_the_prepared_corpus(
+    corpus, tmp_path, monkeypatch
+):
+    """`compare --prepared DIR` trains on DIR and names the default output folder and the table
+    after it, as `train --prepared` does (it used to say byron-ru, the default dataset)."""
+    from charlstm.data import prepared
+
+    prepared.prepare(corpus, tmp_path / "verses", progress=False)
+    monkeypatch.chdir(tmp_path)
+    result = run(
+        "compare",
+        "--prepared",
+        tmp_path / "verses",
+        "--cells",
+        "lstm",
+        "--seeds",
+        1,
+        "--budget",
+        "10s",
+        "--max-steps",
+        2,
+        "--no-probe",
+        *[a for a in _without(TINY, "--eval-interval") if a != "--no-progress"],
+        "--eval-interval",
+        1,
+    )
+    assert result.exit_code == 0, result.output
+    assert "**verses**" in result.output and "byron-ru" not in result.output
+    assert (tmp_path / "runs" / "compare" / "verses" / "comparison.json").is_file()
+    assert not (tmp_path / "runs" / "compare" / "byron-ru").exists()

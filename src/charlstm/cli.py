@@ -1,8 +1,12 @@
 """The `charlstm` command: a thin layer that parses options and calls library functions.
 
-Every option of `charlstm train` is generated from the configuration dataclasses, so a new field is
-a new flag with no second list to keep in sync. Errors meant for the user (`UserError`) are printed as
-one line on stderr with exit status 2; Ctrl-C during training exits 130 (SIGTERM 143) after saving.
+The configuration flags of `charlstm train`, `tune` and `compare` are generated from the
+configuration dataclasses (`config.field_specs`): a new field is a new flag, its help is the field's
+description and a fixed choice is a `click.Choice`, with no second list to keep in sync. Derived
+defaults (the output folder, the dataset label) come from the library so that every command agrees.
+Errors meant for the user (`UserError`) are printed as one line on stderr with exit status 2; Ctrl-C
+during training exits 130 (SIGTERM 143) after saving. docs/cli.md is generated from these commands
+(`python tools/cli_md.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from typing import Any
 
 import click
 
-from charlstm.config import RunConfig, _type_options, field_index, load_toml
+from charlstm.config import (
+    DEVICES,
+    RunConfig,
+    cli_overrides,
+    default_run_folder,
+    field_specs,
+    load_toml,
+)
 from charlstm.errors import TrainingStopped, UserError
 
 
@@ -52,22 +63,68 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------- train
 
 
-def _config_options(func):
-    """Add one --flag per configuration field (default None = keep the preset's value)."""
-    for name, (section, f) in reversed(list(field_index().items())):
-        if name in ("vocab_size",):
-            continue
-        opts = _type_options(f.type)
-        flag = "--" + name.replace("_", "-")
-        help_text = f"[{section}] default: {f.default!r}"
-        if bool in opts:
-            func = click.option(
-                f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text
-            )(func)
-        else:
-            kind = float if float in opts else int if int in opts else str
-            func = click.option(flag, name, type=kind, default=None, help=help_text)(func)
-    return func
+NOT_FLAGS = ("vocab_size",)  # filled from the corpus, not a setting
+METAVARS = {
+    "dataset": "NAME",
+    "text": "FILE",
+    "prepared": "DIR",
+    "init_from": "RUN",
+    "pretrain": "NAME|FILE",
+    "pretrain_config": "FILE",
+}
+
+
+class ConfigOption(click.Option):
+    """A flag that overrides one configuration field (`section` is its TOML table). Its value is
+    None unless given, so that a preset's value stays; the help shows `shown_default` instead."""
+
+    def __init__(self, *args: Any, section: str, shown_default: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.section = section
+        self.shown_default = shown_default
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        if self.shown_default:
+            extra["default"] = self.shown_default
+        return extra
+
+
+def _shown(name: str, value: Any) -> str:
+    """A field's default as the help shows it (a flag's name for a boolean, as click does)."""
+    if value is None:
+        return ""  # no default: the description says what happens without the flag
+    if isinstance(value, bool):
+        return ("" if value else "no-") + name.replace("_", "-")
+    return str(value)
+
+
+def _config_options(**command_defaults: Any):
+    """Add one --flag per configuration field. Its default is None (keep the preset's value); the
+    help shows the field's default, or `command_defaults`' where the command sets its own."""
+
+    def decorate(func):
+        for spec in reversed(list(field_specs().values())):
+            if spec.name in NOT_FLAGS:
+                continue
+            flag = "--" + spec.name.replace("_", "-")
+            common = {
+                "cls": ConfigOption,
+                "section": spec.section,
+                "shown_default": _shown(spec.name, command_defaults.get(spec.name, spec.default)),
+                "default": None,
+                "help": spec.description,
+            }
+            if spec.kind is bool:
+                decls = [f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name]
+                func = click.option(*decls, **common)(func)
+            else:
+                kind = click.Choice(spec.choices) if spec.choices else spec.kind
+                metavar = METAVARS.get(spec.name)
+                func = click.option(flag, spec.name, type=kind, metavar=metavar, **common)(func)
+        return func
+
+    return decorate
 
 
 def _command_args(ctx, skip: tuple[str, ...] = ()) -> list[str]:
@@ -92,28 +149,37 @@ def _command_args(ctx, skip: tuple[str, ...] = ()) -> list[str]:
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
-    help="TOML preset; flags override it.",
+    help="TOML preset (e.g. configs/byron.toml) to start from; flags override its keys.",
 )
 @click.option(
-    "--out", type=click.Path(file_okay=False), help="Run folder to write (default runs/<dataset>)."
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Run folder to write (default runs/<the text's name>); give one per experiment.",
 )
 @click.option(
     "--resume",
     "resume_dir",
     type=click.Path(file_okay=False),
-    help="Continue the run in this folder from its last checkpoint.",
+    help="Continue the run in this folder from its last checkpoint (after Ctrl-C or a crash).",
 )
-@click.option("--force", is_flag=True, help="Replace the run files already in --out.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@click.option(
+    "--force", is_flag=True, help="Replace a run already in --out instead of refusing to."
+)
+@click.option(
+    "--no-progress", is_flag=True, help="No progress bar, log lines only (for logs and CI)."
+)
 @click.option(
     "--nproc",
     type=int,
-    help="Train as N processes of this machine under torchrun "
-    "(one per GPU on CUDA); the global --batch-size is split between them.",
+    help="Train as N processes under torchrun (one per GPU on CUDA), splitting --batch-size.",
 )
-@_config_options
+@_config_options()
 def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> None:
-    """Train a model on --dataset NAME or --text FILE and write a run folder."""
+    """Train a model on --dataset NAME, --text FILE or --prepared DIR and write a run folder.
+
+    Every configuration flag is also a key of a TOML preset (--hidden-size is hidden_size, in the
+    [data], [model], [optim] or [train] table); flags override the preset.
+    """
     from charlstm.training.orchestrate import resume_config
     from charlstm.training.orchestrate import train as train_run
 
@@ -121,9 +187,7 @@ def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> 
         from charlstm.training.distributed import launch
 
         sys.exit(launch(nproc, _command_args(click.get_current_context(), skip=("nproc",))))
-    overrides = {k: v for k, v in fields.items() if v is not None}
-    if overrides.get("text") or overrides.get("prepared"):
-        overrides.setdefault("dataset", None)
+    overrides = cli_overrides(fields)
     if resume_dir:
         if config_path:
             raise UserError(
@@ -147,14 +211,7 @@ def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> 
             config, read_source(config.train.init_from), set(overrides) | toml_keys(config_path)
         )
     if out is None:
-        name = (
-            Path(config.data.prepared).name
-            if config.data.prepared
-            else Path(config.data.text).stem
-            if config.data.text
-            else config.data.dataset
-        )
-        out = str(Path("runs") / str(name))
+        out = str(default_run_folder(config))
     train_run(config, out, force=force, progress=not no_progress)
 
 
@@ -184,31 +241,75 @@ def _write_output(out: str | None, text: str) -> None:
 
 @main.command()
 @click.argument("run", type=click.Path())
-@click.option("--start-text", default=" ", show_default=True, help="Text the samples continue.")
-@click.option("--length", default=200, show_default=True, type=int, help="Characters to generate.")
-@click.option("--temperature", default=0.3, show_default=True, type=float, help="0 = greedy.")
 @click.option(
-    "--temperatures", help="Comma-separated temperatures: one sample per value, side by side."
+    "--start-text",
+    default=" ",
+    show_default=True,
+    help="Text the samples continue (a title, a first line); it starts each sample.",
 )
-@click.option("--top-k", type=int, help="Keep the k most likely characters.")
-@click.option("--top-p", type=float, help="Nucleus sampling threshold in (0, 1].")
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
-@click.option("--num-samples", default=1, show_default=True, type=int)
-@click.option("--seed", type=int, help="Seed for reproducible samples.")
+@click.option(
+    "--length", default=200, show_default=True, type=int, help="Characters to generate per sample."
+)
+@click.option(
+    "--temperature",
+    default=0.3,
+    show_default=True,
+    type=float,
+    help="Randomness: 0 is greedy, 0.3-0.5 stays close to the text, 1 and above wanders.",
+)
+@click.option(
+    "--temperatures",
+    help="Comma-separated temperatures: one sample per value, side by side, to compare them.",
+)
+@click.option(
+    "--top-k", type=int, help="Draw only from the k most likely characters; cuts rare misspellings."
+)
+@click.option(
+    "--top-p",
+    type=float,
+    help="Nucleus sampling: draw from the likeliest characters holding this much probability.",
+)
+@click.option(
+    "--repetition-penalty",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Divide the odds of recently seen characters by this; raise it (1.2) if samples loop.",
+)
+@click.option(
+    "--num-samples",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Independent samples to generate (seeds SEED, SEED+1, ...).",
+)
+@click.option("--seed", type=int, help="Seed for reproducible samples (default: a fresh draw).")
 @click.option("--stop", multiple=True, help="Stop a sample at this string (repeatable).")
-@click.option("--max-lines", type=int, help="Stop after this many lines.")
-@click.option("--max-stanzas", type=int, help="Stop after this many blank-line-separated stanzas.")
+@click.option("--max-lines", type=int, help="Stop a sample after this many lines.")
+@click.option(
+    "--max-stanzas", type=int, help="Stop a sample after this many blank-line-separated stanzas."
+)
 @click.option(
     "--unknown",
     type=click.Choice(["error", "skip"]),
     default="error",
     show_default=True,
-    help="What to do with start-text characters the model never saw.",
+    help="What to do with start-text characters the model never saw: refuse, or drop them.",
 )
-@click.option("--stream", is_flag=True, help="Print text as it is produced.")
-@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--stream", is_flag=True, help="Print the text as it is produced.")
 @click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+    "--which",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Checkpoint: the best on validation, or the weights training ended with.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="Where to generate: auto takes a CUDA GPU when there is one.",
 )
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the samples to this file.")
 def generate(
@@ -235,13 +336,13 @@ def generate(
     from charlstm.api import load
 
     model = load(run, which=which, device=device)
-    extra = dict(
-        repetition_penalty=repetition_penalty,
-        stop=stop,
-        max_lines=max_lines,
-        max_stanzas=max_stanzas,
-        unknown=unknown,
-    )
+    extra = {
+        "repetition_penalty": repetition_penalty,
+        "stop": stop,
+        "max_lines": max_lines,
+        "max_stanzas": max_stanzas,
+        "unknown": unknown,
+    }
     temps = _parse_temperatures(temperatures)
     if temps:
         from charlstm.textutil import side_by_side
@@ -271,14 +372,34 @@ def generate(
 
 @main.command()
 @click.argument("run", type=click.Path())
-@click.option("--text", "text_path", type=click.Path(), help="Evaluate on this file.")
+@click.option(
+    "--text", "text_path", type=click.Path(), help="Evaluate on this file (e.g. held-out text)."
+)
 @click.option("--dataset", help="Evaluate on the validation split of this named dataset.")
-@click.option("--encoding", default="utf-8", show_default=True)
-@click.option("--unknown", type=click.Choice(["error", "skip"]), default="error", show_default=True)
-@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--encoding",
+    default="utf-8",
+    show_default=True,
+    help="Codec of the --text file (any Python codec); e.g. cp1251.",
+)
+@click.option(
+    "--unknown",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="What to do with characters the model never saw: refuse, or leave them out.",
+)
+@click.option(
+    "--which",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Checkpoint: the best on validation, or the weights training ended with.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None:
-    """Loss (nats/char), bits/char and perplexity of RUN on a text (default: its validation split)."""
+    """Loss (nats/char), bits/char and perplexity of RUN on a text (default: its validation
+    split)."""
     from charlstm.api import load
     from charlstm.config import from_dict
     from charlstm.data.corpus import load_corpus, read_text, split_text
@@ -314,7 +435,7 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (for scripts).")
 def datasets(as_json) -> None:
     """List the named corpora and whether a verified local copy exists."""
     from charlstm.data import datasets as ds
@@ -339,7 +460,7 @@ def datasets(as_json) -> None:
     show_default=True,
     help="Address to listen on (0.0.0.0 exposes the server to the network).",
 )
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
 @click.option(
     "--max-length",
     default=4000,
@@ -366,12 +487,19 @@ def datasets(as_json) -> None:
     type=float,
     help="Seconds one generation may take before it ends with an error.",
 )
-@click.option("--threads", default=1, show_default=True, type=int, help="Torch intra-op threads.")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Torch intra-op threads; batching streams scales better than more threads.",
+)
 @click.option(
     "--log-level",
     default="info",
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    help="The server's log detail; warning keeps it quiet, debug shows every request.",
 )
 def serve(
     runs, host, port, max_length, max_concurrency, max_batch, time_limit, threads, log_level
@@ -399,15 +527,27 @@ def bench() -> None:
 
 @bench.command("generate")
 @click.argument("run", required=False, type=click.Path())
-@click.option("--temperature", default=0.5, show_default=True, type=float)
-@click.option("--repeats", default=3, show_default=True, type=int, help="Best of this many runs.")
+@click.option(
+    "--temperature",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Sampling temperature of the timed generation.",
+)
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    type=int,
+    help="Best of this many runs; raise it on a busy machine.",
+)
 @click.option(
     "--big/--no-big",
     default=True,
     show_default=True,
     help="Also time a 1 × 512 model against its memory-bandwidth bound.",
 )
-@click.option("--threads", type=int, help="Threads (default: PyTorch's, one per core).")
+@click.option("--threads", type=int, help="Torch threads (default: PyTorch's, one per core).")
 def bench_generate(run, temperature, repeats, big, threads) -> None:
     """Characters/s of the lab's loop and of the library (1, 16, 256 streams) on RUN's model, or
     on a random lab-sized one (2 × 85 LSTM, vocabulary 74) without RUN; one JSON line at the end."""
@@ -426,11 +566,26 @@ def bench_generate(run, temperature, repeats, big, threads) -> None:
 
 
 @bench.command("train")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML preset.")
-@click.option("--dataset", help="Named dataset (overrides the preset's).")
-@click.option("--budget", type=float, required=True, help="Training seconds.")
-@click.option("--out", type=click.Path(file_okay=False), help="Keep the run folder here.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML preset to measure (default: the default configuration).",
+)
+@click.option("--dataset", help="Named dataset to train on (overrides the preset's).")
+@click.option("--budget", type=float, required=True, help="Seconds of training to measure.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Keep the run folder here (default: a temporary folder).",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config field, e.g. --set precision=fp32 (repeatable).",
+)
 def bench_train(config_path, dataset, budget, out, sets) -> None:
     """Validation loss within a training budget, chars/s, GFLOP/s against this machine's measured
     matrix-multiply peak, and the library step against a bare PyTorch loop; one JSON line."""
@@ -460,7 +615,12 @@ def bench_train(config_path, dataset, budget, out, sets) -> None:
     type=click.Path(file_okay=False),
     help="Folder to write ids.bin, vocab.json and meta.json to.",
 )
-@click.option("--encoding", default="utf-8", show_default=True)
+@click.option(
+    "--encoding",
+    default="utf-8",
+    show_default=True,
+    help="Codec of the --text file (any Python codec); e.g. cp1251.",
+)
 @click.option(
     "--val-fraction",
     default=0.1,
@@ -469,7 +629,7 @@ def bench_train(config_path, dataset, budget, out, sets) -> None:
     help="Recorded in meta.json; training cuts by its own --val-fraction.",
 )
 @click.option("--force", is_flag=True, help="Replace a prepared corpus already in --out.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs and CI).")
 def prepare(text_path, dataset, out, encoding, val_fraction, force, no_progress) -> None:
     """Encode a corpus larger than memory once; then train on it with --prepared OUT."""
     from charlstm.data import datasets as ds
@@ -497,7 +657,7 @@ def prepare(text_path, dataset, out, encoding, val_fraction, force, no_progress)
     click.echo(describe(result), err=True)
 
 
-# ---------------------------------------------------------------------------------------- analyze, report
+# ------------------------------------------------------------------------------- analyze, report
 
 
 def _analysis_options(func):
@@ -604,15 +764,15 @@ def report(run, samples, length, temperatures, text_path, seed, which, threads, 
 
 def _base_config(config_path: str | None, fields: dict[str, Any]) -> tuple[RunConfig, set[str]]:
     """The preset (or defaults) with the given flags applied, and the names the user set."""
-    overrides = {k: v for k, v in fields.items() if v is not None}
-    if overrides.get("text"):
-        overrides.setdefault("dataset", None)
+    overrides = cli_overrides(fields)
     config = load_toml(config_path) if config_path else RunConfig()
     return config.replace(**overrides), set(overrides)
 
 
 @main.command()
-@click.option("--study", required=True, help="Study name; the same name resumes it.")
+@click.option(
+    "--study", required=True, help="Study name; the same name resumes it after a stop or a crash."
+)
 @click.option(
     "--trials",
     default=20,
@@ -621,7 +781,10 @@ def _base_config(config_path: str | None, fields: dict[str, Any]) -> tuple[RunCo
     help="Finished trials the study should hold (a resumed study runs only the rest).",
 )
 @click.option(
-    "--budget-per-trial", default="60s", show_default=True, help="Training time per trial: 60s, 2m."
+    "--budget-per-trial",
+    default="60s",
+    show_default=True,
+    help="Training time per trial (60s, 2m); longer trials rank settings more reliably.",
 )
 @click.option(
     "--storage", help="SQLite file of the study (default runs/tune/STUDY.db) or a database URL."
@@ -641,20 +804,25 @@ def _base_config(config_path: str | None, fields: dict[str, Any]) -> tuple[RunCo
     type=click.Choice(["median", "hyperband", "none"]),
     default="median",
     show_default=True,
+    help="How trials behind the others are stopped early; none trains every trial to its budget.",
 )
 @click.option(
-    "--sampler-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler."
+    "--sampler-seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the TPE sampler; change it for another search path.",
 )
 @click.option("--top", type=int, help="Rows of the results table to print (default all).")
-@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots (faster on a slow machine).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs and CI).")
 @click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
     help="Base preset; the search replaces the searched fields.",
 )
-@_config_options
+@_config_options(eval_interval=20, sample_every=0, threads=1)
 def tune(
     study,
     trials,
@@ -732,9 +900,17 @@ def _int_list(flag: str, value: str | None) -> list[int]:
 
 
 @main.command()
-@click.option("--cells", default="lstm,gru,rnn", show_default=True, help="Comma-separated cells.")
 @click.option(
-    "--budget", default="120s", show_default=True, help="Training time per run: 120s, 2m."
+    "--cells",
+    default="lstm,gru,rnn",
+    show_default=True,
+    help="Comma-separated cells to compare (of lstm, gru, rnn).",
+)
+@click.option(
+    "--budget",
+    default="120s",
+    show_default=True,
+    help="Training time per run (120s, 2m); every cell gets the same.",
 )
 @click.option(
     "--seeds",
@@ -744,17 +920,26 @@ def _int_list(flag: str, value: str | None) -> list[int]:
     help="Runs per cell (seeds SEED, SEED+1, ...).",
 )
 @click.option(
-    "--jobs", default=1, show_default=True, type=int, help="Runs trained at once (processes)."
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Runs trained at once (processes); up to the number of cores.",
 )
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
-    help="Folder of the runs and results (default runs/compare/DATASET).",
+    help="Folder of the runs and results (default runs/compare/<the text's name>).",
 )
-@click.option("--no-probe", is_flag=True, help="Skip the long-range probe.")
+@click.option(
+    "--no-probe", is_flag=True, help="Skip the long-range probe (loss by distance into a line)."
+)
 @click.option("--copy-delays", help="Also run the copy task at these delays, e.g. 10,30,60.")
 @click.option(
-    "--copy-budget", default="20s", show_default=True, help="Training time per cell and delay."
+    "--copy-budget",
+    default="20s",
+    show_default=True,
+    help="Training time per cell and delay of the copy task.",
 )
 @click.option(
     "--fresh", is_flag=True, help="Train every run again, even those a previous call finished."
@@ -765,7 +950,7 @@ def _int_list(flag: str, value: str | None) -> list[int]:
     type=click.Path(dir_okay=False),
     help="Base preset; its LSTM sets the parameter count every cell matches.",
 )
-@_config_options
+@_config_options(sample_every=0, threads=1)
 def compare(
     cells,
     budget,
@@ -800,13 +985,12 @@ def compare(
             f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot be "
             "combined with compare: use --cells and --budget"
         )
-    name = Path(base.data.text).stem if base.data.text else base.data.dataset
     result = run_compare(
         base,
         cells=[c.strip() for c in cells.split(",") if c.strip()],
         seeds=seeds,
         budget=parse_duration(budget),
-        out_dir=out or Path("runs/compare") / str(name),
+        out_dir=out or default_run_folder(base, parent=Path("runs", "compare")),
         jobs=jobs,
         probe=not no_probe,
         reuse=not fresh,

@@ -1,107 +1,237 @@
-"""Run configuration: frozen dataclasses, one per component, loaded from TOML and overridden by flags.
+"""Run configuration: frozen, type-checked dataclasses, one per component, from TOML and flags.
 
-A run's whole configuration is a :class:`RunConfig` made of four sections (``data``, ``model``,
-``optim``, ``train``). Every field name is unique across sections, so a TOML file may use sections or
-flat keys, and a CLI flag ``--hidden-size`` overrides ``model.hidden_size`` by name. An unknown or
-mistyped key is an error that suggests the closest real one: a typo must never be silently ignored.
+A run's whole configuration is a :class:`RunConfig` made of four sections (``data``,
+``model``, ``optim``, ``train``). Every field name is unique across sections, so a TOML file may use
+sections or flat keys, and a CLI flag ``--hidden-size`` overrides ``model.hidden_size`` by name. An
+unknown or mistyped key is an error that suggests the closest real one: a typo must never be
+silently ignored.
+
+The sections are pydantic dataclasses in strict mode: an int is accepted where a float is due, but a
+bool is never an int and a string is never a number; NaN and infinity are refused; a fixed choice is
+a ``Literal``. A validation failure becomes a one-line :class:`UserError` naming the key. Each field
+carries a one-line description in its metadata (``metadata["description"]``): what it does and when
+to change it, which the CLI shows as the flag's help.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import operator
 import re
 import tomllib
 import types
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import field, fields
+from functools import cache, wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
 
 from charlstm.errors import UserError
 
-CELLS = ("lstm", "gru", "rnn")
-BATCHINGS = ("stream", "random")
-SCHEDULES = ("plateau", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
+Cell = Literal["lstm", "gru", "rnn"]
+Batching = Literal["stream", "random"]
+Schedule = Literal["plateau", "cosine", "constant"]
+Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+CELLS: tuple[str, ...] = get_args(Cell)
+BATCHINGS: tuple[str, ...] = get_args(Batching)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEVICES: tuple[str, ...] = get_args(Device)
+
+# strict: no str → number and no bool → int (an int still becomes a float where one is due);
+# allow_inf_nan: a NaN budget or rate is never what the user meant.
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 
-@dataclass(frozen=True)
+def _field(default: Any, description: str) -> Any:
+    """A field with its default and its one-line description (the CLI's help for its flag)."""
+    return field(default=default, metadata={"description": description})
+
+
+def _user_errors(cls: type) -> type:
+    """Make a validation failure in `cls(...)` (and `dataclasses.replace`) a one-line UserError."""
+    init = cls.__init__
+
+    @wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise _user_error(cls, exc) from None
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _section(cls: type) -> type:
+    return _user_errors(dataclass(frozen=True, config=_STRICT)(cls))
+
+
+@_section
 class DataConfig:
     """Where the text comes from and how it is cut into batches."""
 
-    dataset: str | None = "byron-ru"
-    text: str | None = None  # a file path; takes precedence over `dataset`
-    prepared: str | None = None  # a folder made by `charlstm prepare` (memory-mapped); over both
-    encoding: str = "utf-8"
-    val_fraction: float = 0.1
-    batching: str = "stream"
-    batch_size: int = 8
-    seq_len: int = 32
+    dataset: str | None = _field(
+        "byron-ru", "Named corpus to train on (see `charlstm datasets`); --text or --prepared wins."
+    )
+    text: str | None = _field(
+        None, "Text file to train on instead of a named dataset (wins over --dataset)."
+    )
+    prepared: str | None = _field(
+        None,
+        "Folder made by `charlstm prepare` (wins over both): for texts larger than memory.",
+    )
+    encoding: str = _field(
+        "utf-8", "Codec of the --text file (any Python codec); e.g. cp1251 for an old Russian file."
+    )
+    val_fraction: float = _field(
+        0.1, "Share at the end of the text held out for validation; 0.05 leaves more to train on."
+    )
+    batching: Batching = _field(
+        "stream",
+        "stream: contiguous streams that carry the hidden state; random: the lab's random windows.",
+    )
+    batch_size: int = _field(
+        8, "Sequences per step; raise it on a large text or a GPU, keep it small on a small text."
+    )
+    seq_len: int = _field(
+        32, "Characters per window gradients flow back through; raise it for longer structure."
+    )
 
 
-@dataclass(frozen=True)
+@_section
 class ModelConfig:
     """The network's architecture. `vocab_size` is filled from the corpus when training starts."""
 
-    cell: str = "lstm"
-    embedding_size: int = 64
-    hidden_size: int = 256
-    num_layers: int = 2
-    dropout: float = 0.5  # between recurrent layers and before the output layer
-    embedding_dropout: float = 0.2
-    weight_drop: float = (
-        0.6  # DropConnect on the hidden-to-hidden weights (AWD-LSTM), training only
+    cell: Cell = _field(
+        "lstm", "Recurrent cell; gru and rnn are for comparison (`charlstm compare`)."
     )
-    # One dropout mask per sequence of a batch, shared by its time steps (variational dropout), for
-    # the embedding and output dropouts; between stacked layers PyTorch's own dropout stays.
-    locked_dropout: bool = False
-    vocab_size: int = 0
+    embedding_size: int = _field(
+        64, "Size of each character's embedding; rarely worth changing (vocabularies are small)."
+    )
+    hidden_size: int = _field(
+        256,
+        "Units per recurrent layer (capacity): raise it for a large text, lower it if it overfits.",
+    )
+    num_layers: int = _field(2, "Stacked recurrent layers; 2 or 3 suit most texts.")
+    dropout: float = _field(
+        0.5,
+        "Dropout between layers and before the output; raise it if validation loss rises early.",
+    )
+    embedding_dropout: float = _field(
+        0.2, "Dropout on the character embeddings; a regulariser for small texts, 0 for large ones."
+    )
+    weight_drop: float = _field(
+        0.6,
+        "DropConnect on the recurrent weights (AWD-LSTM), training only; lower it on a large text.",
+    )
+    locked_dropout: bool = _field(
+        False,
+        "One mask per sequence for the embedding and output dropouts (variational dropout).",
+    )
+    vocab_size: int = _field(0, "Filled from the corpus when training starts; not a setting.")
 
 
-@dataclass(frozen=True)
+@_section
 class OptimConfig:
     """Adam, gradient clipping and the learning-rate schedule."""
 
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    amsgrad: bool = False
-    grad_clip: float = 1.0
-    schedule: str = "plateau"
-    plateau_factor: float = 0.5
-    plateau_patience: int = 5
-    warmup_steps: int = 0
-    min_lr: float = 1e-5
-    ema: float = 0.999  # decay of an exponential moving average of the weights; 0 disables it
+    lr: float = _field(
+        3e-3, "Adam's learning rate; lower it if the loss jumps or turns non-finite (e.g. 1e-3)."
+    )
+    weight_decay: float = _field(
+        0.0, "Adam's L2 penalty on the weights; 0 leaves regularisation to dropout and ema."
+    )
+    amsgrad: bool = _field(False, "Adam's AMSGrad variant; try it if training is unstable.")
+    grad_clip: float = _field(
+        1.0, "Clip the gradients' global norm to this; lower it if the loss spikes."
+    )
+    schedule: Schedule = _field(
+        "plateau",
+        "plateau: lower the rate when validation stalls; cosine: decay over a fixed budget.",
+    )
+    plateau_factor: float = _field(
+        0.5, "With --schedule plateau: multiply the rate by this when validation stalls."
+    )
+    plateau_patience: int = _field(
+        5, "With --schedule plateau: evaluations without improvement before the rate drops."
+    )
+    warmup_steps: int = _field(
+        0, "Steps of linear warm-up from 0 to --lr; helps large models and batches start stably."
+    )
+    min_lr: float = _field(1e-5, "Lowest rate the plateau and cosine schedules go down to.")
+    ema: float = _field(
+        0.999,
+        "Decay of the weights' average used for evaluation; 0 disables it, 0.9998 for small texts.",
+    )
 
 
-@dataclass(frozen=True)
+@_section
 class TrainConfig:
     """Budgets, evaluation cadence, early stopping, reproducibility and hardware."""
 
-    max_steps: int | None = None
-    max_time: float | None = 300.0  # seconds of training, summed over resumes
-    eval_interval: int = 50  # steps between validation passes
-    early_stopping: int = 10  # evaluations without improvement before stopping; 0 disables
-    sample_every: int = 5  # print a short sample every N evaluations; 0 disables
-    sample_length: int = 200
-    sample_temperature: float = 0.5
-    seed: int = 1337
-    device: str = "auto"
-    precision: str = "auto"
-    threads: int | None = None
-    skip_nonfinite: int = 0  # non-finite steps to skip before stopping
-    eval_streams: int = 8
-    # Transfer (see transfer.py): start from another run's weights, or pre-train first.
-    init_from: str | None = None  # a run folder or checkpoint whose weights the model starts from
-    freeze_layers: int = 0  # with init_from: freeze the embedding and the lowest K recurrent layers
-    pretrain: str | None = None  # a dataset name or text file to pre-train on before this run
-    pretrain_time: float = 300.0  # seconds of the pre-training phase (the run's own is max_time)
-    pretrain_config: str | None = (
-        None  # a TOML preset overriding this run's fields for pre-training
+    max_steps: int | None = _field(
+        None, "Stop after this many steps (summed over resumes); unset means no step limit."
     )
-    report: bool = False  # write report.html and report.md (`charlstm report`) when training ends
+    max_time: float | None = _field(
+        300.0, "Seconds of training, summed over resumes: the main budget of a run."
+    )
+    eval_interval: int = _field(
+        50, "Steps between validation passes and checkpoints; lower it for short runs."
+    )
+    early_stopping: int = _field(
+        10, "Evaluations without a better validation loss before stopping; 0 disables it."
+    )
+    sample_every: int = _field(
+        5, "Print a short sample every N evaluations; 0 disables it (e.g. in scripts)."
+    )
+    sample_length: int = _field(200, "Characters in each sample printed during training.")
+    sample_temperature: float = _field(
+        0.5, "Temperature of the samples printed during training (0 is greedy)."
+    )
+    seed: int = _field(
+        1337, "Seed of the weights, batches and dropout; change it to repeat a run with new luck."
+    )
+    device: Device = _field("auto", "Where to train: auto takes a CUDA GPU when there is one.")
+    precision: Precision = _field(
+        "auto", "Matrix products in bf16 or fp32; auto takes bf16 where the hardware has it."
+    )
+    threads: int | None = _field(
+        None, "Torch threads; unset uses one per core. Set it when other jobs share the machine."
+    )
+    skip_nonfinite: int = _field(
+        0, "Non-finite steps to skip before stopping; raise it only for rare overflow spikes."
+    )
+    eval_streams: int = _field(
+        8, "Streams the validation text is cut into; more is faster, fewer carries more context."
+    )
+    # Transfer (see training/transfer.py): start from another run's weights, or pre-train first.
+    init_from: str | None = _field(
+        None, "Run folder or checkpoint whose weights the model starts from (fine-tuning)."
+    )
+    freeze_layers: int = _field(
+        0, "With --init-from or --pretrain: freeze the embedding and the lowest K layers."
+    )
+    pretrain: str | None = _field(
+        None, "Dataset name or text file to pre-train on first (into OUT-pretrain), then fine-tune."
+    )
+    pretrain_time: float = _field(
+        300.0, "Seconds of the pre-training phase (the run's own budget is --max-time)."
+    )
+    pretrain_config: str | None = _field(
+        None, "TOML preset overriding this run's settings for the pre-training phase."
+    )
+    report: bool = _field(
+        False, "Write report.html and report.md (`charlstm report`) when training ends."
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -112,12 +242,18 @@ SECTIONS: dict[str, type] = {
 }
 
 
-@dataclass(frozen=True)
+@_user_errors
+@dataclass(frozen=True, config=_STRICT)
 class RunConfig:
+    """A whole run's configuration; one that exists has passed `validate`."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -125,6 +261,9 @@ class RunConfig:
     def replace(self, **overrides: Any) -> RunConfig:
         """A copy with fields replaced by name (flat names, as the CLI gives them)."""
         return apply_overrides(self, overrides)
+
+
+# ---------------------------------------------------------------------------------------- fields
 
 
 def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -136,43 +275,86 @@ def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
     return index
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a field's annotation, converting ints to floats where a float is due."""
-    options = _type_options(annotation)
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """What a command line needs to know about one field."""
+
+    name: str
+    section: str
+    default: Any
+    description: str
+    kind: type  # int, float, str or bool: what a flag's text is parsed as before validation
+    choices: tuple[Any, ...] | None  # the values of a Literal field
+    optional: bool  # None is a valid value
+
+
+def _hint(annotation: Any) -> tuple[Any, bool]:
+    """(the annotation without None, whether None was allowed)."""
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(get_args(annotation))
+        return (args[0] if len(args) == 1 else functools.reduce(operator.or_, args)), optional
+    return annotation, False
+
+
+@cache
+def field_specs() -> dict[str, FieldSpec]:
+    """Every field by flat name, its type reduced to what a flag parses (unknown types: str)."""
+    specs = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            hint, optional = _hint(hints[f.name])
+            choices = get_args(hint) if get_origin(hint) is Literal else None
+            if choices:
+                kind = type(choices[0])
+            else:
+                kind = hint if hint in (bool, int, float, str) else str
+            specs[f.name] = FieldSpec(
+                f.name,
+                section,
+                f.default,
+                f.metadata.get("description", ""),
+                kind,
+                choices,
+                optional,
+            )
+    return specs
+
+
+def _type_name(hint: Any) -> str:
+    hint, _ = _hint(hint)
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _user_error(cls: type, exc: ValidationError) -> UserError:
+    """The first problem pydantic found, as one line naming the key and what it must be."""
+    err = exc.errors(include_url=False)[0]
+    name = str(err["loc"][0]) if err["loc"] else cls.__name__
+    value = err.get("input")
+    hints = typing.get_type_hints(cls)
+    if name not in hints or err["type"] == "unexpected_keyword_argument":
+        return UserError(
+            f"unknown config key {name!r}{_suggest(name)}; see `charlstm train --help`"
+        )
+    hint, _ = _hint(hints[name])
     if value is None:
-        if type(None) in options:
-            return None
-        raise UserError(f"config key {name!r} cannot be empty")
-    for opt in options:
-        if opt is bool and isinstance(value, bool):
-            return value
-        if opt is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if opt is float and isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise UserError(f"config key {name!r} must be a finite number, got {value!r}")
-            return float(value)
-        if opt is str and isinstance(value, str):
-            return value
-    wanted = " or ".join(o.__name__ for o in options if o is not type(None))
-    raise UserError(f"config key {name!r} must be {wanted}, got {value!r}")
-
-
-_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
-
-
-def _type_options(annotation: Any) -> tuple[type, ...]:
-    """Turn an annotation (possibly a string under `from __future__ import annotations`) into types."""
-    if isinstance(annotation, str):
-        return tuple(_NAMES[part.strip()] for part in annotation.split("|"))
-    if isinstance(annotation, types.UnionType):
-        return tuple(annotation.__args__)
-    return (annotation,)
+        return UserError(f"config key {name!r} cannot be empty")
+    if err["type"] == "finite_number":
+        return UserError(f"config key {name!r} must be a finite number, got {value!r}")
+    if get_origin(hint) is Literal:
+        return UserError(f"{name} must be one of {', '.join(get_args(hint))}, got {value!r}")
+    return UserError(f"config key {name!r} must be {_type_name(hint)}, got {value!r}")
 
 
 def _suggest(name: str) -> str:
     close = difflib.get_close_matches(name, list(field_index()), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------- overrides
 
 
 def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -184,12 +366,49 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             raise UserError(
                 f"unknown config key {name!r}{_suggest(name)}; see `charlstm train --help`"
             )
-        section, f = index[name]
-        per_section[section][name] = _coerce(name, value, f.type)
+        per_section[index[name][0]][name] = value
     new = {s: dataclasses.replace(getattr(config, s), **vals) for s, vals in per_section.items()}
-    result = RunConfig(**new)
-    validate(result)
-    return result
+    return RunConfig(**new)
+
+
+SOURCES = ("dataset", "text", "prepared")  # where the text comes from; one given replaces the rest
+
+
+def cli_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """The overrides that command-line flags stand for.
+
+    A flag left at None was not given. Giving one of --dataset, --text or --prepared clears the
+    others (the default dataset and a preset's included), so that the text named on the command
+    line is the one trained on, and the one that names the output folder and the tables.
+    """
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if any(k in overrides for k in SOURCES):
+        for k in SOURCES:
+            overrides.setdefault(k, None)
+    return overrides
+
+
+def apply_cli_overrides(config: RunConfig, flags: dict[str, Any]) -> RunConfig:
+    """`config` with command-line flags applied (see `cli_overrides`)."""
+    return config.replace(**cli_overrides(flags))
+
+
+def dataset_label(config: RunConfig) -> str:
+    """The name of a run's text: the prepared folder's name, the text file's stem or the dataset."""
+    d = config.data
+    if d.prepared:
+        return Path(d.prepared).name
+    if d.text:
+        return Path(d.text).stem
+    return d.dataset or "untitled"
+
+
+def default_run_folder(config: RunConfig, parent: str | Path = "runs") -> Path:
+    """Where a run goes when no --out is given: ``runs/<dataset label>`` (or under `parent`)."""
+    return Path(parent) / dataset_label(config)
+
+
+# ---------------------------------------------------------------------------------------- TOML
 
 
 def flatten_toml(doc: dict[str, Any], source: str) -> dict[str, Any]:
@@ -247,12 +466,10 @@ def to_toml(config: RunConfig) -> str:
     return tomli_w.dumps(doc)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+# ---------------------------------------------------------------------------------------- ranges
 
 
-def _check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
+def _check_positive(name: str, value: float | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if value is None or value <= 0:
@@ -260,13 +477,8 @@ def _check_positive(name: str, value: float | int | None, allow_none: bool = Fal
 
 
 def validate(config: RunConfig) -> None:
-    """Range checks that a type check cannot express."""
+    """Range checks that a type cannot express (types and choices are checked on construction)."""
     d, m, o, t = config.data, config.model, config.optim, config.train
-    _check_choice("batching", d.batching, BATCHINGS)
-    _check_choice("cell", m.cell, CELLS)
-    _check_choice("schedule", o.schedule, SCHEDULES)
-    _check_choice("precision", t.precision, PRECISIONS)
-    _check_choice("device", t.device, DEVICES)
     for name in ("batch_size", "seq_len"):
         _check_positive(name, getattr(d, name))
     for name in ("embedding_size", "hidden_size", "num_layers"):
@@ -305,6 +517,8 @@ def validate(config: RunConfig) -> None:
     if t.pretrain_config and not t.pretrain:
         raise UserError("pretrain_config needs pretrain (the text to pre-train on)")
 
+
+# ---------------------------------------------------------------------------------------- durations
 
 _UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(h|min|m|sec|s)?")
