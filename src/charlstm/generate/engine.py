@@ -140,10 +140,10 @@ def _codepoints(
 class Engine:
     """Batched, incremental generation over a `CharRNN`-like model.
 
-    An LSTM on the CPU runs in compiled kernels (`charlstm.generate.kernels`, when numba is installed);
-    any other model, or CUDA, runs the reference path: one module call per step and
-    `sampling.sample_step`. Both draw the same characters from the same logits. `fast=False`
-    forces the reference path, `fast=True` the compiled one."""
+    An LSTM on the CPU runs in compiled kernels (`charlstm.generate.kernels`, numba); any other
+    model, CUDA, or a process where numba cannot be imported runs the reference path: one module
+    call per step and `sampling.sample_step`. Both draw the same characters from the same logits.
+    `fast=False` forces the reference path, `fast=True` the compiled one."""
 
     def __init__(
         self,
@@ -175,6 +175,16 @@ class Engine:
     def compiled(self) -> bool:
         """Whether this engine runs the compiled kernels (else the reference module calls)."""
         return self._rows is not None
+
+    def warm_up(self) -> float:
+        """Load the compiled kernels and run them once on this model's weights, on throwaway rows
+        (this engine's streams are untouched), so that the first request does not pay for it;
+        returns the seconds it took. The reference path has nothing to load: 0.0."""
+        if self._rows is None:
+            return 0.0
+        from charlstm.generate import kernels
+
+        return kernels.warm_up(self._rows.w)
 
     @torch.inference_mode()
     def add(self, request: Request) -> int:

@@ -1,14 +1,14 @@
 """Compiled LSTM generation on the CPU: the model step and the sampler without per-call overhead.
 
-One character of the lab-sized model (2 × 85, vocabulary 74) is about 93 k multiply-adds, a few µs of
-arithmetic, while one PyTorch module call costs tens of µs. So generation runs here, in numba:
+One character of the lab-sized model (2 × 85, vocabulary 74) is about 93 k multiply-adds, a few µs
+of arithmetic, while one PyTorch module call costs tens of µs. So generation runs here, in numba:
 
-- `LSTMWeights` rearranges a `CharRNN`'s weights once. Layer 0's input projection is a table, one row
-  of 4H gate inputs per character (embedding @ W_ih0ᵀ + both biases), so layer 0 only multiplies its
-  own state. Layers above see [h_below, h_own] as one vector and use one stacked matrix.
+- `LSTMWeights` rearranges a `CharRNN`'s weights once. Layer 0's input projection is a table, one
+  row of 4H gate inputs per character (embedding @ W_ih0ᵀ + both biases), so layer 0 only multiplies
+  its own state. Layers above see [h_below, h_own] as one vector and use one stacked matrix.
 - A stream's state is one row of `S` (N, L·H), the layers' h side by side, and of `C` (cells). Layer
-  l's input [h_{l-1}, h_l] is then the contiguous slice S[:, (l-1)H:(l+1)H], so the batched path feeds
-  views of `S` straight to a matrix multiply with no copies.
+  l's input [h_{l-1}, h_l] is then the contiguous slice S[:, (l-1)H:(l+1)H], so the batched path
+  feeds views of `S` straight to a matrix multiply with no copies.
 - Few streams (`advance_rows`): each row runs all its characters of a call inside one compiled
   call, matrix-vector products over weights that stay in cache (about 4.5 µs a character for the
   lab model, ~50x a module call). Many streams (`_batched_steps`): one step of every row at a time,
@@ -22,7 +22,8 @@ rational approximation that vectorises (within 3e-7 of PyTorch's). Sampling foll
 `sampling.sample_step` operation by operation in float64: the same splitmix64 uniforms, temperature,
 top-k, top-p and repetition penalty, numpy's pairwise sums, and the same cdf inversion, so given the
 same logits it draws the same characters (exp may differ from numpy's in the last bit, which could
-flip a draw only when a uniform lands within ~1e-16 of a cdf step; tests compare with `sample_step`).
+flip a draw only when a uniform lands within ~1e-16 of a cdf step; tests compare with
+`sample_step`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 # sampler relies on -inf for top-k (and those functions use no fast-math at all).
 _FAST = {"contract", "arcp", "nsz", "afn"}
 
-# ---------------------------------------------------------------------------------------- activations
+# -------------------------------------------------------------------------------------- activations
 
 # tanh as an odd/even rational function on [-c, c] (the approximation Eigen and TensorFlow use for
 # float32): branch-free, so LLVM vectorises the gate loops, unlike calls to libm's tanhf/expf.
@@ -106,7 +107,7 @@ class LSTMWeights:
     w_fc: np.ndarray  # (H, V)
     b_fc: np.ndarray  # (V,)
     # The batched path's one product per layer: h_l @ [W_hh_l | W_ih_{l+1}] (W_fc above the top
-    # layer), (H, 4H + 4H or V), and the same matrices as nn.Linear keeps them, (out, in), for oneDNN.
+    # layer), (H, 4H + 4H or V); and for oneDNN the same matrices as nn.Linear keeps them (out, in).
     fused: tuple[np.ndarray, ...]
     fused_lin: tuple[torch.Tensor, ...]
 
@@ -209,7 +210,7 @@ def _matvec_add(h, W, g):
 
 @nb.njit(fastmath=_FAST, error_model="numpy", cache=True)
 def _step_row(table, w_hh0, w_up, b_up, w_fc, S, C, logits, r, x, g):
-    """Feed character x to row r: update its state and write its next logits (without the fc bias)."""
+    """Feed character x to row r: update its state and write its next logits (no fc bias)."""
     H = w_hh0.shape[0]
     g[:] = table[x]
     _matvec_add(S[r, :H], w_hh0, g)
@@ -1084,21 +1085,32 @@ def _workers() -> _Workers:
     return _WORKERS[0]
 
 
-def warm_up() -> float:
-    """Load (or on the first run ever, compile) every kernel now, on a tiny throwaway model, so that
-    a server's first request does not pay for it; returns the seconds it took. Numba compiles per
-    argument type, not per shape, so any LSTM reuses what this loads."""
+def warm_up(weights: LSTMWeights | None = None) -> float:
+    """Load (or, on the first run ever, compile) every kernel now and run both paths once, so that
+    a server's first request pays for neither; returns the seconds it took.
+
+    Numba compiles per argument type, not per shape, so any LSTM reuses what this loads, and once
+    numba's cache holds the kernels this takes milliseconds. Given a served model's `weights`, the
+    batched step also runs at that model's shapes (where oneDNN creates its GEMM kernels) and the
+    worker threads start; without, a tiny throwaway model is used. The rows are throwaway too:
+    no engine's state is touched. `charlstm serve` calls it through `Engine.warm_up` for every
+    served model before it accepts requests."""
     import time
 
-    from charlstm.config import ModelConfig
     from charlstm.generate.sampling import SamplingParams
-    from charlstm.model import CharRNN
 
     t0 = time.perf_counter()
-    model = CharRNN(ModelConfig(embedding_size=2, hidden_size=4, num_layers=2, vocab_size=3)).eval()
-    rows = LSTMRows(LSTMWeights.from_model(model))
-    for n in (1, LSTMRows.batch_rows):
+    if weights is None:
+        from charlstm.config import ModelConfig
+        from charlstm.model import CharRNN
+
+        tiny = ModelConfig(embedding_size=2, hidden_size=4, num_layers=2, vocab_size=3)
+        weights = LSTMWeights.from_model(CharRNN(tiny).eval())
+    rows = LSTMRows(weights)
+    prompt = [i % weights.vocab_size for i in range(2)]
+    params = SamplingParams(1.0, top_k=2, top_p=0.9, repetition_penalty=1.1)
+    for n in (1, LSTMRows.batch_rows):  # the per-row kernels, then the batched step
         while len(rows) < n:
-            rows.add([0, 1], SamplingParams(1.0, top_k=2, top_p=0.9, repetition_penalty=1.1), 7)
+            rows.add(prompt, params, 7)
         rows.advance(2, np.full(n, 2))
     return time.perf_counter() - t0

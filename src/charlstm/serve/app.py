@@ -1,11 +1,14 @@
 """The HTTP server: an API and a web page over trained models, with continuous batching.
 
-Each served model has one `ModelWorker`, a background asyncio task that owns a `generation.Engine`
-and runs its steps in a worker thread, so that the event loop keeps answering while the model works.
-Requests do not queue behind each other: a new request's streams join the engine's batch between two
-steps and leave it when they finish, so that requests arriving together share every batched model
-step (continuous batching, as text-generation-inference and vLLM do). Each request reads its text
-from its own `Job`, which the worker fills after every tick (a few steps, at most `tick_seconds`).
+Each served model has one `ModelWorker`, a background asyncio task that owns a
+`generate.engine.Engine` and runs its steps in a worker thread, so that the event loop keeps
+answering while the model works. Requests do not queue behind each other: a new request's streams
+join the engine's batch between two steps and leave it when they finish, so that requests arriving
+together share every batched model step (continuous batching, as text-generation-inference and vLLM
+do). Each request reads its text from its own `Job`, which the worker fills after every tick (a few
+steps, at most `tick_seconds`). At start-up, before uvicorn listens, each worker warms its engine's
+compiled kernels at its model's shapes (`ModelWorker.warm_up`), so that the first request does not
+pay for loading them.
 
     app = create_app([charlstm.load("runs/byron")], ServerConfig(max_concurrency=32))
     uvicorn.run(app)                      # or, from a shell: charlstm serve runs/byron
@@ -63,7 +66,7 @@ log = logging.getLogger("charlstm.server")
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-# ---------------------------------------------------------------------------------------- the server
+# --------------------------------------------------------------------------------------- the server
 
 
 class Server:
@@ -290,6 +293,10 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        # Before the first request (uvicorn listens only once this part is done): load the
+        # generation kernels and run them at each model's shapes, so that no request waits for it.
+        for w in server.workers.values():
+            await asyncio.to_thread(w.warm_up)
         for w in server.workers.values():
             w.start()
         yield
@@ -326,8 +333,8 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
     async def _busy(request: Request, exc: Busy) -> JSONResponse:
         return JSONResponse(
             {
-                "detail": f"the server is generating its limit of {config.max_concurrency} streams; "
-                f"retry in {exc.retry_after} s"
+                "detail": f"the server is generating its limit of {config.max_concurrency} "
+                f"streams; retry in {exc.retry_after} s"
             },
             status_code=429,
             headers={"Retry-After": str(exc.retry_after)},

@@ -134,6 +134,22 @@ class ModelWorker:
         self._news = threading.Event()  # ends a tick early: someone joined or left
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self.warm_up_seconds: float | None = None  # set by `warm_up` (the server's start-up)
+
+    def warm_up(self) -> None:
+        """Load the engine's compiled kernels and run them once on this model, before the worker
+        takes requests (`Engine.warm_up`; free on the reference path, milliseconds once numba's
+        cache holds the kernels). A failure is logged, not raised: the server still starts, and a
+        broken engine fails each request with an error as it would have anyway."""
+        try:
+            self.warm_up_seconds = self.engine.warm_up()
+        except Exception:  # see the docstring: the server starts anyway, with the cause logged
+            log.exception("warming up the engine of model %s failed", self.name)
+            return
+        if self.engine.compiled:
+            log.info(
+                "model %s: generation kernels ready in %.2f s", self.name, self.warm_up_seconds
+            )
 
     def start(self) -> None:
         if self._task is None or self._task.done():
