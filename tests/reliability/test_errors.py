@@ -307,8 +307,12 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         "is not valid TOML",
     ),
     "config-choice": (
-        lambda e: train_cli(e, "--cell", "transformer"),
-        "cell must be one of lstm, gru, rnn",
+        lambda e: train_cli(e, "--config", toml(e, 'cell = "transformer"')),
+        "cell must be one of lstm, gru, rnn, got 'transformer'",
+    ),
+    "cli-choice": (
+        lambda e: _click_usage("train", "--cell", "transformer"),
+        "Invalid value for '--cell': 'transformer' is not one of 'lstm', 'gru', 'rnn'",
     ),
     "config-not-positive": (
         lambda e: train_cli(e, "--hidden-size", "0"),

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlstm.config import CELLS, RunConfig
+from charlstm.config import CELLS, RunConfig, dataset_label
 from charlstm.errors import UserError
 
 LINE_EDGES = (0, 5, 10, 20, 40)  # buckets of "characters since the last newline"
@@ -516,7 +516,7 @@ def compare(
         _read_run(run_dir, cell, seed, hidden, params, probe)
         for _, run_dir, cell, seed, hidden, params, _ in plan
     ]
-    result = Comparison(base.data.dataset or str(base.data.text), budget, sizes, runs)
+    result = Comparison(dataset_label(base), budget, sizes, runs)
     for cell, delay, run_dir in copy_runs:
         result.copy.setdefault(cell, {})[str(delay)] = recall_loss(run_dir)
     result.files["json"] = out_dir / "comparison.json"
