@@ -1,9 +1,11 @@
-"""Crash-safe file writes: every file charlstm writes appears whole or not at all.
+"""Crash-safe file writes: a file written through here appears whole or not at all.
 
 A write goes to a temporary file in the same folder, is flushed to the disk (fsync), and is then
 renamed over the destination; the rename is atomic on POSIX file systems, so a crash, a full disk or
 a Ctrl-C at any moment leaves either the previous file or the new one, never a mixture. Checkpoints,
-`metrics.jsonl` repairs, config files, reports, prepared corpora and downloads all go through here.
+`metrics.jsonl` repairs, config files, reports, comparison and tuning results, prepared corpora and
+downloads all go through here; files that grow as a run goes (`metrics.jsonl`, `samples.txt`, logs)
+and the plots of `compare` and `tune` are written directly.
 
 Temporary files are named ``.<name>.<random>.tmp``; `remove_stale_temps` deletes those a crash left.
 """

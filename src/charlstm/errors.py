@@ -2,8 +2,9 @@
 
 Library code raises :class:`UserError` for anything the person running charlstm can fix (a missing
 file, a bad option, a foreign checkpoint). Its message is a single line that names the problem and
-the fix; the CLI prints it to stderr and exits with status 2, without a traceback. Anything else
-that escapes is a bug in charlstm and is allowed to show its traceback.
+the fix; the CLI prints it to stderr and exits with its `exit_code`, without a traceback: 2, or 3
+for a distributed job's `PeerFailure` (docs/errors.md lists every exit status). Anything else that
+escapes is a bug in charlstm, shows its traceback and exits with 1.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A run's text, ready to train on: the vocabulary and the encoded training and validation ids.
 
 `prepare_data` is the one place a configuration's data section (a named dataset, a text file, or a
-corpus made by `charlstm prepare`) becomes arrays of ids; training, evaluation, the report, the
-comparison and the tuner all start from it.
+corpus made by `charlstm prepare`) becomes arrays of ids; training (and its evaluations), the
+report, the comparison, the tuner and `charlstm bench train` all start from it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""One run folder: where each of its files lives, and the only code that writes them.
+"""One run folder: where each of its files lives, and the only code that writes training's files.
 
 Training writes through a `RunFolder` (config, metrics, samples, checkpoints); report, comparison,
-tuning, the benchmarks and the Python API read through it. The layout is in the package docstring.
+tuning, the benchmarks and the Python API read through it. `charlstm report` writes its own files
+(`analysis.report.write_report`: report.html, report.md, report/) into the run folder or another
+one. The layout is in the package docstring.
 """
 
 from __future__ import annotations
