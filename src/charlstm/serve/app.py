@@ -446,4 +446,14 @@ def serve(
     set_threads(threads)
     models = [load(run) for run in runs]
     app = create_app(models, config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    except SystemExit as exc:
+        # uvicorn exits with 3 when it cannot listen (its reason is logged just before); that is
+        # the user's to fix, so it is a UserError (exit 2), and 3 keeps one meaning (errors.md).
+        if exc.code != 3:
+            raise
+        raise UserError(
+            f"could not listen on {host}:{port} (the reason is logged above); choose another "
+            "--port, or stop the program that holds it"
+        ) from None
