@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath ../shared/data)
 export CHARLSTM_DATA ?= $(if $(wildcard $(DATA)),$(DATA),)
 
-.PHONY: setup demo test test-reliability bench clean
+.PHONY: setup demo test test-fast test-reliability lint bench clean
 
 $(BIN)/charlstm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,22 @@ demo: setup
 	$(BIN)/charlstm generate runs/byron --start-text "Мне " --temperature 0.5 --length 600 \
 		--num-samples 3 --seed 7 --max-stanzas 2
 
+# Every test (the README's command).
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The fast tier, to run after every edit: no test marked slow (training for more than a moment, a
+# subprocess, a browser) and none of the reliability suite; under a minute on 2 cores.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not reliability"
+
 test-reliability: setup
 	$(BIN)/python -m pytest -q -m reliability
+
+# What CI checks before the tests: ruff's rules (pyproject.toml [tool.ruff]) and its formatting.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
