@@ -1,7 +1,7 @@
-"""Shared fixtures: a tiny corpus written by the test, tiny configurations, and offline data.
+"""The fixtures of the whole suite (the functions behind them are in tests/helpers.py).
 
-Tests never touch the network: CHARLSTM_DATA points at the read-only shared corpora and the user cache
-is redirected into a temporary folder.
+Tests never touch the network: CHARLSTM_DATA points at the read-only shared corpora and the user
+cache is redirected into a temporary folder.
 """
 
 from __future__ import annotations
@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlstm.config import RunConfig
+from tests.helpers import CORPUS_TEXT, ROOT, folder_files, make_run
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-POEM = (
-    "Прощай, свободная стихия!\nВ последний раз передо мной\n"
-    "Ты катишь волны голубые\nИ блещешь гордою красой.\n\n"
-    "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n"
-    "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date.\n\n"
-)
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -32,41 +25,28 @@ def _offline_data(monkeypatch, tmp_path_factory):
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    """A small corpus (about 4,700 characters) written by the test."""
-    path = tmp_path / "poems.txt"
-    path.write_text(POEM * 8, encoding="utf-8")
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The tiny corpus (`CORPUS_TEXT`) as a file, alone in its folder; tests only read it."""
+    path = tmp_path_factory.mktemp("corpus") / "poems.txt"
+    path.write_text(CORPUS_TEXT, encoding="utf-8")
     return path
 
 
-@pytest.fixture
-def tiny():
-    """A function building a tiny, fast, deterministic configuration for a corpus file."""
-    return tiny_config
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus) -> Path:
+    """A finished run of the plain tiny model (20 steps, 4 evaluations, best/ and last/), shared by
+    the whole session: a test that changes a run works on a `copy_run` of it. The folder is
+    checked at the end of the session, so a test that changed it makes that teardown fail."""
+    run = make_run(tmp_path_factory.mktemp("trained") / "run", corpus)
+    before = folder_files(run)
+    yield run
+    assert folder_files(run) == before, f"a test changed the shared run {run}"
 
 
-def tiny_config(text: Path, **overrides) -> RunConfig:
-    base = dict(
-        text=str(text),
-        dataset=None,
-        batch_size=4,
-        seq_len=16,
-        embedding_size=8,
-        hidden_size=16,
-        num_layers=1,
-        dropout=0.0,
-        embedding_dropout=0.0,
-        weight_drop=0.0,
-        ema=0.0,
-        max_steps=20,
-        max_time=None,
-        eval_interval=5,
-        sample_every=0,
-        threads=1,
-        precision="fp32",
-        device="cpu",
-        lr=1e-2,
-    )
-    base.update(overrides)
-    return RunConfig().replace(**base)
+@pytest.fixture(scope="session")
+def trained_model(trained_run):
+    """`trained_run` loaded on the CPU (a `TextModel`)."""
+    import charlstm
+
+    return charlstm.load(trained_run, device="cpu")

@@ -1,5 +1,5 @@
-"""Started by torchrun in tests/test_distributed.py: train through the library, then check that every
-process ended with the same weights, weight average and Adam state, bit for bit.
+"""Started by torchrun in tests/test_distributed.py: train through the library, then check that
+every process ended with the same weights, weight average and Adam state, bit for bit.
 
 Usage: torchrun --standalone --nproc-per-node N tests/dist_worker.py CONFIG_JSON OUT [--resume]
 Rank 0 prints one JSON line: {"same_everywhere": bool, "world_size": N}.

@@ -23,8 +23,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 import charlstm
-from charlstm.config import RunConfig
 from charlstm.serve.app import ServerConfig, create_app
+from tests.helpers import make_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -33,10 +33,13 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SHOTS = os.environ.get("CHARLSTM_SCREENSHOTS")
 
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="Chromium is not installed: apt-get install -y chromium chromium-driver",
-)
+pytestmark = [
+    pytest.mark.slow,  # a real server, a real browser, and a model trained for a second
+    pytest.mark.skipif(
+        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+        reason="Chromium is not installed: apt-get install -y chromium chromium-driver",
+    ),
+]
 
 # Without the networking flags Chromium tries to reach Google's services, which a closed network
 # refuses; --no-sandbox because CI runs as root.
@@ -77,7 +80,7 @@ A heart whose love is innocent!
 
 
 class Paced(torch.nn.Module):
-    """The tiny model, slowed to about 500 steps/s like a larger one, so that Stop lands mid-poem."""
+    """The tiny model slowed to about 500 steps/s, like a larger one, so Stop lands mid-poem."""
 
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
@@ -93,27 +96,17 @@ def site(tmp_path_factory):
     """A model trained for a second on one poem, served by uvicorn on a free loopback port."""
     folder = tmp_path_factory.mktemp("browser")
     (folder / "poem.txt").write_text(POEM, encoding="utf-8")
-    config = RunConfig().replace(
-        text=str(folder / "poem.txt"),
-        dataset=None,
+    run = make_run(
+        folder / "she-walks-in-beauty",
+        folder / "poem.txt",
         val_fraction=0.2,
         batch_size=8,
         seq_len=32,
         embedding_size=16,
         hidden_size=64,
-        num_layers=1,
-        dropout=0.0,
-        embedding_dropout=0.0,
         max_steps=60,
-        max_time=None,
         eval_interval=20,
-        sample_every=0,
-        threads=1,
-        precision="fp32",
-        device="cpu",
-        lr=1e-2,
     )
-    run = charlstm.train(config, folder / "she-walks-in-beauty", progress=False, log=lambda _: None)
     model = charlstm.load(run)
     model.model = Paced(model.model)
     app = create_app([model], ServerConfig())

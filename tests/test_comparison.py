@@ -6,13 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from charlstm.cli import main
 from charlstm.config import RunConfig
 from charlstm.experiments import comparison
 from charlstm.model import CharRNN
 from charlstm.model.evaluation import evaluate_ids
+from tests.helpers import invoke, one_line_error, tiny_config, tiny_flags
 
 
 @pytest.mark.parametrize("layers, hidden", [(2, 256), (1, 384), (3, 128)])
@@ -45,8 +44,8 @@ def test_copy_text_repeats_each_key_after_the_delay():
     assert len({x[0] for x in lines}) > 1
 
 
-def test_per_char_losses_average_to_the_validation_loss(tiny, corpus):
-    config = tiny(corpus)
+def test_per_char_losses_average_to_the_validation_loss(corpus):
+    config = tiny_config(corpus)
     model = CharRNN(dataclasses.replace(config.model, vocab_size=30))
     ids = np.random.default_rng(0).integers(0, 30, size=700)
     losses = comparison.per_char_losses(model, ids)
@@ -54,43 +53,16 @@ def test_per_char_losses_average_to_the_validation_loss(tiny, corpus):
     assert math.isclose(losses.mean(), evaluate_ids(model, ids), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_compare_cli_prints_table_and_writes_json(corpus, tmp_path):
     """Two cells × two seeds on a tiny budget: a markdown table, JSON with every run, the plot."""
     out = tmp_path / "cmp"
     args = [
-        "compare",
-        "--text",
-        str(corpus),
-        "--cells",
-        "lstm,rnn",
-        "--seeds",
-        "2",
-        "--budget",
-        "20s",
-        "--max-steps",
-        "10",
-        "--eval-interval",
-        "5",
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "16",
-        "--embedding-size",
-        "8",
-        "--hidden-size",
-        "16",
-        "--num-layers",
-        "1",
-        "--precision",
-        "fp32",
-        "--copy-delays",
-        "3",
-        "--copy-budget",
-        "1s",
-        "--out",
-        str(out),
+        *["compare", "--text", corpus, "--cells", "lstm,rnn", "--seeds", 2, "--budget", "20s"],
+        *["--copy-delays", 3, "--copy-budget", "1s", "--out", out],
+        *tiny_flags(max_steps=10),
     ]
-    result = CliRunner().invoke(main, args)
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "| LSTM | 16 |" in result.output and "| RNN |" in result.output
     assert "k = 64" in result.output and "0-4" in result.output
@@ -102,13 +74,10 @@ def test_compare_cli_prints_table_and_writes_json(corpus, tmp_path):
     assert (out / "curves.png").stat().st_size > 0
     # A second call reuses the finished runs instead of training them again.
     stamp = (out / "lstm-seed1337" / "last" / "checkpoint.safetensors").stat().st_mtime_ns
-    again = CliRunner().invoke(main, args + ["--no-probe"])
+    again = invoke(*args, "--no-probe")
     assert again.exit_code == 0, again.output
     assert (out / "lstm-seed1337" / "last" / "checkpoint.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_compare_rejects_unknown_cells(corpus):
-    result = CliRunner().invoke(
-        main, ["compare", "--text", str(corpus), "--cells", "lstm,transformer"]
-    )
-    assert result.exit_code == 2 and "--cells" in result.output
+    one_line_error(invoke("compare", "--text", corpus, "--cells", "lstm,transformer"), "--cells")

@@ -2,8 +2,8 @@
 
 Equivalence tolerance: with dropout off, 1 and 2 processes see the same global batches, the same
 initial weights and the same mean gradient, so their losses agree to a relative 1e-4 (observed:
-about 1e-7) and their weights to 1e-4. They are not bitwise equal because the gradient is summed in a
-different order: one process sums the B rows inside one matrix product; two processes each sum B/2
+about 1e-7) and their weights to 1e-4. They are not bitwise equal because the gradient is summed in
+a different order: one process sums the B rows inside one matrix product; two processes each sum B/2
 rows and gloo's all-reduce adds the halves, which rounds differently in float32; Adam's division by
 sqrt(v) then carries those last-bit differences into the weights. The validation loss is likewise a
 sum over evaluation streams split between the processes.
@@ -27,25 +27,23 @@ import pytest
 import torch
 
 from charlstm.config import RunConfig
-from charlstm.runs import checkpoint as ckpt_io
 from charlstm.runs.folder import checkpoint_path
 from charlstm.training.orchestrate import resume_config, train
+from tests.helpers import (
+    PLAIN,
+    charlstm_cmd,
+    checkpoint,
+    read_metrics,
+    subprocess_env,
+    tiny_flags,
+    weights,
+)
 
 pytestmark = pytest.mark.slow
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 REL = 1e-4
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        PYTHONWARNINGS="ignore",
-        CHARLSTM_DIST_TIMEOUT="60",
-    )
-    return env
+ENV = subprocess_env(CHARLSTM_DIST_TIMEOUT="60")
 
 
 def torchrun(nproc: int, overrides: dict, out: Path, *extra: str) -> dict:
@@ -61,54 +59,24 @@ def torchrun(nproc: int, overrides: dict, out: Path, *extra: str) -> dict:
         str(out),
         *extra,
     ]
-    result = subprocess.run(
-        cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False
-    )
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _config(corpus: Path, **overrides) -> dict:
-    base = dict(
-        text=str(corpus),
-        dataset=None,
-        batch_size=4,
-        seq_len=16,
-        embedding_size=8,
-        hidden_size=16,
-        num_layers=2,
-        dropout=0.0,
-        embedding_dropout=0.0,
-        weight_drop=0.0,
-        ema=0.9,
-        max_steps=20,
-        max_time=None,
-        eval_interval=5,
-        sample_every=0,
-        threads=1,
-        precision="fp32",
-        device="cpu",
-        lr=1e-2,
-    )
-    return {**base, **overrides}
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
-    return ckpt_io.read_checkpoint(checkpoint_path(run, which)).model_state()
+    """The plain tiny model with two layers and a weight average, as JSON for the worker."""
+    return {**PLAIN, "text": str(corpus), "dataset": None, "num_layers": 2, "ema": 0.9, **overrides}
 
 
 def _assert_follows(run: Path, reference: Path) -> None:
-    got, want = _metrics(run), _metrics(reference)
+    got, want = read_metrics(run), read_metrics(reference)
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for g, w in zip(got, want):
         for key in ("train_loss", "val_loss"):
             assert g[key] == pytest.approx(w[key], rel=REL), (run.name, g["step"], key)
     for which in ("last", "best"):
-        a, b = _weights(run, which), _weights(reference, which)
+        a, b = weights(run, which), weights(reference, which)
         for k in b:
             torch.testing.assert_close(
                 a[k], b[k], rtol=REL, atol=REL, msg=f"{run.name} {which} {k}"
@@ -137,7 +105,7 @@ def test_two_processes_follow_one_process_and_resume_on_either(corpus, tmp_path)
 
     for run in (two, two_then_one, one_then_two):
         _assert_follows(run, one)
-    hidden = ckpt_io.read_checkpoint(checkpoint_path(two, "last")).group("hidden")
+    hidden = checkpoint(two).group("hidden")
     assert hidden["0"].shape == (2, 4, 16)  # the whole batch's carried state, gathered to rank 0
 
 
@@ -151,68 +119,21 @@ def test_two_process_resume_is_exact_with_dropout(corpus, tmp_path):
     assert torchrun(2, cfg, tmp_path / "straight")["same_everywhere"]
     half = tmp_path / "half"
     assert torchrun(2, {**cfg, "max_steps": 8}, half)["same_everywhere"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "charlstm",
-        "train",
-        "--resume",
-        str(half),
-        "--max-steps",
-        "16",
-        "--nproc",
-        "2",
-        "--no-progress",
-    ]
-    result = subprocess.run(
-        cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False
-    )
+    cmd = charlstm_cmd("train", "--resume", half, "--max-steps", 16, "--nproc", 2, "--no-progress")
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("2 processes (gloo)") == 1  # rank 0 alone logs
     for which in ("last", "best"):
-        a, b = _weights(tmp_path / "straight", which), _weights(half, which)
+        a, b = weights(tmp_path / "straight", which), weights(half, which)
         assert all(torch.equal(a[k], b[k]) for k in a), which
 
 
 def _long_job(corpus: Path, out: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "charlstm",
-        "train",
-        "--nproc",
-        "2",
-        "--text",
-        str(corpus),
-        "--out",
-        str(out),
-        "--max-steps",
-        "1000000",
-        "--max-time",
-        "600",
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "16",
-        "--embedding-size",
-        "8",
-        "--hidden-size",
-        "16",
-        "--num-layers",
-        "1",
-        "--eval-interval",
-        "5",
-        "--threads",
-        "1",
-        "--precision",
-        "fp32",
-        "--sample-every",
-        "0",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    cmd = charlstm_cmd(
+        *["train", "--nproc", 2, "--text", corpus, "--out", out, "--no-progress"],
+        *tiny_flags(max_steps=1_000_000, max_time=600),
     )
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = checkpoint_path(out, "last")
     deadline = time.monotonic() + 180
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -239,9 +160,9 @@ def _rank_pid(job: subprocess.Popen, rank: int) -> int:
 
 
 def _resumes(run: Path) -> None:
-    step = ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta["step"]
+    step = checkpoint(run).meta["step"]
     train(resume_config(run, {"max_steps": step + 5}), run, resume=True, progress=False)
-    assert ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta["step"] == step + 5
+    assert checkpoint(run).meta["step"] == step + 5
 
 
 def test_killed_rank_ends_the_job_with_a_clear_message(corpus, tmp_path):
@@ -267,5 +188,5 @@ def test_ctrl_c_stops_every_process_at_the_same_step(corpus, tmp_path):
     assert job.returncode == 130, err
     assert err.count("saved at step") == 1, err
     step = int(err.split("saved at step ")[1].split(";")[0])
-    assert ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta["step"] == step
+    assert checkpoint(run).meta["step"] == step
     _resumes(run)

@@ -1,4 +1,5 @@
-"""Generation: the compiled path against the reference path, sampling controls, stop rules, streaming.
+"""Generation: the compiled path against the reference path, sampling controls, stop rules and
+streaming.
 
 Models here are tiny and randomly initialised; what is pinned is that the compiled kernels, the
 reference module-call path and the reference sampler `sample_step` agree, and that the controls do
@@ -10,16 +11,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charlstm.cli import main
 from charlstm.config import ModelConfig
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
@@ -33,6 +33,7 @@ from charlstm.generate.sampling import (
 )
 from charlstm.generate.textmodel import TextModel
 from charlstm.model import CharRNN
+from tests.helpers import invoke
 
 kernels = pytest.importorskip("charlstm.generate.kernels")
 
@@ -212,10 +213,74 @@ def test_top_k_and_top_p_never_draw_an_excluded_character(
     assert np.array_equal(ids, sample_step(logits.astype(np.float64), params, seeds, counters))
 
 
-def test_warm_up_loads_every_kernel():
-    """`kernels.warm_up()` (for a server's start-up) runs both paths on a throwaway model."""
-    assert kernels.warm_up() >= 0
-    assert kernels.warm_up() < 1.0  # everything is loaded now
+# In a fresh interpreter (where nothing is loaded yet, whatever other tests ran): the kernels that
+# the engine's rows call from Python, compiled before and after `warm_up`, and after generating.
+WARM_UP_CHECK = textwrap.dedent("""
+    import json, types
+    import torch
+    from numba.core.dispatcher import Dispatcher
+    from charlstm.config import ModelConfig
+    from charlstm.generate import kernels
+    from charlstm.generate.engine import Engine, Request
+    from charlstm.generate.sampling import SamplingParams
+    from charlstm.model import CharRNN
+
+    def names(code):
+        found = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                found |= names(const)
+        return found
+
+    # the kernels called from the module's Python functions and methods (not from other kernels)
+    kernel = {n: f for n, f in vars(kernels).items() if isinstance(f, Dispatcher)}
+    python = [f for f in vars(kernels).values() if isinstance(f, types.FunctionType)]
+    for cls in (c for c in vars(kernels).values() if isinstance(c, type)):
+        python += [f for f in vars(cls).values() if isinstance(f, types.FunctionType)]
+    called = set()
+    for f in python:
+        if f.__module__ == kernels.__name__:
+            called |= names(f.__code__) & kernel.keys()
+
+    def compiled():
+        return {n: len(kernel[n].signatures) for n in sorted(called)}
+
+    report = {"before": compiled()}
+    kernels.warm_up()
+    report["warm"] = compiled()
+    torch.manual_seed(0)
+    config = ModelConfig(embedding_size=8, hidden_size=16, num_layers=3, vocab_size=5)
+    model = CharRNN(config).eval()
+    for batch_rows in (1000, 2):  # the per-row kernels, then the batched step
+        kernels.LSTMRows.batch_rows = batch_rows
+        engine = Engine(model, lambda ids: "".join("abcde"[i] for i in ids))
+        for params in (SamplingParams(0.0), SamplingParams(0.9, 3, 0.8, 1.2)):
+            engine.add(Request([0, 1, 2], 40, params, seed=5))
+        while engine.active:
+            engine.step()
+    report["after"] = compiled()
+    print(json.dumps(report))
+""")
+
+
+@pytest.mark.slow
+def test_warm_up_loads_every_kernel_generation_calls():
+    """`kernels.warm_up()` (the server's start-up) loads every kernel the engine calls: in a fresh
+    interpreter none is loaded before it, each one is after it, and generating afterwards with
+    another model, on both paths and with every sampling control, loads nothing more."""
+    result = subprocess.run(
+        [sys.executable, "-c", WARM_UP_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["before"]) >= 4, report  # the per-row and the batched path's entry points
+    assert not any(report["before"].values()), report
+    assert all(report["warm"].values()), report
+    assert report["after"] == report["warm"], report
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
@@ -247,11 +312,12 @@ def test_other_cells_take_the_reference_path():
         Engine(model, VOCAB.decode, fast=True)
 
 
+@pytest.mark.slow
 def test_without_numba_generation_takes_the_reference_path():
     """numba is optional: without it the engine runs the reference path and still generates."""
     code = (
         "import sys; sys.modules['numba'] = None\n"  # makes `import numba` raise ImportError
-        "import torch; from charlstm.config import ModelConfig; from charlstm.model import CharRNN\n"
+        "from charlstm.config import ModelConfig; from charlstm.model import CharRNN\n"
         "from charlstm.generate.engine import Engine, Request\n"
         "m = CharRNN(ModelConfig(embedding_size=4, hidden_size=8, num_layers=1, vocab_size=3))\n"
         "e = Engine(m, lambda ids: ''.join('ab '[i] for i in ids)); e.add(Request([0], 30))\n"
@@ -469,51 +535,11 @@ def test_stream_yields_the_text_that_generate_returns(kwargs):
         assert joined != model.generate(start, 300, seed=5, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gen")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("ab ba\ncab\n\nbad cab\nabc\n\n" * 40, encoding="utf-8")
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--text",
-            str(corpus),
-            "--out",
-            str(folder / "run"),
-            "--max-steps",
-            "5",
-            "--batch-size",
-            "4",
-            "--seq-len",
-            "16",
-            "--embedding-size",
-            "8",
-            "--hidden-size",
-            "16",
-            "--num-layers",
-            "1",
-            "--threads",
-            "1",
-            "--precision",
-            "fp32",
-            "--no-progress",
-            "--sample-every",
-            "0",
-            "--eval-interval",
-            "5",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    return folder / "run"
-
-
-def test_cli_stream_prints_what_plain_generate_prints(trained):
+def test_cli_stream_prints_what_plain_generate_prints(trained_run):
     """`charlstm generate --stream` prints the same sample as without it."""
     args = [
         "generate",
-        str(trained),
+        trained_run,
         "--start-text",
         "ab",
         "--length",
@@ -525,17 +551,17 @@ def test_cli_stream_prints_what_plain_generate_prints(trained):
         "--max-lines",
         "3",
     ]
-    plain = CliRunner().invoke(main, args)
-    streamed = CliRunner().invoke(main, [*args, "--stream"])
+    plain = invoke(*args)
+    streamed = invoke(*args, "--stream")
     assert plain.exit_code == 0 and streamed.exit_code == 0, plain.output + streamed.output
     assert streamed.output == plain.output and plain.output.startswith("ab")
 
 
-def test_cli_temperatures_prints_one_column_per_temperature(trained):
+def test_cli_temperatures_prints_one_column_per_temperature(trained_run):
     """`--temperatures 0.2,0.5,1.0` prints three samples side by side, reproducibly with --seed."""
     args = [
         "generate",
-        str(trained),
+        trained_run,
         "--length",
         "80",
         "--temperatures",
@@ -543,11 +569,11 @@ def test_cli_temperatures_prints_one_column_per_temperature(trained):
         "--seed",
         "1",
     ]
-    result = CliRunner().invoke(main, args)
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
     assert all(f"temperature {t}" in header for t in ("0.2", "0.5", "1"))
-    assert CliRunner().invoke(main, args).output == result.output
+    assert invoke(*args).output == result.output
 
 
 def test_cli_bench_generate_prints_figures_and_one_json_line():

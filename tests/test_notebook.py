@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "byron_lab.ipynb"
 
 
+@pytest.mark.slow  # a fresh kernel, and a model trained for seconds on a real corpus
 def test_byron_lab_notebook_executes(tmp_path, monkeypatch):
     """Every cell runs without an error (the kernel inherits CHARLSTM_DATA, so no download), and the
     run it trains ends with a best and a last checkpoint."""

@@ -17,6 +17,7 @@ from charlstm.data.loading import prepare_data
 from charlstm.model.evaluation import evaluate_ids
 from charlstm.runs.folder import RunFolder
 from charlstm.training.orchestrate import resume_config, train
+from tests.helpers import quiet
 
 OLD = Path(__file__).parent / "data" / "run-before-redesign"
 
@@ -58,7 +59,7 @@ def test_an_old_run_resumes_where_it_stopped(old_run) -> None:
         old_run,
         resume=True,
         progress=False,
-        log=lambda message: None,
+        log=quiet,
     )
     assert folder.read_checkpoint("last").meta["step"] == 30
     after = folder.read_metrics()

@@ -6,20 +6,16 @@ import random
 
 import numpy as np
 import pytest
-import torch
-from click.testing import CliRunner
 
-from charlstm.cli import main
 from charlstm.data import prepared
 from charlstm.data.corpus import read_text, split_text
 from charlstm.data.loading import prepare_data
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
-from charlstm.runs import checkpoint as ckpt_io
-from charlstm.runs.folder import checkpoint_path
 from charlstm.training.orchestrate import train
+from tests.helpers import assert_same_tensors, invoke, tiny_config, tiny_flags, weights
 
-WORDS = (
+WORDS = (  # noqa: SIM905 (the words read better as the two sentences they come from)
     "мороз и солнце день чудесный ещё ты дремлешь друг прелестный ёж "
     "the quick brown fox jumps over a lazy dog — «quoted» 1812 ✓"
 ).split()
@@ -123,10 +119,10 @@ def test_damaged_or_foreign_folder_is_refused(tmp_path, corpus):
         prepared.prepare(corpus, tmp_path / "p", progress=False)
 
 
-def test_training_from_memmap_equals_training_from_text(tmp_path, corpus, tiny):
+def test_training_from_memmap_equals_training_from_text(tmp_path, corpus):
     """The prepared path never builds the corpus string, and trains bitwise the same weights."""
     prepared.prepare(corpus, tmp_path / "p", progress=False)
-    cfg = tiny(corpus, max_steps=10)
+    cfg = tiny_config(corpus, max_steps=10)
     from_prep = cfg.replace(prepared=str(tmp_path / "p"))
     data = prepare_data(from_prep)
     assert isinstance(data.train_ids.base, np.memmap) or isinstance(data.train_ids, np.memmap)
@@ -134,65 +130,40 @@ def test_training_from_memmap_equals_training_from_text(tmp_path, corpus, tiny):
     assert data.train_text == split_text(read_text(corpus), cfg.data.val_fraction)[0]
     a = train(cfg, tmp_path / "a", progress=False)
     b = train(from_prep, tmp_path / "b", progress=False)
-    wa = ckpt_io.read_checkpoint(checkpoint_path(a, "last")).model_state()
-    wb = ckpt_io.read_checkpoint(checkpoint_path(b, "last")).model_state()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_tensors(weights(a), weights(b))
 
 
-def test_resume_needs_the_same_vocabulary(tmp_path, corpus, tiny):
+def test_resume_needs_the_same_vocabulary(tmp_path, corpus):
     prepared.prepare(corpus, tmp_path / "p", progress=False)
     other = tmp_path / "other.txt"
     other.write_text("abc abd\n" * 200, encoding="utf-8")
     prepared.prepare(other, tmp_path / "q", progress=False)
     with pytest.raises(UserError, match="different vocabulary"):
         prepare_data(
-            tiny(corpus, prepared=str(tmp_path / "q")), prepared.open_prepared(tmp_path / "p").vocab
+            tiny_config(corpus, prepared=str(tmp_path / "q")),
+            prepared.open_prepared(tmp_path / "p").vocab,
         )
 
 
 def test_cli_prepare_then_train(tmp_path, corpus):
     """Through the CLI: prepare --text, then train --prepared (no --text, no --dataset)."""
-    runner = CliRunner()
-    result = runner.invoke(
-        main, ["prepare", "--text", str(corpus), "--out", str(tmp_path / "p"), "--no-progress"]
-    )
+    result = invoke("prepare", "--text", corpus, "--out", tmp_path / "p", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "prepared" in result.output and "MB/s" in result.output
-    result = runner.invoke(
-        main,
-        [
-            "train",
-            "--prepared",
-            str(tmp_path / "p"),
-            "--out",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "5",
-            "--batch-size",
-            "4",
-            "--seq-len",
-            "16",
-            "--embedding-size",
-            "8",
-            "--hidden-size",
-            "16",
-            "--num-layers",
-            "1",
-            "--eval-interval",
-            "5",
-            "--threads",
-            "1",
-            "--no-progress",
-            "--sample-every",
-            "0",
-            "--precision",
-            "fp32",
-        ],
+    run = tmp_path / "run"
+    result = invoke(
+        "train",
+        "--prepared",
+        tmp_path / "p",
+        "--out",
+        run,
+        "--no-progress",
+        *tiny_flags(max_steps=5),
     )
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "run" / "last" / "checkpoint.safetensors").is_file()
-    evaluated = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--json"])
+    assert (run / "last" / "checkpoint.safetensors").is_file()
+    evaluated = invoke("evaluate", run, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.output)["characters"] == len(split_text(read_text(corpus), 0.1)[1])
-    bad = runner.invoke(main, ["prepare", "--out", str(tmp_path / "x")])
+    bad = invoke("prepare", "--out", tmp_path / "x")
     assert bad.exit_code == 2 and "exactly one of" in bad.output

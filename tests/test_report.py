@@ -13,52 +13,25 @@ import random
 import re
 
 import pytest
-from click.testing import CliRunner
 
 from charlstm.analysis.report import _md_sample, analyze_run, format_table, write_report
-from charlstm.cli import main
-from charlstm.config import RunConfig
-from charlstm.training.orchestrate import train
-
-VERSE = (
-    "Прощай, свободная стихия!\nВ последний раз передо мной\n"
-    "Ты катишь волны голубые\nИ блещешь гордою красой.\n\n"
-    "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n"
-    "Rough winds do shake the darling buds of May,\n"
-    "And summer's lease hath all too short a date.\n\n"
+from tests.helpers import (
+    CORPUS_TEXT,
+    TRAIN_CHARS,
+    copy_run,
+    invoke,
+    one_line_error,
+    train_args,
 )
-CORPUS = VERSE * 8
-TRAIN_TEXT = CORPUS[: len(CORPUS) - round(len(CORPUS) * 0.1)]  # the run's training split
+
+TRAIN_TEXT = CORPUS_TEXT[:TRAIN_CHARS]  # the training split of `trained_run`
 SMALL = {"samples": 2, "length": 150, "temperatures": (0.2, 1.0), "seed": 3}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run of a 1 × 16 LSTM trained 20 steps on CORPUS (about a second)."""
-    folder = tmp_path_factory.mktemp("report")
-    corpus = folder / "poems.txt"
-    corpus.write_text(CORPUS, encoding="utf-8")
-    config = RunConfig().replace(
-        text=str(corpus),
-        dataset=None,
-        batch_size=4,
-        seq_len=16,
-        embedding_size=8,
-        hidden_size=16,
-        num_layers=1,
-        dropout=0.0,
-        embedding_dropout=0.0,
-        weight_drop=0.0,
-        ema=0.0,
-        max_steps=20,
-        max_time=None,
-        eval_interval=5,
-        sample_every=0,
-        threads=1,
-        precision="fp32",
-        device="cpu",
-    )
-    return train(config, folder / "run", progress=False, log=lambda msg: None)
+@pytest.fixture
+def run_dir(trained_run):
+    """The shared tiny run: a 1 × 16 LSTM trained 20 steps on CORPUS_TEXT (tests only read it)."""
+    return trained_run
 
 
 @pytest.fixture
@@ -67,18 +40,6 @@ def planted(tmp_path):
     path = tmp_path / "planted.txt"
     path.write_text(TRAIN_TEXT[137:1137], encoding="utf-8")
     return path
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [x for x in result.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("charlstm: error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_analyze_generated_samples(run_dir):
@@ -171,56 +132,28 @@ def test_markdown_sample_bolds_copies_line_by_line():
     assert out == "one **\\*two\\***\\\n**three** four\n\nfive"
 
 
-def test_cli_analyze_and_report(run_dir, planted):
+def test_cli_analyze_and_report(run_dir, planted, tmp_path):
     """`analyze` prints tables or JSON; `report` writes into the run folder."""
-    table = cli("analyze", run_dir, "--samples", 1, "--length", 80, "--temperatures", "0.5,1")
+    table = invoke("analyze", run_dir, "--samples", 1, "--length", 80, "--temperatures", "0.5,1")
     assert table.exit_code == 0, table.output
     assert "T = 0.5" in table.output and "structure distance" in table.output
-    as_json = cli("analyze", run_dir, "--text", planted, "--json", "--which", "best")
+    as_json = invoke("analyze", run_dir, "--text", planted, "--json", "--which", "best")
     assert as_json.exit_code == 0, as_json.output
     doc = json.loads(as_json.output.splitlines()[-1])
     assert doc["results"][0]["memorisation"]["coverage"]["50"] == 1.0
     assert doc["checkpoint"]["which"] == "best"
-    rep = cli("report", run_dir, "--samples", 1, "--length", 80, "--temperatures", "0.2,0.5,1")
+    run = copy_run(run_dir, tmp_path / "run")  # the report goes into the run folder
+    rep = invoke("report", run, "--samples", 1, "--length", 80, "--temperatures", "0.2,0.5,1")
     assert rep.exit_code == 0, rep.output
-    assert (run_dir / "report.html").is_file()
-    assert (run_dir / "report" / "temperature.png").is_file()
+    assert (run / "report.html").is_file()
+    assert (run / "report" / "temperature.png").is_file()
 
 
-def test_train_report_flag(tmp_path):
+@pytest.mark.slow
+def test_train_report_flag(corpus, tmp_path):
     """`charlstm train --report` ends with the run's report."""
-    corpus = tmp_path / "poems.txt"
-    corpus.write_text(CORPUS, encoding="utf-8")
     out = tmp_path / "run"
-    result = cli(
-        "train",
-        "--text",
-        corpus,
-        "--out",
-        out,
-        "--max-steps",
-        5,
-        "--batch-size",
-        4,
-        "--seq-len",
-        16,
-        "--embedding-size",
-        8,
-        "--hidden-size",
-        16,
-        "--num-layers",
-        1,
-        "--eval-interval",
-        5,
-        "--threads",
-        1,
-        "--precision",
-        "fp32",
-        "--no-progress",
-        "--sample-every",
-        0,
-        "--report",
-    )
+    result = invoke(*train_args(corpus, out, "--report", max_steps=5))
     assert result.exit_code == 0, result.output
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert "report = true" in (out / "config.toml").read_text(encoding="utf-8")
@@ -241,21 +174,21 @@ def test_train_report_flag(tmp_path):
 def test_bad_options_are_one_line_errors(run_dir, tmp_path, command, args, needle):
     """Each bad option ends in one line on stderr and exit status 2, before any work is done."""
     fixed = [str(tmp_path / a) if a == "missing.txt" else a for a in args]
-    _one_line_error(cli(command, run_dir, *fixed), needle)
+    one_line_error(invoke(command, run_dir, *fixed), needle)
 
 
 @pytest.mark.parametrize("command", ["analyze", "report"])
 def test_not_a_run_is_a_one_line_error(tmp_path, command):
     """An empty folder, a missing folder and a stray file are refused in one line."""
-    _one_line_error(cli(command, tmp_path), "not a charlstm run folder")
-    _one_line_error(cli(command, tmp_path / "nope"), "does not exist")
+    one_line_error(invoke(command, tmp_path), "not a charlstm run folder")
+    one_line_error(invoke(command, tmp_path / "nope"), "does not exist")
 
 
 def test_report_of_a_checkpoint_file_needs_out(run_dir, tmp_path):
     """A checkpoint copied out of its run folder has nowhere obvious to put the report."""
     ck = tmp_path / "model.safetensors"
     ck.write_bytes((run_dir / "last" / "checkpoint.safetensors").read_bytes())
-    _one_line_error(cli("report", ck), "--out")
-    ok = cli("report", ck, "--out", tmp_path / "rep", "--samples", 1, "--length", 50)
+    one_line_error(invoke("report", ck), "--out")
+    ok = invoke("report", ck, "--out", tmp_path / "rep", "--samples", 1, "--length", 50)
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "rep" / "report.html").is_file()

@@ -8,57 +8,38 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, replace
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from click.testing import CliRunner
 
 import charlstm
-from charlstm.cli import main
-from charlstm.config import ModelConfig, RunConfig
-from charlstm.model import CharRNN
-from charlstm.runs.checkpoint import save_checkpoint
-from charlstm.runs.folder import checkpoint_path
 from charlstm.serve.app import STATIC_DIR, ServerConfig, create_app
+from tests.helpers import invoke, make_run, one_line_error
 
-VOCAB = "abcdefghijklmnopqrstuvwxyz ,.\n"
+# Every letter, the space, comma, full stop and newline: the characters the requests below use.
+PANGRAMS = (
+    "the quick brown fox jumps over the lazy dog.\npack my box with five dozen liquor jugs, now.\n"
+) * 30
 LONG = 4000  # with the paced model, a generation of at least 4 s: it outlasts every check on it
 
 
-def write_run(folder: Path, seed: int = 0, val_loss: float = 2.5) -> Path:
-    """A run folder holding an untrained tiny model (a few thousand parameters)."""
-    torch.manual_seed(seed)
-    mc = ModelConfig(
-        embedding_size=8,
-        hidden_size=16,
-        num_layers=1,
-        dropout=0.0,
-        embedding_dropout=0.0,
-        vocab_size=len(VOCAB),
-    )
-    model = CharRNN(mc)
-    meta = {
-        "model": asdict(mc),
-        "vocab": list(VOCAB),
-        "config": replace(RunConfig(), model=mc).to_dict(),
-        "step": 10,
-        "metrics": {"val_loss": val_loss},
-        "source": "test",
-    }
-    save_checkpoint(
-        checkpoint_path(folder, "best"),
-        {f"model.{k}": v for k, v in model.state_dict().items()},
-        meta,
-    )
-    return folder
+@pytest.fixture(scope="module")
+def pangrams(tmp_path_factory):
+    path = tmp_path_factory.mktemp("srv") / "pangrams.txt"
+    path.write_text(PANGRAMS, encoding="utf-8")
+    return path
+
+
+def served_run(folder, text, seed: int = 0):
+    """A run folder of the tiny model trained two steps on `text` (one evaluation, so best/ holds
+    a validation loss), made by charlstm's own training."""
+    return make_run(folder, text, max_steps=2, eval_interval=2, seed=seed)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> charlstm.TextModel:
-    return charlstm.load(write_run(tmp_path_factory.mktemp("srv") / "run"))
+def model(pangrams) -> charlstm.TextModel:
+    return charlstm.load(served_run(pangrams.parent / "run", pangrams))
 
 
 class Paced(torch.nn.Module):
@@ -104,7 +85,7 @@ def call(model, method: str, path: str, config: dict | None = None, **kwargs) ->
 
 
 def parse_sse(text: str) -> list[tuple[str, dict]]:
-    """Events of a complete SSE body; asserts the framing (event and data lines, blank line after)."""
+    """Events of a complete SSE body; asserts the framing (event and data lines, then a blank)."""
     assert text.endswith("\n\n")
     events = []
     for block in text[:-2].split("\n\n"):
@@ -174,7 +155,7 @@ async def eventually(condition, seconds: float = 5.0) -> None:
     assert condition()
 
 
-# ---------------------------------------------------------------------------------------- generation
+# --------------------------------------------------------------------------------------- generation
 
 
 def test_generate_returns_samples_model_and_timing(model) -> None:
@@ -201,7 +182,7 @@ def test_generate_without_seed_reports_the_seed_it_drew(model) -> None:
 
 
 def test_stream_is_server_sent_events_start_chunks_done(model) -> None:
-    """The stream is `start`, one `chunk` per piece of text, then `done` holding the whole samples."""
+    """The stream is `start`, one `chunk` per piece of text, then `done` with the whole samples."""
     body = {"start_text": "the ", "length": 300, "num_samples": 3, "seed": 5}
     r = call(model, "POST", "/v1/generate/stream", json=body)
     assert r.status_code == 200
@@ -254,7 +235,7 @@ def test_unknown_characters_are_dropped_on_request(model) -> None:
     assert r.json()["samples"][0].startswith("ello")
 
 
-# ---------------------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------------------- validation
 
 
 BAD_BODIES = [
@@ -448,27 +429,32 @@ def test_max_batch_makes_streams_wait_for_a_row(model) -> None:
 
 
 def test_model_info_has_configuration_vocabulary_and_validation_loss(model) -> None:
+    """The model's name, configuration, vocabulary and metrics, as its checkpoint holds them."""
     info = call(model, "GET", "/v1/model").json()
+    val_loss = model.meta["metrics"]["val_loss"]
     assert info["name"] == "run"
-    assert info["vocab_size"] == len(VOCAB) and info["vocabulary"] == VOCAB
+    assert info["vocab_size"] == len(set(PANGRAMS))
+    assert info["vocabulary"] == "".join(model.vocab.chars)
     assert info["model"]["hidden_size"] == 16
-    assert info["val_loss"] == 2.5 and math.isclose(info["val_bits_per_char"], 2.5 / math.log(2))
-    assert info["metrics"]["val_loss"] == 2.5
+    assert info["val_loss"] == val_loss
+    assert math.isclose(info["val_bits_per_char"], val_loss / math.log(2))
+    assert info["metrics"]["val_loss"] == val_loss
     assert info["limits"]["max_length"] == 4000
 
 
-def test_several_models_are_chosen_by_the_model_field(model, tmp_path) -> None:
+def test_several_models_are_chosen_by_the_model_field(model, pangrams, tmp_path) -> None:
     """Two runs with the same folder name are served as run and run-2; `model` picks one."""
-    other = charlstm.load(write_run(tmp_path / "run", seed=1, val_loss=1.5))
+    other = charlstm.load(served_run(tmp_path / "run", pangrams, seed=1))
+    other_loss = other.meta["metrics"]["val_loss"]
+    assert other_loss != model.meta["metrics"]["val_loss"]  # so the answer below tells them apart
 
     async def go():
         async with serving([model, other]) as (_, client):
             listing = (await client.get("/v1/models")).json()
             assert listing["default"] == "run"
             assert [m["name"] for m in listing["models"]] == ["run", "run-2"]
-            assert (await client.get("/v1/model", params={"model": "run-2"})).json()[
-                "val_loss"
-            ] == 1.5
+            info = (await client.get("/v1/model", params={"model": "run-2"})).json()
+            assert info["val_loss"] == other_loss
             assert (await client.get("/v1/model", params={"model": "nope"})).status_code == 404
             body = {"start_text": "a", "length": 40, "seed": 2}
             first = (await client.post("/v1/generate", json=body)).json()
@@ -485,7 +471,7 @@ def test_healthz(model) -> None:
     assert r.json() == {"status": "ok", "models": ["run"], "streams": 0, "max_concurrency": 64}
 
 
-# ---------------------------------------------------------------------------------------- page, docs
+# --------------------------------------------------------------------------------------- page, docs
 
 
 def test_page_and_docs_are_served_without_any_cdn(model) -> None:
@@ -517,13 +503,11 @@ def test_page_and_docs_are_served_without_any_cdn(model) -> None:
 
 
 def test_serve_cli_reports_a_missing_run_without_traceback(tmp_path) -> None:
-    result = CliRunner().invoke(main, ["serve", str(tmp_path / "missing")])
-    assert result.exit_code == 2
-    assert "does not exist" in result.output and "Traceback" not in result.output
+    one_line_error(invoke("serve", tmp_path / "missing"), "does not exist")
 
 
 def test_serve_cli_help_lists_the_limits() -> None:
-    result = CliRunner().invoke(main, ["serve", "--help"])
+    result = invoke("serve", "--help")
     for flag in (
         "--host",
         "--port",

@@ -1,24 +1,24 @@
 """Training end to end on a tiny corpus: run folder, determinism, exact resume, early stopping."""
 
-import json
-
 import pytest
 import torch
 
 from charlstm.api import load
 from charlstm.errors import NonFiniteLoss, UserError
-from charlstm.runs import checkpoint as ckpt_io
-from charlstm.runs.folder import checkpoint_path
+from charlstm.model import CharRNN
 from charlstm.training.orchestrate import resume_config, train
+from tests.helpers import (
+    assert_same_tensors,
+    checkpoint,
+    read_metrics,
+    tiny_config,
+    weights,
+)
 
 
-def _weights(run, which="last"):
-    return ckpt_io.read_checkpoint(checkpoint_path(run, which)).model_state()
-
-
-def test_run_folder_has_everything(corpus, tmp_path, tiny):
+def test_run_folder_has_everything(corpus, tmp_path):
     """A run writes config.toml, metrics.jsonl, best/ and last/ checkpoints."""
-    run = train(tiny(corpus, sample_every=2), tmp_path / "run", progress=False)
+    run = train(tiny_config(corpus, sample_every=2), tmp_path / "run", progress=False)
     for name in (
         "config.toml",
         "metrics.jsonl",
@@ -27,22 +27,22 @@ def test_run_folder_has_everything(corpus, tmp_path, tiny):
         "last/checkpoint.safetensors",
     ):
         assert (run / name).exists(), name
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(run)
     assert [x["step"] for x in lines if not x.get("final")] == [5, 10, 15, 20]
     assert all({"train_loss", "val_loss", "lr", "chars_per_s", "time"} <= set(x) for x in lines)
 
 
-def test_training_lowers_validation_loss(corpus, tmp_path, tiny):
-    run = train(tiny(corpus, max_steps=60, eval_interval=10), tmp_path / "run", progress=False)
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+def test_training_lowers_validation_loss(corpus, tmp_path):
+    config = tiny_config(corpus, max_steps=60, eval_interval=10)
+    run = train(config, tmp_path / "run", progress=False)
+    lines = read_metrics(run)
     assert lines[-1]["val_loss"] < lines[0]["val_loss"]
 
 
-def test_same_seed_same_weights(corpus, tmp_path, tiny):
-    a = train(tiny(corpus), tmp_path / "a", progress=False)
-    b = train(tiny(corpus), tmp_path / "b", progress=False)
-    wa, wb = _weights(a), _weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+def test_same_seed_same_weights(corpus, tmp_path):
+    a = train(tiny_config(corpus), tmp_path / "a", progress=False)
+    b = train(tiny_config(corpus), tmp_path / "b", progress=False)
+    assert_same_tensors(weights(a), weights(b))
 
 
 @pytest.mark.parametrize(
@@ -53,63 +53,57 @@ def test_same_seed_same_weights(corpus, tmp_path, tiny):
         ("stream", {"weight_drop": 0.5, "ema": 0.9, "warmup_steps": 4}),
     ],
 )
-def test_resume_equals_uninterrupted(corpus, tmp_path, tiny, batching, extra):
+def test_resume_equals_uninterrupted(corpus, tmp_path, batching, extra):
     """N steps, stop, resume to 2N: bitwise the same weights as going straight to 2N (including
     the weight average, weight drop's random masks and the warm-up)."""
-    cfg = tiny(
+    cfg = tiny_config(
         corpus, batching=batching, max_steps=24, eval_interval=5, dropout=0.2, num_layers=2, **extra
     )
     straight = train(cfg, tmp_path / "straight", progress=False)
     half = train(cfg.replace(max_steps=12), tmp_path / "half", progress=False)
     resumed = train(resume_config(half, {"max_steps": 24}), half, resume=True, progress=False)
     for which in ("last", "best"):
-        ws, wr = _weights(straight, which), _weights(resumed, which)
-        assert all(torch.equal(ws[k], wr[k]) for k in ws), which
+        assert_same_tensors(weights(straight, which), weights(resumed, which))
 
 
-def test_best_checkpoint_is_kept_not_last(corpus, tmp_path, tiny):
+def test_best_checkpoint_is_kept_not_last(corpus, tmp_path):
     """With a learning rate that diverges, best/ holds the lowest validation loss seen."""
     run = train(
-        tiny(corpus, max_steps=40, eval_interval=5, lr=0.3, early_stopping=0),
+        tiny_config(corpus, max_steps=40, eval_interval=5, lr=0.3, early_stopping=0),
         tmp_path / "run",
         progress=False,
     )
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    best = ckpt_io.read_checkpoint(checkpoint_path(run, "best")).meta["metrics"]["val_loss"]
+    lines = read_metrics(run)
+    best = checkpoint(run, "best").meta["metrics"]["val_loss"]
     assert best == pytest.approx(min(x["val_loss"] for x in lines))
 
 
-def test_early_stopping_stops(corpus, tmp_path, tiny):
+def test_early_stopping_stops(corpus, tmp_path):
     run = train(
-        tiny(corpus, max_steps=400, eval_interval=2, lr=0.5, early_stopping=2),
+        tiny_config(corpus, max_steps=400, eval_interval=2, lr=0.5, early_stopping=2),
         tmp_path / "run",
         progress=False,
     )
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in read_metrics(run)]
     assert max(steps) < 400
 
 
-def test_nonfinite_loss_stops_and_keeps_checkpoint(corpus, tmp_path, tiny):
-    cfg = tiny(corpus, max_steps=30)
-    hook = lambda step, loss: loss * float("nan") if step >= 12 else loss  # noqa: E731
+def test_nonfinite_loss_stops_and_keeps_checkpoint(corpus, tmp_path):
+    cfg = tiny_config(corpus, max_steps=30)
+    hook = lambda step, loss: loss * float("nan") if step >= 12 else loss
     with pytest.raises(NonFiniteLoss, match="step 12"):
         train(cfg, tmp_path / "run", progress=False, loss_hook=hook)
-    ck = ckpt_io.read_checkpoint(checkpoint_path(tmp_path / "run", "last"))
-    assert ck.meta["step"] == 10
+    assert checkpoint(tmp_path / "run").meta["step"] == 10
 
 
-def test_resume_refuses_model_changes(corpus, tmp_path, tiny):
-    run = train(tiny(corpus), tmp_path / "run", progress=False)
+def test_resume_refuses_model_changes(trained_run):
     with pytest.raises(UserError, match="hidden_size"):
-        resume_config(run, {"hidden_size": 32})
+        resume_config(trained_run, {"hidden_size": 32})
 
 
-def test_save_load_gives_identical_logits(corpus, tmp_path, tiny):
-    run = train(tiny(corpus), tmp_path / "run", progress=False)
-    model = load(run, which="last")
-    ck = ckpt_io.read_checkpoint(checkpoint_path(run, "last"))
-    from charlstm.model import CharRNN
-
+def test_save_load_gives_identical_logits(trained_run):
+    model = load(trained_run, which="last")
+    ck = checkpoint(trained_run, "last")
     fresh = CharRNN(ck.model_config)
     fresh.load_state_dict(ck.model_state())
     fresh.eval()
@@ -117,9 +111,8 @@ def test_save_load_gives_identical_logits(corpus, tmp_path, tiny):
     assert torch.equal(model.model(x)[0], fresh(x)[0])
 
 
-def test_generate_and_evaluate_from_python(corpus, tmp_path, tiny):
-    run = train(tiny(corpus), tmp_path / "run", progress=False)
-    model = load(run)
+def test_generate_and_evaluate_from_python(corpus, trained_run):
+    model = load(trained_run)
     a = model.generate(start_text="Ты ", length=50, temperature=0.8, seed=3, num_samples=2)
     b = model.generate(start_text="Ты ", length=50, temperature=0.8, seed=3, num_samples=2)
     assert a == b and all(s.startswith("Ты ") and len(s) == 53 for s in a)
@@ -130,12 +123,13 @@ def test_generate_and_evaluate_from_python(corpus, tmp_path, tiny):
     assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / 0.6931471805599453)
 
 
-def test_quality_per_time_reports_the_roofline_against_the_peak_it_measured(corpus, tiny):
+@pytest.mark.slow
+def test_quality_per_time_reports_the_roofline_against_the_peak_it_measured(corpus):
     """The benchmark's JSON: a validation loss, speeds, and a roofline figure that is the step's
     GFLOP/s over the median matrix-multiply peak measured between the step's timing slices."""
     from charlstm.bench.training import quality_per_time
 
-    result = quality_per_time(tiny(corpus, max_steps=None), budget=1.0, speed_seconds=0.6)
+    result = quality_per_time(tiny_config(corpus, max_steps=None), budget=1.0, speed_seconds=0.6)
     assert result["val_loss"] > 0 and result["steps"] > 0
     low, high = result["matmul_gflops_range"]
     assert 0 < low <= result["matmul_gflops"] <= high

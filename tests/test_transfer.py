@@ -5,35 +5,31 @@ import dataclasses
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from charlstm.cli import main
+from charlstm.errors import UserError
 from charlstm.model import CharRNN
-from charlstm.runs import checkpoint as ckpt_io
-from charlstm.runs.folder import checkpoint_path
 from charlstm.training import transfer
 from charlstm.training.orchestrate import resume_config, train
+from tests.helpers import checkpoint, invoke, make_run, tiny_config, tiny_flags
 
 OTHER = "Мой дядя самых честных правил,\nКогда не в шутку занемог,\nОн уважать себя заставил\n" * 30
 
 
-def _ckpt(run, which):
-    return ckpt_io.read_checkpoint(checkpoint_path(run, which))
-
-
-@pytest.fixture
-def pretrained(tmp_path, tiny):
-    """A run on a Russian-only text: the corpus fixture's English characters are new to it."""
-    text = tmp_path / "onegin.txt"
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A run on a Russian-only text: the corpus fixture's English characters are new to it. Tests
+    only read it."""
+    folder = tmp_path_factory.mktemp("transfer")
+    text = folder / "onegin.txt"
     text.write_text(OTHER, encoding="utf-8")
-    return train(tiny(text, num_layers=2, max_steps=10), tmp_path / "pre", progress=False)
+    return make_run(folder / "pre", text, num_layers=2, max_steps=10)
 
 
-def test_union_vocabulary_keeps_shared_rows_and_adds_new(pretrained, corpus, tiny):
+def test_union_vocabulary_keeps_shared_rows_and_adds_new(pretrained, corpus):
     """Shared characters keep their index and their embedding and output rows; the new text's other
     characters are appended with fresh rows."""
     source = transfer.read_source(pretrained)
-    config = tiny(corpus, num_layers=2, init_from=str(pretrained))
+    config = tiny_config(corpus, num_layers=2, init_from=str(pretrained))
     vocab = transfer.union_vocabulary(config, source)
     assert vocab.chars[: len(source.vocab)] == source.vocab.chars
     assert {"S", "h", "?"} <= set(vocab.chars[len(source.vocab) :])
@@ -52,23 +48,22 @@ def test_union_vocabulary_keeps_shared_rows_and_adds_new(pretrained, corpus, tin
     assert torch.equal(state["rnn.weight_hh_l1"], source.state["rnn.weight_hh_l1"])
 
 
-def test_init_from_trains_on_the_union(pretrained, corpus, tmp_path, tiny):
-    run = train(
-        tiny(corpus, num_layers=2, init_from=str(pretrained)), tmp_path / "fine", progress=False
-    )
-    fine, pre = _ckpt(run, "best"), _ckpt(pretrained, "best")
+def test_init_from_trains_on_the_union(pretrained, corpus, tmp_path):
+    config = tiny_config(corpus, num_layers=2, init_from=str(pretrained))
+    run = train(config, tmp_path / "fine", progress=False)
+    fine, pre = checkpoint(run, "best"), checkpoint(pretrained, "best")
     assert fine.vocab.chars[: len(pre.vocab)] == pre.vocab.chars
     assert len(fine.vocab) > len(pre.vocab)
 
 
-def test_freeze_keeps_embedding_and_lower_layers(pretrained, corpus, tmp_path, tiny):
+def test_freeze_keeps_embedding_and_lower_layers(pretrained, corpus, tmp_path):
     """With freeze_layers=1 the embedding and layer 0 end exactly as pre-training left them (new
     characters' rows included, at their fresh values), while layer 1 and the output layer learn."""
-    config = tiny(
+    config = tiny_config(
         corpus, num_layers=2, init_from=str(pretrained), freeze_layers=1, weight_decay=0.01
     )
     run = train(config, tmp_path / "fine", progress=False)
-    pre, last = _ckpt(pretrained, "best").model_state(), _ckpt(run, "last").model_state()
+    pre, last = checkpoint(pretrained, "best").model_state(), checkpoint(run).model_state()
     old = pre["encoder.weight"].shape[0]
     assert torch.equal(last["encoder.weight"][:old], pre["encoder.weight"])
     for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
@@ -77,89 +72,47 @@ def test_freeze_keeps_embedding_and_lower_layers(pretrained, corpus, tmp_path, t
     assert not torch.equal(last["fc.weight"][:old], pre["fc.weight"])
 
 
-def test_frozen_fine_tune_resumes_frozen(pretrained, corpus, tmp_path, tiny):
+def test_frozen_fine_tune_resumes_frozen(pretrained, corpus, tmp_path):
     """Resuming a fine-tuned run continues from its own checkpoint (the pre-trained weights are not
     copied in again) and keeps the frozen layers frozen."""
-    config = tiny(corpus, num_layers=2, init_from=str(pretrained), freeze_layers=2, max_steps=6)
+    config = tiny_config(
+        corpus, num_layers=2, init_from=str(pretrained), freeze_layers=2, max_steps=6
+    )
     run = train(config, tmp_path / "fine", progress=False)
-    before = _ckpt(run, "last").model_state()
+    before = checkpoint(run).model_state()
     resumed = train(resume_config(run, {"max_steps": 12}), run, resume=True, progress=False)
-    after = _ckpt(resumed, "last").model_state()
+    after = checkpoint(resumed).model_state()
     assert torch.equal(after["rnn.weight_hh_l1"], before["rnn.weight_hh_l1"])
     assert not torch.equal(after["fc.weight"], before["fc.weight"])
 
 
-def test_architecture_must_match(pretrained, corpus, tmp_path, tiny):
-    from charlstm.errors import UserError
-
+def test_architecture_must_match(pretrained, corpus, tmp_path):
+    config = tiny_config(corpus, num_layers=1, init_from=str(pretrained))
     with pytest.raises(UserError, match="shape"):
-        train(tiny(corpus, num_layers=1, init_from=str(pretrained)), tmp_path / "x", progress=False)
+        train(config, tmp_path / "x", progress=False)
 
 
-def test_freeze_needs_a_source(corpus, tiny):
-    from charlstm.errors import UserError
-
+def test_freeze_needs_a_source(corpus):
     with pytest.raises(UserError, match="freeze_layers"):
-        tiny(corpus, freeze_layers=1)
+        tiny_config(corpus, freeze_layers=1)
 
 
-CLI_TINY = [
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "16",
-    "--eval-interval",
-    "5",
-    "--threads",
-    "1",
-    "--precision",
-    "fp32",
-    "--no-progress",
-    "--sample-every",
-    "0",
-    "--ema",
-    "0",
-]
+# The tiny model's training flags without its shape: with --init-from the shape is the source's.
+CLI_TINY = tiny_flags(embedding_size=None, hidden_size=None, num_layers=None, max_steps=5)
 
 
 def test_cli_init_from_takes_the_pretrained_shape(pretrained, corpus, tmp_path):
-    """`charlstm train --init-from RUN` needs no architecture flags; a conflicting one is refused."""
+    """`charlstm train --init-from RUN` needs no shape flags; a conflicting one is refused."""
     out = tmp_path / "fine"
-    ok = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--text",
-            str(corpus),
-            "--init-from",
-            str(pretrained),
-            "--out",
-            str(out),
-            "--max-steps",
-            "5",
-            *CLI_TINY,
-        ],
-    )
+    args = ["train", "--text", corpus, "--init-from", pretrained, "--no-progress", *CLI_TINY]
+    ok = invoke(*args, "--out", out)
     assert ok.exit_code == 0, ok.output
-    assert _ckpt(out, "last").model_config.hidden_size == 16
-    bad = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--text",
-            str(corpus),
-            "--init-from",
-            str(pretrained),
-            "--hidden-size",
-            "32",
-            "--out",
-            str(tmp_path / "bad"),
-            *CLI_TINY,
-        ],
-    )
+    assert checkpoint(out).model_config.hidden_size == 16
+    bad = invoke(*args, "--hidden-size", "32", "--out", tmp_path / "bad")
     assert bad.exit_code == 2 and "hidden_size=16" in bad.output, bad.output
 
 
+@pytest.mark.slow
 def test_cli_pretrain_runs_both_phases(corpus, tmp_path):
     """`--pretrain TEXT` trains `<out>-pretrain` first, with `--pretrain-config`'s settings on top,
     then fine-tunes `out` from it with the run's own settings and the pre-trained model's shape."""
@@ -168,33 +121,12 @@ def test_cli_pretrain_runs_both_phases(corpus, tmp_path):
     preset = tmp_path / "pre.toml"
     preset.write_text("batch_size = 2\nhidden_size = 12\nlr = 0.02\n", encoding="utf-8")
     out = tmp_path / "fine"
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--text",
-            str(corpus),
-            "--pretrain",
-            str(other),
-            "--pretrain-time",
-            "1",
-            "--pretrain-config",
-            str(preset),
-            "--out",
-            str(out),
-            "--max-steps",
-            "5",
-            "--embedding-size",
-            "8",
-            "--hidden-size",
-            "16",
-            "--num-layers",
-            "1",
-            *CLI_TINY,
-        ],
+    result = invoke(
+        *["train", "--text", corpus, "--out", out, "--no-progress", *tiny_flags(max_steps=5)],
+        *["--pretrain", other, "--pretrain-time", "1", "--pretrain-config", preset],
     )
     assert result.exit_code == 0, result.output
-    pre, fine = _ckpt(tmp_path / "fine-pretrain", "best"), _ckpt(out, "best")
+    pre, fine = checkpoint(tmp_path / "fine-pretrain", "best"), checkpoint(out, "best")
     assert pre.run_config.data.text == str(other)
     assert (pre.run_config.data.batch_size, pre.run_config.optim.lr) == (2, 0.02)
     assert fine.run_config.train.init_from == str(tmp_path / "fine-pretrain")

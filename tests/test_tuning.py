@@ -1,17 +1,19 @@
 """Hyperparameter search: budgets, a SQLite study that survives a killed tuner, the preset."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from charlstm.config import load_toml, parse_duration
 from charlstm.errors import UserError
+from charlstm.experiments import tuning
+from tests.helpers import ROOT, invoke, tiny_flags
 
 # A tiny search space so that trials take a fraction of a second.
 TINY_SPACE = {"hidden_size": [8, 16], "lr": (3e-3, 3e-2), "dropout": (0.0, 0.2)}
@@ -19,7 +21,7 @@ TINY_SPACE = {"hidden_size": [8, 16], "lr": (3e-3, 3e-2), "dropout": (0.0, 0.2)}
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from charlstm.experiments import tuning
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     text, storage, out, kill = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "kill"
     if kill:
@@ -34,9 +36,9 @@ SCRIPT = textwrap.dedent("""
             train_run(config, run_dir, log, report)
 
         tuning.train_run = dying
-    tuning.tune(tiny_config(text, max_steps=10), study_name="s", trials=2, budget=60, storage=storage,
-                out_dir=out, space=tuning_space, pruner="none", plots=False, progress=False,
-                grace_period=1)
+    tuning.tune(tiny_config(text, max_steps=10), study_name="s", trials=2, budget=60,
+                storage=storage, out_dir=out, space=tuning_space, pruner="none", plots=False,
+                progress=False, grace_period=1)
 """)
 
 
@@ -60,14 +62,15 @@ def test_parse_duration_rejects(text):
         parse_duration(text)
 
 
+@pytest.mark.slow
 def test_killed_tuner_resumes_without_losing_trials(corpus, tmp_path):
-    """A tuner killed (SIGKILL) in its second trial keeps the first; run again, it retries the killed
-    trial's parameters and stops once the study holds the asked number of finished trials."""
+    """A tuner killed (SIGKILL) in its second trial keeps the first; run again, it retries the
+    killed trial's parameters and stops once the study holds the asked number of finished trials."""
     storage, out = tmp_path / "s.db", tmp_path / "runs"
     script = tmp_path / "run_tune.py"
     script.write_text(SCRIPT.replace("tuning_space", repr(TINY_SPACE)))
-    root = Path(__file__).resolve().parents[1]  # for `from tests.conftest import tiny_config`
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    # the repository on the path, for `from tests.helpers import tiny_config`
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     args = [sys.executable, str(script), str(corpus), str(storage), str(out)]
 
     killed = subprocess.run(
@@ -89,42 +92,19 @@ def test_killed_tuner_resumes_without_losing_trials(corpus, tmp_path):
     assert sum(s == "COMPLETE" for _, s, *_ in after) == 2
 
 
+# The tiny model's flags for `charlstm tune`, leaving out the fields TINY_SPACE searches.
+TUNE_TINY = {"hidden_size": None, "lr": None, "dropout": None}
+
+
+@pytest.mark.slow
 def test_tune_cli_writes_table_preset_and_plots(corpus, tmp_path, monkeypatch):
     """`charlstm tune` prints the results table and writes a loadable preset, JSON and plots."""
-    from click.testing import CliRunner
-
-    from charlstm.cli import main
-    from charlstm.experiments import tuning
-
     monkeypatch.setattr(tuning, "SPACE", TINY_SPACE)
-    result = CliRunner().invoke(
-        main,
-        [
-            "tune",
-            "--study",
-            "cli",
-            "--trials",
-            "3",
-            "--budget-per-trial",
-            "30s",
-            "--text",
-            str(corpus),
-            "--storage",
-            str(tmp_path / "cli.db"),
-            "--out",
-            str(tmp_path / "out"),
-            "--preset",
-            str(tmp_path / "best.toml"),
-            "--max-steps",
-            "8",
-            "--eval-interval",
-            "4",
-            "--batch-size",
-            "4",
-            "--embedding-size",
-            "8",
-            "--no-progress",
-        ],
+    result = invoke(
+        *["tune", "--study", "cli", "--trials", 3, "--budget-per-trial", "30s", "--text", corpus],
+        *["--storage", tmp_path / "cli.db", "--out", tmp_path / "out"],
+        *["--preset", tmp_path / "best.toml", "--no-progress"],
+        *tiny_flags(**TUNE_TINY, max_steps=8, eval_interval=4),
     )
     assert result.exit_code == 0, result.output
     assert result.output.count("| complete |") == 3
@@ -134,45 +114,15 @@ def test_tune_cli_writes_table_preset_and_plots(corpus, tmp_path, monkeypatch):
         assert (tmp_path / "out" / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_flags_fix_searched_fields(corpus, tmp_path, monkeypatch):
     """A flag for a searched field takes it out of the search: every trial uses the given value."""
-    import json
-
-    from click.testing import CliRunner
-
-    from charlstm.cli import main
-    from charlstm.experiments import tuning
-
     monkeypatch.setattr(tuning, "SPACE", TINY_SPACE)
-    result = CliRunner().invoke(
-        main,
-        [
-            "tune",
-            "--study",
-            "fix",
-            "--trials",
-            "2",
-            "--budget-per-trial",
-            "30s",
-            "--text",
-            str(corpus),
-            "--storage",
-            str(tmp_path / "fix.db"),
-            "--out",
-            str(tmp_path / "out"),
-            "--hidden-size",
-            "8",
-            "--max-steps",
-            "4",
-            "--eval-interval",
-            "2",
-            "--batch-size",
-            "4",
-            "--embedding-size",
-            "8",
-            "--no-progress",
-            "--no-plots",
-        ],
+    result = invoke(
+        *["tune", "--study", "fix", "--trials", 2, "--budget-per-trial", "30s", "--text", corpus],
+        *["--storage", tmp_path / "fix.db", "--out", tmp_path / "out", "--no-progress"],
+        "--no-plots",
+        *tiny_flags(**{**TUNE_TINY, "hidden_size": 8}, max_steps=4, eval_interval=2),
     )
     assert result.exit_code == 0, result.output
     trials = json.loads((tmp_path / "out" / "results.json").read_text())["trials"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -70,7 +71,7 @@ def test_matching_statistics_equal_brute_force(training: str, generated: str, mi
     spans = copied_spans(index, generated, min_len)
     assert [any(s <= c < e for s, e in spans) for c in range(len(generated))] == covered
     # Merged: sorted, disjoint and not touching.
-    assert all(e1 < s2 for (_, e1), (s2, _) in zip(spans, spans[1:], strict=False))
+    assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(spans))
     if generated:
         report = memorisation_report(index, generated, ks=(min_len,))
         assert report.coverage[min_len] == sum(covered) / len(generated)

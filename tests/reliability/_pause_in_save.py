@@ -7,7 +7,8 @@ moment it knows to be inside a save:
 
 ``CHARLSTM_TEST_PAUSE=write:N``   pause in the N-th write of the process (the test SIGKILLs it);
 ``CHARLSTM_TEST_PAUSE=stopping``  pause in the first write after a stop signal arrived, until the
-                                  file ``<marker>.go`` exists (the test sends a second SIGINT first).
+                                  file ``<marker>.go`` exists (the test sends a second SIGINT
+                                  first).
 
 Usage: python _pause_in_save.py <charlstm arguments>
 """

@@ -1,4 +1,5 @@
-"""Every error a user can meet, met through the path a user takes, one test per row of docs/errors.md.
+"""Every error a user can meet, met through the path a user takes: one test per row of
+docs/errors.md.
 
 Each case below provokes one error: through the CLI (`CliRunner`: exit status 2 and exactly one
 ``charlstm: error:`` line, no traceback) where a user would meet it there, through the library
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import urllib.error
 import urllib.request
@@ -22,14 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import charlstm
 from charlstm import atomic, hardware
-from charlstm.cli import main
 from charlstm.config import RunConfig, toml_keys
 from charlstm.data.batching import make_batcher
 from charlstm.data.corpus import load_corpus
@@ -39,14 +40,23 @@ from charlstm.generate.sampling import SamplingParams
 from charlstm.runs import checkpoint as ckpt_io
 from charlstm.runs.folder import checkpoint_path
 from charlstm.training import loop, orchestrate
+from tests.helpers import (
+    CORPUS_TEXT,
+    TALLY,
+    invoke,
+    one_line_error,
+    quiet,
+    tiny_regularised_config,
+    tiny_regularised_flags,
+)
 
-from .conftest import TALLY, cli_flags, tiny_config
 from .test_safe_loading import _join, _split, _with_meta, hostile_files
 
 pytestmark = pytest.mark.reliability
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "errors.md"
+VOCAB = len(set(CORPUS_TEXT))  # the tiny run's vocabulary size
 
 
 @dataclass
@@ -81,13 +91,7 @@ class Env:
 
 def cli(*args) -> str:
     """Run the CLI; it must exit 2 with one `charlstm: error:` line. Returns that line."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("charlstm: error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
+    return one_line_error(invoke(*args), alone=False)
 
 
 def lib(call: Callable[[], object]) -> str:
@@ -105,7 +109,8 @@ def train_cli(env: Env, *args, text: Path | None = None) -> str:
         text or env.corpus,
         "--out",
         env.tmp / "out",
-        *cli_flags(max_steps=3),
+        "--no-progress",
+        *tiny_regularised_flags(max_steps=3),
         *args,
     )
 
@@ -157,7 +162,7 @@ def _corrupt_weights_after(env: Env, step: int) -> None:
 
     def corrupting(self, batch):
         loss = step_once(self, batch)
-        if self.counters.step == step:
+        if self.state.progress.step == step:
             with torch.no_grad():
                 self.model.fc.weight[0, 0] = math.inf
         return loss
@@ -180,7 +185,7 @@ def _no_network(*args, **kwargs):
 
 def _wrong_bytes(*args, **kwargs):
     class Response(BytesIO):
-        headers = {"Content-Length": "5"}
+        headers: ClassVar[dict[str, str]] = {"Content-Length": "5"}
 
         def __enter__(self):
             return self
@@ -195,7 +200,7 @@ def _resume_after_text_change(env: Env) -> str:
     text = env.file("growing.txt", env.corpus.read_text())
     run = env.tmp / "growing-run"
     orchestrate.train(
-        tiny_config(text, max_steps=3, eval_interval=3), run, progress=False, log=lambda m: None
+        tiny_regularised_config(text, max_steps=3, eval_interval=3), run, progress=False, log=quiet
     )
     text.write_text(text.read_text() + "☃ new characters ✓")
     return cli("train", "--resume", run, "--max-steps", "6", "--no-progress")
@@ -205,16 +210,16 @@ def _stopped_before_first_checkpoint(env: Env) -> str:
     """The error, then the command it suggests must work."""
     run = env.tmp / "early"
     orchestrate.train(
-        tiny_config(env.corpus, max_steps=3, eval_interval=3),
+        tiny_regularised_config(env.corpus, max_steps=3, eval_interval=3),
         run,
         progress=False,
-        log=lambda m: None,
+        log=quiet,
     )
     shutil.rmtree(run / "best")
     shutil.rmtree(run / "last")  # as if killed before the first save
     line = cli("train", "--resume", run, "--no-progress")
     command = line.split("start it again with: charlstm ")[1].split()
-    result = CliRunner().invoke(main, command + ["--no-progress"])
+    result = invoke(*command, "--no-progress")
     assert result.exit_code == 0, result.output
     return line
 
@@ -417,7 +422,15 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         "windows of --seq-len 9000 need at least",
     ),
     "text-none": (
-        lambda e: cli("train", "--dataset", "", "--out", e.tmp / "o", *cli_flags(max_steps=2)),
+        lambda e: cli(
+            "train",
+            "--dataset",
+            "",
+            "--out",
+            e.tmp / "o",
+            "--no-progress",
+            *tiny_regularised_flags(max_steps=2),
+        ),
         "no training text: give --text FILE or --dataset NAME",
     ),
     "batching-kind": (
@@ -477,23 +490,47 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     # -- run folders and training ---------------------------------------------------------------
     # (the CLI's --out refuses a file itself, with click's usage error)
     "out-is-file": (
-        lambda e: lib(lambda: charlstm.train(tiny_config(e.corpus), e.corpus, progress=False)),
+        lambda e: lib(
+            lambda: charlstm.train(tiny_regularised_config(e.corpus), e.corpus, progress=False)
+        ),
         "is a file; give a folder path",
     ),
     "out-holds-run": (
-        lambda e: cli("train", "--text", e.corpus, "--out", e.run, *cli_flags(max_steps=2)),
+        lambda e: cli(
+            "train",
+            "--text",
+            e.corpus,
+            "--out",
+            e.run,
+            "--no-progress",
+            *tiny_regularised_flags(max_steps=2),
+        ),
         "holds a run; continue it with --resume, choose another --out, or pass --force",
     ),
     "out-not-empty": (
         lambda e: (
             e.file("notes.txt", "mine"),
-            cli("train", "--text", e.corpus, "--out", e.tmp, *cli_flags(max_steps=2)),
+            cli(
+                "train",
+                "--text",
+                e.corpus,
+                "--out",
+                e.tmp,
+                "--no-progress",
+                *tiny_regularised_flags(max_steps=2),
+            ),
         )[1],
         "is not empty and is not a charlstm run",
     ),
     "out-cannot-create": (
         lambda e: cli(
-            "train", "--text", e.corpus, "--out", e.corpus / "sub", *cli_flags(max_steps=2)
+            "train",
+            "--text",
+            e.corpus,
+            "--out",
+            e.corpus / "sub",
+            "--no-progress",
+            *tiny_regularised_flags(max_steps=2),
         ),
         "cannot create --out",
     ),
@@ -520,11 +557,11 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     "nonfinite-loss": (
         lambda e: lib(
             lambda: orchestrate.train(
-                tiny_config(e.corpus, max_steps=9, eval_interval=3),
+                tiny_regularised_config(e.corpus, max_steps=9, eval_interval=3),
                 e.tmp / "nan",
                 loss_hook=lambda step, loss: loss * math.nan,
                 progress=False,
-                log=lambda m: None,
+                log=quiet,
             )
         ),
         "the loss or gradient became non-finite at step 0 (1 time(s), 0 allowed)",
@@ -656,7 +693,7 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     ),
     "ckpt-wrong-shape": (
         lambda e: generate_cli(e.hostile_run("wrong-shape-tensor")),
-        "tensor fc.weight has shape (66, 16), the configuration says (65, 16)",
+        f"tensor fc.weight has shape ({VOCAB + 1}, 16), the configuration says ({VOCAB}, 16)",
     ),
     "ckpt-nonfinite": (
         lambda e: generate_cli(e.hostile_run("nan-weights")),
@@ -746,19 +783,31 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         "the start text is empty after removing unknown characters",
     ),
     "evaluate-too-short": (
-        lambda e: cli("evaluate", e.run, "--text", e.file("one.txt", "М")),
+        lambda e: cli("evaluate", e.run, "--text", e.file("one.txt", "П")),
         "the text to evaluate needs at least 2 known characters",
     ),
     "evaluate-unknown": (
         lambda e: cli("evaluate", e.run, "--text", e.file("snow.txt", "☃☃☃ snow")),
         "the text has characters the model never saw",
     ),
+    "serve-cannot-listen": (
+        lambda e: _serve_on_a_busy_port(e),
+        "could not listen on 127.0.0.1:",
+    ),
 }
+
+
+def _serve_on_a_busy_port(env: Env) -> str:
+    """`charlstm serve` on a port another socket holds (on loopback only)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        return cli("serve", env.run, "--port", str(held.getsockname()[1]))
 
 
 def _click_usage(*args) -> str:
     """click's own usage errors: exit 2 and an `Error:` line (with a usage hint above it)."""
-    result = CliRunner().invoke(main, list(args))
+    result = invoke(*args)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     return next(line for line in result.stderr.splitlines() if line.startswith("Error:"))
 

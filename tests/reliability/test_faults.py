@@ -1,4 +1,5 @@
-"""Numerical faults and full disks: the run stops, says what happened, and keeps its last good state.
+"""Numerical faults and full disks: the run stops, says what happened, and keeps its last good
+state.
 
 NaN and infinity are injected through `train`'s `loss_hook` (a NaN loss, a finite loss with an
 infinite gradient) and by corrupting a weight after a step; a full disk is simulated by replacing
@@ -21,25 +22,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from charlstm import atomic
-from charlstm.cli import main
 from charlstm.errors import NonFiniteLoss
-from charlstm.runs import checkpoint as ckpt_io
-from charlstm.runs.folder import checkpoint_path
 from charlstm.training import loop, orchestrate
 from charlstm.training.orchestrate import resume_config, train
-
-from .conftest import TALLY, assert_same_tensors, cli_flags, last_tensors, tiny_config
+from tests.helpers import (
+    TALLY,
+    assert_same_tensors,
+    checkpoint,
+    invoke,
+    one_line_error,
+    quiet,
+    read_metrics,
+    tiny_regularised_config,
+    tiny_regularised_flags,
+)
 
 pytestmark = pytest.mark.reliability
 
-QUIET = dict(progress=False, log=lambda m: None)
-
-
-def _ckpt(run: Path, which: str = "last") -> ckpt_io.Checkpoint:
-    return ckpt_io.read_checkpoint(checkpoint_path(run, which))
+QUIET = {"progress": False, "log": quiet}
 
 
 def _nan_at(*steps: int):
@@ -81,13 +83,18 @@ def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
     with pytest.raises(
         NonFiniteLoss, match=r"non-finite at step 12 .*last good checkpoint is kept"
     ):
-        train(tiny_config(corpus, max_steps=30, eval_interval=5), run, loss_hook=hook, **QUIET)
-    ck = _ckpt(run)
+        train(
+            tiny_regularised_config(corpus, max_steps=30, eval_interval=5),
+            run,
+            loss_hook=hook,
+            **QUIET,
+        )
+    ck = checkpoint(run)
     assert ck.meta["step"] == 10
     assert all(torch.isfinite(t).all() for t in ck.model_state().values())
-    _ckpt(run, "best")
+    checkpoint(run, "best")
     train(resume_config(run, {"max_steps": 15}), run, resume=True, **QUIET)
-    assert _ckpt(run).meta["step"] == 15
+    assert checkpoint(run).meta["step"] == 15
 
 
 def test_skip_nonfinite_skips_up_to_n_steps(tmp_path, corpus) -> None:
@@ -96,19 +103,19 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path, corpus) -> None:
     run = tmp_path / "run"
     logged: list[str] = []
     train(
-        tiny_config(corpus, max_steps=30, eval_interval=5, skip_nonfinite=2),
+        tiny_regularised_config(corpus, max_steps=30, eval_interval=5, skip_nonfinite=2),
         run,
         loss_hook=_nan_at(7, 13),
         progress=False,
         log=logged.append,
     )
-    ck = _ckpt(run)
+    ck = checkpoint(run)
     assert ck.meta["step"] == 30 and ck.meta["resume"]["counters"]["nonfinite"] == 2
     assert sum("step skipped" in line for line in logged) == 2
     assert all(torch.isfinite(t).all() for t in ck.model_state().values())
     with pytest.raises(NonFiniteLoss, match=r"3 time\(s\), 2 allowed"):
         train(
-            tiny_config(corpus, max_steps=30, eval_interval=5, skip_nonfinite=2),
+            tiny_regularised_config(corpus, max_steps=30, eval_interval=5, skip_nonfinite=2),
             tmp_path / "again",
             loss_hook=_nan_at(3, 3, 3),
             **QUIET,
@@ -122,21 +129,18 @@ def test_nonfinite_loss_through_the_cli_is_one_line_and_exit_2(
     monkeypatch.setattr(
         orchestrate, "train", functools.partial(orchestrate.train, loss_hook=_nan_at(8))
     )
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--text",
-            str(corpus),
-            "--out",
-            str(tmp_path / "run"),
-            *cli_flags(max_steps=30, eval_interval=5),
-        ],
+    result = invoke(
+        "train",
+        "--text",
+        corpus,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        *tiny_regularised_flags(max_steps=30, eval_interval=5),
     )
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("charlstm: error: the loss or gradient became non-finite at step 8")
-    assert _ckpt(tmp_path / "run").meta["step"] == 5
+    line = one_line_error(result, alone=False)
+    assert line.startswith("charlstm: error: the loss or gradient became non-finite at step 8")
+    assert checkpoint(tmp_path / "run").meta["step"] == 5
 
 
 @pytest.mark.parametrize(
@@ -164,27 +168,28 @@ def test_weights_that_overflow_are_never_saved(
     monkeypatch.setattr(loop.Run, "train_step", corrupting_step)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match=message):  # no EMA: evaluate the corrupted weights
-        train(tiny_config(corpus, max_steps=max_steps, eval_interval=5, ema=0), run, **QUIET)
-    assert _ckpt(run).meta["step"] == 5 if corrupt_at == 9 else 10
-    _ckpt(run, "best")
+        train(
+            tiny_regularised_config(corpus, max_steps=max_steps, eval_interval=5, ema=0),
+            run,
+            **QUIET,
+        )
+    assert checkpoint(run).meta["step"] == 5 if corrupt_at == 9 else 10
+    checkpoint(run, "best")
 
 
 def test_a_learning_rate_that_overflows_adam_is_a_user_error(tmp_path, corpus) -> None:
     """--lr 1e38 makes Adam's first step overflow float32 (a RuntimeError deep in torch): the CLI
     must refuse it in one line with exit status 2 instead."""
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--text",
-            str(corpus),
-            "--out",
-            str(tmp_path / "run"),
-            *cli_flags(max_steps=5, lr=1e38),
-        ],
+    result = invoke(
+        "train",
+        "--text",
+        corpus,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        *tiny_regularised_flags(max_steps=5, lr=1e38),
     )
-    assert result.exit_code == 2, (result.output, result.exception)
-    assert result.stderr.strip().startswith("charlstm: error: lr")
+    assert one_line_error(result).startswith("charlstm: error: lr")
 
 
 # ---------------------------------------------------------------------------------------- disks
@@ -224,34 +229,29 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(
     checkpoint is intact; last/ is byte-for-byte what it was, no temporary file is left, and once
     space is free the run resumes and ends as if nothing had happened."""
     run = tmp_path / "run"
-    settings = dict(max_steps=10, eval_interval=5, batching="stream")
-    train(tiny_config(corpus, **settings), run, **QUIET)
+    settings = {"max_steps": 10, "eval_interval": 5, "batching": "stream"}
+    train(tiny_regularised_config(corpus, **settings), run, **QUIET)
     before = _snapshot(run)
     monkeypatch.setattr(atomic, "_write_all", _full_disk_from(failing_write))
-    result = CliRunner().invoke(
-        main, ["train", "--resume", str(run), "--max-steps", "20", "--no-progress"]
-    )
+    result = invoke("train", "--resume", run, "--max-steps", "20", "--no-progress")
     monkeypatch.undo()
-    assert result.exit_code == 2, (result.output, result.exception)
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("charlstm: error:") and "No space left on device" in line
-    assert "intact" in line and "--resume" in line
+    one_line_error(result, "No space left on device", "intact", "--resume", alone=False)
     after = _snapshot(run)
     # last/ is written after best/: it is always the previous one; best/ is the previous one or,
     # when the disk filled up only after it was replaced, a complete newer one.
     assert after["last/checkpoint.safetensors"] == before["last/checkpoint.safetensors"]
-    assert _ckpt(run).meta["step"] == 10
+    assert checkpoint(run).meta["step"] == 10
     assert failing_write == 3 or after == before
-    _ckpt(run, "best")
+    checkpoint(run, "best")
     assert not list(run.rglob(".*.tmp"))
     train(resume_config(run, {"max_steps": 20}), run, resume=True, **QUIET)
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in read_metrics(run)]
     assert steps == [5, 10, 15, 20], "metrics.jsonl lost or repeated a record"
     ref = tmp_path / "reference"
-    train(tiny_config(corpus, **{**settings, "max_steps": 20}), ref, **QUIET)
+    train(tiny_regularised_config(corpus, **{**settings, "max_steps": 20}), ref, **QUIET)
     same = False
     try:
-        assert_same_tensors(last_tensors(run), last_tensors(ref))
+        assert_same_tensors(checkpoint(run).tensors, checkpoint(ref).tensors)
         same = True
     finally:
         TALLY.record("resumes", same)
@@ -321,12 +321,14 @@ def test_a_real_full_tmpfs(tmp_path, corpus) -> None:
             _TMPFS_CHECK,
             str(mnt),
             str(corpus),
-            *cli_flags(),
+            "--no-progress",
+            *tiny_regularised_flags(),
         ],
         capture_output=True,
         text=True,
         timeout=180,
         env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        check=False,
     )
     if proc.returncode == 77 or (proc.returncode != 0 and "unshare" in proc.stderr):
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")

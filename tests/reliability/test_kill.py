@@ -1,8 +1,8 @@
 """Atomic checkpoints: SIGKILL a real training process again and again, and lose nothing.
 
-Two runs (stream and random batching) are trained by real ``python -m charlstm train`` processes that
-evaluate and save after every step, so a kill at a random moment often lands inside a save. Each
-process is killed (SIGKILL: no handler, no cleanup) at one of three kinds of moment:
+Two runs (stream and random batching) are trained by real ``python -m charlstm train`` processes
+that evaluate and save after every step, so a kill at a random moment often lands inside a save.
+Each process is killed (SIGKILL: no handler, no cleanup) at one of three kinds of moment:
 
 * any time at all, counted from the process start (often during start-up or the restore);
 * a random moment after training began (saves happen every few milliseconds);
@@ -16,7 +16,6 @@ hold every step exactly once, and its weights must equal, bit for bit, those of 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -28,18 +27,18 @@ from pathlib import Path
 import pytest
 
 from charlstm.config import load_toml
-from charlstm.runs import checkpoint as ckpt_io
 from charlstm.runs.folder import checkpoint_path
 from charlstm.training.orchestrate import train
-
-from .conftest import (
+from tests.helpers import (
     TALLY,
     assert_same_tensors,
     charlstm_cmd,
-    cli_flags,
-    last_tensors,
+    checkpoint,
+    quiet,
+    read_metrics,
     subprocess_env,
-    tiny_config,
+    tiny_regularised_config,
+    tiny_regularised_flags,
 )
 
 pytestmark = pytest.mark.reliability
@@ -66,7 +65,10 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
     """Kill KILLS_PER_RUN processes training one run; returns the run folder and its final step."""
     rng = random.Random(seed)
     run = tmp / f"run-{batching}"
-    flags = cli_flags(batching=batching, eval_interval=1, max_steps=BIG)
+    flags = [
+        "--no-progress",
+        *tiny_regularised_flags(batching=batching, eval_interval=1, max_steps=BIG),
+    ]
     last_step = 0
     pending: list[int] = []  # kills whose checkpoint no later process has resumed from yet
     for i in range(KILLS_PER_RUN):
@@ -115,9 +117,9 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
             pending = []
 
         # -- what the kill left behind must load, and nothing saved may be lost ----------------
-        ck = ckpt_io.read_checkpoint(checkpoint_path(run, "last"))
+        ck = checkpoint(run, "last")
         if checkpoint_path(run, "best").is_file():
-            ckpt_io.read_checkpoint(checkpoint_path(run, "best"))
+            checkpoint(run, "best")
         load_toml(run / "config.toml")
         lost = max(0, last_step - ck.meta["step"])
         TALLY.note("steps_lost", lost)
@@ -139,12 +141,13 @@ def _kill_chain(tmp: Path, corpus: Path, batching: str, seed: int) -> tuple[Path
         text=True,
         env=subprocess_env(),
         timeout=120,
+        check=False,
     )
     for _ in pending:
         TALLY.record("kills", done.returncode == 0)
     assert done.returncode == 0, done.stderr
     assert not _temp_files(run), "temporary files of killed saves were left in the run folder"
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in read_metrics(run)]
     assert steps == list(range(1, final + 1)), "metrics.jsonl lost or repeated steps"
     return run, final
 
@@ -163,14 +166,14 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, corpus) -> None:
     for (run, final), batching in results:
         ref = tmp_path / f"reference-{batching}"
         train(
-            tiny_config(corpus, batching=batching, eval_interval=1, max_steps=final),
+            tiny_regularised_config(corpus, batching=batching, eval_interval=1, max_steps=final),
             ref,
             progress=False,
-            log=lambda m: None,
+            log=quiet,
         )
         same = True
         try:
-            assert_same_tensors(last_tensors(run), last_tensors(ref))
+            assert_same_tensors(checkpoint(run).tensors, checkpoint(ref).tensors)
         except AssertionError:
             same = False
             raise

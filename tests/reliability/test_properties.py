@@ -24,8 +24,7 @@ from charlstm.data.corpus import read_text
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
 from charlstm.generate.sampling import SamplingParams, next_token_probs, sample_step, stream_seeds
-
-from .conftest import CORPUS_TEXT, TALLY, tiny_config
+from tests.helpers import CORPUS_TEXT, TALLY, quiet, tiny_regularised_config
 
 pytestmark = pytest.mark.reliability
 
@@ -156,7 +155,7 @@ def test_training_on_any_corpus_works_or_is_a_user_error(
     n = next(_counter)
     path = tmp_path / f"corpus-{n}.txt"
     encoding = _write_corpus(path, unit * reps, how)
-    config = tiny_config(
+    config = tiny_regularised_config(
         path,
         encoding=encoding,
         batching=batching,
@@ -166,7 +165,7 @@ def test_training_on_any_corpus_works_or_is_a_user_error(
         seq_len=4,
     )
     try:
-        run = charlstm.train(config, tmp_path / f"run-{n}", progress=False, log=lambda m: None)
+        run = charlstm.train(config, tmp_path / f"run-{n}", progress=False, log=quiet)
     except UserError as exc:
         return _handled(exc)
     model = charlstm.load(run, device="cpu")
@@ -181,27 +180,27 @@ def test_training_on_any_corpus_works_or_is_a_user_error(
     _handled(True)
 
 
-# ---------------------------------------------------------------------------------------- generation
+# --------------------------------------------------------------------------------------- generation
 
 floats = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
     [0.0, -0.0, 5e-324, 1e-310, 1e-300, 1e-100, 1e-6, 0.3, 1.0, 2.0, 1e100, 1e308]
 )
 
 
-params = dict(
-    start_text=mostly(known, texts) | st.lists(mostly(known, texts), max_size=3),
-    length=mostly(st.integers(1, 25), st.integers(-2, 0)),
-    temperature=mostly(st.floats(0, 3) | st.just(0.0), floats),
-    top_k=mostly(st.none() | st.integers(0, 80), st.integers(-2, -1)),
-    top_p=mostly(st.none() | st.floats(0.01, 1.0), floats),
-    repetition_penalty=mostly(st.just(1.0) | st.floats(1, 5), floats),
-    num_samples=mostly(st.integers(1, 3), st.integers(-1, 0)),
-    seed=st.none() | st.integers(-(2**70), 2**70),
-    stop=mostly(st.lists(known, max_size=2), st.lists(texts, max_size=2)),
-    max_lines=mostly(st.none() | st.integers(1, 3), st.integers(-1, 0)),
-    max_stanzas=mostly(st.none() | st.integers(1, 2), st.integers(-1, 0)),
-    unknown=mostly(st.sampled_from(["error", "skip"]), st.just("ignore")),
-)
+params = {
+    "start_text": mostly(known, texts) | st.lists(mostly(known, texts), max_size=3),
+    "length": mostly(st.integers(1, 25), st.integers(-2, 0)),
+    "temperature": mostly(st.floats(0, 3) | st.just(0.0), floats),
+    "top_k": mostly(st.none() | st.integers(0, 80), st.integers(-2, -1)),
+    "top_p": mostly(st.none() | st.floats(0.01, 1.0), floats),
+    "repetition_penalty": mostly(st.just(1.0) | st.floats(1, 5), floats),
+    "num_samples": mostly(st.integers(1, 3), st.integers(-1, 0)),
+    "seed": st.none() | st.integers(-(2**70), 2**70),
+    "stop": mostly(st.lists(known, max_size=2), st.lists(texts, max_size=2)),
+    "max_lines": mostly(st.none() | st.integers(1, 3), st.integers(-1, 0)),
+    "max_stanzas": mostly(st.none() | st.integers(1, 2), st.integers(-1, 0)),
+    "unknown": mostly(st.sampled_from(["error", "skip"]), st.just("ignore")),
+}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=SUPPRESS)
@@ -225,20 +224,20 @@ def test_generate_with_any_arguments_gives_text_or_a_user_error(
     each the (normalised, filtered) start text followed by at most `length` characters of the
     vocabulary, the same for the same seed; or it raises `UserError`."""
     model = trained_model
-    kwargs = dict(
-        start_text=start_text,
-        length=length,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        num_samples=num_samples,
-        seed=seed,
-        repetition_penalty=repetition_penalty,
-        stop=stop,
-        max_lines=max_lines,
-        max_stanzas=max_stanzas,
-        unknown=unknown,
-    )
+    kwargs = {
+        "start_text": start_text,
+        "length": length,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "num_samples": num_samples,
+        "seed": seed,
+        "repetition_penalty": repetition_penalty,
+        "stop": stop,
+        "max_lines": max_lines,
+        "max_stanzas": max_stanzas,
+        "unknown": unknown,
+    }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # --unknown skip warns about dropped characters

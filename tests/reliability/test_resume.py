@@ -1,4 +1,5 @@
-"""Exact resume and graceful signals: an interrupted run ends bit for bit where an uninterrupted one does.
+"""Exact resume and graceful signals: an interrupted run ends bit for bit where an uninterrupted one
+does.
 
 Train N steps, stop (the step budget, an in-process signal, a real SIGINT or SIGTERM from outside,
 or a second Ctrl-C in the middle of the final save), resume to 2N: the weights, Adam's moments, the
@@ -19,40 +20,46 @@ from pathlib import Path
 import pytest
 
 from charlstm.errors import TrainingStopped
-from charlstm.runs import checkpoint as ckpt_io
 from charlstm.runs.folder import checkpoint_path
+from charlstm.training import loop
 from charlstm.training.orchestrate import resume_config, train
-
-from .conftest import (
+from tests.helpers import (
     TALLY,
     assert_same_tensors,
     charlstm_cmd,
-    cli_flags,
-    last_tensors,
+    checkpoint,
+    quiet,
     subprocess_env,
-    tiny_config,
+    tiny_regularised_config,
+    tiny_regularised_flags,
 )
 
 pytestmark = pytest.mark.reliability
 
-QUIET = dict(progress=False, log=lambda m: None)
+QUIET = {"progress": False, "log": quiet}
 # Two layers so that dropout also acts between them, weight drop and a moving average of the weights
 # (each with state to carry over), and a high rate with no plateau patience so that the schedule
 # halves the rate during the run. The EMA is short so that the evaluated weights follow training.
-SETUP = dict(
-    num_layers=2, dropout=0.3, weight_drop=0.3, ema=0.5, lr=0.3, plateau_patience=0, eval_interval=3
-)
+SETUP = {
+    "num_layers": 2,
+    "dropout": 0.3,
+    "weight_drop": 0.3,
+    "ema": 0.5,
+    "lr": 0.3,
+    "plateau_patience": 0,
+    "eval_interval": 3,
+}
 
 
 def _meta(run: Path) -> dict:
-    return ckpt_io.read_checkpoint(checkpoint_path(run, "last")).meta
+    return checkpoint(run, "last").meta
 
 
 def _compare(run: Path, reference: Path) -> None:
     """Record and assert that `run` ended exactly where `reference` did."""
     same = False
     try:
-        assert_same_tensors(last_tensors(run), last_tensors(reference))
+        assert_same_tensors(checkpoint(run).tensors, checkpoint(reference).tensors)
         a, b = _meta(run)["resume"], _meta(reference)["resume"]
         for part in (a, b):
             part.pop("optimizer")  # hyperparameters and step scalars; the tensors were compared
@@ -68,7 +75,7 @@ def _compare(run: Path, reference: Path) -> None:
 
 def _reference(tmp: Path, corpus: Path, steps: int, **overrides) -> Path:
     ref = tmp / "reference"
-    train(tiny_config(corpus, max_steps=steps, **overrides), ref, **QUIET)
+    train(tiny_regularised_config(corpus, max_steps=steps, **overrides), ref, **QUIET)
     return ref
 
 
@@ -79,7 +86,7 @@ def test_exact_resume_after_the_step_budget(tmp_path, corpus, batching) -> None:
     settings = dict(SETUP, batching=batching)
     ref = _reference(tmp_path, corpus, 46, **settings)
     run = tmp_path / "run"
-    train(tiny_config(corpus, max_steps=23, **settings), run, **QUIET)
+    train(tiny_regularised_config(corpus, max_steps=23, **settings), run, **QUIET)
     train(resume_config(run, {"max_steps": 46}), run, resume=True, **QUIET)
     assert _meta(ref)["resume"]["plateau"]["scale"] < 1, "the schedule never changed the rate"
     _compare(run, ref)
@@ -105,13 +112,13 @@ def _signal_at(step: int, signum: int):
 )
 def test_exact_resume_after_a_signal(tmp_path, corpus, signum, batching, schedule) -> None:
     """A signal at step 17 of 40 stops the run with exit code 130/143 after saving; resuming gives
-    an uninterrupted run's weights (cosine without a time budget, which would depend on the clock)."""
+    an uninterrupted run's weights (cosine without a time budget, which depends on the clock)."""
     settings = dict(SETUP, batching=batching, schedule=schedule, max_time=None, warmup_steps=3)
     ref = _reference(tmp_path, corpus, 40, **settings)
     run = tmp_path / "run"
     with pytest.raises(TrainingStopped) as stopped:
         train(
-            tiny_config(corpus, max_steps=40, **settings),
+            tiny_regularised_config(corpus, max_steps=40, **settings),
             run,
             loss_hook=_signal_at(17, signum),
             **QUIET,
@@ -125,16 +132,21 @@ def test_exact_resume_after_a_signal(tmp_path, corpus, signum, batching, schedul
 def test_exact_resume_keeps_early_stopping_counters(tmp_path, corpus) -> None:
     """A run that stops early (no improvement in 2 evaluations) stops at the same step with the
     same weights when it was interrupted half-way and resumed."""
-    settings = dict(
-        batching="stream", lr=0.3, eval_interval=3, early_stopping=2, plateau_patience=50, ema=0.5
-    )
+    settings = {
+        "batching": "stream",
+        "lr": 0.3,
+        "eval_interval": 3,
+        "early_stopping": 2,
+        "plateau_patience": 50,
+        "ema": 0.5,
+    }
     ref = _reference(tmp_path, corpus, 400, **settings)
     stop = _meta(ref)["step"]
     assert 8 < stop < 400, f"the reference run should stop early, stopped at {stop}"
     run = tmp_path / "run"
     with pytest.raises(TrainingStopped):
         train(
-            tiny_config(corpus, max_steps=400, **settings),
+            tiny_regularised_config(corpus, max_steps=400, **settings),
             run,
             loss_hook=_signal_at(stop // 2 | 1, signal.SIGINT),
             **QUIET,
@@ -144,21 +156,49 @@ def test_exact_resume_keeps_early_stopping_counters(tmp_path, corpus) -> None:
     _compare(run, ref)
 
 
-def test_time_budget_is_summed_over_resumes(tmp_path, corpus) -> None:
+class _StepClock:
+    """The training loop's clock, replaced by one that moves only when a step runs: 1/8 s per
+    step (exact in binary), so that a time budget is a number of steps and no check depends on
+    how fast this machine is."""
+
+    TICK = 0.125
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        monkeypatch.setattr(loop, "time", self)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):  # everything else of the `time` module, unchanged
+        return getattr(time, name)
+
+    def hook(self, step: int, loss):
+        """A `loss_hook`: the step being taken costs one tick."""
+        self.now += self.TICK
+        return loss
+
+
+def test_time_budget_is_summed_over_resumes(tmp_path, corpus, monkeypatch) -> None:
     """--max-time counts training seconds across resumes: a run resumed with its budget spent
-    stops at once, and a larger budget continues from the time already spent."""
+    stops at once, and a larger budget continues from the time already spent. With a step taking
+    1/8 s of the clock, 0.5 s is 4 steps, and raising the budget to 1 s adds 4 more (not 8, as a
+    budget restarted by the resume would)."""
+    clock = _StepClock(monkeypatch)
+    quiet_with_clock = {**QUIET, "loss_hook": clock.hook}
     run = tmp_path / "run"
-    train(tiny_config(corpus, max_steps=None, max_time=0.4, eval_interval=20), run, **QUIET)
+    config = tiny_regularised_config(corpus, max_steps=None, max_time=0.5, eval_interval=20)
+    train(config, run, **quiet_with_clock)
     first = _meta(run)["resume"]["counters"]
-    assert first["elapsed"] >= 0.4 and first["step"] > 0
-    train(resume_config(run, {}), run, resume=True, **QUIET)
-    assert _meta(run)["resume"]["counters"]["step"] == first["step"]
-    train(resume_config(run, {"max_time": 0.8}), run, resume=True, **QUIET)
+    assert (first["step"], first["elapsed"]) == (4, 0.5)
+    train(resume_config(run, {}), run, resume=True, **quiet_with_clock)
+    assert _meta(run)["resume"]["counters"]["step"] == 4
+    train(resume_config(run, {"max_time": 1.0}), run, resume=True, **quiet_with_clock)
     second = _meta(run)["resume"]["counters"]
-    assert second["step"] > first["step"] and 0.8 <= second["elapsed"] < 0.8 + 5
+    assert (second["step"], second["elapsed"]) == (8, 1.0)
 
 
-# ---------------------------------------------------------------------------------------- real signals
+# ------------------------------------------------------------------------------------- real signals
 
 
 def _metrics_lines(run: Path) -> int:
@@ -176,7 +216,7 @@ def _wait_for(predicate, timeout: float = 60) -> None:
 
 
 STEPS = 200
-REAL = dict(eval_interval=20)  # few saves: each one fsyncs, and these runs are real processes
+REAL = {"eval_interval": 20}  # few saves: each one fsyncs, and these runs are real processes
 
 
 def test_sigterm_from_outside_saves_exits_143_and_resumes_exactly(tmp_path, corpus) -> None:
@@ -187,7 +227,13 @@ def test_sigterm_from_outside_saves_exits_143_and_resumes_exactly(tmp_path, corp
     run = tmp_path / "run"
     proc = subprocess.Popen(
         charlstm_cmd(
-            "train", "--text", corpus, "--out", run, *cli_flags(max_steps=STEPS, **settings)
+            "train",
+            "--text",
+            corpus,
+            "--out",
+            run,
+            "--no-progress",
+            *tiny_regularised_flags(max_steps=STEPS, **settings),
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -207,6 +253,7 @@ def test_sigterm_from_outside_saves_exits_143_and_resumes_exactly(tmp_path, corp
         text=True,
         env=subprocess_env(),
         timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     _compare(run, _reference(tmp_path, corpus, STEPS, **settings))
@@ -230,7 +277,8 @@ def test_second_ctrl_c_during_the_final_save_does_not_corrupt_it(tmp_path, corpu
                 corpus,
                 "--out",
                 run,
-                *cli_flags(max_steps=STEPS, **settings),
+                "--no-progress",
+                *tiny_regularised_flags(max_steps=STEPS, **settings),
                 helper=True,
             ),
             stdout=subprocess.DEVNULL,
@@ -259,6 +307,7 @@ def test_second_ctrl_c_during_the_final_save_does_not_corrupt_it(tmp_path, corpu
         text=True,
         env=subprocess_env(),
         timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     _compare(run, _reference(tmp_path, corpus, STEPS, **settings))

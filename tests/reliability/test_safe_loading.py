@@ -19,19 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 import charlstm
-from charlstm.cli import main
 from charlstm.errors import CheckpointError, UserError
 from charlstm.runs import checkpoint as ckpt_io
 from charlstm.runs.folder import checkpoint_path
 from charlstm.training.orchestrate import resume_config, train
-
-from .conftest import TALLY
+from tests.helpers import TALLY, invoke, one_line_error, quiet
 
 pytestmark = pytest.mark.reliability
 
@@ -164,14 +161,9 @@ def good_checkpoint(trained_run) -> Path:
 
 def _doors(run: Path, corpus: Path) -> dict[str, object]:
     """Every way a user can open `run`; each returns the CLI's stderr or raises in the library."""
-    runner = CliRunner()
 
     def cli(*args):
-        result = runner.invoke(main, [str(a) for a in args])
-        assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("charlstm: error:"), result.stderr
-        return lines[0]
+        return one_line_error(invoke(*args))
 
     return {
         "read_checkpoint": lambda: ckpt_io.read_checkpoint(checkpoint_path(run, "best")),
@@ -213,7 +205,7 @@ def test_hostile_checkpoints_are_refused_and_never_executed(
             except AssertionError as exc:
                 refused = False
                 failures.append(f"{name}: {door}: {exc}")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (any other exception is what this test reports)
                 refused = False
                 failures.append(f"{name}: {door} raised {type(exc).__name__}: {exc}")
         TALLY.record("hostile", refused and not sentinel.exists())
@@ -299,12 +291,12 @@ def test_resume_state_damaged_in_a_valid_checkpoint_is_refused(
                 run,
                 resume=True,
                 progress=False,
-                log=lambda m: None,
+                log=quiet,
             )
             failures.append(f"{name}: resumed from damaged state")
         except UserError as exc:
             ok = "\n" not in str(exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any other exception is what this test reports)
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
         ok = ok and checkpoint_path(run, "last").read_bytes() == before
         TALLY.record("hostile", ok)
@@ -402,7 +394,7 @@ def test_fuzzed_resume_state_resumes_or_is_refused(
             run,
             resume=True,
             progress=False,
-            log=lambda m: None,
+            log=quiet,
         )
         ok = valid = True
     except UserError as exc:
