@@ -7,43 +7,16 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from charlstm.cli import ConfigOption, main
 from charlstm.config import field_specs
+from tests.helpers import invoke, one_line_error, tiny_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "16",
-    "--embedding-size",
-    "8",
-    "--hidden-size",
-    "16",
-    "--num-layers",
-    "1",
-    "--eval-interval",
-    "5",
-    "--threads",
-    "1",
-    "--precision",
-    "fp32",
-    "--no-progress",
-    "--sample-every",
-    "0",
-]
-
-
-def _without(args, flag):
-    i = args.index(flag)
-    return args[:i] + args[i + 2 :]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+# The tiny model's flags (tests/helpers.py), without a step budget: each test gives its own.
+TINY = [*tiny_flags(max_steps=None), "--no-progress"]
+run = invoke
 
 
 @pytest.fixture
@@ -52,15 +25,6 @@ def trained(corpus, tmp_path):
     result = run("train", "--text", corpus, "--out", out, "--max-steps", 10, *TINY)
     assert result.exit_code == 0, result.output
     return out
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [x for x in result.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("charlstm: error: "), result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_train_generate_evaluate_end_to_end(trained, corpus, tmp_path):
@@ -122,7 +86,7 @@ def test_config_file_and_flags_override(corpus, tmp_path):
         out,
         "--max-steps",
         6,
-        *_without(TINY, "--hidden-size"),
+        *tiny_flags(max_steps=None, hidden_size=None),
     )
     assert result.exit_code == 0, result.output
     cfg = (out / "config.toml").read_text(encoding="utf-8")
@@ -148,7 +112,7 @@ def test_datasets_lists_named_corpora():
 
 
 def test_missing_file(tmp_path):
-    _one_line_error(
+    one_line_error(
         run("train", "--text", tmp_path / "nope.txt", "--out", tmp_path / "r", *TINY),
         "does not exist",
     )
@@ -157,19 +121,19 @@ def test_missing_file(tmp_path):
 def test_empty_file(tmp_path):
     p = tmp_path / "empty.txt"
     p.write_bytes(b"")
-    _one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "empty")
+    one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "empty")
 
 
 def test_binary_file(tmp_path):
     p = tmp_path / "blob.bin"
     p.write_bytes(bytes(range(256)) * 20)
-    _one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "--encoding")
+    one_line_error(run("train", "--text", p, "--out", tmp_path / "r", *TINY), "--encoding")
 
 
 def test_non_utf8_file_names_the_offset(tmp_path):
     p = tmp_path / "cp1251.txt"
     p.write_bytes("Мой дядя самых честных правил".encode("cp1251") * 100)
-    _one_line_error(
+    one_line_error(
         run("train", "--text", p, "--out", tmp_path / "r", *TINY), "byte offset 0", "--encoding"
     )
 
@@ -197,14 +161,14 @@ def test_other_encoding_is_accepted(tmp_path):
 def test_corpus_shorter_than_a_window(tmp_path):
     p = tmp_path / "short.txt"
     p.write_text("tiny text\n" * 5, encoding="utf-8")
-    _one_line_error(
+    one_line_error(
         run("train", "--text", p, "--out", tmp_path / "r", *TINY), "needs at least", "--seq-len"
     )
 
 
 def test_out_holding_another_run_is_refused(trained, corpus):
     before = (trained / "last" / "checkpoint.safetensors").read_bytes()
-    _one_line_error(run("train", "--text", corpus, "--out", trained, *TINY), "--resume", "--force")
+    one_line_error(run("train", "--text", corpus, "--out", trained, *TINY), "--resume", "--force")
     assert (trained / "last" / "checkpoint.safetensors").read_bytes() == before
     assert (
         run(
@@ -217,7 +181,7 @@ def test_out_holding_another_run_is_refused(trained, corpus):
 def test_unknown_config_key(tmp_path, corpus):
     preset = tmp_path / "bad.toml"
     preset.write_text("hiden_size = 3\n", encoding="utf-8")
-    _one_line_error(
+    one_line_error(
         run("train", "--config", preset, "--text", corpus, "--out", tmp_path / "r"),
         "hiden_size",
         "hidden_size",
@@ -226,7 +190,7 @@ def test_unknown_config_key(tmp_path, corpus):
 
 def test_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "notarun").mkdir()
-    _one_line_error(run("generate", tmp_path / "notarun"), "not a charlstm run")
+    one_line_error(run("generate", tmp_path / "notarun"), "not a charlstm run")
 
 
 @pytest.mark.parametrize(
@@ -241,7 +205,7 @@ def test_folder_that_is_not_a_run(tmp_path):
     ],
 )
 def test_bad_generation_options(trained, args, needle):
-    _one_line_error(run("generate", trained, *args), needle)
+    one_line_error(run("generate", trained, *args), needle)
 
 
 def test_unknown_start_text_skip(trained):
@@ -324,7 +288,7 @@ def test_compare_names_its_folder_and_table_after_the_prepared_corpus(
         "--max-steps",
         2,
         "--no-probe",
-        *[a for a in _without(TINY, "--eval-interval") if a != "--no-progress"],
+        *tiny_flags(max_steps=None, eval_interval=None),
         "--eval-interval",
         1,
     )

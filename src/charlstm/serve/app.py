@@ -421,9 +421,14 @@ async def _close_on_disconnect(request: Request, job: Job) -> None:
 
 
 def _version() -> str:
-    from charlstm import __version__
+    """The installed package's version (read from its metadata: the package root sits above serve/
+    in the layers, docs/architecture.md)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("charlstm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def serve(
