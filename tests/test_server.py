@@ -517,3 +517,30 @@ def test_serve_cli_help_lists_the_limits() -> None:
         "--time-limit",
     ):
         assert flag in result.output
+
+
+def test_start_up_warms_each_models_kernels_before_its_worker_starts(model, monkeypatch) -> None:
+    """At start-up the server runs every served model's compiled kernels once, at that model's own
+    weights, before any worker takes requests (what `kernels.warm_up` promises `charlstm serve`)."""
+    from charlstm.generate import kernels
+
+    app = create_app([model, model], ServerConfig())
+    workers = list(app.state.server.workers.values())
+    calls = []
+    real = kernels.warm_up
+
+    def spy(weights=None):
+        calls.append((weights, [w._task is not None for w in workers]))
+        return real(weights)
+
+    monkeypatch.setattr(kernels, "warm_up", spy)
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            return [w._task is not None for w in workers]
+
+    started_after = run(go())
+    assert len(calls) == 2 and started_after == [True, True]
+    assert all(weights is not None and not any(started) for weights, started in calls)
+    assert all(weights.vocab_size == len(model.vocab) for weights, _ in calls)  # the model's own
+    assert all(isinstance(w.warm_up_seconds, float) for w in workers)
