@@ -55,6 +55,9 @@ def _source_tree(ref: str, into: Path) -> Path:
 
 def _run(src: Path, args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
+    shared = ROOT.parent / "shared" / "data"  # the corpora beside the checkout (as in Makefile)
+    if "CHARLSTM_DATA" not in env and shared.is_dir():
+        env["CHARLSTM_DATA"] = str(shared)
     out = subprocess.run(
         [sys.executable, *args], env=env, check=True, capture_output=True, text=True, cwd=ROOT
     ).stdout
