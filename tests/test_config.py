@@ -84,6 +84,7 @@ DEFAULTS = {
         "pretrain_time": 300.0,
         "pretrain_config": None,
         "report": False,
+        "tensorboard": None,
     },
 }
 

@@ -71,6 +71,7 @@ METAVARS = {
     "init_from": "RUN",
     "pretrain": "NAME|FILE",
     "pretrain_config": "FILE",
+    "tensorboard": "DIR",
 }
 
 

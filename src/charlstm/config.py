@@ -232,6 +232,11 @@ class TrainConfig:
     report: bool = _field(
         False, "Write report.html and report.md (`charlstm report`) when training ends."
     )
+    tensorboard: str | None = _field(
+        None,
+        "Write the curves and samples as TensorBoard event files in DIR/NAME, NAME being the run "
+        "folder's name (pip install 'charlstm[tensorboard]').",
+    )
 
 
 SECTIONS: dict[str, type] = {
