@@ -44,6 +44,7 @@ from charlstm.training.optimizer_state import load_optimizer, optimizer_tensors
 from charlstm.training.schedule import Plateau, budget_progress, learning_rate
 from charlstm.training.signals import SignalGuard
 from charlstm.training.state import RunState, is_number
+from charlstm.training.tensorboard import BoardWriter
 
 # ---------------------------------------------------------------------------------------- the run
 
@@ -94,6 +95,7 @@ class Run:
         self.loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self.train_model: torch.nn.Module = self.model  # what a step calls (DDP's wrapper, or this)
         self.writer = True  # whether this process writes the run folder (rank 0 only, under DDP)
+        self.tensorboard: BoardWriter | None = None  # --tensorboard's writer (orchestrate opens it)
         self.last_saved_step: int | None = None
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -387,6 +389,8 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
             if t.sample_every and p.evals % t.sample_every == 0 and run.writer:
                 text = run.sample(seed=t.seed + p.step)
                 run.folder.append_sample(f"--- step {p.step}, val {val:.3f}\n{text}\n")
+                if run.tensorboard is not None:
+                    run.tensorboard.sample(p.step, text)
                 bar.write(f"--- step {p.step}, val {val:.3f} ---\n{text}\n", file=sys.stderr)
             if run.state.early.should_stop(t.early_stopping):
                 reason = f"early stopping: no improvement in {t.early_stopping} evaluations"
@@ -429,6 +433,8 @@ def _scheduled_evaluation(
     }
     if run.writer:
         run.folder.append_metrics(record)
+        if run.tensorboard is not None:
+            run.tensorboard.record(record)
     if run.config.optim.schedule == "plateau":
         run.plateau.update(val)
     run.state.early.update(val)
@@ -452,16 +458,17 @@ def _finish(run: Run, last_val: float | None, report_only: bool) -> None:
         if run.state.best.improves(val):
             run.save_best(val)
         if not report_only and run.writer:
-            run.folder.append_metrics(
-                {
-                    "step": p.step,
-                    "time": round(p.elapsed, 3),
-                    "val_loss": val,
-                    "val_bpc": val / math.log(2),
-                    "lr": run.opt.param_groups[0]["lr"],
-                    "final": True,
-                }
-            )
+            record = {
+                "step": p.step,
+                "time": round(p.elapsed, 3),
+                "val_loss": val,
+                "val_bpc": val / math.log(2),
+                "lr": run.opt.param_groups[0]["lr"],
+                "final": True,
+            }
+            run.folder.append_metrics(record)
+            if run.tensorboard is not None:
+                run.tensorboard.record(record)
     run.save_last()
 
 

@@ -22,7 +22,7 @@ from charlstm.data.loading import prepare_data
 from charlstm.errors import UserError
 from charlstm.model import count_parameters
 from charlstm.runs.folder import RunFolder
-from charlstm.training import distributed, transfer
+from charlstm.training import distributed, tensorboard, transfer
 from charlstm.training.loop import Run, fit
 
 # Adam moves each weight by about lr per step: far above 1 a run can only diverge, and from about
@@ -88,6 +88,8 @@ def train(
         return pretrain_then_finetune(
             config, out, force=force, progress=progress, log=log, on_eval=on_eval
         )
+    if config.train.tensorboard:  # on every process, before anything is written
+        tensorboard.check(config.train.tensorboard, out, resume=resume, force=force)
     ctx = distributed.setup(config.train.device)  # None unless started by torchrun
     writer = ctx is None or ctx.rank == 0
     if not writer:
@@ -123,6 +125,12 @@ def train(
     elif source is not None:
         transfer.initialise(run.model, data.vocab, source, log)
     transfer.freeze(run.model, config.train.freeze_layers)
+    if writer and config.train.tensorboard:
+        run.tensorboard = tensorboard.BoardWriter(
+            config.train.tensorboard,
+            out,
+            resume_step=run.state.progress.step if last_ckpt is not None else None,
+        )
     if writer:
         folder.write_config(to_toml(run.config))
     log(
@@ -132,7 +140,11 @@ def train(
         f"{count_parameters(run.model):,} parameters; {run.device.type}, {run.precision}, "
         f"{run.threads} threads"
     )
-    reason = fit(run, on_eval)
+    try:
+        reason = fit(run, on_eval)
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
     if ctx is not None:
         distributed.finish()
     best = run.state.best.best_saved_val
