@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "charlstm.runs": 3,
     "charlstm.generate": 4,
     "charlstm.analysis": 5,
+    "charlstm.export": 5,
     "charlstm.training": 6,
     "charlstm.experiments": 7,
     "charlstm.bench": 7,
