@@ -312,6 +312,14 @@ def _write_output(out: str | None, text: str) -> None:
     show_default=True,
     help="Where to generate: auto takes a CUDA GPU when there is one.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["charlstm", "onnx"]),
+    default="charlstm",
+    show_default=True,
+    help="charlstm: PyTorch and the compiled kernels. onnx: ONNX Runtime on the CPU, from a folder "
+    "of `charlstm export --format onnx` (or a graph built in memory from a run folder).",
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the samples to this file.")
 def generate(
     run,
@@ -331,12 +339,23 @@ def generate(
     stream,
     which,
     device,
+    engine,
     out,
 ) -> None:
-    """Generate text from a trained RUN folder."""
-    from charlstm.api import load
+    """Generate text from a trained RUN folder (or, with --engine onnx, an ONNX export folder)."""
+    if engine == "onnx":
+        from charlstm.export.onnx import load_onnx
 
-    model = load(run, which=which, device=device)
+        if device == "cuda":
+            raise UserError(
+                "--engine onnx runs on the CPU (ONNX Runtime's CPU provider); drop --device cuda "
+                "or use --engine charlstm"
+            )
+        model = load_onnx(run, which=which)
+    else:
+        from charlstm.api import load
+
+        model = load(run, which=which, device=device)
     extra = {
         "repetition_penalty": repetition_penalty,
         "stop": stop,
@@ -430,6 +449,52 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
             f"{source}: {result['loss']:.4f} nats/char, {result['bits_per_char']:.4f} bits/char, "
             f"perplexity {result['perplexity']:.3f} over {result['characters']:,} characters"
         )
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "web"]),
+    required=True,
+    help="onnx: one step of the model as an ONNX graph (model.onnx) with its vocabulary and "
+    "sampling defaults (model.json). web: a static page that generates in the browser.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder to write the export to."
+)
+@click.option(
+    "--which",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Checkpoint: the best on validation, or the weights training ended with.",
+)
+@click.option("--force", is_flag=True, help="Replace an earlier export of this format in --out.")
+def export(run, fmt, out, which, force) -> None:
+    """Export RUN to run without charlstm: an ONNX graph, or a web page.
+
+    --format onnx writes one step of the model (model.onnx) for ONNX Runtime and other ONNX tools,
+    with its vocabulary in model.json; generate from it with `charlstm generate OUT --engine onnx`
+    or examples/onnx_generate.py. --format web writes a static page that generates in the browser,
+    with no server and no network."""
+    if fmt == "onnx":
+        from charlstm.export.onnx import export_onnx
+
+        result = export_onnx(run, out, which=which, force=force)
+        click.echo(
+            f"wrote {result['onnx']} and {result['json']} (largest logit difference from PyTorch "
+            f"over {result['check_steps']} steps: {result['max_abs_diff']:.1e})"
+        )
+    else:
+        from charlstm.export.web import export_web
+
+        paths = export_web(run, out, which=which, force=force)
+        click.echo(f"wrote {len(paths)} files to {out}; open {Path(out) / 'index.html'}")
 
 
 # ---------------------------------------------------------------------------------------- datasets

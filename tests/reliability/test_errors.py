@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import struct
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class Env:
 
     def file(self, name: str, data: bytes | str) -> Path:
         path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
         return path
 
@@ -168,6 +170,12 @@ def _corrupt_weights_after(env: Env, step: int) -> None:
         return loss
 
     env.monkeypatch.setattr(loop.Run, "train_step", corrupting)
+
+
+def _no_tensorboard(env: Env) -> None:
+    """As on a machine without the tensorboard package: every import of it fails."""
+    for name in ("tensorboard", "torch.utils.tensorboard"):
+        env.monkeypatch.setitem(sys.modules, name, None)
 
 
 def _offline(env: Env, urlopen=None) -> None:
@@ -581,6 +589,21 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         )[1],
         "the weights became non-finite by step 8",
     ),
+    "tensorboard-missing": (
+        lambda e: (_no_tensorboard(e), train_cli(e, "--tensorboard", e.tmp / "tb"))[1],
+        "--tensorboard needs the tensorboard package, which is not installed",
+    ),
+    "tensorboard-folder-in-use": (
+        lambda e: (
+            e.file("tb/out/events.out.tfevents.1700000000.host.1.0", b"old"),
+            train_cli(e, "--tensorboard", e.tmp / "tb"),
+        )[1],
+        "already holds another run's event files",
+    ),
+    "tensorboard-cannot-write": (
+        lambda e: train_cli(e, "--tensorboard", e.corpus),
+        "could not write TensorBoard events to",
+    ),
     # -- checkpoints ----------------------------------------------------------------------------
     "run-missing": (lambda e: generate_cli(e.tmp / "nowhere"), "run folder"),
     "not-a-run": (
@@ -851,6 +874,7 @@ CORE = [
     "generate/sampling",
     "training/loop",
     "training/orchestrate",
+    "training/tensorboard",
     "data/loading",
     "data/vocabulary",
 ]
