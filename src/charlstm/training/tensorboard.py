@@ -25,6 +25,7 @@ here, only when a run asks for it, so a run without ``--tensorboard`` starts as 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,8 +47,14 @@ TRAIN_BPC = "bits_per_char/train"
 
 
 def board_dir(tensorboard: str | Path, out: str | Path) -> Path:
-    """Where the run in `out` writes its event files: ``tensorboard/<the run folder's name>``."""
-    return Path(tensorboard) / Path(out).resolve().name
+    """Where the run in `out` writes its event files: ``tensorboard/<the run folder's name>`` (the
+    name as written, `..` resolved but not symbolic links)."""
+    return Path(tensorboard) / Path(os.path.abspath(out)).name
+
+
+def event_files(path: Path) -> list[Path]:
+    """The event files in `path` (files or symbolic links; a link is never followed)."""
+    return [p for p in path.glob(EVENT_FILES) if p.is_symlink() or p.is_file()]
 
 
 def _summary_writer() -> type:
@@ -76,7 +83,7 @@ def check(tensorboard: str | Path, out: str | Path, *, resume: bool, force: bool
     for p in (Path(tensorboard), path):
         if p.exists() and not p.is_dir():
             raise _write_failed(path, f"{p} is a file")
-    if not resume and not force and path.is_dir() and any(path.glob(EVENT_FILES)):
+    if not resume and not force and path.is_dir() and event_files(path):
         raise UserError(
             f"TensorBoard folder {str(path)!r} already holds another run's event files; give "
             "another --tensorboard folder, or pass --force to replace them"
@@ -93,8 +100,8 @@ class BoardWriter:
         self.path = board_dir(tensorboard, out)
         try:
             if resume_step is None:
-                for old in self.path.glob(EVENT_FILES):
-                    old.unlink()
+                for old in event_files(self.path):
+                    old.unlink()  # a link itself, never what it points to
             purge = None if resume_step is None else resume_step + 1
             # flush_secs: a record is flushed when written (`record`); this only bounds the rest
             self._writer = SummaryWriter(str(self.path), purge_step=purge, flush_secs=30)
