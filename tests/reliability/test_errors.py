@@ -121,6 +121,13 @@ def generate_cli(run: Path, *args) -> str:
     return cli("generate", run, "--length", "5", "--device", "cpu", *args)
 
 
+def export_onnx_cli(env: Env, out: Path, twice: bool = False) -> str:
+    """`charlstm export RUN --format onnx --out OUT` (after a first, successful one if `twice`)."""
+    if twice:
+        assert invoke("export", env.run, "--format", "onnx", "--out", out).exit_code == 0
+    return cli("export", env.run, "--format", "onnx", "--out", out)
+
+
 def toml(env: Env, text: str) -> Path:
     return env.file("preset.toml", text)
 
@@ -813,6 +820,30 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: cli("evaluate", e.run, "--text", e.file("snow.txt", "☃☃☃ snow")),
         "the text has characters the model never saw",
     ),
+    # -- exporting ------------------------------------------------------------------------------
+    "onnx-missing": (
+        lambda e: (
+            e.monkeypatch.setitem(sys.modules, "onnxruntime", None),
+            export_onnx_cli(e, e.tmp / "onnx"),
+        )[1],
+        "(onnxruntime is missing); install them with pip install 'charlstm[onnx]'",
+    ),
+    "export-onnx-exists": (
+        lambda e: export_onnx_cli(e, e.tmp / "onnx", twice=True),
+        "already holds an ONNX export (model.onnx, model.json); pass --force",
+    ),
+    "export-onnx-write-failed": (
+        lambda e: (_full_disk(e), export_onnx_cli(e, e.tmp / "onnx"))[1],
+        "; free some disk space and export again",
+    ),
+    "onnx-export-invalid": (
+        lambda e: generate_cli(e.file("model.json", "{}").parent, "--engine", "onnx"),
+        "is not a valid charlstm ONNX export (",
+    ),
+    "engine-onnx-device": (
+        lambda e: generate_cli(e.run, "--engine", "onnx", "--device", "cuda"),
+        "--engine onnx runs on the CPU",
+    ),
     "serve-cannot-listen": (
         lambda e: _serve_on_a_busy_port(e),
         "could not listen on 127.0.0.1:",
@@ -877,6 +908,7 @@ CORE = [
     "training/tensorboard",
     "data/loading",
     "data/vocabulary",
+    "export/onnx",
 ]
 PENDING_FUNCTIONS = {  # module → functions whose errors are not listed yet
     "cli": {"bench_generate", "prepare", "_run_analysis", "compare", "tune", "_int_list"},
