@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 
-def generate(folder, start_text=None, length=None, temperature=None, seed=0):
+def generate(folder, start_text=None, length=None, temperature=None, seed=0, threads=1):
     folder = Path(folder)
     meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     defaults = meta["sampling"]
@@ -31,7 +31,11 @@ def generate(folder, start_text=None, length=None, temperature=None, seed=0):
     temperature = defaults["temperature"] if temperature is None else temperature
     vocab = meta["vocabulary"]
     index = {c: i for i, c in enumerate(vocab)}
-    session = ort.InferenceSession(str(folder / meta["model"]), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # one stream's step is too small to share among threads
+    session = ort.InferenceSession(
+        str(folder / meta["model"]), options, providers=["CPUExecutionProvider"]
+    )
 
     states = [name for name in meta["inputs"] if name != "ids"]  # "h", and "c" for an LSTM
     feeds = {s: np.zeros((meta["num_layers"], 1, meta["hidden_size"]), np.float32) for s in states}
@@ -64,5 +68,10 @@ if __name__ == "__main__":
     parser.add_argument("--length", type=int)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    print(generate(args.folder, args.start_text, args.length, args.temperature, args.seed))
+    print(
+        generate(
+            args.folder, args.start_text, args.length, args.temperature, args.seed, args.threads
+        )
+    )

@@ -28,6 +28,7 @@ and seeds as the native engine.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from importlib import metadata
@@ -81,12 +82,16 @@ def _state_names(cell: str) -> list[str]:
 # ------------------------------------------------------------------------------------ the graph
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
 def _layer_weights(rnn: torch.nn.Module, k: int, cell: str) -> tuple[np.ndarray, ...]:
     """Layer k's W (1, G·H, in), R (1, G·H, H) and B (1, 2·G·H) in ONNX's gate order."""
     order = _GATES[cell]
 
     def reorder(t: torch.Tensor) -> np.ndarray:
-        blocks = t.detach().float().cpu().numpy().reshape(len(order), -1, *t.shape[1:])
+        blocks = _numpy(t).reshape(len(order), -1, *t.shape[1:])
         return np.concatenate([blocks[g] for g in order])
 
     W = reorder(getattr(rnn, f"weight_ih_l{k}"))
@@ -117,9 +122,7 @@ def step_graph(model: CharRNN) -> Any:
     node = helper.make_node
     nodes = [
         node("Transpose", ["ids"], ["ids_tb"], perm=[1, 0]),  # time-major, as CharRNN runs
-        node(
-            "Gather", [const("embedding", model.encoder.weight.detach().numpy()), "ids_tb"], ["x0"]
-        ),
+        node("Gather", [const("embedding", _numpy(model.encoder.weight)), "ids_tb"], ["x0"]),
     ]  # x0 (T, B, E)
     per_layer = {s: [s] if L == 1 else [f"{s}_{k}" for k in range(L)] for s in states}
     if L > 1:
@@ -141,8 +144,8 @@ def step_graph(model: CharRNN) -> Any:
     nodes += [
         node("Concat", [f"{s}_out_{k}" for k in range(L)], [f"{s}_out"], axis=0) for s in states
     ]
-    fc_w = const("fc_weight_t", model.fc.weight.detach().numpy().T)  # (H, V)
-    fc_b = const("fc_bias", model.fc.bias.detach().numpy())
+    fc_w = const("fc_weight_t", _numpy(model.fc.weight).T)  # (H, V)
+    fc_b = const("fc_bias", _numpy(model.fc.bias))
     nodes += [
         node("MatMul", [x, fc_w], ["logits_tb_nobias"]),
         node("Add", ["logits_tb_nobias", fc_b], ["logits_tb"]),  # (T, B, V)
@@ -246,10 +249,11 @@ def check_parity(model: CharRNN, step: OnnxStep, start: list[int], steps: int) -
 
 
 def export_onnx(
-    run: str | Path, out: str | Path, *, which: str = "best", force: bool = False
+    run: str | Path | TextModel, out: str | Path, *, which: str = "best", force: bool = False
 ) -> dict[str, Any]:
-    """Write `out`/model.onnx and `out`/model.json for RUN's `which` checkpoint (see the module
-    docstring); returns their paths and the parity check's largest logit difference.
+    """Write `out`/model.onnx and `out`/model.json for RUN's `which` checkpoint (or a loaded
+    `TextModel`; see the module docstring); returns their paths and the parity check's steps and
+    largest logit difference.
 
     Refuses to replace an earlier export in `out` unless `force`. Each file is written atomically,
     the graph first: if writing stops between the two, the JSON's sha256 no longer matches the
@@ -262,16 +266,17 @@ def export_onnx(
             f"--out {str(out)!r} already holds an ONNX export ({MODEL_FILE}, {META_FILE}); pass "
             "--force to replace it, or give another --out"
         )
-    tm = load(run, which=which, device="cpu")
-    data = step_graph(tm.model).SerializeToString()
-    cfg = tm.model.config
+    tm = run if isinstance(run, TextModel) else load(run, which=which, device="cpu")
+    net = tm.model if tm.device.type == "cpu" else copy.deepcopy(tm.model).cpu()
+    data = step_graph(net).SerializeToString()
+    cfg = net.config
     step = OnnxStep(
         session(data, threads=1), cfg.cell, cfg.num_layers, cfg.hidden_size, len(tm.vocab)
     )
     start = tm.vocab.encode("".join(tm.vocab.chars[:16]))
-    worst = check_parity(tm.model, step, start, CHECK_STEPS)
+    worst = check_parity(net, step, start, CHECK_STEPS)
     # fp32 differences are ~1e-6; anything near a logit's own size is a wrong graph, not rounding
-    scale = max(1.0, float(tm.model.fc.bias.detach().abs().max()))
+    scale = max(1.0, float(net.fc.bias.detach().abs().max()))
     if not worst <= 1e-3 * scale:
         raise RuntimeError(f"the ONNX graph's logits differ from PyTorch's by {worst:g}")
     meta = _describe(tm, which, hashlib.sha256(data).hexdigest(), worst)
