@@ -8,26 +8,37 @@ one. The layout is in the package docstring.
 
 from __future__ import annotations
 
-import shutil
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from charlstm.atomic import atomic_write_text, remove_stale_temps
+from charlstm.atomic import atomic_write_text
 from charlstm.errors import CheckpointError, UserError
 from charlstm.runs import metrics
-from charlstm.runs.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from charlstm.runs.checkpoint import (
+    Checkpoint,
+    is_checkpoint_file,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.txt"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINTS = ("best", "last")
-REPORT_FILES = ("report.html", "report.md", "report")
-# What `--force` replaces in a folder that already holds a run.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, *CHECKPOINTS, *REPORT_FILES)
+REPORT_DIR = "report"
+# What `--force` replaces in a folder that holds a run: these files; in best/ and last/ the
+# checkpoint file; in report/ the PNGs and analysis.json that `charlstm report` writes there. Any
+# other file, in the folder or in those sub-folders, is the user's and stays.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, "report.html", "report.md")
+REPORT_DIR_FILES = ("*.png", "analysis.json")
+# The sections of the config.toml that `charlstm train` writes (how a run's config is told from
+# another program's config.toml).
+CONFIG_SECTIONS = ("data", "model", "optim", "train")
 
 
 def write_failed(path: Path, exc: OSError) -> UserError:
@@ -41,11 +52,92 @@ def checkpoint_path(run_dir: str | Path, which: str) -> Path:
     return Path(run_dir) / which / CHECKPOINT_FILE
 
 
+def _regular_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _is_run_config(path: Path) -> bool:
+    """A config.toml as `charlstm train` writes it: TOML with the four sections as tables."""
+    if not _regular_file(path) or path.stat().st_size > 1 << 20:
+        return False
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    return all(isinstance(doc.get(s), dict) for s in CONFIG_SECTIONS)
+
+
+def _is_charlstm_checkpoint(path: Path) -> bool:
+    return _regular_file(path) and not path.parent.is_symlink() and is_checkpoint_file(path)
+
+
 def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` holds a charlstm run: a config.toml that `charlstm train` wrote, or a best/
+    or last/ checkpoint. Symbolic links are not followed: a link is never evidence of a run."""
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() or any(
-        checkpoint_path(path, w).is_file() for w in CHECKPOINTS
+    return _is_run_config(path / CONFIG_FILE) or any(
+        _is_charlstm_checkpoint(checkpoint_path(path, w)) for w in CHECKPOINTS
     )
+
+
+def _protected(path: Path) -> str | None:
+    """Why `--force` must never delete in `path`, or None."""
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor):
+        return "the root folder"
+    try:
+        if resolved == Path.home().resolve():
+            return "your home folder"
+    except (RuntimeError, KeyError, OSError):  # no home folder known
+        pass
+    return None
+
+
+def _temp_of(name: str, folder: Path) -> list[Path]:
+    """The temporary files that an interrupted atomic write of `folder/name` left (atomic.py)."""
+    return [p for p in folder.glob(f".{name}.*.tmp") if _regular_file(p) or p.is_symlink()]
+
+
+def _in_the_way(out: Path, path: Path, expected: str) -> UserError:
+    kind = "folder" if path.is_dir() else "file" if path.is_file() else "special file"
+    return UserError(
+        f"--out {str(out)!r} holds {str(path.relative_to(out))!r} as a {kind} where a run keeps "
+        f"a {expected}; --force leaves it alone: move it out of the way or choose another --out"
+    )
+
+
+def _run_files(out: Path) -> tuple[list[Path], list[Path]]:
+    """What `--force` removes from the run folder `out`: (files and links to unlink, folders to
+    remove once they are empty). Symbolic links are unlinked, never followed. Raises a `UserError`
+    when something that is not a run's file sits where one belongs, before anything is deleted."""
+    unlink: list[Path] = []
+    folders: list[Path] = []
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_symlink() or p.is_file():
+            unlink.append(p)
+        elif p.exists():
+            raise _in_the_way(out, p, "file")
+        unlink += _temp_of(name, out)
+    inside = {w: (CHECKPOINT_FILE,) for w in CHECKPOINTS} | {REPORT_DIR: REPORT_DIR_FILES}
+    for sub, patterns in inside.items():
+        d = out / sub
+        if d.is_symlink():
+            unlink.append(d)
+            continue
+        if not d.exists():
+            continue
+        if not d.is_dir():
+            raise _in_the_way(out, d, "folder")
+        for pattern in patterns:
+            for p in sorted(d.glob(pattern)):
+                if p.is_symlink() or p.is_file():
+                    unlink.append(p)
+                elif pattern == CHECKPOINT_FILE:
+                    raise _in_the_way(out, p, "file")
+            unlink += _temp_of(pattern, d)
+        folders.append(d)
+    return unlink, folders
 
 
 def run_dir_of(checkpoint: str | Path) -> Path | None:
@@ -101,25 +193,40 @@ class RunFolder:
 
     def start_new(self, force: bool) -> None:
         """Make the folder ready for a new run: create it, or with `force` remove a previous
-        run's files from it; anything else in a non-empty folder is refused."""
+        run's files from it (only a run's own files, only in a folder that holds a run, never in
+        the home or root folder; links are unlinked, not followed); anything else in a non-empty
+        folder is refused, and a refusal deletes nothing."""
         out = self.path
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {str(out)!r} is a file; give a folder path")
-        if out.is_dir() and any(out.iterdir()):
+        # (the temporary files of an interrupted first write do not make a folder a user's)
+        temps = {p for name in RUN_FILES for p in _temp_of(name, out)} if out.is_dir() else set()
+        if out.is_dir() and any(p not in temps for p in out.iterdir()):
+            run = is_run_dir(out)
             if not force:
-                what = (
-                    "holds a run" if is_run_dir(out) else "is not empty and is not a charlstm run"
-                )
+                what = "holds a run" if run else "is not empty and is not a charlstm run"
                 raise UserError(
                     f"--out {str(out)!r} {what}; continue it with --resume, "
                     "choose another --out, or pass --force to replace the run's files"
                 )
-            for name in RUN_FILES:
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            protected = _protected(out)
+            if protected:
+                raise UserError(
+                    f"--out {str(out)!r} is {protected}; --force never deletes anything there; "
+                    "give the run a folder of its own, e.g. --out runs/NAME"
+                )
+            if not run:
+                raise UserError(
+                    f"--out {str(out)!r} is not a charlstm run (no config.toml or checkpoint "
+                    "that charlstm wrote), so --force replaces nothing in it; choose another "
+                    "--out or an empty folder"
+                )
+            unlink, folders = _run_files(out)
+            for p in unlink:
+                p.unlink(missing_ok=True)
+            for d in folders:
+                if not any(d.iterdir()):
+                    d.rmdir()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -150,7 +257,16 @@ class RunFolder:
         return read_checkpoint(last)
 
     def remove_stale_temps(self) -> None:
-        remove_stale_temps(self.path, *(self.path / w for w in CHECKPOINTS))
+        """Delete the temporary files that interrupted writes of the run's files left (only
+        those: another `.*.tmp` file in the folder is not ours; a linked best/ is not entered)."""
+        for name in RUN_FILES:
+            for p in _temp_of(name, self.path):
+                p.unlink(missing_ok=True)
+        for which in CHECKPOINTS:
+            d = self.path / which
+            if d.is_dir() and not d.is_symlink():
+                for p in _temp_of(CHECKPOINT_FILE, d):
+                    p.unlink(missing_ok=True)
 
     # -- writing ---------------------------------------------------------------------------------
 
