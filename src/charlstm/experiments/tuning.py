@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -89,20 +90,76 @@ def space_point(config: RunConfig, space: dict[str, Any] | None = None) -> dict[
 # ---------------------------------------------------------------------------------------- storage
 
 
+# A study name becomes a file and a folder name under runs/tune/: letters, digits, '.', '_' and '-',
+# starting with a letter or digit, so that it can neither leave that folder (no separator, no "..")
+# nor change a database URL ("?", "#", "%").
+STUDY_NAME = re.compile(r"[^\W_][\w.-]{0,99}")
+
+
+def check_study_name(name: str) -> None:
+    if not STUDY_NAME.fullmatch(name):
+        raise UserError(
+            f"study name {name!r} may hold only letters, digits, '.', '_' and '-', start with a "
+            "letter or digit and be at most 100 characters long; e.g. --study byron-small"
+        )
+
+
 def default_storage(study: str, root: str | Path = "runs/tune") -> str:
     return str(Path(root) / f"{study}.db")
 
 
-def _storage(path: str, grace_period: int):
-    """SQLite-backed storage with heartbeats, so a killed tuner's trial is noticed and retried."""
+def storage_url(storage: str) -> str:
+    """The database URL of `--storage`: a URL as given, or the SQLite file at exactly that path
+    (the URL is built by SQLAlchemy, so '?', '#' or '%' in the path stay part of the path)."""
+    from sqlalchemy.engine import URL, make_url
+
+    if "://" in storage:
+        return storage
+    path = str(Path(storage).resolve())
+    url = URL.create("sqlite", database=path).render_as_string(hide_password=False)
+    if make_url(url).database != path:  # SQLAlchemy releases that do not quote the path
+        raise UserError(
+            f"the study file {storage!r} cannot be named in a database URL by this SQLAlchemy; "
+            "choose a --storage path without '?', '#' or '%'"
+        )
+    return url
+
+
+def shown_storage(storage: str) -> str:
+    """`storage` as it may be printed: a URL with its password replaced by ***."""
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return storage.split("://", 1)[0] + "://…"  # unparseable: show no part that may be secret
+
+
+def _without_password(text: str, storage: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        password = make_url(storage).password if "://" in storage else None
+    except (ArgumentError, ValueError):
+        return text.replace(storage, shown_storage(storage))
+    return text.replace(str(password), "***") if password else text
+
+
+def open_storage(storage: str, grace_period: int):
+    """The study's storage (a SQLite file or a database URL) with heartbeats, so that a killed
+    tuner's trial is noticed and retried."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-    url = path if "://" in path else None
-    if url is None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{Path(path).resolve()}"
+    if "://" not in storage:
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
     try:
+        url = storage_url(storage)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
@@ -115,10 +172,14 @@ def _storage(path: str, grace_period: int):
                 if url.startswith("sqlite")
                 else None,
             )
-    except (optuna.exceptions.OptunaError, ValueError) as exc:
-        raise UserError(
-            f"cannot open the study storage {path!r} ({exc}); give another --storage"
-        ) from None
+    except (optuna.exceptions.OptunaError, ValueError, ArgumentError, SQLAlchemyError) as exc:
+        why = str(exc).split("\n")[0]
+    except ImportError as exc:  # no driver for the URL's database
+        why = f"no driver for it: {exc.__cause__ or exc}"
+    raise UserError(
+        f"cannot open the study storage {shown_storage(storage)!r} "
+        f"({_without_password(why, storage)}); give another --storage"
+    )
 
 
 def _pruner(name: str):
@@ -403,6 +464,7 @@ def tune(
     from tqdm import tqdm
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_study_name(study_name)
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     from charlstm.data.loading import prepare_data
@@ -420,7 +482,7 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = space or SPACE
     study = optuna.create_study(
-        storage=_storage(storage, grace_period),
+        storage=open_storage(storage, grace_period),
         study_name=study_name,
         direction="minimize",
         load_if_exists=True,
@@ -438,7 +500,8 @@ def tune(
         study.enqueue_trial(space_point(base, space))
     done = len(_finished(study))
     log(
-        f"charlstm tune: study {study_name!r} in {storage}: {done} of {trials} trials finished"
+        f"charlstm tune: study {study_name!r} in {shown_storage(storage)}: {done} of {trials} "
+        "trials finished"
         + (f" ({len(old)} recorded)" if old else "")
         + f"; {budget:g} s each; runs in {out_dir}"
     )
