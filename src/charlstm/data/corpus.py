@@ -124,5 +124,6 @@ def load_corpus(
         return read_text(text_path, encoding), str(text_path)
     if not dataset:
         raise UserError("no training text: give --text FILE or --dataset NAME")
-    path = datasets.resolve(dataset, allow_download=allow_download)
-    return read_text(path, "utf-8"), dataset
+    # The checked bytes themselves, not the file again: it could have changed since its check.
+    data, path = datasets.read_dataset(dataset, allow_download=allow_download)
+    return decode_text(data, "utf-8", source=repr(str(path))), dataset

@@ -3,7 +3,10 @@
 Each dataset has a pinned address and a sha256. A copy is looked for in ``$CHARLSTM_DATA`` (tests
 and CI point it at the read-only shared folder), then in the user cache, and only then downloaded.
 Every copy is checked against the sha256 before use: a mismatch is an error, never a silent
-substitute.
+substitute. The bytes that are checked are the bytes used: a copy is read once (`read_dataset`),
+hashed, and decoded from that same buffer, so a file that changes after its check cannot slip in.
+A download stops at the pinned size (a server cannot fill the disk), is hashed as it arrives and
+lands in the cache only whole and verified (written, fsynced, then renamed).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from charlstm.atomic import atomic_file
+from charlstm.atomic import atomic_write_bytes
 from charlstm.errors import UserError
 
 DATA_ENV = "CHARLSTM_DATA"
@@ -27,6 +30,7 @@ class NamedDataset:
     filename: str
     url: str
     sha256: str
+    size: int  # bytes; a download or copy larger than this is refused unread
     description: str
 
 
@@ -39,6 +43,7 @@ DATASETS: dict[str, NamedDataset] = {
             "https://raw.githubusercontent.com/Rapptarr/Laba2/"
             "4fc6526fe6db928aeec03a8bbeaf3520e59a1f28/train_text.txt",
             "06d921a6b5dc1ea38dc94b8c33c05fcf16b15f8101d713df96bafab20b3fa11d",
+            22_521,
             "Byron's poems in Russian translation, the lab's corpus (12,285 characters)",
         ),
         NamedDataset(
@@ -47,6 +52,7 @@ DATASETS: dict[str, NamedDataset] = {
             "https://raw.githubusercontent.com/attatrol/data_sources/"
             "c7958eb325e371b4e31792815fcf5f80d85d2878/onegin.txt",
             "2990bb79495c017175794596e9b5f98e9e10cf569197e4c561bdd9a2853fb948",
+            262_521,
             "Pushkin, 'Eugene Onegin', Russian verse (152,374 characters)",
         ),
         NamedDataset(
@@ -55,6 +61,7 @@ DATASETS: dict[str, NamedDataset] = {
             "https://raw.githubusercontent.com/karpathy/char-rnn/"
             "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt",
             "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            1_115_394,
             "40,000 lines of Shakespeare, the standard char-level benchmark (1,115,394 characters)",
         ),
     )
@@ -96,46 +103,78 @@ def candidate_paths(ds: NamedDataset) -> list[Path]:
     return paths
 
 
-def _verified(path: Path, ds: NamedDataset) -> Path:
-    actual = sha256_file(path)
-    if actual != ds.sha256:
+def _read_capped(path: Path, ds: NamedDataset) -> bytes:
+    """The bytes of a local copy, read once; one byte past the pinned size is enough to refuse."""
+    with open(path, "rb") as fh:
+        return fh.read(ds.size + 1)
+
+
+def _check(data: bytes, path: Path, ds: NamedDataset) -> bytes:
+    """`data` itself if it is the pinned dataset, else a `UserError` naming the copy."""
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) > ds.size or digest != ds.sha256:
+        got = (
+            f"more than the pinned {ds.size:,} bytes" if len(data) > ds.size else digest[:12] + "…"
+        )
         raise UserError(
-            f"{path} does not match the pinned sha256 of {ds.name} (got {actual[:12]}…, expected "
+            f"{path} does not match the pinned sha256 of {ds.name} (got {got}, expected "
             f"{ds.sha256[:12]}…); delete it so a fresh copy is downloaded, or fix {DATA_ENV}"
         )
+    return data
+
+
+def _verified(path: Path, ds: NamedDataset) -> Path:
+    _check(_read_capped(path, ds), path, ds)
     return path
+
+
+def _local_copy(ds: NamedDataset) -> Path | None:
+    return next((p for p in candidate_paths(ds) if p.is_file()), None)
 
 
 def find_local(name: str) -> Path | None:
     """A verified local copy of the dataset, or None if there is none (a bad copy is an error)."""
     ds = get_dataset(name)
-    for path in candidate_paths(ds):
-        if path.is_file():
-            return _verified(path, ds)
-    return None
+    path = _local_copy(ds)
+    return _verified(path, ds) if path is not None else None
 
 
-def download(ds: NamedDataset, dest: Path, progress: bool = True) -> Path:
-    """Download to a temporary file beside `dest`, check the sha256, then rename into place."""
+def download(ds: NamedDataset, dest: Path, progress: bool = True) -> bytes:
+    """Download at most the pinned size, check the sha256 of exactly those bytes, then write them
+    to `dest` (temporary file, fsync, rename); returns the bytes."""
     from tqdm import tqdm
 
-    digest = hashlib.sha256()
+    def too_large() -> UserError:
+        return UserError(
+            f"the download of {ds.name} from {ds.url} is larger than its pinned size "
+            f"({ds.size:,} bytes); nothing was kept; try again later or place a verified copy "
+            f"in {dest.parent}"
+        )
+
+    data = bytearray()
     try:
-        with atomic_file(dest) as out, urllib.request.urlopen(ds.url, timeout=30) as resp:
+        with urllib.request.urlopen(ds.url, timeout=30) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
+            if total is not None and total > ds.size:
+                raise too_large()
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc=ds.name, disable=not progress
             ) as bar:
-                for block in iter(lambda: resp.read(1 << 16), b""):
-                    out.write(block)
-                    digest.update(block)
+                while len(data) <= ds.size:
+                    block = resp.read(min(1 << 16, ds.size + 1 - len(data)))
+                    if not block:
+                        break
+                    data += block
                     bar.update(len(block))
-            if digest.hexdigest() != ds.sha256:  # inside the block: a bad download never lands
-                raise UserError(
-                    f"the download of {ds.name} from {ds.url} does not match its pinned sha256; "
-                    "try again later or place a verified copy in " + str(dest.parent)
-                )
-        return dest
+        if len(data) > ds.size:
+            raise too_large()
+        if hashlib.sha256(data).hexdigest() != ds.sha256:  # a bad download never lands
+            raise UserError(
+                f"the download of {ds.name} from {ds.url} does not match its pinned sha256; "
+                "try again later or place a verified copy in " + str(dest.parent)
+            )
+        atomic_write_bytes(dest, bytes(data))
+        return bytes(data)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", None) or exc
         places = " or ".join(str(p.parent) for p in candidate_paths(ds))
@@ -145,16 +184,28 @@ def download(ds: NamedDataset, dest: Path, progress: bool = True) -> Path:
         ) from None
 
 
-def resolve(name: str, allow_download: bool = True, progress: bool = True) -> Path:
-    """The path of a verified copy of the named dataset, downloading it into the cache if needed."""
+def read_dataset(
+    name: str, allow_download: bool = True, progress: bool = True
+) -> tuple[bytes, Path]:
+    """The verified bytes of the named dataset and where they came from: a local copy read once,
+    or a download (kept in the cache for next time). The caller uses these bytes, not the file."""
     ds = get_dataset(name)
-    local = find_local(name)
-    if local is not None:
-        return local
+    path = _local_copy(ds)
+    if path is not None:
+        return _check(_read_capped(path, ds), path, ds), path
     if not allow_download:
         places = " or ".join(str(p.parent) for p in candidate_paths(ds))
         raise UserError(f"no local copy of {ds.name}; put {ds.filename} in {places}")
-    return download(ds, cache_dir() / ds.filename, progress=progress)
+    dest = cache_dir() / ds.filename
+    return download(ds, dest, progress=progress), dest
+
+
+def resolve(name: str, allow_download: bool = True, progress: bool = True) -> Path:
+    """The path of a verified copy of the named dataset, downloading it into the cache if needed.
+
+    (For readers that stream the file themselves, such as `charlstm prepare`; the file is checked
+    here and read again there. `read_dataset` gives the checked bytes themselves.)"""
+    return read_dataset(name, allow_download=allow_download, progress=progress)[1]
 
 
 def status() -> list[dict[str, str | None]]:
