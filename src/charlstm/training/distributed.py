@@ -28,6 +28,12 @@ process does:
   ``CHARLSTM_DIST_TIMEOUT`` seconds, default 300); they end with one line saying so, and torchrun's
   agent stops whatever is left. Checkpoints are written atomically, so ``last/`` stays loadable.
 
+* **Trust.** The processes exchange tensors only (never the pickled objects of PyTorch's ``*_object``
+  collectives, which would run whatever a peer sent), but the rendezvous and gloo/NCCL traffic are
+  neither authenticated nor encrypted, and torchrun's rendezvous unpickles the state in its store:
+  anyone who reaches those ports can join or disturb the job. Run jobs that span machines on a
+  network you trust (docs/guide.md, Multi-process training).
+
 Dropout differs per process (each has its own generator, seeded from the run's seed and its rank),
 so a run with dropout is not bitwise the same on 1 and N processes; without dropout it is the same
 up to floating-point summation order (see tests/test_distributed.py for the tolerance).
@@ -253,10 +259,11 @@ class DistributedRun(Run):
             sort_keys=True,
             ensure_ascii=False,
         )
-        mine = hashlib.sha256(doc.encode()).hexdigest()
-        everyone: list[str | None] = [None] * self.ctx.world_size
-        self._collective(dist.all_gather_object, everyone, mine)
-        if len(set(everyone)) > 1:
+        # The digests travel as tensors of bytes: the *_object collectives would unpickle what a
+        # peer sends, and a peer is any process that reaches the rendezvous port.
+        mine = torch.frombuffer(bytearray(hashlib.sha256(doc.encode()).digest()), dtype=torch.uint8)
+        everyone = self._gather(mine)
+        if any(not torch.equal(d, everyone[0]) for d in everyone):
             raise UserError(
                 "the processes of this job disagree on the configuration, the vocabulary "
                 "or the corpus; give every node the same corpus and the same options"
@@ -361,6 +368,15 @@ class DistributedRun(Run):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    def _gather(self, local: torch.Tensor) -> list[torch.Tensor]:
+        """`local` from every process (the same shape and dtype on each), in rank order, on the
+        CPU. Tensors only: a peer's bytes are never unpickled."""
+        parts = [
+            torch.empty_like(local, device=self.ctx.device) for _ in range(self.ctx.world_size)
+        ]
+        self._collective(dist.all_gather, parts, local.contiguous().to(self.ctx.device))
+        return [p.cpu() for p in parts]
+
     def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         """(layers, B/N, H) from every process → (layers, B, H), in rank order."""
         parts = [torch.empty_like(local) for _ in range(self.ctx.world_size)]
@@ -377,17 +393,16 @@ class DistributedRun(Run):
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Every process's random generators (rank 0's are the run's own rng.* tensors)."""
-        mine = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            mine["cuda"] = torch.cuda.get_rng_state(self.device)
-        states: list[Any] = [None] * self.ctx.world_size
-        self._collective(dist.all_gather_object, states, mine)
         tensors = {"dist.world_size": torch.tensor([self.ctx.world_size])}
-        for rank, state in enumerate(states):
+        # A generator's state is a fixed-size byte tensor (the same size on every process of the
+        # job), so it is gathered like any tensor.
+        for rank, state in enumerate(self._gather(torch.get_rng_state())):
             if rank:
-                tensors[f"rng.rank{rank}.cpu"] = state["cpu"]
-                if "cuda" in state:
-                    tensors[f"rng.rank{rank}.cuda"] = state["cuda"]
+                tensors[f"rng.rank{rank}.cpu"] = state
+        if self.device.type == "cuda":
+            for rank, state in enumerate(self._gather(torch.cuda.get_rng_state(self.device))):
+                if rank:
+                    tensors[f"rng.rank{rank}.cuda"] = state
         return tensors
 
     def restore(self, ck) -> None:
