@@ -51,7 +51,7 @@ from tests.helpers import (
     tiny_regularised_flags,
 )
 
-from .test_safe_loading import _join, _split, _with_meta, hostile_files
+from .test_safe_loading import _join, _split, _with_meta, _with_tensors, hostile_files
 
 pytestmark = pytest.mark.reliability
 
@@ -244,6 +244,58 @@ def _sparse_file(env: Env) -> Path:
     with open(path, "wb") as fh:
         fh.truncate(ckpt_io.MAX_FILE_BYTES + 1)  # sparse: no disk space used
     return path
+
+
+def _train_into(env: Env, out: Path) -> list:
+    return ["train", "--text", env.corpus, "--out", out, "--no-progress"] + list(
+        tiny_regularised_flags(max_steps=2)
+    )
+
+
+def _force_into_home(env: Env) -> str:
+    """`--out ~ --force`, with a home folder that even holds a run's files."""
+    home = env.copy_run("home")
+    env.monkeypatch.setenv("HOME", str(home))
+    return cli(*_train_into(env, Path("~").expanduser()), "--force")
+
+
+def _force_with_a_folder_in_the_way(env: Env) -> str:
+    run = env.copy_run()
+    (run / "config.toml").unlink()
+    (run / "config.toml").mkdir()
+    return cli(*_train_into(env, run), "--force")
+
+
+def _oversized(*args, **kwargs):
+    class Response(BytesIO):
+        headers: ClassVar[dict[str, str]] = {"Content-Length": str(10**9)}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    return Response(b"")
+
+
+def _float64_weights(env: Env) -> bytes:
+    return _with_tensors(
+        checkpoint_path(env.run, "best"), lambda t: t.update({k: v.double() for k, v in t.items()})
+    )
+
+
+def _tune_cli(env: Env, *args) -> str:
+    return cli("tune", "--study", "s", "--text", env.corpus, "--out", env.tmp / "tune", *args)
+
+
+def _sqlalchemy_without_quoting(env: Env) -> None:
+    """As with an SQLAlchemy release whose URLs do not quote a database path."""
+    from sqlalchemy.engine import URL
+
+    env.monkeypatch.setattr(
+        URL, "render_as_string", lambda self, hide_password=True: f"sqlite:///{self.database}"
+    )
 
 
 def _read_error(env: Env) -> str:
@@ -485,6 +537,13 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         )[1],
         "does not match its pinned sha256",
     ),
+    "dataset-download-too-large": (
+        lambda e: (
+            _offline(e, _oversized),
+            cli("train", "--dataset", "byron-ru", "--out", e.tmp / "o"),
+        )[1],
+        "is larger than its pinned size (22,521 bytes); nothing was kept",
+    ),
     # -- hardware -------------------------------------------------------------------------------
     "device-cuda-missing": (
         _cuda_missing,
@@ -536,6 +595,21 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
             ),
         )[1],
         "is not empty and is not a charlstm run",
+    ),
+    "out-force-protected": (
+        _force_into_home,
+        "is your home folder; --force never deletes anything",
+    ),
+    "out-force-not-a-run": (
+        lambda e: (
+            e.file("mine/notes.txt", "mine"),
+            cli(*_train_into(e, e.tmp / "mine"), "--force"),
+        )[1],
+        "is not a charlstm run (no config.toml or checkpoint that charlstm wrote), so --force",
+    ),
+    "out-force-in-the-way": (
+        _force_with_a_folder_in_the_way,
+        "holds 'config.toml' as a folder where a run keeps a file; --force leaves it alone",
     ),
     "out-cannot-create": (
         lambda e: cli(
@@ -729,6 +803,10 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: generate_cli(e.hostile_run("nan-weights")),
         "holds non-finite or non-float",
     ),
+    "ckpt-dtype": (
+        lambda e: generate_cli(e.run_with(_float64_weights(e))),
+        "has dtype F64; a charlstm checkpoint holds float32, float16 or bfloat16 there",
+    ),
     "ckpt-invalid-step": (
         lambda e: generate_cli(e.hostile_run("negative-step")),
         "has an invalid step count",
@@ -742,6 +820,20 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     "ckpt-write-failed": (
         lambda e: (_fail_checkpoint_writes(e), train_cli(e, "--eval-interval", "3"))[1],
         "the previous checkpoint is intact; free some disk space and resume with --resume",
+    ),
+    # -- hyperparameter search ------------------------------------------------------------------
+    "tune-study-name": (
+        lambda e: cli("tune", "--study", "../../x", "--text", e.corpus, "--no-progress"),
+        "study name '../../x' may hold only letters, digits, '.', '_' and '-'",
+    ),
+    "tune-storage": (
+        # (a loopback port, and no PostgreSQL driver here: nothing leaves this machine)
+        lambda e: _tune_cli(e, "--storage", "postgresql://me:s3cret@127.0.0.1:1/db"),
+        "cannot open the study storage 'postgresql://me:***@127.0.0.1:1/db'",
+    ),
+    "tune-storage-path": (
+        lambda e: (_sqlalchemy_without_quoting(e), _tune_cli(e, "--storage", e.tmp / "a?b.db"))[1],
+        "cannot be named in a database URL by this SQLAlchemy",
     ),
     # -- generation and evaluation --------------------------------------------------------------
     "temperature-negative": (

@@ -201,9 +201,11 @@ def _entries(path: Path, header: dict[str, Any], data_bytes: int) -> list[_Entry
             raise invalid(f"tensor {name!r} has an unknown dtype {dtype!r}")
         allowed = allowed_dtypes(name)
         if dtype not in allowed:
+            names = [str(t).removeprefix("torch.") for t in allowed.values()]
             raise CheckpointError(
                 f"{path}: tensor {name!r} has dtype {dtype}; a charlstm checkpoint holds "
-                f"{' or '.join(allowed)} there; the file is damaged or not charlstm's"
+                f"{', '.join(names[:-1])}{' or ' if len(names) > 1 else ''}{names[-1]} there; "
+                "the file is damaged or not charlstm's"
             )
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise invalid(f"tensor {name!r} has a malformed shape {shape!r}")
