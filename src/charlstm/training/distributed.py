@@ -28,11 +28,11 @@ process does:
   ``CHARLSTM_DIST_TIMEOUT`` seconds, default 300); they end with one line saying so, and torchrun's
   agent stops whatever is left. Checkpoints are written atomically, so ``last/`` stays loadable.
 
-* **Trust.** The processes exchange tensors only (never the pickled objects of PyTorch's ``*_object``
-  collectives, which would run whatever a peer sent), but the rendezvous and gloo/NCCL traffic are
-  neither authenticated nor encrypted, and torchrun's rendezvous unpickles the state in its store:
-  anyone who reaches those ports can join or disturb the job. Run jobs that span machines on a
-  network you trust (docs/guide.md, Multi-process training).
+* **Trust.** The processes exchange tensors only (never the pickled objects of PyTorch's
+  ``*_object`` collectives, which would run whatever a peer sent), but the rendezvous and gloo/NCCL
+  traffic are neither authenticated nor encrypted, and torchrun's rendezvous unpickles the state in
+  its store: anyone who reaches those ports can join or disturb the job. Run jobs that span
+  machines on a network you trust (docs/guide.md, Multi-process training).
 
 Dropout differs per process (each has its own generator, seeded from the run's seed and its rank),
 so a run with dropout is not bitwise the same on 1 and N processes; without dropout it is the same
