@@ -69,7 +69,7 @@ def run(coro):
 async def serving(models, **config):
     app = create_app(models if isinstance(models, list) else [models], ServerConfig(**config))
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         try:
             yield app, client
         finally:
@@ -116,7 +116,7 @@ class RawStream:
             "server": ("test", 80),
             "client": ("127.0.0.1", 5000),
             "headers": [
-                (b"host", b"test"),
+                (b"host", b"localhost"),
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(data)).encode()),
             ],

@@ -554,6 +554,27 @@ def datasets(as_json) -> None:
     help="Seconds one generation may take before it ends with an error.",
 )
 @click.option(
+    "--max-connections",
+    type=int,
+    help="Most open connections; more are answered 503 (default: 2 × --max-concurrency + 64).",
+)
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    envvar="CHARLSTM_API_KEY",
+    help="Require this key as `Authorization: Bearer KEY` on the API (repeat it, or separate "
+    "keys with commas, for several). Prefer the CHARLSTM_API_KEY variable: other users of the "
+    "machine can read command lines.",
+)
+@click.option(
+    "--allowed-hosts",
+    multiple=True,
+    metavar="NAMES",
+    help="Host names the server answers to besides localhost and IP addresses, separated by "
+    "commas: name, *.domain, or * for any (DNS rebinding protection, docs/security.md).",
+)
+@click.option(
     "--threads",
     default=1,
     show_default=True,
@@ -568,19 +589,36 @@ def datasets(as_json) -> None:
     help="The server's log detail; warning keeps it quiet, debug shows every request.",
 )
 def serve(
-    runs, host, port, max_length, max_concurrency, max_batch, time_limit, threads, log_level
+    runs,
+    host,
+    port,
+    max_length,
+    max_concurrency,
+    max_batch,
+    time_limit,
+    max_connections,
+    api_keys,
+    allowed_hosts,
+    threads,
+    log_level,
 ) -> None:
-    """Serve RUNS over HTTP: a JSON and streaming API, its docs at /docs, and a page at /."""
-    from charlstm.serve.app import ServerConfig
-    from charlstm.serve.app import serve as serve_runs
+    """Serve RUNS over HTTP: a JSON and streaming API, its docs at /docs, and a page at /.
 
-    config = ServerConfig(
+    It listens on 127.0.0.1 and answers to localhost names only; docs/security.md says how to
+    expose it (API keys, --allowed-hosts, a reverse proxy for TLS)."""
+    from charlstm.serve import app as server
+    from charlstm.serve.security import split_list
+
+    config = server.ServerConfig(
         max_length=max_length,
         max_concurrency=max_concurrency,
         max_batch=max_batch,
         time_limit=time_limit,
+        max_connections=max_connections,
+        api_keys=tuple(split_list(api_keys)),
+        allowed_hosts=tuple(split_list(allowed_hosts)),
     )
-    serve_runs(runs, host=host, port=port, config=config, threads=threads, log_level=log_level)
+    server.serve(runs, host=host, port=port, config=config, threads=threads, log_level=log_level)
 
 
 # ---------------------------------------------------------------------------------------- bench

@@ -39,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from pydantic.json_schema import models_json_schema
 
 from charlstm.data.corpus import normalise_newlines
 from charlstm.data.vocabulary import describe_char
@@ -48,17 +49,24 @@ from charlstm.generate.sampling import SamplingParams, StopRule, stream_seeds
 from charlstm.generate.textmodel import TextModel
 from charlstm.model import count_parameters
 from charlstm.serve.schemas import (
-    ERROR_RESPONSES,
+    COMPONENTS,
+    GENERATE_FAILURES,
     Busy,
     ErrorDetail,
-    ErrorResponse,
     FieldError,
     GenerateRequest,
     GenerateResponse,
     GenerationFailed,
+    Health,
+    ModelInfo,
+    ModelList,
     ServerConfig,
+    json_response,
     request_model,
+    responses,
+    stream_ok,
 )
+from charlstm.serve.security import Guard, is_loopback, protocol
 from charlstm.serve.worker import Job, ModelWorker
 
 log = logging.getLogger("charlstm.server")
@@ -286,6 +294,39 @@ def _unprocessable(errors: list[ErrorDetail]) -> JSONResponse:
 # ---------------------------------------------------------------------------------------- the app
 
 
+def _document(app: FastAPIOffline, config: ServerConfig) -> None:
+    """Complete the OpenAPI document FastAPI builds from the routes: the models that responses
+    name by reference (the stream's events among them) and, with API keys, the Bearer scheme the
+    API needs, so that /docs can send a key."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        _, defs = models_json_schema(
+            [(m, "serialization") for m in COMPONENTS], ref_template="#/components/schemas/{model}"
+        )
+        components = schema.setdefault("components", {})
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault("schemas", {}).setdefault(name, definition)
+        if config.api_keys:
+            components["securitySchemes"] = {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A key the server was started with (--api-key).",
+                }
+            }
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+        return schema
+
+    app.openapi = openapi
+
+
 def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) -> FastAPIOffline:
     """The ASGI application serving `models` (the first is the default)."""
     config = config or ServerConfig()
@@ -312,6 +353,15 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
     app.state.server = server
     Body = request_model(config)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    # Added last, so outermost: a request from the wrong host, without its key or of the wrong
+    # content type is answered before anything else reads it (docs/security.md).
+    app.add_middleware(
+        Guard,
+        api_keys=config.api_keys,
+        allowed_hosts=config.allowed_hosts,
+        body_timeout=config.body_timeout,
+    )
+    _document(app, config)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -344,7 +394,7 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         "/v1/generate",
         response_model=GenerateResponse,
         tags=["generate"],
-        responses={**ERROR_RESPONSES, 504: {"model": ErrorResponse, "description": "Time limit."}},
+        responses=responses(config, body=True, extra=GENERATE_FAILURES),
     )
     async def generate(body: Body, request: Request) -> GenerateResponse:
         """Generate `num_samples` texts and return them whole."""
@@ -365,28 +415,24 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         "/v1/generate/stream",
         tags=["generate"],
         response_class=EventStream,
-        responses={
-            **ERROR_RESPONSES,
-            200: {
-                "content": {"text/event-stream": {}},
-                "description": "Server-sent events: `start` (model, start text, seed), one `chunk` "
-                "per piece of text ({index, text}), then `done` (the same object "
-                "as POST /v1/generate) or `error` ({error, message}, e.g. "
-                "error=time_limit).",
-            },
-        },
+        responses=responses(config, body=True, extra={200: stream_ok()}),
     )
     async def generate_stream(body: Body) -> EventStream:
         """Generate and stream the text as server-sent events while it is produced."""
         worker, job = server.admit(body)
         return EventStream(_events(job, worker.name), on_close=job.close)
 
-    @app.get("/v1/models", tags=["models"])
+    @app.get("/v1/models", tags=["models"], response_model=ModelList, responses=responses(config))
     async def models_info() -> dict[str, Any]:
         """Every served model: configuration, vocabulary, training metrics, validation loss."""
         return {"default": server.default, "models": [server.model_info(n) for n in server.workers]}
 
-    @app.get("/v1/model", tags=["models"], responses={404: {"model": ErrorResponse}})
+    @app.get(
+        "/v1/model",
+        tags=["models"],
+        response_model=ModelInfo,
+        responses=responses(config, extra={404: json_response("No model of that name.")}),
+    )
     async def model_info(model: str | None = None) -> dict[str, Any]:
         """One model (the default unless `model` names another)."""
         name = model or server.default
@@ -396,7 +442,9 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
             )
         return server.model_info(name)
 
-    @app.get("/healthz", tags=["health"])
+    @app.get(
+        "/healthz", tags=["health"], response_model=Health, responses=responses(config, auth=False)
+    )
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -440,19 +488,40 @@ def serve(
     threads: int = 1,
     log_level: str = "info",
 ) -> None:
-    """Load `runs` once and serve them until interrupted."""
+    """Load `runs` once and serve them until interrupted. Listening beyond loopback without an API
+    key warns (docs/security.md says why it is not refused)."""
+    import warnings
+
     import uvicorn
 
     from charlstm.generate.textmodel import load
     from charlstm.hardware import set_threads
 
+    config = config or ServerConfig()
+    if not config.api_keys and not is_loopback(host):
+        warnings.warn(
+            f"serving on {host} without an API key: anyone who can reach port {port} can use "
+            "the server; set CHARLSTM_API_KEY (or --api-key), or keep it behind a proxy that "
+            "checks who calls (docs/security.md)",
+            stacklevel=2,
+        )
     # One intra-op thread: a step is a few small matrix products, too small to gain from more
     # threads, and the event loop needs a core of its own (two threads made steps 5-100× slower).
     set_threads(threads)
     models = [load(run) for run in runs]
     app = create_app(models, config)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+            # Slow clients (docs/security.md): connections past the limit are answered 503, and a
+            # request's headers must arrive in time (uvicorn's own protocol waits for ever).
+            limit_concurrency=config.connection_limit,
+            http=protocol(config.header_timeout),
+        )
     except SystemExit as exc:
         # uvicorn exits with 3 when it cannot listen (its reason is logged just before); that is
         # the user's to fix, so it is a UserError (exit 2), and 3 keeps one meaning (errors.md).

@@ -1,12 +1,14 @@
 """The server's configuration and its request, response and error shapes (its OpenAPI contract)."""
 
 # No `from __future__ import annotations`: FastAPI and pydantic read these annotations at run time.
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from charlstm.errors import UserError
+from charlstm.generate.sampling import MAX_PENALTY, MIN_TEMPERATURE
+from charlstm.serve.security import check_allowed_hosts, check_api_keys
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,13 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024
     time_limit: float = 120.0  # seconds per generation, from admission to its last character
     tick_seconds: float = 0.01  # longest run of engine steps between two hand-overs of text
+    # Exposing the server (docs/security.md). Bearer tokens the API asks for; none: no key asked.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Host names served besides localhost, *.localhost and IP addresses: name, *.domain, or *.
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int | None = None  # open connections (uvicorn); None: 2 × max_concurrency + 64
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive (from connecting)
+    body_timeout: float = 10.0  # seconds for its body to arrive (from the end of its headers)
 
     def __post_init__(self) -> None:
         for name in (
@@ -34,6 +43,18 @@ class ServerConfig:
             raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
         if not (self.time_limit > 0 and self.tick_seconds > 0):
             raise UserError("time_limit and tick_seconds must be > 0")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise UserError(f"max_connections must be >= 1, got {self.max_connections}")
+        if not (self.header_timeout > 0 and self.body_timeout > 0):
+            raise UserError("header_timeout and body_timeout must be > 0")
+        object.__setattr__(self, "api_keys", check_api_keys(self.api_keys))
+        object.__setattr__(self, "allowed_hosts", check_allowed_hosts(self.allowed_hosts))
+
+    @property
+    def connection_limit(self) -> int:
+        """uvicorn's `limit_concurrency`: the streams, a plain request beside each, and room for the
+        page, the docs and health checks."""
+        return self.max_connections or 2 * self.max_concurrency + 64
 
 
 # ---------------------------------------------------------------------------------------- schemas
@@ -51,12 +72,19 @@ class GenerateRequest(BaseModel):
 
     start_text: str = Field(" ", min_length=1, description="Text the samples continue.")
     length: int = Field(200, ge=1, description="Characters to generate per sample.")
-    temperature: float = Field(0.3, ge=0, allow_inf_nan=False, description="0 is greedy.")
+    temperature: float = Field(
+        0.3,
+        ge=0,
+        allow_inf_nan=False,
+        description=f"0 is greedy; otherwise at least {MIN_TEMPERATURE:g}.",
+        # the bound SamplingParams enforces: below it logits / temperature overflow
+        json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]},
+    )
     top_k: int | None = Field(None, ge=0, description="Keep the k most likely characters; 0 = off.")
     top_p: float | None = Field(
         None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling."
     )
-    repetition_penalty: float = Field(1.0, ge=1, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, ge=1, le=MAX_PENALTY, allow_inf_nan=False)
     num_samples: int = Field(1, ge=1)
     seed: int | None = Field(
         None, ge=0, lt=2**64, description="Same seed, same text; none = random."
@@ -70,6 +98,13 @@ class GenerateRequest(BaseModel):
         "error", description="Start-text characters the model never saw: reject, or drop them."
     )
     model: str | None = Field(None, description="Which served model; the first one by default.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_warm(cls, t: float) -> float:
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return t
 
 
 def request_model(config: ServerConfig) -> type[GenerateRequest]:
@@ -129,14 +164,178 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "Request body too large."},
-    422: {"model": ValidationErrorResponse, "description": "A field is invalid: which, and why."},
-    429: {
-        "model": ErrorResponse,
-        "description": "Too many concurrent generations; see Retry-After.",
-    },
+class StreamStart(BaseModel):
+    """The `start` event: what is being generated (the start text after unknown characters were
+    dropped), and the seed that makes it again."""
+
+    model: str
+    start_text: str
+    num_samples: int
+    seed: int
+
+
+class StreamChunk(BaseModel):
+    """A `chunk` event: the next piece of one sample's text."""
+
+    index: int = Field(description="Which sample, from 0.")
+    text: str
+
+
+class StreamError(BaseModel):
+    """The `error` event, which ends a stream that could not finish."""
+
+    error: str = Field(
+        description="What ended it: time_limit (past the server's time limit), shutdown (the "
+        "server is stopping), or another word for a failure of the model on this request."
+    )
+    message: str
+
+
+# The events of POST /v1/generate/stream, by name, in the order they come: one start, chunks, then
+# done or error. The OpenAPI document lists them under the 200 response's `x-sse-events`.
+SSE_EVENTS: dict[str, type[BaseModel]] = {
+    "start": StreamStart,
+    "chunk": StreamChunk,
+    "done": GenerateResponse,
+    "error": StreamError,
 }
+
+
+class Limits(BaseModel):
+    max_length: int
+    max_start_chars: int
+    max_num_samples: int
+    max_concurrency: int
+    time_limit: float
+
+
+class ModelInfo(BaseModel):
+    name: str
+    model: dict[str, Any] = Field(description="The network's configuration.")
+    parameters: int
+    vocab_size: int
+    vocabulary: str
+    dataset: str | None
+    step: int | None
+    metrics: dict[str, Any]
+    val_loss: float | None = Field(description="Validation loss in nats per character.")
+    val_bits_per_char: float | None
+    device: str
+    limits: Limits
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: list[str]
+    streams: int = Field(description="Streams generating now, all models together.")
+    max_concurrency: int
+
+
+# Models that the responses below name by reference; create_app adds them to the document.
+COMPONENTS: list[type[BaseModel]] = [
+    ErrorResponse,
+    ValidationErrorResponse,
+    GenerateResponse,
+    StreamStart,
+    StreamChunk,
+    StreamError,
+]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def json_response(description: str, model: type[BaseModel] = ErrorResponse, **headers: str) -> dict:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(model)}},
+    }
+    if headers:
+        response["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in headers.items()
+        }
+    return response
+
+
+def responses(
+    config: ServerConfig,
+    *,
+    body: bool = False,
+    auth: bool = True,
+    extra: dict[int, dict[str, Any]] | None = None,
+) -> dict[int | str, dict[str, Any]]:
+    """Every answer an operation can give besides its own (`extra`, by status code): those of the
+    transport and security checks, those of a request body's checks with `body`, and 401 when the
+    server asks for an API key and the path is not open (`auth`)."""
+    out: dict[int | str, dict[str, Any]] = {
+        400: json_response(
+            "A Content-Length header that is not a number, or a body that is not UTF-8."
+        ),
+        403: json_response(
+            "The Host header (or a browser's Origin) names a host this server does not answer to "
+            "(DNS rebinding protection; see --allowed-hosts)."
+        ),
+        413: json_response(f"Request body over {config.max_body_bytes} bytes."),
+        503: {
+            "description": "The server is at its limit of open connections (plain text, from the "
+            "HTTP server), or is shutting down.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+    }
+    if config.api_keys and auth:
+        out[401] = json_response(
+            "No API key, or one the server does not accept: send Authorization: Bearer KEY.",
+            **{"WWW-Authenticate": 'Bearer realm="charlstm" (RFC 6750)'},
+        )
+    if body:
+        out |= {
+            408: json_response(f"The body did not arrive within {config.body_timeout:g} s."),
+            415: json_response("Content-Type is not application/json."),
+            422: json_response(
+                "The body is not JSON, or a field is invalid: which, and why.",
+                ValidationErrorResponse,
+            ),
+            429: json_response(
+                f"The server is generating its limit of {config.max_concurrency} streams.",
+                **{"Retry-After": "Seconds to wait before trying again."},
+            ),
+        }
+    for status, response in (extra or {}).items():
+        if status in out and "content" in out[status] and "content" in response:
+            response = {
+                "description": f"{response['description']} Or: {out[status]['description']}",
+                "content": {**out[status]["content"], **response["content"]},
+            }
+        out[status] = response
+    return out
+
+
+# How POST /v1/generate ends when the generation cannot finish (the stream says it in an event).
+GENERATE_FAILURES: dict[int, dict[str, Any]] = {
+    500: json_response("The model failed on this request (other requests go on)."),
+    503: json_response("The server is shutting down."),
+    504: json_response("The generation ran past the server's time limit."),
+}
+
+
+def stream_ok() -> dict[str, Any]:
+    """The 200 answer of POST /v1/generate/stream: server-sent events, each `event: NAME` then one
+    `data:` line of JSON, listed by name under `x-sse-events`."""
+    return {
+        "description": "Server-sent events, each an `event:` line naming it and one `data:` line "
+        "of JSON: `start` (StreamStart), one `chunk` per piece of text (StreamChunk), then `done` "
+        "(the same object as POST /v1/generate returns) or `error` (StreamError, e.g. "
+        "error=time_limit).",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "x-sse-events": {name: _ref(model) for name, model in SSE_EVENTS.items()},
+    }
 
 
 class FieldError(Exception):

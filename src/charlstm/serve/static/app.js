@@ -1,13 +1,29 @@
 // The page: POST /v1/generate/stream and show the text as its server-sent events arrive.
 // EventSource cannot POST, so the stream is read with fetch and parsed here; Stop aborts the fetch,
 // which closes the connection, and the server frees the stream's slot at once.
+// A server started with API keys answers the API 401: the page then asks for a key, keeps it for
+// this tab only (sessionStorage) and sends it as `Authorization: Bearer KEY`.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const poem = $("poem"), statusLine = $("status");
 const generateButton = $("generate"), stopButton = $("stop");
+const KEY_ITEM = "charlstm-api-key";
 let models = [];
 let controller = null;
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// Show the key form; `refused` when the key that was sent is not one the server accepts.
+function askForKey(refused) {
+  $("key-form").hidden = false;
+  $("key-status").textContent = refused ? "the server refused that key; check it and try again" : "";
+  $("model-line").textContent = "waiting for an API key";
+  $("api-key").focus();
+}
 
 function describeModel(m) {
   const loss = m.val_loss == null ? "no validation loss"
@@ -31,15 +47,32 @@ function showModel() {
 
 async function loadModels() {
   try {
-    const response = await fetch("/v1/models");
+    const response = await fetch("/v1/models", { headers: authHeaders() });
+    if (response.status === 401) {
+      askForKey(sessionStorage.getItem(KEY_ITEM) !== null);
+      return;
+    }
     const info = await response.json();
+    if (!response.ok) {
+      $("model-line").textContent = `${response.status}: ${info.detail || "request failed"}`;
+      return;
+    }
+    $("key-form").hidden = true;
     models = info.models;
+    $("model").replaceChildren();
     for (const m of models) $("model").add(new Option(m.name, m.name, m.name === info.default));
     $("model-choice").hidden = models.length < 2;
     showModel();
   } catch (err) {
     $("model-line").textContent = "could not reach the server";
   }
+}
+
+function useKey(event) {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_ITEM, $("api-key").value.trim());
+  $("api-key").value = "";
+  loadModels();
 }
 
 function setRunning(running) {
@@ -89,10 +122,15 @@ async function generate(event) {
   try {
     const response = await fetch("/v1/generate/stream", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(body),
       signal: controller.signal,
     });
+    if (response.status === 401) {
+      askForKey(sessionStorage.getItem(KEY_ITEM) !== null);
+      statusLine.textContent = "";
+      return;
+    }
     if (!response.ok) {
       poem.classList.add("error");
       poem.textContent = errorText(response.status, await response.json());
@@ -140,6 +178,7 @@ async function generate(event) {
 }
 
 $("controls").addEventListener("submit", generate);
+$("key-form").addEventListener("submit", useKey);
 stopButton.addEventListener("click", () => controller && controller.abort());
 $("model").addEventListener("change", showModel);
 $("temperature").addEventListener("input", (e) => {
