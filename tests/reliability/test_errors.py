@@ -128,6 +128,34 @@ def export_onnx_cli(env: Env, out: Path, twice: bool = False) -> str:
     return cli("export", env.run, "--format", "onnx", "--out", out)
 
 
+def export_web_cli(env: Env, out: Path, *args) -> str:
+    """`charlstm export RUN --format web --out OUT`, which must fail."""
+    return cli("export", env.run, "--format", "web", "--out", out, *args)
+
+
+def _folder_with(env: Env, name: str) -> Path:
+    """A folder holding a file of the user's, notes.txt."""
+    (env.tmp / name).mkdir()
+    env.file(f"{name}/notes.txt", "mine")
+    return env.tmp / name
+
+
+def _export_web_into_a_file(env: Env) -> str:
+    """(From Python: the CLI's --out refuses a file with a usage error before charlstm runs.)"""
+    from charlstm.export.web import export_web
+
+    return lib(lambda: export_web(env.run, env.file("page.html", "<p>mine</p>")))
+
+
+def _changed_web_export(env: Env) -> Path:
+    """A web export whose index.html the user has edited since."""
+    from charlstm.export.web import export_web
+
+    export_web(env.run, env.tmp / "site")
+    env.file("site/index.html", "<p>my own page</p>")
+    return env.tmp / "site"
+
+
 def toml(env: Env, text: str) -> Path:
     return env.file("preset.toml", text)
 
@@ -935,6 +963,30 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     "engine-onnx-device": (
         lambda e: generate_cli(e.run, "--engine", "onnx", "--device", "cuda"),
         "--engine onnx runs on the CPU",
+    ),
+    "export-web-not-empty": (
+        lambda e: export_web_cli(e, _folder_with(e, "site")),
+        "is not empty; give a new or empty folder, or pass --force to replace the files of an",
+    ),
+    "export-web-no-earlier-export": (
+        lambda e: export_web_cli(e, _folder_with(e, "site"), "--force"),
+        "holds no earlier web export (charlstm-web.json is missing); --force replaces only",
+    ),
+    "export-web-changed": (
+        lambda e: export_web_cli(e, _changed_web_export(e), "--force"),
+        "holds index.html, which the earlier web export did not write or which was changed",
+    ),
+    "export-web-out-is-file": (
+        _export_web_into_a_file,
+        "is a file; give a folder for the web page",
+    ),
+    "export-web-cannot-create": (
+        lambda e: export_web_cli(e, e.file("a-file", "x") / "site"),
+        "cannot create --out",
+    ),
+    "export-web-write-failed": (
+        lambda e: (_full_disk(e), export_web_cli(e, e.tmp / "site"))[1],
+        "; free some disk space and export again with --force",
     ),
     "serve-cannot-listen": (
         lambda e: _serve_on_a_busy_port(e),
