@@ -28,18 +28,39 @@
   }
 
   // out = W x + b for W (rows, cols) row-major, as PyTorch stores nn.Linear and the RNN weights.
-  // Four partial sums per row: independent additions that the CPU can overlap.
+  // Eight rows at a time: each x[k] is read once for eight independent sums, which the CPU overlaps
+  // (about twice the speed of one row at a time in V8).
   function matvec(W, b, x, out, rows, cols) {
-    for (let j = 0, o = 0; j < rows; j++, o += cols) {
-      let s0 = 0, s1 = 0, s2 = 0, s3 = 0, k = 0;
-      for (; k + 3 < cols; k += 4) {
-        s0 += W[o + k] * x[k];
-        s1 += W[o + k + 1] * x[k + 1];
-        s2 += W[o + k + 2] * x[k + 2];
-        s3 += W[o + k + 3] * x[k + 3];
+    let j = 0;
+    for (; j + 7 < rows; j += 8) {
+      const o0 = j * cols, o1 = o0 + cols, o2 = o1 + cols, o3 = o2 + cols;
+      const o4 = o3 + cols, o5 = o4 + cols, o6 = o5 + cols, o7 = o6 + cols;
+      let s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+      for (let k = 0; k < cols; k++) {
+        const xk = x[k];
+        s0 += W[o0 + k] * xk;
+        s1 += W[o1 + k] * xk;
+        s2 += W[o2 + k] * xk;
+        s3 += W[o3 + k] * xk;
+        s4 += W[o4 + k] * xk;
+        s5 += W[o5 + k] * xk;
+        s6 += W[o6 + k] * xk;
+        s7 += W[o7 + k] * xk;
       }
-      for (; k < cols; k++) s0 += W[o + k] * x[k];
-      out[j] = b[j] + (s0 + s1) + (s2 + s3);
+      out[j] = b[j] + s0;
+      out[j + 1] = b[j + 1] + s1;
+      out[j + 2] = b[j + 2] + s2;
+      out[j + 3] = b[j + 3] + s3;
+      out[j + 4] = b[j + 4] + s4;
+      out[j + 5] = b[j + 5] + s5;
+      out[j + 6] = b[j + 6] + s6;
+      out[j + 7] = b[j + 7] + s7;
+    }
+    for (; j < rows; j++) {
+      const o = j * cols;
+      let s = 0;
+      for (let k = 0; k < cols; k++) s += W[o + k] * x[k];
+      out[j] = b[j] + s;
     }
   }
 
