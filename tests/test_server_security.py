@@ -142,6 +142,19 @@ def test_a_weak_or_malformed_key_is_refused_at_start(keys, words) -> None:
         ServerConfig(api_keys=keys)
 
 
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"max_connections": 0}, "max_connections must be >= 1, got 0"),
+        ({"header_timeout": 0}, "header_timeout and body_timeout must be > 0"),
+        ({"body_timeout": -1.0}, "header_timeout and body_timeout must be > 0"),
+    ],
+)
+def test_a_limit_that_is_not_positive_is_refused_at_start(setting, words) -> None:
+    with pytest.raises(UserError, match=words):
+        ServerConfig(**setting)
+
+
 def test_the_config_never_shows_its_keys() -> None:
     assert KEY not in repr(ServerConfig(api_keys=(KEY,)))
 
@@ -208,6 +221,15 @@ def test_a_cross_site_origin_is_403(trained_model) -> None:
     ):
         r = call(trained_model, "GET", "/v1/models", headers={"Origin": origin})
         assert r.status_code == status, origin
+        if status == 403:
+            assert f"requests from pages at {origin!r} are refused" in r.json()["detail"]
+            assert "--allowed-hosts" in r.json()["detail"]
+
+
+def test_a_request_without_a_host_header_is_refused() -> None:
+    """HTTP/1.0 allows leaving Host out; such a request names no host this server answers to."""
+    status, reason, _ = security.Guard(None).refusal({"type": "http", "path": "/", "headers": []})
+    assert status == 403 and reason.startswith("no Host header is not one this server answers to")
 
 
 @pytest.mark.parametrize("value", ["http://example.com", "exa mple.com", "example.com:80", ""])
