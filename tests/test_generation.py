@@ -595,3 +595,139 @@ def test_cli_bench_generate_prints_figures_and_one_json_line():
     assert result["library_40_chars_per_s"] > 0 and result["lab_chars_per_s"] > 0
     assert any("lab loop" in line for line in lines)
     json.dumps(result)
+
+
+# ------------------------------------------------------------------- one stream fails alone
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("top_k", [len(CHARS) + 1, 2**63])
+def test_top_k_past_the_vocabulary_is_refused_and_the_batch_goes_on(fast, top_k):
+    """top_k is capped at the vocabulary size: `add` raises `UserError` naming it (the compiled
+    engine used to overflow its int64 half-way through adding the row, leaving the batch's arrays
+    of different lengths), and the streams already there go on as if it had never been tried."""
+    model = tiny_model()
+    seed = int(stream_seeds(2, 1)[0])
+    alone = run(model, ["ab"], 60, seeds=[seed], fast=fast)[0]
+    engine = Engine(model, VOCAB.decode, fast=fast)
+    sid = engine.add(Request(VOCAB.encode("ab"), 60, SamplingParams(0.8), seed))
+    text = engine.step(5)[sid].text
+    with pytest.raises(UserError, match=f"top_k must be at most the vocabulary size {len(CHARS)}"):
+        engine.add(Request(VOCAB.encode("a"), 60, SamplingParams(0.8, top_k=top_k), 1))
+    assert engine.active == 1
+    engine.add(Request(VOCAB.encode("a"), 60, SamplingParams(0.8, top_k=len(CHARS)), 1))
+    while engine.active:
+        out = engine.step(7)
+        text += out[sid].text if sid in out else ""
+    assert text == alone
+    with pytest.raises(UserError, match="top_k must be at most the vocabulary size"):
+        text_model(model).generate("a", 10, top_k=top_k)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_stream_that_fails_in_a_step_ends_alone(fast, monkeypatch):
+    """A stream whose step fails (here its stop rule's hand-out) is finished with the exception in
+    its output; the other streams write the text they write alone."""
+    from charlstm.generate import engine as engine_module
+
+    real = engine_module._hand_out
+
+    def failing(s, new, drawn):
+        if s.request.length == 77 and s.drawn >= 10:
+            raise RuntimeError("injected")
+        return real(s, new, drawn)
+
+    monkeypatch.setattr(engine_module, "_hand_out", failing)
+    model = tiny_model()
+    seeds = stream_seeds(4, 3)
+    alone = run(model, ["ab", "c"], 100, seeds=seeds[:2], fast=fast)
+    engine = Engine(model, VOCAB.decode, fast=fast)
+    a, b = (
+        engine.add(Request(VOCAB.encode(p), 100, SamplingParams(0.8), int(s)))
+        for p, s in zip(["ab", "c"], seeds)
+    )
+    bad = engine.add(Request(VOCAB.encode("a"), 77, SamplingParams(0.8), int(seeds[2])))
+    texts, errors = {a: "", b: ""}, []
+    while engine.active:
+        for sid, out in engine.step(5).items():
+            if sid == bad:
+                errors.append(out.error)
+                assert out.finished or out.error is None
+            else:
+                texts[sid] += out.text
+    assert [str(e) for e in errors if e is not None] == ["injected"]
+    assert [texts[a], texts[b]] == alone
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_stream_whose_model_step_fails_ends_alone(fast, monkeypatch):
+    """When the batched model step itself raises, every row is stepped again alone from where it
+    was: the one that fails alone ends with the error, the others lose nothing."""
+    model = tiny_model()
+    seeds = stream_seeds(6, 3)
+    alone = run(model, ["ab", "c"], 40, seeds=seeds[:2], fast=fast)
+    engine = Engine(model, VOCAB.decode, fast=fast)
+    sids = [
+        engine.add(Request(VOCAB.encode(p), 40, SamplingParams(0.8), int(s)))
+        for p, s in zip(["ab", "c", "a"], seeds)
+    ]
+    bad_seed = int(seeds[2]) % (1 << 64)
+    if fast:
+        rows = engine._rows
+        real = rows._advance_block
+
+        def failing(a, b, *args):
+            real(a, b, *args)  # first change the state, as a kernel failing half-way would
+            if bad_seed in rows.seeds[a:b]:
+                raise FloatingPointError("injected")
+
+        monkeypatch.setattr(rows, "_advance_block", failing)
+    else:
+        real = engine.model.forward
+
+        def failing(x, hidden=None):
+            if sids[2] in engine.ids:  # the batch, or that row alone
+                raise FloatingPointError("injected")
+            return real(x, hidden)
+
+        monkeypatch.setattr(engine.model, "forward", failing)
+    texts = dict.fromkeys(sids, "")
+    errors = []
+    while engine.active:
+        for sid, out in engine.step(4).items():
+            texts[sid] += out.text
+            if out.error is not None:
+                errors.append(sid)
+    assert errors == [sids[2]] and texts[sids[2]] == ""
+    assert [texts[sids[0]], texts[sids[1]]] == alone
+
+
+# ----------------------------------------------------------------------------------- priming
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_streams_of_one_start_text_share_its_priming(fast):
+    """A start text primed once, in pieces, starts many streams: each writes what it writes when
+    primed alone, and the model ran the text once."""
+    from charlstm.generate.engine import Prefix
+
+    model = tiny_model()
+    text = "lkj ihg\nfe dcba " * 4
+    prompt = VOCAB.encode(text)
+    seeds = stream_seeds(9, 5)
+    alone = run(model, [text] * 5, 80, seeds=seeds, fast=fast)
+    engine = Engine(model, VOCAB.decode, fast=fast)
+    prefix = Prefix(prompt)
+    pieces = []
+    while not prefix.complete:
+        pieces.append(engine.prime(prefix, 7))
+    assert pieces == [7] * (len(text) // 7) + [len(text) % 7] and engine.active == 0
+    sids = [engine.add(Request(prompt, 80, SamplingParams(0.8), int(s)), prefix) for s in seeds]
+    assert engine.primed_chars == len(text)
+    texts = dict.fromkeys(sids, "")
+    while engine.active:
+        for sid, out in engine.step(9).items():
+            texts[sid] += out.text
+    assert [texts[s] for s in sids] == alone
+    with pytest.raises(ValueError, match="prefix"):
+        engine.add(Request(VOCAB.encode("a"), 5), prefix)  # another start text

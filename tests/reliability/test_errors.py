@@ -880,6 +880,10 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: generate_cli(e.run, "--top-k", "-1"),
         "top_k must be a whole number >= 0",
     ),
+    "top-k-vocabulary": (
+        lambda e: generate_cli(e.run, "--top-k", str(VOCAB + 1)),
+        f"top_k must be at most the vocabulary size {VOCAB}, got {VOCAB + 1}; 0 disables it",
+    ),
     "top-p-zero": (
         lambda e: generate_cli(e.run, "--top-p", "0"),
         "top_p must be in (0, 1], got 0.0",

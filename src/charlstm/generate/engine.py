@@ -10,12 +10,20 @@ sampling parameters and its own counter-based seed, so its text does not depend 
 `step(max_chars)` draws up to that many characters per stream in one call. That is what makes
 generation fast: an LSTM on the CPU then runs all of them inside compiled code (`kernels`), and the
 Python work per stream (decoding, stop rules) is paid once per step instead of once per character.
+
+A start text is run through the model once per `Prefix`, a piece at a time if the caller wants
+(`prime(prefix, max_chars)`), and any number of streams start from its state (`add(request,
+prefix)`): the samples of one request share it, and a server can spread a long start text over
+several steps of the streams already running. One stream's failure stays its own: `add` changes
+nothing when it raises, and a stream that fails in `step` ends with its `StepOutput.error` while
+the others go on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +49,29 @@ class Request:
             )
 
 
+@dataclass(eq=False)
+class Prefix:
+    """A start text run through the model, a piece at a time (`Engine.prime`). Once `complete`, any
+    number of streams start from its state (`Engine.add(request, prefix)`) without running the text
+    again. The state belongs to the engine that primed it; another engine starts it over."""
+
+    prompt: np.ndarray  # (T,) int64 character ids
+    done: int = 0  # characters run through so far
+    state: Any = None  # compiled: (S, C, logits) of one row; reference: (logits, hidden)
+    owner: Any = None  # the engine whose state this is
+
+    def __post_init__(self) -> None:
+        self.prompt = np.asarray(self.prompt, dtype=np.int64).reshape(-1)
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= len(self.prompt)
+
+    def starts(self, request: Request) -> bool:
+        """Whether `request` continues this start text."""
+        return np.array_equal(self.prompt, np.asarray(request.prompt, dtype=np.int64))
+
+
 @dataclass
 class _Stream:
     request: Request
@@ -62,6 +93,7 @@ class StepOutput:
     text: str  # new text for this stream (may be empty when a stop string was cut away)
     finished: bool
     drawn: int = 1  # characters drawn for it in this step (`Engine.step(max_chars)` may draw more)
+    error: Exception | None = None  # why this stream failed in this step (it is finished)
 
 
 def _stop_cut(s: _Stream, new: str) -> int | None:
@@ -161,11 +193,13 @@ class Engine:
         self.logits: torch.Tensor | None = None  # reference path: (N, V) next-character logits
         self.hidden = None  # reference path: per-layer state with N rows in dim 1
         self._next_id = 0
+        self.primed_chars = 0  # characters run through `prime`, all start texts together
         self._rows = _compiled_rows(model, self.device) if fast is not False else None
         if fast and self._rows is None:
             raise UserError("the compiled generator needs numba and an LSTM on the CPU")
         fc = getattr(model, "fc", None)
-        self._codepoints = _codepoints(decode, getattr(fc, "out_features", None))
+        self.vocab_size: int | None = getattr(fc, "out_features", None)  # else known once primed
+        self._codepoints = _codepoints(decode, self.vocab_size)
 
     @property
     def active(self) -> int:
@@ -187,20 +221,51 @@ class Engine:
         return kernels.warm_up(self._rows.w)
 
     @torch.inference_mode()
-    def add(self, request: Request) -> int:
-        """Prime a stream with its start text and add it to the batch; returns its id."""
+    def prime(self, prefix: Prefix, max_chars: int | None = None) -> int:
+        """Run up to `max_chars` more characters of `prefix`'s start text through the model (all of
+        them by default); returns how many it ran. The batch is untouched."""
+        if prefix.owner is not self:  # primed by another engine (or never): start over
+            prefix.done, prefix.state, prefix.owner = 0, None, self
+        end = len(prefix.prompt)
+        if max_chars is not None:
+            end = min(end, prefix.done + max(0, max_chars))
+        piece = prefix.prompt[prefix.done : end]
+        if len(piece) == 0:
+            return 0
+        if self._rows is not None:
+            prefix.state = self._rows.prime(piece, prefix.state)
+        else:
+            x = torch.from_numpy(piece).to(self.device).view(1, -1)
+            logits, hidden = self.model(x, None if prefix.state is None else prefix.state[1])
+            prefix.state = (logits[:, -1], hidden)
+            self.vocab_size = self.vocab_size or logits.shape[-1]
+        prefix.done = end
+        self.primed_chars += len(piece)
+        return len(piece)
+
+    @torch.inference_mode()
+    def add(self, request: Request, prefix: Prefix | None = None) -> int:
+        """Add a stream to the batch, starting from `prefix` (its start text, already primed by
+        this engine) or else priming its start text now; returns its id. When it raises (e.g.
+        `UserError` for sampling settings this model cannot take) nothing has changed."""
+        if self.vocab_size is not None:
+            request.params.check_vocabulary(self.vocab_size)
+        if prefix is None:
+            prefix = Prefix(request.prompt)
+            self.prime(prefix)
+            request.params.check_vocabulary(self.vocab_size)  # known now on every path
+        elif prefix.owner is not self or not prefix.complete or not prefix.starts(request):
+            raise ValueError("add a stream from a complete prefix of its own start text")
         sid = self._next_id
         if self._rows is not None:
-            self._rows.add(request.prompt, request.params, request.seed)
+            self._rows.add(request.prompt, request.params, request.seed, prefix.state)
         else:
-            x = torch.tensor([list(request.prompt)], dtype=torch.long, device=self.device)
-            logits, hidden = self.model(x)
-            row_logits = logits[:, -1]
+            row_logits, hidden = prefix.state
             if self.logits is None:
                 self.logits, self.hidden = row_logits, hidden
             else:
-                self.logits = torch.cat([self.logits, row_logits])
-                self.hidden = _cat_hidden(self.hidden, hidden)
+                logits = torch.cat([self.logits, row_logits])
+                self.logits, self.hidden = logits, _cat_hidden(self.hidden, hidden)
         self._next_id += 1
         recent = list(request.prompt)[-request.params.repetition_window :]
         self.streams[sid] = _Stream(request, recent=recent)
@@ -285,29 +350,96 @@ class Engine:
     @torch.inference_mode()
     def step(self, max_chars: int = 1) -> dict[int, StepOutput]:
         """Advance every active stream by one character, or by up to `max_chars` in one call
-        (far less overhead per character; a stream that stops early wastes the rest of its step)."""
+        (far less overhead per character; a stream that stops early wastes the rest of its step).
+
+        A stream that fails (its model step, its decoding or its stop rule) is finished with the
+        exception in its `StepOutput.error`, and the others go on as if it had never been there:
+        when the batched step raises, every row is stepped again alone from where it was."""
         if not self.ids:
             return {}
         if max_chars < 1:
             raise UserError(f"max_chars must be >= 1, got {max_chars}")
         streams = [self.streams[sid] for sid in self.ids]
         limits = np.array([min(max_chars, s.request.length - s.drawn) for s in streams], np.int64)
-        if self._rows is not None:
-            ids = self._rows.advance(max_chars, limits)
-        else:
-            ids = self._reference_advance(max_chars, limits)
+        saved = self._save()
+        failed: dict[int, Exception] = {}
+        try:
+            ids = self._advance(max_chars, limits)
+        except Exception:  # noqa: BLE001 - find the stream that fails: each row again, alone
+            ids, failed = self._advance_alone(max_chars, limits, saved)
         outputs: dict[int, StepOutput] = {}
         keep: list[int] = []
         k = ids.shape[1]
         block = self._decode_block(ids)  # every row's k characters, one after the other
         for row, (sid, s) in enumerate(zip(self.ids, streams)):
             n = int(limits[row])
-            new = block[row * k : row * k + n] if block is not None else self._decode(ids[row, :n])
-            outputs[sid] = _hand_out(s, new, n)
+            try:
+                if row in failed:
+                    raise failed[row]
+                new = (
+                    block[row * k : row * k + n]
+                    if block is not None
+                    else self._decode(ids[row, :n])
+                )
+                outputs[sid] = _hand_out(s, new, n)
+            except Exception as exc:  # noqa: BLE001 - this stream's own failure ends it alone
+                outputs[sid] = StepOutput("", True, 0, exc)
             if not outputs[sid].finished:
                 keep.append(row)
         self._keep(keep)
         return outputs
+
+    def _advance(self, k: int, limits: np.ndarray) -> np.ndarray:
+        if self._rows is not None:
+            return self._rows.advance(k, limits)
+        return self._reference_advance(k, limits)
+
+    def _save(self):
+        """What a step changes in place, to step again from (the compiled rows' arrays are
+        written in place; the reference path's tensors are replaced, not changed)."""
+        if self._rows is not None:
+            return self._rows.save()
+        return self.logits, self.hidden, [list(self.streams[sid].recent) for sid in self.ids]
+
+    def _advance_alone(
+        self, k: int, limits: np.ndarray, saved
+    ) -> tuple[np.ndarray, dict[int, Exception]]:
+        """After a failed batched step: back to where it started, then each row alone; returns the
+        ids and the failure of each row that fails alone (its state is then left as it was)."""
+        N = len(self.ids)
+        out = np.full((N, k), -1, dtype=np.int64)
+        failed: dict[int, Exception] = {}
+        if self._rows is not None:
+            self._rows.restore(saved)
+            for r in range(N):
+                try:
+                    self._rows.advance_row(r, k, limits, out)
+                except Exception as exc:  # noqa: BLE001 - recorded for that row
+                    failed[r] = exc
+            return out, failed
+        logits, hidden, recents = saved
+        ids = self.ids
+        new_logits, new_hidden = [], []
+        try:
+            for r, sid in enumerate(ids):
+                self.streams[sid].recent = list(recents[r])
+                index = torch.tensor([r], device=self.device)
+                self.ids = [sid]
+                self.logits, self.hidden = logits[r : r + 1], _select_hidden(hidden, index)
+                try:
+                    out[r] = self._reference_advance(k, limits[r : r + 1])[0]
+                except Exception as exc:  # noqa: BLE001 - recorded for that row
+                    failed[r] = exc
+                    self.logits, self.hidden = logits[r : r + 1], _select_hidden(hidden, index)
+                new_logits.append(self.logits)
+                new_hidden.append(self.hidden)
+        finally:
+            self.ids = ids
+        self.logits = torch.cat(new_logits)
+        self.hidden = new_hidden[0]
+        for h in new_hidden[1:]:
+            self.hidden = _cat_hidden(self.hidden, h)
+        return out, failed
 
 
 def _hand_out(s: _Stream, new: str, drawn: int) -> StepOutput:
@@ -366,7 +498,16 @@ def generate_stream(
     Each step draws up to `max_chars` characters per stream: 64 keeps the per-step Python work
     small next to the arithmetic while text still arrives every fraction of a millisecond."""
     engine = Engine(model, decode, device, fast=fast)
+    prefixes: dict[tuple[int, ...], Prefix] = {}  # equal start texts are primed once
     for prompt, seed in zip(prompts, seeds):
-        engine.add(Request(prompt, length, params, int(seed), stop or StopRule()))
+        request = Request(prompt, length, params, int(seed), stop or StopRule())
+        prefix = prefixes.setdefault(tuple(prompt), Prefix(prompt))
+        if not prefix.complete:
+            engine.prime(prefix)
+        engine.add(request, prefix)
     while engine.active:
-        yield engine.step(max_chars)
+        outputs = engine.step(max_chars)
+        for out in outputs.values():
+            if out.error is not None:
+                raise out.error
+        yield outputs

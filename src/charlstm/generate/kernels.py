@@ -768,46 +768,69 @@ class LSTMRows:
     def __len__(self) -> int:
         return self.S.shape[0]
 
-    def add(self, prompt, params, seed: int) -> None:
-        """Append a row primed with `prompt` (character ids) and sampling settings `params`."""
+    def prime(self, ids, state=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run character `ids` through one row's state (S, C, logits), changed in place, or through
+        a fresh one when None; returns it. A start text may be primed in pieces: the state after
+        all of them is the state after the whole text."""
         w = self.w
-        S = np.zeros((1, self.S.shape[1]), np.float32)
-        C = np.zeros_like(S)
-        logits = np.zeros((1, w.vocab_size), np.float32)
-        prime_row(
-            w.table,
-            w.w_hh0,
-            w.w_up,
-            w.b_up,
-            w.w_fc,
-            S,
-            C,
-            logits,
-            0,
-            np.asarray(prompt, dtype=np.int64),
-        )
+        if state is None:
+            S = np.zeros((1, self.S.shape[1]), np.float32)
+            state = (S, np.zeros_like(S), np.zeros((1, w.vocab_size), np.float32))
+        S, C, logits = state
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        prime_row(w.table, w.w_hh0, w.w_up, w.b_up, w.w_fc, S, C, logits, 0, ids)
+        return state
+
+    def add(self, prompt, params, seed: int, state=None) -> None:
+        """Append a row primed with `prompt` (character ids), or starting from `state` (`prime`'s,
+        after `prompt`; copied, so that one state starts many rows), with sampling settings
+        `params`. Nothing changes when it raises."""
+        if state is None:
+            state = self.prime(prompt)
+        S, C, logits = state
         W = max(self.recent.shape[1], params.repetition_window)
-        if W > self.recent.shape[1]:  # widen on the left: rows stay right-aligned
-            pad = np.full((len(self), W - self.recent.shape[1]), -1, np.int64)
-            self.recent = np.concatenate([pad, self.recent], axis=1)
+        old = self.recent
+        if W > old.shape[1]:  # widen on the left: rows stay right-aligned
+            old = np.concatenate([np.full((len(self), W - old.shape[1]), -1, np.int64), old], 1)
         recent = np.full((1, W), -1, np.int64)
         tail = list(prompt)[-params.repetition_window :]
         recent[0, W - len(tail) :] = tail
-        self.S = np.concatenate([self.S, S])
-        self.C = np.concatenate([self.C, C])
-        self.logits = np.concatenate([self.logits, logits])
-        self.recent = np.concatenate([self.recent, recent])
-        for name, value in (
-            ("temperature", params.temperature),
-            ("top_k", params.top_k or 0),
-            ("top_p", 2.0 if params.top_p is None else params.top_p),
-            ("penalty", params.repetition_penalty),
-            ("window", params.repetition_window),
-            ("seeds", seed % (1 << 64)),
-            ("counters", 0),
-        ):
-            arr = getattr(self, name)
-            setattr(self, name, np.concatenate([arr, np.array([value], dtype=arr.dtype)]))
+        # top_k at most V, as `SamplingParams.check_vocabulary` asks: k >= V keeps every character
+        top_k = min(params.top_k or 0, self.w.vocab_size)
+        values = {
+            "S": S,
+            "C": C,
+            "logits": logits,
+            "recent": recent,
+            "temperature": params.temperature,
+            "top_k": top_k,
+            "top_p": 2.0 if params.top_p is None else params.top_p,
+            "penalty": params.repetition_penalty,
+            "window": params.repetition_window,
+            "seeds": seed % (1 << 64),
+            "counters": 0,
+        }
+        new = {}  # every array first, then assign them all: a failure leaves the rows as they were
+        for name, value in values.items():
+            arr = old if name == "recent" else getattr(self, name)
+            row = np.asarray(value, dtype=arr.dtype).reshape((1, *arr.shape[1:]))
+            new[name] = np.concatenate([arr, row])
+        for name, arr in new.items():
+            setattr(self, name, arr)
+
+    _STATE = ("S", "C", "logits", "recent", "counters")  # what `advance` changes in place
+
+    def save(self) -> tuple[np.ndarray, ...]:
+        """A copy of what `advance` changes, for `restore`."""
+        return tuple(getattr(self, name).copy() for name in self._STATE)
+
+    def restore(self, saved: tuple[np.ndarray, ...]) -> None:
+        for name, arr in zip(self._STATE, saved):
+            getattr(self, name)[...] = arr
+
+    def advance_row(self, r: int, k: int, limits: np.ndarray, out: np.ndarray) -> None:
+        """`advance` for row r alone, into out[r] (after a batched step failed: which row fails)."""
+        self._advance_block(r, r + 1, k, np.ascontiguousarray(limits, dtype=np.int64), out)
 
     def keep(self, rows) -> None:
         """Keep only `rows` (indices, in order)."""

@@ -93,6 +93,16 @@ class SamplingParams:
         if self.repetition_window < 1:
             raise UserError(f"repetition_window must be >= 1, got {self.repetition_window}")
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise `UserError` unless these settings fit a model of `vocab_size` characters: top_k
+        is at most the vocabulary (a larger k would keep every character anyway, and an unbounded
+        one overflows the compiled sampler's int64). `Engine.add` calls it for every stream."""
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise UserError(
+                f"top_k must be at most the vocabulary size {vocab_size}, got {self.top_k}; "
+                "0 disables it"
+            )
+
 
 def apply_repetition_penalty(
     logits: np.ndarray, recent: np.ndarray | None, penalty: float
