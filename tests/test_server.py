@@ -544,3 +544,394 @@ def test_start_up_warms_each_models_kernels_before_its_worker_starts(model, monk
     assert all(weights is not None and not any(started) for weights, started in calls)
     assert all(weights.vocab_size == len(model.vocab) for weights, _ in calls)  # the model's own
     assert all(isinstance(w.warm_up_seconds, float) for w in workers)
+
+
+# ------------------------------------------------------------------------ one request fails alone
+
+HUGE = 10**6  # characters per sample: with the compiled model, still running when a test looks
+
+
+def stream_job(app):
+    """The one job of the default model's worker (a test's running stream)."""
+    (job,) = app.state.server.workers["run"].jobs
+    return job
+
+
+async def keeps_going(job) -> None:
+    """`job` (a running stream) is still generating: more text arrives, and no error."""
+    before = sum(job.drawn)
+    await eventually(lambda: sum(job.drawn) > before or job.error is not None)
+    assert job.error is None and sum(job.drawn) > before
+
+
+def test_a_hostile_top_k_is_422_and_the_running_streams_go_on(model) -> None:
+    """The issue's confirmed case: a running 4-sample stream, then a request whose top_k does not
+    fit the compiled engine's int64 (it used to overflow there, and the worker's reset ended every
+    stream in flight with an error and the request itself with a 500). Now the schema caps top_k
+    at the vocabulary: 422 naming the field, and the stream goes on."""
+
+    async def go():
+        async with serving(model, max_length=HUGE) as (app, client):
+            stream = RawStream(app, {"start_text": "the ", "length": HUGE, "num_samples": 4})
+            assert await stream.status() == 200
+            await stream.until("chunk")
+            job = stream_job(app)
+            for top_k in (2**63, 2**63 - 1, len(model.vocab) + 1):
+                body = {"start_text": "a", "length": 5, "top_k": top_k}
+                for path in ("/v1/generate", "/v1/generate/stream"):
+                    r = await client.post(path, json=body)
+                    assert r.status_code == 422, (top_k, r.status_code, r.text)
+                    assert [e["field"] for e in r.json()["detail"]] == ["top_k"]
+            await keeps_going(job)
+            r = await client.post("/v1/generate", json={"start_text": "a", "length": 5, "top_k": 3})
+            assert r.status_code == 200
+            await keeps_going(job)
+            await stream.leave()
+            assert app.state.server.used == 0
+
+    run(go())
+
+
+def test_top_k_is_capped_at_the_largest_vocabulary_and_checked_per_model(model, tmp_path) -> None:
+    """With two models, the schema's top_k bound is the larger vocabulary (so the OpenAPI document
+    states it), and a request for the smaller model is checked against its own: 422 naming top_k,
+    the bound and the model."""
+    from charlstm.config import ModelConfig
+    from charlstm.data.vocabulary import Vocabulary
+    from charlstm.model import CharRNN
+
+    chars = sorted(set(PANGRAMS) | set("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    net = CharRNN(ModelConfig(embedding_size=4, hidden_size=8, num_layers=1, vocab_size=len(chars)))
+    big = charlstm.TextModel(net, Vocabulary(tuple(chars)), {}, tmp_path / "big", model.device)
+    small_v, big_v = len(model.vocab), len(chars)
+    assert small_v < big_v
+
+    async def go():
+        async with serving([model, big]) as (_, client):
+            schema = (await client.get("/openapi.json")).json()["components"]["schemas"]
+            top_k = schema["GenerateRequest"]["properties"]["top_k"]
+            assert [t.get("maximum") for t in top_k["anyOf"] if t.get("type") == "integer"] == [
+                big_v
+            ]
+            answers = {}
+            for name, k in (
+                ("run", small_v),
+                ("run", small_v + 1),
+                ("big", big_v),
+                ("big", big_v + 1),
+            ):
+                body = {"start_text": "a", "length": 3, "top_k": k, "model": name}
+                answers[name, k] = await client.post("/v1/generate", json=body)
+            assert answers["run", small_v].status_code == 200
+            assert answers["big", big_v].status_code == 200
+            for key in (("run", small_v + 1), ("big", big_v + 1)):
+                r = answers[key]
+                assert r.status_code == 422, (key, r.text)
+                (error,) = r.json()["detail"]
+                assert error["field"] == "top_k"
+            reason = answers["run", small_v + 1].json()["detail"][0]["reason"]
+            assert str(small_v) in reason and "run" in reason
+
+    run(go())
+
+
+def test_a_request_that_fails_to_join_the_batch_ends_alone(model) -> None:
+    """A request whose streams cannot be added to the engine (here top_k past the vocabulary, handed
+    to the worker without the server's checks) fails with its own error and frees its slots; the
+    streams already running go on, in the same engine."""
+    from charlstm.generate.engine import Request as EngineRequest
+    from charlstm.generate.sampling import SamplingParams
+    from charlstm.serve.worker import Job
+
+    async def go():
+        async with serving(model, max_length=HUGE) as (app, _):
+            worker = app.state.server.workers["run"]
+            stream = RawStream(app, {"start_text": "the ", "length": HUGE, "num_samples": 2})
+            await stream.until("chunk")
+            running, engine = stream_job(app), worker.engine
+            closed = []
+            prompt = model.vocab.encode("a")
+            bad = [EngineRequest(prompt, 5, SamplingParams(1.0, top_k=2**63), s) for s in (1, 2)]
+            job = Job(bad, "a", 0, time.perf_counter() + 60, on_close=closed.append)
+            worker.submit(job)
+            await eventually(lambda: job.done)
+            assert job.error is not None and job.error.kind == "internal"
+            assert closed == [job]  # its slots are released
+            await keeps_going(running)
+            assert worker.engine is engine  # not reset
+            await stream.leave()
+
+    run(go())
+
+
+def test_a_stream_that_fails_in_a_step_ends_alone(model, monkeypatch) -> None:
+    """A failure while stepping one request's stream (injected into the stop rule's hand-out)
+    ends that request alone: 500 for a plain request, an `error` event for a stream; the other
+    requests in the batch go on."""
+    from charlstm.generate import engine as engine_module
+
+    real = engine_module._hand_out
+
+    def failing(s, new, drawn):
+        if s.request.length == 77:
+            raise RuntimeError("injected failure")
+        return real(s, new, drawn)
+
+    monkeypatch.setattr(engine_module, "_hand_out", failing)
+
+    async def go():
+        async with serving(model, max_length=HUGE) as (app, client):
+            stream = RawStream(app, {"start_text": "the ", "length": HUGE, "num_samples": 2})
+            await stream.until("chunk")
+            running = stream_job(app)
+            r = await client.post("/v1/generate", json={"start_text": "a", "length": 77})
+            assert r.status_code == 500 and "failed" in r.json()["detail"]
+            r = await client.post("/v1/generate/stream", json={"start_text": "a", "length": 77})
+            name, data = parse_sse(r.text)[-1]
+            assert name == "error" and data["error"] == "internal"
+            await keeps_going(running)
+            r = await client.post("/v1/generate", json={"start_text": "a", "length": 78})
+            assert r.status_code == 200
+            await stream.leave()
+            assert app.state.server.used == 0
+
+    run(go())
+
+
+# ------------------------------------------------------------------ clients that stop reading
+
+
+class Unread:
+    """Drives the ASGI app as a client that reads `reads` messages and then stops reading: every
+    later send blocks, as uvicorn's does once the socket's buffers are full (it awaits the
+    transport's drain), for `delay` seconds each, or for ever when `delay` is None."""
+
+    def __init__(self, app, body: dict, reads: int = 1, delay: float | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.inbox.put_nowait({"type": "http.request", "body": data, "more_body": False})
+        self.got: list[dict] = []
+        self.blocked = asyncio.Event()
+        self.reads, self.delay = reads, delay
+        path = "/v1/generate/stream"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn says
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "server": ("127.0.0.1", 8000),
+            "client": ("127.0.0.1", 5000),
+            "headers": [
+                (b"host", b"127.0.0.1:8000"),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+        self.task = asyncio.create_task(app(scope, self.inbox.get, self.send))
+
+    async def send(self, message: dict) -> None:
+        if len(self.got) >= self.reads:
+            self.blocked.set()
+            await asyncio.sleep(self.delay if self.delay is not None else 3600)
+        self.got.append(message)
+
+    @property
+    def completed(self) -> bool:
+        """Whether the response was sent whole (its last body message said no more body)."""
+        return bool(self.got) and self.got[-1].get("more_body") is False
+
+    async def leave(self) -> None:
+        self.inbox.put_nowait({"type": "http.disconnect"})
+        await asyncio.wait_for(self.task, 10)
+
+
+def test_a_client_that_stops_reading_frees_its_slots_when_its_generation_ends(model) -> None:
+    """The slots of a request are free once its generation ends, while its response still waits
+    for a client that does not read (it used to hold them until the response was sent)."""
+
+    async def go():
+        async with serving(model) as (app, _):
+            server = app.state.server
+            client = Unread(app, {"start_text": "a", "length": 500, "num_samples": 4}, reads=1)
+            await asyncio.wait_for(client.blocked.wait(), 10)
+            await eventually(lambda: server.used == 0)
+            assert not client.task.done()  # still blocked in a send
+            await client.leave()
+
+    run(go())
+
+
+def test_a_client_that_stops_reading_is_cut_off_after_the_idle_write_timeout(
+    model, monkeypatch
+) -> None:
+    """A response whose client accepts nothing for the idle-write timeout ends (uvicorn then closes
+    the connection), without the rest of its events."""
+    from charlstm.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "WRITE_TIMEOUT", 0.05, raising=False)
+
+    async def go():
+        async with serving(model) as (app, _):
+            client = Unread(app, {"start_text": "a", "length": 500, "num_samples": 2}, reads=2)
+            await asyncio.wait_for(client.task, 10)
+            assert len(client.got) == 2 and not client.completed
+            assert app.state.server.used == 0
+
+    run(go())
+
+
+def test_a_response_ends_at_its_hard_deadline_however_steadily_its_client_reads(
+    paced, monkeypatch
+) -> None:
+    """A client that accepts every event, but each one slowly (within the idle-write timeout), is
+    cut off at the response's hard deadline: the time limit plus a grace."""
+    from charlstm.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "DEADLINE_GRACE", 0.05, raising=False)
+
+    async def go():
+        async with serving(paced, time_limit=0.1) as (app, _):
+            client = Unread(app, {"start_text": "a", "length": LONG}, reads=1, delay=2.0)
+            await asyncio.wait_for(client.task, 10)
+            assert len(client.got) <= 2 and not client.completed
+            assert app.state.server.used == 0
+
+    run(go())
+
+
+# ----------------------------------------------------------------------------------- priming
+
+
+def count_primed(monkeypatch) -> list[int]:
+    """Record the characters of each call of the compiled priming kernel."""
+    from charlstm.generate import kernels
+
+    calls: list[int] = []
+    real = kernels.prime_row
+
+    def counting(*args):
+        calls.append(len(args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "prime_row", counting)
+    return calls
+
+
+def test_a_request_primes_its_start_text_once_for_all_its_samples(model, monkeypatch) -> None:
+    """16 samples of one 2,000-character start text run those characters through the model once
+    (they used to be primed once per sample), and each sample is what it is alone."""
+    calls = count_primed(monkeypatch)
+    text = (PANGRAMS * 2)[:2000]
+    body = {"start_text": text, "length": 20, "num_samples": 16, "seed": 5, "temperature": 1.0}
+
+    async def go():
+        async with serving(model) as (_, client):
+            r = await client.post("/v1/generate", json=body)
+            assert r.status_code == 200
+            return r.json()["samples"]
+
+    samples = run(go())
+    assert sum(calls) == 2000
+    assert samples == model.generate(text, 20, temperature=1.0, num_samples=16, seed=5)
+
+
+def test_priming_a_long_start_text_is_spread_over_ticks_between_steps(model, monkeypatch) -> None:
+    """A long start text is primed a bounded piece per tick, and the streams already running take
+    their steps in every one of those ticks (they used to wait for all of it)."""
+    calls = count_primed(monkeypatch)
+    ticks = []  # per tick: characters primed, steps taken
+
+    async def go():
+        async with serving(model, max_length=HUGE) as (app, client):
+            worker = app.state.server.workers["run"]
+            worker.prime_chars = 256
+            real = worker._tick
+
+            def tick(*args):
+                before = sum(calls)
+                out = real(*args)
+                ticks.append((sum(calls) - before, len(out[-1])))
+                return out
+
+            worker._tick = tick
+            stream = RawStream(app, {"start_text": "the ", "length": HUGE})
+            await stream.until("chunk")
+            body = {"start_text": (PANGRAMS * 2)[:2000], "length": 5, "num_samples": 16}
+            r = await client.post("/v1/generate", json=body)
+            assert r.status_code == 200
+            await stream.leave()
+
+    run(go())
+    priming = [(chars, steps) for chars, steps in ticks if chars]
+    assert sum(chars for chars, _ in priming) == 2000 + len("the ")
+    assert len(priming) >= 2000 // 256
+    assert all(chars <= 256 for chars, _ in priming)
+    assert all(steps >= 1 for _, steps in priming[1:])  # the first tick may prime "the " alone
+
+
+@pytest.mark.slow  # a real uvicorn on a loopback port
+def test_a_connection_whose_client_stops_reading_is_aborted_after_the_write_timeout(
+    model, monkeypatch
+) -> None:
+    """Behind uvicorn, with `serve`'s protocol: a client that never reads a stream larger than the
+    socket's buffers has its connection aborted once nothing moved for the write timeout (a
+    graceful close would wait for ever to send what is buffered, and the connection would count
+    against the connection limit for ever); its slots were free before that."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from charlstm.serve import app as app_module
+    from charlstm.serve import security
+
+    monkeypatch.setattr(app_module, "WRITE_TIMEOUT", 60.0, raising=False)  # the protocol's turn
+    config = ServerConfig()
+    app = create_app([model], config)
+    listener = socket.socket()
+    # A small fixed send buffer (no autotuning, which lets loopback buffer megabytes): the stream
+    # below fills it and the transport's 64 KiB, and the server must wait for the client.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    http = security.protocol(config.header_timeout, write_timeout=0.3)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=http))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(1000):
+            if server.started:
+                break
+            time.sleep(0.01)
+        assert server.started
+        body = json.dumps({"start_text": "the ", "length": 4000, "num_samples": 8}).encode()
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(listener.getsockname())
+            client.sendall(
+                b"POST /v1/generate/stream HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+            for _ in range(1000):  # the server takes the connection, then lets it go
+                if server.server_state.connections:
+                    break
+                time.sleep(0.01)
+            for _ in range(2000):
+                if not server.server_state.connections:
+                    break
+                time.sleep(0.01)
+            assert not server.server_state.connections, "the unread connection is still open"
+            assert app.state.server.used == 0
+            client.settimeout(10)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := client.recv(1 << 16):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200 ") and not data.endswith(b"0\r\n\r\n")
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -996,7 +996,41 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: _serve_on_a_busy_port(e),
         "could not listen on 127.0.0.1:",
     ),
+    "serve-top-k-vocabulary": (
+        lambda e: _served_request_error(e, {"start_text": "a", "top_k": VOCAB + 1}),
+        f"top_k: must be at most {VOCAB}, the vocabulary size of model ",
+    ),
 }
+
+
+def _served_request_error(env: Env, body: dict) -> str:
+    """POST /v1/generate to a server of the tiny run (in process): its one 422 as `field: reason`.
+    Served beside a model with a larger vocabulary, so that the run's own check answers."""
+    import asyncio
+
+    import httpx
+
+    from charlstm.config import ModelConfig
+    from charlstm.data.vocabulary import Vocabulary
+    from charlstm.generate.textmodel import TextModel
+    from charlstm.model import CharRNN
+    from charlstm.serve.app import create_app
+
+    model = charlstm.load(env.run, device="cpu")
+    chars = sorted(set(CORPUS_TEXT) | set("0123456789"))
+    net = CharRNN(ModelConfig(embedding_size=2, hidden_size=4, num_layers=1, vocab_size=len(chars)))
+    larger = TextModel(net, Vocabulary(tuple(chars)), {}, env.tmp / "larger", model.device)
+    app = create_app([model, larger])
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            return await client.post("/v1/generate", json=body)
+
+    r = asyncio.run(post())
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    return f"{error['field']}: {error['reason']}"
 
 
 def _serve_on_a_busy_port(env: Env) -> str:

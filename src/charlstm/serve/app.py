@@ -66,7 +66,7 @@ from charlstm.serve.schemas import (
     responses,
     stream_ok,
 )
-from charlstm.serve.security import Guard, is_loopback, protocol
+from charlstm.serve.security import WRITE_TIMEOUT, Guard, is_loopback, protocol
 from charlstm.serve.worker import Job, ModelWorker
 
 log = logging.getLogger("charlstm.server")
@@ -132,6 +132,11 @@ class Server:
         text = "".join(ch for ch in text if ch in vocab)
         if not text:
             raise FieldError("start_text", "has no character the model knows; give another one")
+        if body.top_k is not None and body.top_k > len(vocab):
+            raise FieldError(
+                "top_k",
+                f"must be at most {len(vocab)}, the vocabulary size of model {worker.name}",
+            )
         try:
             params = SamplingParams(
                 body.temperature, body.top_k, body.top_p, body.repetition_penalty
@@ -160,6 +165,8 @@ class Server:
         return worker, job
 
     def _release(self, worker: ModelWorker, job: Job) -> None:
+        """The job is done (finished, failed or abandoned): its slots are free, whether or not
+        its response has been sent."""
         self.used -= len(job.requests)
         worker.drop(job)
 
@@ -232,23 +239,61 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+# A client that stops reading: uvicorn's send waits for the socket's buffers to drain, for ever.
+# An event that waits WRITE_TIMEOUT seconds ends the response (security.WRITE_TIMEOUT, which also
+# aborts the connection behind `charlstm serve`).
+DEADLINE_GRACE = 30.0  # seconds a response may last past its generation's time limit
+
+
+class SlowClient(Exception):
+    """The client did not take the response's events in time (`EventStream`)."""
+
+
 class EventStream(StreamingResponse):
     """Server-sent events that call `on_close` however the response ends, a vanished client
-    included, so that its generation stops and its slot is freed at once."""
+    included, so that its generation stops at once.
+
+    A client that stops reading cannot hold the response for ever: an event the client has not
+    taken within `WRITE_TIMEOUT` seconds ends it, and so does the hard `deadline` (a
+    `time.perf_counter()` time: the generation's time limit plus `DEADLINE_GRACE`), however
+    steadily the client reads. The response then ends unfinished and the server closes the
+    connection. The request's slots do not wait for any of this: they are free as soon as its
+    generation ends (`Job`)."""
 
     media_type = "text/event-stream"
 
     def __init__(
-        self, content: AsyncIterator[str], on_close: Callable[[], None], status_code: int = 200
-    ) -> None:  # FastAPI's OpenAPI reads status_code's default
+        self,
+        content: AsyncIterator[str],
+        on_close: Callable[[], None],
+        status_code: int = 200,  # FastAPI's OpenAPI reads status_code's default
+        deadline: float = math.inf,
+    ) -> None:
         super().__init__(
             content, status_code, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         self.on_close = on_close
+        self.deadline = deadline
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        async def send_in_time(message: dict) -> None:
+            left = min(WRITE_TIMEOUT, self.deadline - time.perf_counter())
+            try:
+                async with asyncio.timeout(max(0.0, left)):
+                    await send(message)
+            except TimeoutError:
+                raise SlowClient from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except SlowClient:
+            client = scope.get("client") or ("?", 0)
+            log.warning(
+                "cut off a response to %s:%s: its client took no event within %g s, or the "
+                "response ran past its deadline",
+                *client[:2],
+                WRITE_TIMEOUT,
+            )
         finally:
             self.on_close()
 
@@ -351,7 +396,7 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         description="Generate text with character-level recurrent models.",
     )
     app.state.server = server
-    Body = request_model(config)
+    Body = request_model(config, max(len(w.model.vocab) for w in server.workers.values()))
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     # Added last, so outermost: a request from the wrong host, without its key or of the wrong
     # content type is answered before anything else reads it (docs/security.md).
@@ -420,7 +465,9 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
     async def generate_stream(body: Body) -> EventStream:
         """Generate and stream the text as server-sent events while it is produced."""
         worker, job = server.admit(body)
-        return EventStream(_events(job, worker.name), on_close=job.close)
+        return EventStream(
+            _events(job, worker.name), on_close=job.close, deadline=job.deadline + DEADLINE_GRACE
+        )
 
     @app.get("/v1/models", tags=["models"], response_model=ModelList, responses=responses(config))
     async def models_info() -> dict[str, Any]:

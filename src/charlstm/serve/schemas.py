@@ -61,6 +61,8 @@ class ServerConfig:
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=100)]
+# No vocabulary of characters is larger than Unicode: a bound for top_k before the models are known.
+MAX_TOP_K = 0x110000
 
 
 class GenerateRequest(BaseModel):
@@ -80,7 +82,13 @@ class GenerateRequest(BaseModel):
         # the bound SamplingParams enforces: below it logits / temperature overflow
         json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]},
     )
-    top_k: int | None = Field(None, ge=0, description="Keep the k most likely characters; 0 = off.")
+    top_k: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_K,  # `request_model` narrows it to the largest served vocabulary
+        description="Keep the k most likely characters; 0 = off. At most the model's vocabulary "
+        "size (`vocab_size` in GET /v1/model).",
+    )
     top_p: float | None = Field(
         None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling."
     )
@@ -107,13 +115,24 @@ class GenerateRequest(BaseModel):
         return t
 
 
-def request_model(config: ServerConfig) -> type[GenerateRequest]:
+def request_model(config: ServerConfig, vocab_size: int = MAX_TOP_K) -> type[GenerateRequest]:
     """`GenerateRequest` with this server's limits in its schema, so that /docs shows them and one
-    422 names every bad field at once."""
+    422 names every bad field at once. `vocab_size` is the largest served vocabulary, top_k's
+    bound (the server checks each request against its own model's too)."""
     return create_model(
         "GenerateRequest",
         __base__=GenerateRequest,
         __doc__=GenerateRequest.__doc__,
+        top_k=(
+            int | None,
+            Field(
+                None,
+                ge=0,
+                le=vocab_size,
+                description="Keep the k most likely characters; 0 = off. At most the model's "
+                "vocabulary size (`vocab_size` in GET /v1/model).",
+            ),
+        ),
         start_text=(
             str,
             Field(

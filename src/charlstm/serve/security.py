@@ -23,8 +23,11 @@ the other headers in `HEADERS`.
 
 `HeaderDeadline` is uvicorn's HTTP/1.1 protocol with a deadline for each request's headers, which
 uvicorn lacks: a client that opens connections and sends half a request line would otherwise hold
-each one for ever (slowloris). `charlstm serve` also sets uvicorn's `limit_concurrency` (503 past
-it). docs/security.md says what this guarantees and how to expose the server.
+each one for ever (slowloris). It also aborts a connection whose client stops reading: once the
+bytes buffered for it have not moved for `WRITE_TIMEOUT` seconds (uvicorn's send would wait for
+ever, and its graceful close waits for the buffer to drain, so the connection would stay open and
+count against the limit). `charlstm serve` also sets uvicorn's `limit_concurrency` (503 past it).
+docs/security.md says what this guarantees and how to expose the server.
 """
 
 from __future__ import annotations
@@ -339,6 +342,10 @@ async def _send_json(
 
 # -------------------------------------------------------------------------------- slow headers
 
+# Seconds a connection's buffered response may wait for its client to read any of it (app.py's
+# EventStream ends a stream whose events wait as long, under any ASGI server).
+WRITE_TIMEOUT = 15.0
+
 
 class HeaderDeadline(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are not complete
@@ -347,7 +354,10 @@ class HeaderDeadline(H11Protocol):
     408 first, as nginx does. `protocol(header_timeout)` makes the class that uvicorn takes."""
 
     header_timeout: float = 10.0
+    write_timeout: float = WRITE_TIMEOUT
     _header_timer: asyncio.TimerHandle | None = None
+    _write_timer: asyncio.TimerHandle | None = None
+    _write_buffered = 0  # bytes buffered when `_write_timer` was set
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -364,10 +374,40 @@ class HeaderDeadline(H11Protocol):
         super().on_response_complete()
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self._arm()  # the next request, possibly half here already (pipelined)
+        self._watch_writes()  # the rest of the response, if it is still buffered
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unwatch_writes()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # the transport's buffer is full: the response waits for the client
+        self._watch_writes()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # the client read: it is not stuck
+        self._unwatch_writes()
+
+    def _watch_writes(self) -> None:
+        if self._write_timer is None and self.transport.get_write_buffer_size() > 0:
+            self._write_buffered = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self.write_timeout, self._not_reading)
+
+    def _unwatch_writes(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _not_reading(self) -> None:
+        self._write_timer = None
+        buffered = self.transport.get_write_buffer_size()
+        if not buffered:
+            return  # all sent
+        if self.flow.write_paused or buffered >= self._write_buffered:
+            self.transport.abort()  # nothing moved for write_timeout: the client does not read
+        else:
+            self._watch_writes()  # some went: watch what is left
 
     def _arm(self) -> None:
         self._disarm()
@@ -387,6 +427,7 @@ class HeaderDeadline(H11Protocol):
             self.transport.close()
 
 
-def protocol(header_timeout: float) -> type[HeaderDeadline]:
-    """The `HeaderDeadline` class with this deadline, for `uvicorn.run(..., http=...)`."""
-    return type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": header_timeout})
+def protocol(header_timeout: float, write_timeout: float = WRITE_TIMEOUT) -> type[HeaderDeadline]:
+    """The `HeaderDeadline` class with these deadlines, for `uvicorn.run(..., http=...)`."""
+    attributes = {"header_timeout": header_timeout, "write_timeout": write_timeout}
+    return type("HeaderDeadline", (HeaderDeadline,), attributes)

@@ -1,4 +1,11 @@
-"""One model's engine worker: continuous batching of every request's streams, one step at a time."""
+"""One model's engine worker: continuous batching of every request's streams, one step at a time.
+
+A request is a `Job`: its streams (one per sample) share one start text, primed once
+(`engine.Prefix`) and a bounded piece per tick, so that a long start text never holds up the
+streams already running. A request that fails, while its streams are added or stepped, ends alone
+with its own error; the others go on in the same engine. A job's slots are released as soon as
+its generation ends, however it ends, whether or not its client has read the text yet.
+"""
 
 # No `from __future__ import annotations`: FastAPI and pydantic read these annotations at run time.
 import asyncio
@@ -9,19 +16,28 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from charlstm.generate.engine import Engine
+from charlstm.generate.engine import Engine, Prefix
 from charlstm.generate.engine import Request as EngineRequest
 from charlstm.generate.textmodel import TextModel
 from charlstm.serve.schemas import GenerateResponse, GenerationFailed, Timing
 
 log = logging.getLogger("charlstm.server")
 
+# Characters of start text primed per tick, at most (and at most half a tick's time): the lab model
+# primes about 250 k characters a second on one core, so about 4 ms.
+PRIME_CHARS = 1024
+PRIME_PIECE = 256  # characters per call of `Engine.prime`: the time limit is checked between calls
+FAILED = "the model failed while generating; the server logged the cause"
+
 
 # ---------------------------------------------------------------------------------------- jobs
 
 
 class Job:
-    """One request's streams: the text the worker has produced for them, and how each ended."""
+    """One request's streams: the text the worker has produced for them, and how each ended.
+
+    `on_close(job)` runs once, as soon as the job is done (finished, failed, or closed because its
+    client left): it releases the job's slots."""
 
     def __init__(
         self,
@@ -42,7 +58,9 @@ class Job:
         self.pending: dict[int, str] = {}  # text not yet handed to the client
         self.error: GenerationFailed | None = None
         self.sids: list[int] = []
+        self.prefix: Prefix | None = Prefix(requests[0].prompt)  # the samples' one start text
         self.closed = False
+        self.released = False
         self.changed = asyncio.Event()
         self.started = time.perf_counter()
         self.first_chunk: float | None = None
@@ -62,17 +80,24 @@ class Job:
             length = self.requests[index].length
             self.finish_reasons[index] = "stop" if cut or self.drawn[index] < length else "length"
         self.changed.set()
+        self._settle()
 
     def fail(self, kind: str, message: str) -> None:
         if not self.done:
             self.error = GenerationFailed(kind, message)
             self.changed.set()
+        self._settle()
 
     def close(self) -> None:
-        """The request is over (finished, failed, or its client left): free its slots at once."""
+        """The response is over (sent, or its client left): stop generating if it still is."""
         if not self.closed:
             self.closed = True
             self.fail("cancelled", "the request was closed before its text was complete")
+
+    def _settle(self) -> None:
+        if self.done and not self.released:
+            self.released = True
+            self.prefix = None  # its primed state is not needed any more
             self._on_close(self)
 
     async def chunks(self) -> AsyncIterator[dict[int, str]]:
@@ -118,11 +143,19 @@ class ModelWorker:
     Only `_tick` touches the engine, and it runs in one worker thread at a time; everything else
     runs on the event loop, so no lock is needed."""
 
-    def __init__(self, model: TextModel, name: str, max_batch: int, tick_seconds: float) -> None:
+    def __init__(
+        self,
+        model: TextModel,
+        name: str,
+        max_batch: int,
+        tick_seconds: float,
+        prime_chars: int = PRIME_CHARS,
+    ) -> None:
         self.model = model
         self.name = name
         self.max_batch = max_batch
         self.tick_seconds = tick_seconds
+        self.prime_chars = prime_chars  # start-text characters primed per tick, at most
         self.engine = Engine(model.model, model.vocab.decode, model.device)
         self.jobs: set[Job] = set()
         self.waiting: deque[tuple[Job, int]] = deque()  # streams not yet in the engine
@@ -214,57 +247,106 @@ class ModelWorker:
             joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             cancels, self.to_cancel = self.to_cancel, []
             self._news.clear()
-            requests = [job.requests[i] for job, i in joining]
             try:
-                sids, steps = await asyncio.to_thread(self._tick, requests, cancels)
-                self._deliver(joining, sids, steps)
-            except Exception:  # a bug must fail the requests in flight, not stop the worker
+                added, steps = await asyncio.to_thread(self._tick, joining, cancels)
+            except Exception:  # the engine itself failed (one request's failure ends in _tick)
                 log.exception(
                     "engine of model %s failed; its requests end with an error", self.name
                 )
-                self._reset(
-                    "internal", "the model failed while generating; the server logged the cause"
-                )
+                self._reset("internal", FAILED)
+                continue
+            self._deliver(joining, added, steps)
 
-    def _deliver(self, joining: list[tuple[Job, int]], sids: list[int], steps: list) -> None:
-        """On the event loop: record the new streams and hand each step's text to its job."""
-        for (job, i), sid in zip(joining, sids):
-            if job in self.jobs:
-                self.running[sid] = (job, i)
-                job.sids.append(sid)
-            else:  # its client left while the stream was being added
-                self.to_cancel.append(sid)
+    def _deliver(self, joining: list[tuple[Job, int]], added: list, steps: list) -> None:
+        """On the event loop: record the new streams (put back those whose start text is still
+        being primed, fail the requests that could not join), then hand each step's text to its
+        job (fail the request of a stream that failed)."""
+        later = []
+        for (job, i), result in zip(joining, added):
+            if result is None:  # its start text is not all primed yet
+                later.append((job, i))
+            elif isinstance(result, Exception):
+                self._fail_alone(job, "could not add a stream of", result)
+            elif job in self.jobs:
+                self.running[result] = (job, i)
+                job.sids.append(result)
+            else:  # its client left, or the request failed, while the stream was being added
+                self.to_cancel.append(result)
+        self.waiting.extendleft(reversed([e for e in later if e[0] in self.jobs]))
         for outputs in steps:
             for sid, out in outputs.items():
                 entry = self.running.get(sid)
                 if entry is None:
                     continue
                 job, i = entry
-                job.feed(i, out.text, out.finished)
                 if out.finished:
                     del self.running[sid]
-                    if job.done:
-                        self.jobs.discard(job)
+                if out.error is None:
+                    job.feed(i, out.text, out.finished)
+                else:
+                    self._fail_alone(job, "failed on a stream of", out.error)
 
-    def _tick(self, requests: list[EngineRequest], cancels: list[int]) -> tuple[list[int], list]:
-        """In the worker thread: apply leaves and joins, then step until there is news or the tick's
-        time is up. Returns the new streams' ids and each step's outputs."""
+    def _fail_alone(self, job: Job, what: str, error: Exception) -> None:
+        """End one request with an error (its other streams leave the batch: `drop`)."""
+        if not job.done:
+            log.error(
+                "model %s %s a request; that request ends with an error",
+                self.name,
+                what,
+                exc_info=error,
+            )
+        job.fail("internal", FAILED)
+
+    def _tick(self, joining: list[tuple[Job, int]], cancels: list[int]) -> tuple[list, list]:
+        """In the worker thread: apply leaves, prime start texts (oldest request first, at most
+        `prime_chars` characters and half a tick's time), add the streams whose start text is
+        primed, then step until there is news or the tick's time is up. Returns, per joining
+        stream, its id, None (its start text is not primed yet) or the exception that kept it out;
+        and each step's outputs."""
         engine = self.engine
         for sid in cancels:
             engine.cancel(sid)
-        sids = [engine.add(r) for r in requests]
+        start = time.perf_counter()
+        budget = self.prime_chars
+        added: list = []
+        failed: dict[int, Exception] = {}  # id(job) → why it could not join
+        for job, i in joining:
+            prefix = job.prefix
+            try:
+                if id(job) in failed:
+                    raise failed[id(job)]
+                if prefix is None:  # the job ended while it waited
+                    added.append(None)
+                    continue
+                while not _primed(prefix, engine) and budget > 0:
+                    if time.perf_counter() - start >= self.tick_seconds / 2:
+                        budget = 0
+                        break
+                    budget -= engine.prime(prefix, min(budget, PRIME_PIECE))
+                if not _primed(prefix, engine):
+                    added.append(None)
+                    continue
+                added.append(engine.add(job.requests[i], prefix))
+            except Exception as exc:  # noqa: BLE001 - this request's own failure ends it alone
+                failed[id(job)] = exc
+                added.append(exc)
+        priming = time.perf_counter() - start
+        unprimed = any(a is None for a in added)
         steps = []
         start = time.perf_counter()
         while engine.active:
             self.peak_active = max(self.peak_active, engine.active)
             steps.append(engine.step())
-            if self._news.is_set() or time.perf_counter() - start >= self.tick_seconds:
+            elapsed = time.perf_counter() - start
+            if self._news.is_set() or elapsed >= self.tick_seconds:
+                break
+            if unprimed and elapsed >= priming:  # start texts wait: share the time with them
                 break
         if steps:
             self.steps += len(steps)
             per_step = (time.perf_counter() - start) / len(steps)
             self.step_seconds = 0.9 * self.step_seconds + 0.1 * per_step
-        return sids, steps
+        return added, steps
 
     def _reset(self, kind: str, message: str) -> None:
         """Fail every request and start again with an empty engine."""
@@ -275,3 +357,8 @@ class ModelWorker:
         self.running.clear()
         self.to_cancel.clear()
         self.engine = Engine(self.model.model, self.model.vocab.decode, self.model.device)
+
+
+def _primed(prefix: Prefix, engine: Engine) -> bool:
+    """Whether `prefix` is all primed, by this engine (after a reset, its state is stale)."""
+    return prefix.complete and prefix.owner is engine
