@@ -29,7 +29,7 @@ from charlstm.bench.generation import random_model
 from charlstm.errors import UserError
 from charlstm.export.web import ASSETS, FILES, MANIFEST, export_web
 from charlstm.serve.app import STATIC_DIR
-from tests.helpers import CORPUS_TEXT, folder_files, make_run
+from tests.helpers import CORPUS_TEXT, folder_files, invoke, make_run, one_line_error
 from tests.test_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
 
 # The browser tests are also slow: a real browser, and models trained for a moment.
@@ -74,6 +74,19 @@ def test_the_folder_holds_the_page_the_script_and_the_exact_weights(trained_run,
     assert (site / "charlstm.js").stat().st_size < 12_000 and page < 30_000, page
     manifest = json.loads((site / MANIFEST).read_text(encoding="utf-8"))
     assert sorted(manifest["files"]) == sorted(FILES)
+
+
+def test_the_cli_writes_the_page_and_says_where_to_open_it(trained_run, tmp_path) -> None:
+    """`charlstm export RUN --format web --out DIR` writes the same folder and names index.html;
+    the same command again is refused (exit 2, one line) until --force is given."""
+    site = tmp_path / "site"
+    result = invoke("export", trained_run, "--format", "web", "--out", site)
+    assert result.exit_code == 0, result.output
+    assert str(site / "index.html") in result.output
+    assert sorted(p.name for p in site.iterdir()) == sorted([*FILES, MANIFEST])
+    one_line_error(invoke("export", trained_run, "--format", "web", "--out", site), "--force")
+    result = invoke("export", trained_run, "--format", "web", "--out", site, "--force")
+    assert result.exit_code == 0, result.output
 
 
 def test_the_page_looks_like_the_served_one() -> None:
