@@ -66,7 +66,7 @@ from charlstm.serve.schemas import (
     responses,
     stream_ok,
 )
-from charlstm.serve.security import WRITE_TIMEOUT, Guard, is_loopback, protocol
+from charlstm.serve.security import Guard, is_loopback, protocol
 from charlstm.serve.worker import Job, ModelWorker
 
 log = logging.getLogger("charlstm.server")
@@ -240,8 +240,9 @@ class BodyLimit:
 
 
 # A client that stops reading: uvicorn's send waits for the socket's buffers to drain, for ever.
-# An event that waits WRITE_TIMEOUT seconds ends the response (security.WRITE_TIMEOUT, which also
-# aborts the connection behind `charlstm serve`).
+# Behind `charlstm serve` its protocol aborts such a connection after security.WRITE_TIMEOUT (15 s);
+# this limit, a little longer, holds under any ASGI server.
+WRITE_TIMEOUT = 20.0  # seconds one event may wait to be taken by the client; then the response ends
 DEADLINE_GRACE = 30.0  # seconds a response may last past its generation's time limit
 
 

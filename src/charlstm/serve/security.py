@@ -343,7 +343,7 @@ async def _send_json(
 # -------------------------------------------------------------------------------- slow headers
 
 # Seconds a connection's buffered response may wait for its client to read any of it (app.py's
-# EventStream ends a stream whose events wait as long, under any ASGI server).
+# EventStream ends a stream whose events wait a little longer, under any ASGI server).
 WRITE_TIMEOUT = 15.0
 
 
