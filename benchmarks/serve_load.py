@@ -24,9 +24,10 @@ Hostile traffic (issue 15, "safe to expose") runs beside those well-formed clien
   On loopback Linux lets a socket buffer up to 4 MB, more than such a response, so the server
   would never wait for them: `--server-sndbuf 4096` fixes its sockets' send buffer, as over a
   slow link or behind a proxy with small buffers;
-- `--hostile R` malformed or hostile requests a second, in turn from `hostile_requests` (bad JSON, a top_k
-  that overflows int64, fields of the wrong type, bodies too large, a wrong Host or Content-Type,
-  headers that never end, a client that leaves at once, ...), each on its own connection.
+- `--hostile R` malformed or hostile requests a second, in turn from `hostile_requests` (bad
+  JSON, a top_k that overflows int64, fields of the wrong type, bodies too large, a wrong Host or
+  Content-Type, headers that never end, a client that leaves at once, ...), each on its own
+  connection.
 
 Then it checks that the server's slots are all free again (`/healthz` streams = 0) while the silent
 connections are still open, and reports what became of those connections: sent whole (they fit in
