@@ -361,3 +361,9 @@ def test_export_format_web_goes_to_the_web_export(trained_run, tmp_path) -> None
     assert result.exit_code == 0, (result.output, result.exception)
     assert (tmp_path / "site" / "index.html").is_file()
     assert "index.html" in result.stdout and not (tmp_path / "site" / "model.onnx").exists()
+
+
+def test_the_native_engine_points_an_export_folder_to_engine_onnx(exported) -> None:
+    """`charlstm generate EXPORT` without --engine onnx says to add it (not just "not a run")."""
+    result = invoke("generate", exported, "--length", 5)
+    one_line_error(result, "is an ONNX export", "generate from it with --engine onnx")

@@ -355,6 +355,11 @@ def generate(
     else:
         from charlstm.api import load
 
+        if (Path(run) / "model.onnx").is_file():
+            raise UserError(
+                f"{run!r} is an ONNX export (charlstm export --format onnx), not a run folder; "
+                "generate from it with --engine onnx"
+            )
         model = load(run, which=which, device=device)
     extra = {
         "repetition_penalty": repetition_penalty,

@@ -964,6 +964,10 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: generate_cli(e.file("model.json", "{}").parent, "--engine", "onnx"),
         "is not a valid charlstm ONNX export (",
     ),
+    "generate-onnx-export": (
+        lambda e: generate_cli(e.file("model.onnx", b"").parent),
+        "is an ONNX export (charlstm export --format onnx), not a run folder; generate from it",
+    ),
     "engine-onnx-device": (
         lambda e: generate_cli(e.run, "--engine", "onnx", "--device", "cuda"),
         "--engine onnx runs on the CPU",
