@@ -194,7 +194,10 @@ def draw(logits, params, seeds, counters, recent):
     temperature=st.floats(0.05, 5.0),
     top_k=st.one_of(st.none(), st.integers(1, 30)),
     top_p=st.one_of(st.none(), st.floats(0.01, 1.0)),
-    scale=st.floats(0.0, 20.0),
+    # Exact ties (0) or logits at least 1e-6 apart: distinct logits closer than float64 can tell
+    # after exp (found: 5e-17 apart) tie in numpy's exp but not in the kernel's, which differs in
+    # the last bit, so which of two "equal" characters the nucleus keeps is not defined there.
+    scale=st.one_of(st.just(0.0), st.floats(1e-6, 20.0)),
 )
 def test_top_k_and_top_p_never_draw_an_excluded_character(
     seed, V, temperature, top_k, top_p, scale
