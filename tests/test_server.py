@@ -95,6 +95,35 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
     return events
 
 
+def json_post_scope(
+    path: str, data: bytes, *, host: str, server: tuple[str, int], spec_version: str | None = None
+) -> dict:
+    """The ASGI scope of a POST of the JSON `data` to `path`, as an HTTP server would build it."""
+    asgi = (
+        {"version": "3.0"}
+        if spec_version is None
+        else {"version": "3.0", "spec_version": spec_version}
+    )
+    return {
+        "type": "http",
+        "asgi": asgi,
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "server": server,
+        "client": ("127.0.0.1", 5000),
+        "headers": [
+            (b"host", host.encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+        ],
+    }
+
+
 class RawStream:
     """Drives the ASGI app by hand, so that a test can read part of a response and then leave."""
 
@@ -103,24 +132,7 @@ class RawStream:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.sent: asyncio.Queue = asyncio.Queue()
         self.inbox.put_nowait({"type": "http.request", "body": data, "more_body": False})
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "server": ("test", 80),
-            "client": ("127.0.0.1", 5000),
-            "headers": [
-                (b"host", b"localhost"),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
+        scope = json_post_scope(path, data, host="localhost", server=("test", 80))
         self.buffer = ""
         self.task = asyncio.create_task(app(scope, self.inbox.get, self.sent.put))
 
@@ -714,24 +726,9 @@ class Unread:
         self.blocked = asyncio.Event()
         self.reads, self.delay = reads, delay
         path = "/v1/generate/stream"
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn says
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "server": ("127.0.0.1", 8000),
-            "client": ("127.0.0.1", 5000),
-            "headers": [
-                (b"host", b"127.0.0.1:8000"),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
+        scope = json_post_scope(
+            path, data, host="127.0.0.1:8000", server=("127.0.0.1", 8000), spec_version="2.3"
+        )
         self.task = asyncio.create_task(app(scope, self.inbox.get, self.send))
 
     async def send(self, message: dict) -> None:
