@@ -715,7 +715,12 @@ def bench_train(config_path, dataset, budget, out, sets) -> None:
 
 @main.command()
 @click.option(
-    "--text", "text_path", type=click.Path(dir_okay=False), help="The text file to prepare."
+    "--text",
+    "text_path",
+    multiple=True,
+    metavar="FILE|DIR|GLOB",
+    help="The text to prepare: a file, a folder (every file under it) or a quoted glob such as "
+    "'src/**/*.c'; repeatable. Each file is one document.",
 )
 @click.option("--dataset", help="A named corpus to prepare instead (see `charlstm datasets`).")
 @click.option(
@@ -737,9 +742,17 @@ def bench_train(config_path, dataset, budget, out, sets) -> None:
     type=float,
     help="Recorded in meta.json; training cuts by its own --val-fraction.",
 )
+@click.option(
+    "--skip-bad-files",
+    is_flag=True,
+    help="Leave out files of a folder or glob that are binary or not valid --encoding (counted), "
+    "instead of stopping at the first.",
+)
 @click.option("--force", is_flag=True, help="Replace a prepared corpus already in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs and CI).")
-def prepare(text_path, dataset, out, encoding, val_fraction, force, no_progress) -> None:
+def prepare(
+    text_path, dataset, out, encoding, val_fraction, skip_bad_files, force, no_progress
+) -> None:
     """Encode a corpus larger than memory once; then train on it with --prepared OUT."""
     from charlstm.data import datasets as ds
     from charlstm.data.prepared import describe
@@ -747,7 +760,8 @@ def prepare(text_path, dataset, out, encoding, val_fraction, force, no_progress)
 
     if bool(text_path) == bool(dataset):
         raise UserError("give exactly one of --text FILE or --dataset NAME")
-    source = text_path
+    text_path = list(text_path)
+    source = None
     if dataset:
         text_path, encoding, source = (
             ds.resolve(dataset, progress=not no_progress),
@@ -762,6 +776,7 @@ def prepare(text_path, dataset, out, encoding, val_fraction, force, no_progress)
         source=source,
         force=force,
         progress=not no_progress,
+        skip_bad_files=skip_bad_files,
     )
     click.echo(describe(result), err=True)
 

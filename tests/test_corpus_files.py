@@ -1,0 +1,171 @@
+"""Text from many files: --text as files, folders and globs, one document per file, and the
+boundaries kept by `charlstm prepare`."""
+
+import json
+
+import numpy as np
+import pytest
+
+from charlstm.data import prepared
+from charlstm.data.corpus import read_text
+from charlstm.data.sources import expand, stem
+from charlstm.data.vocabulary import Vocabulary
+from charlstm.errors import UserError
+from tests.helpers import invoke, one_line_error
+
+
+def tree(root, files: dict[str, bytes | str]):
+    """Write `files` (relative path → content) under `root`; returns `root`."""
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return root
+
+
+SOURCE_TREE = {
+    "b.c": "int b;\n",
+    "a/z.c": "int z;\r\n",
+    "a/y.h": "#define Y 1\n",
+    "a.c": "\ufeffint a;\n",  # a BOM of its own, dropped as in a single file
+    "a/deep/x.c": "int x; /* ✓ */\n",
+    ".git/config": "[core]\n",  # hidden: left out
+    "a/.hidden.c": "secret\n",
+    "empty.c": "",  # empty: skipped
+}
+
+
+def _names(files, root):
+    return [str(f.path.relative_to(root)) for f in files]
+
+
+def test_folder_is_every_visible_file_in_tree_order(tmp_path):
+    """A folder gives its regular files recursively, hidden ones left out, ordered name by name."""
+    root = tree(tmp_path / "src", SOURCE_TREE)
+    names = _names(expand(str(root)), root)
+    assert names == ["a/deep/x.c", "a/y.h", "a/z.c", "a.c", "b.c", "empty.c"]
+
+
+def test_glob_is_sorted_recursive_and_files_are_read_once(tmp_path, monkeypatch):
+    """`**` matches any depth; a file named again (by a folder, then a glob) is kept once, where it
+    first appears; a named file keeps its place."""
+    root = tree(tmp_path / "src", SOURCE_TREE)
+    monkeypatch.chdir(tmp_path)
+    files = expand(["src/b.c", "src/**/*.c", "src/a"])
+    assert [str(f.path) for f in files] == [
+        "src/b.c",
+        "src/a/deep/x.c",
+        "src/a/z.c",
+        "src/a.c",
+        "src/empty.c",
+        "src/a/y.h",
+    ]
+    assert [f.named for f in files] == [True, False, False, False, False, False]
+    assert stem("src/**/*.c") == "src" and stem([str(root), "x.txt"]) == "src+1"
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [("nothing/*.txt", "no file matches --text"), ("", "empty path")],
+)
+def test_a_pattern_that_matches_nothing_is_named(tmp_path, monkeypatch, spec, needle):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=needle):
+        expand([spec])
+
+
+def test_a_folder_without_files_is_named(tmp_path):
+    tree(tmp_path / "d", {".only-hidden": "x"})
+    with pytest.raises(UserError, match="holds no files"):
+        expand(str(tmp_path / "d"))
+
+
+def _documents(root, names):
+    """The normalised texts of `names` under `root`, as `read_text` reads each."""
+    return [read_text(root / n) for n in names]
+
+
+def test_prepare_a_folder_keeps_one_document_per_file(tmp_path, monkeypatch):
+    """The ids are the files' texts one after another (each decoded on its own: its BOM dropped,
+    its CRLF normalised), docs.bin holds where each starts, empty and hidden files are left out."""
+    monkeypatch.setattr(prepared, "CHUNK_BYTES", 3)  # chunk boundaries inside every file
+    root = tree(tmp_path / "src", SOURCE_TREE)
+    result = prepared.prepare(root, tmp_path / "p", progress=False)
+    names = ["a/deep/x.c", "a/y.h", "a/z.c", "a.c", "b.c"]
+    texts = _documents(root, names)
+    whole = "".join(texts)
+    corpus = prepared.open_prepared(tmp_path / "p")
+    assert corpus.vocab == Vocabulary.from_text(whole) == result.vocab
+    assert prepared.decode_ids(corpus.vocab, corpus.ids) == whole
+    assert corpus.starts.tolist() == np.cumsum([0] + [len(t) for t in texts])[:-1].tolist()
+    assert result.documents == 5 and corpus.meta["documents"] == 5
+    files = json.loads((tmp_path / "p" / "files.json").read_text(encoding="utf-8"))
+    assert files == [str(root / n) for n in names]
+
+
+def test_prepare_one_file_is_one_document(tmp_path, corpus):
+    """A single file: one document at 0, and the source's sha256 is the file's, as before."""
+    prepared.prepare(corpus, tmp_path / "p", progress=False)
+    opened = prepared.open_prepared(tmp_path / "p")
+    assert opened.starts.tolist() == [0]
+    assert opened.meta["source_sha256"] == prepared.sha256_file(corpus)
+
+
+def test_a_bad_file_in_a_folder_is_named_or_skipped(tmp_path):
+    """A Latin-1 file in a UTF-8 tree stops `prepare` with its name; with skip_bad_files it (and
+    a binary file) is left out and counted, and nothing of it reaches the ids."""
+    root = tree(
+        tmp_path / "src",
+        {"a.c": "int a;\n", "b.c": "/* caf\xe9 */\n".encode("latin-1"), "c.o": b"\0\1\2" * 50},
+    )
+    with pytest.raises(UserError, match=r"b\.c' is not valid utf-8"):
+        prepared.prepare(root, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p" / "meta.json").exists()
+    result = prepared.prepare(
+        root, tmp_path / "q", progress=False, skip_bad_files=True, val_fraction=0
+    )
+    assert result.documents == 1 and result.skipped == 2
+    corpus = prepared.open_prepared(tmp_path / "q")
+    assert prepared.decode_ids(corpus.vocab, corpus.ids) == "int a;\n"
+    assert corpus.meta["skipped_files"] == 2
+    with pytest.raises(UserError, match="no text in --text"):
+        prepared.prepare(
+            tree(tmp_path / "bad", {"x": b"\xff\xfe\xfd"}),
+            tmp_path / "r",
+            progress=False,
+            skip_bad_files=True,
+        )
+
+
+def test_damaged_docs_file_is_refused_and_version_1_still_loads(tmp_path):
+    root = tree(tmp_path / "src", {"a.txt": "one\n", "b.txt": "two\n"})
+    prepared.prepare(root, tmp_path / "p", progress=False, val_fraction=0)
+    docs = tmp_path / "p" / "docs.bin"
+    good = docs.read_bytes()
+    docs.write_bytes(good[:-1] + b"\1")
+    with pytest.raises(UserError, match="docs.bin does not match its sha256"):
+        prepared.open_prepared(tmp_path / "p")
+    # A folder from before docs.bin: version 1, no docs.bin, read as one document.
+    docs.unlink()
+    meta_path = tmp_path / "p" / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["format_version"] = 1
+    for key in ("documents", "docs_sha256", "skipped_files"):
+        meta.pop(key)
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    assert prepared.open_prepared(tmp_path / "p").starts.tolist() == [0]
+
+
+def test_cli_prepare_takes_folders_and_globs(tmp_path, monkeypatch):
+    """`charlstm prepare --text DIR --text 'GLOB'` through the CLI: one corpus, files counted."""
+    tree(tmp_path / "src", SOURCE_TREE)
+    tree(tmp_path / "more", {"m1.txt": "more one\n", "m2.txt": "more two\n"})
+    monkeypatch.chdir(tmp_path)
+    result = invoke(
+        "prepare", "--text", "src", "--text", "more/*.txt", "--out", "p", "--no-progress"
+    )
+    assert result.exit_code == 0, result.output
+    assert "from 7 files" in result.output
+    assert prepared.open_prepared(tmp_path / "p").meta["documents"] == 7
+    bad = invoke("prepare", "--text", "nowhere/**/*.c", "--out", "q", "--no-progress")
+    one_line_error(bad, "no file matches --text 'nowhere/**/*.c'")
