@@ -65,6 +65,7 @@ DEFAULTS = {
         "ema": 0.999,
     },
     "train": {
+        "auto": "on",
         "max_steps": None,
         "max_time": 300.0,
         "eval_interval": 50,

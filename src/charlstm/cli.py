@@ -25,6 +25,7 @@ from charlstm.config import (
     default_run_folder,
     field_specs,
     load_toml,
+    toml_keys,
 )
 from charlstm.errors import TrainingStopped, UserError
 
@@ -204,7 +205,6 @@ def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> 
     config = load_toml(config_path) if config_path else RunConfig()
     config = config.replace(**overrides)
     if config.train.init_from:
-        from charlstm.config import toml_keys
         from charlstm.training.transfer import adopt_architecture, read_source
 
         # A fine-tuned model has the pre-trained one's shape; a shape the user asked for must agree.
@@ -213,7 +213,8 @@ def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> 
         )
     if out is None:
         out = str(default_run_folder(config))
-    train_run(config, out, force=force, progress=not no_progress)
+    given = set(overrides) | toml_keys(config_path)
+    train_run(config, out, force=force, progress=not no_progress, explicit=given)
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -971,7 +972,7 @@ def tune(
     and flags). Prints the results table and writes the best configuration as a TOML preset, the
     table, a JSON file and plots.
     """
-    from charlstm.config import parse_duration, toml_keys
+    from charlstm.config import parse_duration
     from charlstm.experiments import tuning
 
     threads = fields.pop("threads") or 1

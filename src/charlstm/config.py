@@ -39,6 +39,7 @@ Batching = Literal["stream", "random"]
 Schedule = Literal["plateau", "cosine", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
+Switch = Literal["on", "off"]
 
 CELLS: tuple[str, ...] = get_args(Cell)
 BATCHINGS: tuple[str, ...] = get_args(Batching)
@@ -178,6 +179,11 @@ class OptimConfig:
 class TrainConfig:
     """Budgets, evaluation cadence, early stopping, reproducibility and hardware."""
 
+    auto: Switch = _field(
+        "on",
+        "on: choose the model, batch, dropouts, schedule and evaluation from the text, the budget "
+        "and this machine's measured speed (settings you give win); off: the fixed defaults.",
+    )
     max_steps: int | None = _field(
         None, "Stop after this many steps (summed over resumes); unset means no step limit."
     )

@@ -89,6 +89,19 @@ class Context:
 _context: Context | None = None
 
 
+def broadcast_json(doc: Any, ctx: Context) -> Any:
+    """Rank 0's JSON-able `doc` on every process (what the others pass is ignored). Sent as bytes
+    in tensors, never pickled: a peer's bytes are only ever parsed as JSON."""
+    data = json.dumps(doc).encode("utf-8") if ctx.rank == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=ctx.device)
+    if ctx.rank == 0:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return json.loads(bytes(buf.cpu().tolist()).decode("utf-8"))
+
+
 def world_size_from_env() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,9 +20,10 @@ import torch
 from charlstm.config import RunConfig, from_dict, load_toml, to_toml
 from charlstm.data.loading import prepare_data
 from charlstm.errors import UserError
+from charlstm.hardware import pick_device, pick_precision, set_threads
 from charlstm.model import count_parameters
 from charlstm.runs.folder import RunFolder
-from charlstm.training import distributed, tensorboard, transfer
+from charlstm.training import autoconfig, distributed, tensorboard, transfer
 from charlstm.training.loop import Run, fit
 
 # Adam moves each weight by about lr per step: far above 1 a run can only diverge, and from about
@@ -65,8 +66,15 @@ def train(
     log: Callable[[str], None] | None = None,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     on_eval: Callable[[int, float], None] | None = None,
+    explicit: set[str] | None = None,
 ) -> Path:
     """Train a model as `config` says and write the run to `out`; returns the run folder.
+
+    With ``train.auto = "on"`` (the default), a new run's model, batch, regularisation, schedule
+    and evaluation cadence are chosen from the text, the budget and this machine (autoconfig.py),
+    except the fields in `explicit` (the flags and preset keys the user gave; None: those that
+    differ from the defaults). The choice is logged and stored in config.toml with auto off, so
+    that ``--config RUN/config.toml`` repeats the run exactly.
 
     ``init_from`` starts from another run's weights, ``pretrain`` makes that run first.
     `on_eval(step, val_loss)` is called after each scheduled evaluation, once the run is saved; an
@@ -112,6 +120,13 @@ def train(
         if source
         else None,
     )
+    spent, why = 0.0, None
+    if config.train.auto == "on" and last_ckpt is None:
+        keep = autoconfig.explicit_fields(config) if explicit is None else set(explicit)
+        if source is not None:  # a fine-tuned model has its source's shape
+            keep |= set(transfer.ARCHITECTURE)
+        config, why, spent = _auto_choice(config, keep, data, ctx)
+        log(f"charlstm: auto: {why}")
     run = (
         Run(config, folder, data, log, progress)
         if ctx is None
@@ -131,8 +146,11 @@ def train(
             out,
             resume_step=run.state.progress.step if last_ckpt is not None else None,
         )
+    if spent:  # the calibration counts against the budget
+        run.state.progress.elapsed += spent
     if writer:
-        folder.write_config(to_toml(run.config))
+        note = f"# chosen by --auto on: {why}\n" if why else ""
+        folder.write_config(note + to_toml(run.config))
     log(
         f"charlstm: {data.source}: {len(data.train_ids):,} train / {len(data.val_ids):,} "
         f"validation characters, vocabulary {len(data.vocab)}; {run.config.model.cell.upper()} "
@@ -159,6 +177,35 @@ def train(
         paths = report_run(out, log=log)
         log(f"charlstm: wrote {paths['html']} and {paths['md']}")
     return out
+
+
+def _auto_choice(
+    config: RunConfig, explicit: set[str], data, ctx
+) -> tuple[RunConfig, str, float]:
+    """The automatic choice (autoconfig.choose) for this text and machine, with auto turned off
+    in the result so that the stored config repeats it. Under torchrun, rank 0 chooses (its
+    calibration) and every process takes its choice: all must train the same model."""
+    device = pick_device(config.train.device)
+    precision = pick_precision(config.train.precision, device)
+    threads = set_threads(config.train.threads)
+    if ctx is None or ctx.rank == 0:
+        choice = autoconfig.choose(
+            config,
+            explicit,
+            len(data.train_ids),
+            len(data.val_ids),
+            len(data.vocab),
+            device,
+            precision,
+            threads,
+        )
+        found = [choice.config.to_dict(), choice.explanation, choice.seconds]
+    else:
+        found = [None, None, 0.0]
+    if ctx is not None:
+        found = distributed.broadcast_json(found, ctx)
+    chosen, why, seconds = found
+    return from_dict(chosen).replace(auto="off"), why, seconds
 
 
 def pretrain_out(out: Path) -> Path:

@@ -1,0 +1,268 @@
+"""The automatic configuration: the model, batch and schedule chosen from the text and the budget.
+
+A fixed default suits one size of text. A 12 k-character poem collection wants a small batch, many
+passes and heavy regularisation; a 1 M-character play wants a wide layer, a large batch and none; a
+100 MB source tree wants the largest model the budget can feed. What decides is how many characters
+the run will get through (the budget × this machine's measured speed for a shape, see
+calibration.py) against how many there are to learn from. Two quantities follow:
+
+- **characters per parameter** the run will see: a model with too many parameters for its budget
+  ends undertrained; the largest width whose budget gives it at least `CHARS_PER_PARAM` characters
+  per parameter is chosen (as compute-optimal scaling rules do for language models);
+- **epochs**, passes over the training text: many passes memorise, so the dropouts, DropConnect and
+  the weight average rise with them (`REGULARISATION`), and a small text gets small batches so that
+  it still gets many updates.
+
+The constants come from a sweep over texts of 12 k to 10 M characters and budgets of 30 s to 10 min
+(benchmarks/autoconfig_sweep.py; its rows are in benchmarks/data/autoconfig_sweep.jsonl and
+docs/benchmarks.md explains how each constant was read off them). Explicit settings always win: a
+field the user set (a flag, a preset's key, a Python argument) is never changed, and the choice
+around it is made with it (a given --hidden-size still gets its batch and dropouts chosen).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from charlstm.config import RunConfig
+from charlstm.training.calibration import Calibration, Shape
+
+# ------------------------------------------------------------------------------- the fitted rules
+
+# Widths the choice moves between (one layer above TWO_LAYERS_BELOW characters, two below).
+WIDTHS = (128, 192, 256, 384, 512, 768, 1024, 1536)
+# The least number of characters per parameter the budget must let a width see.
+CHARS_PER_PARAM = 6.0
+# Below this many training characters the network has two layers (small texts gain from depth
+# with dropout between the layers; large ones from the width a single layer affords).
+TWO_LAYERS_BELOW = 200_000
+# On a small text the width is capped: beyond it, more width only memorises faster.
+SMALL_TEXT_WIDTH = ((50_000, 256), (200_000, 384))
+# Characters per step: at most 1/MIN_STEPS_PER_EPOCH of the text, so that a small text still gets
+# many updates a pass, and at most 1/MIN_STEPS of what the budget processes.
+MIN_STEPS_PER_EPOCH = 40
+MIN_STEPS = 1000
+STEP_CHARS = (256, 512, 1024, 2048, 4096, 8192)
+# Regularisation by the number of passes over the text the budget allows:
+# (fewer than this many epochs, dropout, embedding dropout, weight drop, locked, ema).
+REGULARISATION = (
+    (3.0, 0.0, 0.0, 0.0, False, 0.0),
+    (8.0, 0.2, 0.05, 0.1, True, 0.0),
+    (30.0, 0.4, 0.1, 0.3, True, 0.0),
+    (math.inf, 0.5, 0.2, 0.6, False, 0.9998),
+)
+LR = 3e-3
+EVAL_SHARE = 0.1  # the most of the time scheduled evaluations may take
+# An open-ended run (no --max-time, no --max-steps) is sized as if it had an hour.
+OPEN_ENDED_SECONDS = 3600.0
+
+# The fields the choice sets; any the user set explicitly is left alone.
+CHOSEN = (
+    "hidden_size",
+    "num_layers",
+    "embedding_size",
+    "batch_size",
+    "seq_len",
+    "dropout",
+    "embedding_dropout",
+    "weight_drop",
+    "locked_dropout",
+    "ema",
+    "lr",
+    "schedule",
+    "min_lr",
+    "warmup_steps",
+    "eval_interval",
+    "early_stopping",
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the automatic configuration chose, and the sentence that says why."""
+
+    config: RunConfig
+    explanation: str
+    seconds: float  # spent measuring (counted against the budget)
+
+
+def explicit_fields(config: RunConfig) -> set[str]:
+    """The fields of `config` that differ from the built-in defaults: what a Python caller who
+    passes a RunConfig has set (the CLI knows its flags and preset keys exactly instead)."""
+    default = RunConfig()
+    found = set()
+    for section in ("data", "model", "optim", "train"):
+        mine, base = getattr(config, section), getattr(default, section)
+        for f in fields(mine):
+            if getattr(mine, f.name) != getattr(base, f.name):
+                found.add(f.name)
+    return found
+
+
+def parameters(cell: str, hidden: int, layers: int, embedding: int, vocab: int) -> int:
+    """Parameters of the network (embedding, recurrent layers with both biases, output layer)."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    total = vocab * embedding + hidden * vocab + vocab
+    for layer in range(layers):
+        fan_in = embedding if layer == 0 else hidden
+        total += gates * hidden * (fan_in + hidden + 2)
+    return total
+
+
+def _step_chars(n_train: int, budget_chars: float | None) -> int:
+    limit = n_train / MIN_STEPS_PER_EPOCH
+    if budget_chars is not None:
+        limit = min(limit, budget_chars / MIN_STEPS)
+    fitting = [c for c in STEP_CHARS if c <= limit]
+    return fitting[-1] if fitting else STEP_CHARS[0]
+
+
+def _batch(step_chars: int) -> tuple[int, int]:
+    """(batch size, window) for a number of characters per step: windows of 64, 32 for the
+    smallest steps (a small text has few long-range patterns worth the shorter batch)."""
+    seq = 32 if step_chars <= 256 else 64
+    return step_chars // seq, seq
+
+
+def _regularisation(epochs: float) -> tuple[float, float, float, bool, float]:
+    for limit, *values in REGULARISATION:
+        if epochs < limit:
+            return tuple(values)  # type: ignore[return-value]
+    raise AssertionError("the last row has no limit")
+
+
+def _fmt_chars(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.0f} k"
+    return f"{n:.0f}"
+
+
+def choose(
+    config: RunConfig,
+    explicit: set[str],
+    n_train: int,
+    n_val: int,
+    vocab_size: int,
+    device: torch.device,
+    precision: str,
+    threads: int,
+    calibration: Calibration | None = None,
+) -> Choice:
+    """The configuration for this text, budget and machine; explicit fields are kept as given.
+    `calibration` gives the speeds of shapes (by default measured here and cached)."""
+    m, d, t = config.model, config.data, config.train
+    cell = m.cell
+    embedding = m.embedding_size
+    calib = calibration or Calibration(device, precision, threads)
+    budget = t.max_time if t.max_time else None
+    if budget is None and not t.max_steps:
+        budget = OPEN_ENDED_SECONDS
+    usable = budget * (1 - EVAL_SHARE) if budget else None
+
+    def given(name: str) -> bool:
+        return name in explicit
+
+    layers = m.num_layers if given("num_layers") else (2 if n_train < TWO_LAYERS_BELOW else 1)
+    cap = WIDTHS[-1]
+    for below, width in SMALL_TEXT_WIDTH:
+        if n_train < below:
+            cap = width
+            break
+    widths = [m.hidden_size] if given("hidden_size") else [w for w in WIDTHS if w <= cap]
+
+    def step_shape(width: int, step_chars: int) -> Shape:
+        batch, seq = _batch(step_chars)
+        if given("batch_size"):
+            batch = d.batch_size
+        if given("seq_len"):
+            seq = d.seq_len
+        return Shape(cell, width, layers, embedding, vocab_size, batch, seq)
+
+    def chars_in_budget(shape: Shape) -> float:
+        if usable is not None:
+            seen = calib.speed(shape) * usable
+            if t.max_steps:
+                seen = min(seen, t.max_steps * shape.batch_size * shape.seq_len)
+            return seen
+        return t.max_steps * shape.batch_size * shape.seq_len
+
+    def fits(width: int) -> bool:
+        """Whether the budget feeds `width` enough characters, measured at the step the text
+        alone would get (the budget may shrink the step below; that costs one more measurement,
+        of the chosen width only)."""
+        seen = chars_in_budget(step_shape(width, _step_chars(n_train, None)))
+        return seen >= CHARS_PER_PARAM * parameters(cell, width, layers, embedding, vocab_size)
+
+    # The largest width that fits; fitting shrinks as width grows, so a binary search measures
+    # only about log2(len(widths)) shapes.
+    lo, hi = 0, len(widths) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(widths[mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    width = widths[lo]
+    shape = step_shape(width, _step_chars(n_train, None))
+    refined = step_shape(width, _step_chars(n_train, chars_in_budget(shape)))
+    shape, seen = refined, chars_in_budget(refined)
+    epochs = seen / max(n_train, 1)
+    dropout, emb_dropout, weight_drop, locked, ema = _regularisation(epochs)
+    step_chars = shape.batch_size * shape.seq_len
+    speed = seen / usable if usable else calib.speed(shape)
+    steps = seen / step_chars
+    # Evaluation: a scheduled pass reads the validation slice (up to eval_chars) at about three
+    # times the training speed (forward only); space them so that they take at most EVAL_SHARE.
+    eval_chars = min(n_val, getattr(t, "eval_chars", 0) or n_val)
+    eval_seconds = eval_chars / (3 * speed)
+    step_seconds = step_chars / speed
+    interval = max(25, math.ceil(eval_seconds / (EVAL_SHARE * step_seconds)))
+    if budget is not None:  # and at least about 10 evaluations in the budget
+        interval = max(1, min(interval, int(steps // 10) or 1))
+    cosine = t.max_time is not None or t.max_steps is not None
+    chosen: dict[str, Any] = {
+        "hidden_size": width,
+        "num_layers": layers,
+        "batch_size": shape.batch_size,
+        "seq_len": shape.seq_len,
+        "dropout": dropout,
+        "embedding_dropout": emb_dropout,
+        "weight_drop": weight_drop,
+        "locked_dropout": locked,
+        "ema": ema,
+        "lr": LR,
+        "schedule": "cosine" if cosine else "plateau",
+        "min_lr": (config.optim.lr if given("lr") else LR) / 10,
+        "warmup_steps": 50 if width >= 512 else 0,
+        "eval_interval": interval,
+        "early_stopping": 20 if epochs >= 30 or not cosine else 0,
+    }
+    chosen = {k: v for k, v in chosen.items() if not given(k)}
+    new = config.replace(**chosen)
+    nm, no, nd = new.model, new.optim, new.data
+    regs = (
+        "no dropout"
+        if nm.dropout == nm.embedding_dropout == nm.weight_drop == 0
+        else f"dropout {nm.dropout:g}/{nm.embedding_dropout:g}, weight drop {nm.weight_drop:g}"
+    )
+    sched = f"cosine to {no.min_lr:.0e}" if no.schedule == "cosine" else no.schedule
+    budget_text = f"{t.max_time:g} s" if t.max_time else "open-ended"
+    if t.max_steps:
+        budget_text += f", {t.max_steps:,} steps"
+    explanation = (
+        f"{_fmt_chars(n_train)} characters, {budget_text}, {threads} "
+        f"{'thread' if threads == 1 else 'threads'} at {_fmt_chars(speed)} chars/s "
+        f"({epochs:.1f} passes) → {nm.num_layers}×{nm.hidden_size}, batch "
+        f"{nd.batch_size}×{nd.seq_len}, {regs}"
+        + (f", ema {no.ema:g}" if no.ema else "")
+        + f", {sched}, eval every {new.train.eval_interval}"
+    )
+    if calib.measured:
+        explanation += f" (calibrated {len(calib.measured)} shapes in {calib.seconds:.1f} s)"
+    return Choice(new, explanation, calib.seconds)

@@ -1,0 +1,173 @@
+"""How fast this machine trains a given model shape: measured once, then read from a cache.
+
+The automatic configuration (autoconfig.py) sizes the model to what the time budget lets it see, so
+it needs the training speed of each shape it considers, on this machine, with this thread count and
+number type. A measurement is a few real training steps (forward, backward, Adam) on random ids; it
+takes a fraction of a second to a second or two per shape. Measurements are cached per machine and
+shape in ``$XDG_CACHE_HOME/charlstm/calibration.json`` (``CHARLSTM_CACHE`` overrides the folder), so
+the second run on a machine spends nothing on it, and two runs with the same config and seed choose
+the same model: the choice depends on the cached figure, not on how busy the machine was the second
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from charlstm.atomic import atomic_write_text
+from charlstm.config import ModelConfig
+from charlstm.hardware import autocast
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the speed of a training step depends on (dropouts cost little and are left out)."""
+
+    cell: str
+    hidden_size: int
+    num_layers: int
+    embedding_size: int
+    vocab_size: int
+    batch_size: int
+    seq_len: int
+
+    def key(self) -> str:
+        return (
+            f"{self.cell}-{self.num_layers}x{self.hidden_size}-e{self.embedding_size}"
+            f"-v{self.vocab_size}-b{self.batch_size}x{self.seq_len}"
+        )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(device: torch.device, precision: str, threads: int) -> str:
+    """The machine part of a cache key: the processor, the thread count, the number type, torch."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return f"{device.type}:{name}|{threads}t|{precision}|torch {torch.__version__}"
+
+
+def cache_path() -> Path:
+    folder = os.environ.get("CHARLSTM_CACHE")
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(base, "charlstm")
+    return Path(folder) / "calibration.json"
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, float]]:
+    """The cached speeds; an unreadable or foreign file counts as empty (it is only a cache)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("version") != CACHE_VERSION:
+        return {}
+    machines = doc.get("machines")
+    return machines if isinstance(machines, dict) else {}
+
+
+def _write_cache(path: Path, machines: dict[str, dict[str, float]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            path, json.dumps({"version": CACHE_VERSION, "machines": machines}, indent=1)
+        )
+    except OSError:
+        pass  # a read-only home only costs the next run a new measurement
+
+
+def measure(
+    shape: Shape, device: torch.device, precision: str, seconds: float = 0.3, steps: int = 10
+) -> float:
+    """Characters per second of real training steps of `shape`: one warm-up step, then steps
+    until `seconds` have passed or `steps` were taken (at least two)."""
+    cfg = ModelConfig(
+        cell=shape.cell,
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        embedding_size=shape.embedding_size,
+        vocab_size=shape.vocab_size,
+        dropout=0.0,
+        embedding_dropout=0.0,
+        weight_drop=0.0,
+    )
+    from charlstm.model import CharRNN, detach_hidden
+
+    rng_state = torch.get_rng_state()  # measuring must not change the run's random stream
+    try:
+        gen = torch.Generator().manual_seed(0)
+        model = CharRNN(cfg).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), generator=gen)
+        y = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), generator=gen)
+        x, y = x.to(device), y.to(device)
+        hidden = None
+
+        def step() -> None:
+            nonlocal hidden
+            with autocast(device, precision):
+                logits, hidden = model(x, hidden)
+            loss = F.cross_entropy(logits.float().reshape(-1, shape.vocab_size), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            hidden = detach_hidden(hidden)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        step()
+        done, start = 0, time.perf_counter()
+        while done < 2 or (done < steps and time.perf_counter() - start < seconds):
+            step()
+            done += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_rng_state(rng_state)
+    return done * shape.batch_size * shape.seq_len / max(elapsed, 1e-9)
+
+
+class Calibration:
+    """Training speeds of shapes on one machine, measured on first use and cached on disk."""
+
+    def __init__(self, device: torch.device, precision: str, threads: int) -> None:
+        self.device, self.precision = device, precision
+        self.machine = machine_key(device, precision, threads)
+        self.path = cache_path()
+        self.measured: list[str] = []  # the shapes measured now (not from the cache)
+        self.seconds = 0.0  # time spent measuring
+
+    def speed(self, shape: Shape) -> float:
+        """Characters per second of training `shape` here."""
+        machines = _read_cache(self.path)
+        mine = machines.get(self.machine, {})
+        cached = mine.get(shape.key())
+        if isinstance(cached, int | float) and cached > 0:
+            return float(cached)
+        start = time.perf_counter()
+        value = measure(shape, self.device, self.precision)
+        self.seconds += time.perf_counter() - start
+        self.measured.append(shape.key())
+        machines = _read_cache(self.path)  # another run may have written meanwhile
+        machines.setdefault(self.machine, {})[shape.key()] = round(value, 1)
+        _write_cache(self.path, machines)
+        return value

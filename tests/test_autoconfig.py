@@ -1,0 +1,233 @@
+"""The automatic configuration: what it chooses for small and large texts, that explicit settings
+win, that the choice is written so that it repeats, and that calibration is cached."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+import torch
+
+from charlstm.config import RunConfig, load_toml
+from charlstm.training import autoconfig, calibration
+from charlstm.training.calibration import Calibration, Shape
+from tests.helpers import invoke, read_metrics
+
+CPU = torch.device("cpu")
+
+
+class FakeCalibration:
+    """Speeds from a formula instead of measurements: a fixed FLOP rate, plus a per-step cost
+    that makes small batches slower per character, as on a real machine."""
+
+    def __init__(self, flops_per_s: float = 3e11) -> None:
+        self.flops_per_s = flops_per_s
+        self.asked: list[Shape] = []
+        self.measured: list[str] = []
+        self.seconds = 0.0
+
+    def speed(self, shape: Shape) -> float:
+        self.asked.append(shape)
+        params = autoconfig.parameters(
+            shape.cell,
+            shape.hidden_size,
+            shape.num_layers,
+            shape.embedding_size,
+            shape.vocab_size,
+        )
+        chars = shape.batch_size * shape.seq_len
+        step_seconds = 2e-3 + 6 * params * chars / self.flops_per_s
+        return chars / step_seconds
+
+
+def _choose(n_train: int, budget: float | None, config: RunConfig | None = None, **kw):
+    config = (config or RunConfig()).replace(max_time=budget)
+    return autoconfig.choose(
+        config,
+        kw.pop("explicit", set()),
+        n_train,
+        n_train // 9,
+        80,
+        CPU,
+        "fp32",
+        2,
+        calibration=kw.pop("calibration", FakeCalibration()),
+    )
+
+
+def test_a_small_text_gets_a_small_batch_and_heavy_regularisation():
+    choice = _choose(11_000, 120.0)
+    c = choice.config
+    assert c.model.num_layers == 2
+    assert c.data.batch_size * c.data.seq_len == 256
+    assert c.model.dropout >= 0.4 and c.model.weight_drop > 0
+    assert c.model.hidden_size <= 256
+    assert c.optim.schedule == "cosine"
+
+
+def test_a_large_text_gets_one_wide_unregularised_layer():
+    choice = _choose(50_000_000, 600.0)
+    c = choice.config
+    assert c.model.num_layers == 1
+    assert c.model.hidden_size >= 384
+    assert c.model.dropout == c.model.weight_drop == c.optim.ema == 0
+    assert c.data.batch_size * c.data.seq_len >= 4096
+
+
+def test_more_budget_never_chooses_a_narrower_model():
+    widths = [_choose(5_000_000, b).config.model.hidden_size for b in (30, 100, 300, 1000, 3000)]
+    assert widths == sorted(widths)
+    assert widths[-1] > widths[0]
+
+
+def test_the_choice_feeds_the_model_enough_characters_per_parameter():
+    fake = FakeCalibration()
+    c = _choose(5_000_000, 300.0, calibration=fake).config
+    shape = Shape("lstm", c.model.hidden_size, c.model.num_layers, 64, 80, c.data.batch_size, 64)
+    seen = fake.speed(shape) * 300 * (1 - autoconfig.EVAL_SHARE)
+    params = autoconfig.parameters("lstm", c.model.hidden_size, c.model.num_layers, 64, 80)
+    assert seen >= autoconfig.CHARS_PER_PARAM * params
+    wider = autoconfig.WIDTHS[autoconfig.WIDTHS.index(c.model.hidden_size) + 1]
+    shape = Shape("lstm", wider, c.model.num_layers, 64, 80, c.data.batch_size, 64)
+    params = autoconfig.parameters("lstm", wider, c.model.num_layers, 64, 80)
+    assert fake.speed(shape) * 300 * (1 - autoconfig.EVAL_SHARE) < (
+        autoconfig.CHARS_PER_PARAM * params
+    )
+
+
+def test_explicit_settings_win_and_the_rest_is_chosen_around_them():
+    given = RunConfig().replace(hidden_size=96, dropout=0.1, lr=1e-3)
+    c = _choose(2_000_000, 100.0, given, explicit={"hidden_size", "dropout", "lr"}).config
+    assert (c.model.hidden_size, c.model.dropout, c.optim.lr) == (96, 0.1, 1e-3)
+    assert c.optim.min_lr == pytest.approx(1e-4)  # a tenth of the rate the user gave
+    assert c.data.batch_size != RunConfig().data.batch_size  # still chosen
+
+
+def test_an_open_ended_run_gets_the_plateau_schedule_and_early_stopping():
+    c = _choose(1_000_000, None).config
+    assert c.optim.schedule == "plateau"
+    assert c.train.early_stopping > 0
+
+
+def test_the_explanation_says_what_was_chosen_and_why():
+    choice = _choose(1_000_000, 100.0)
+    c = choice.config
+    text = choice.explanation
+    assert text.startswith("1.0 M characters, 100 s, 2 threads at ")
+    assert f"{c.model.num_layers}×{c.model.hidden_size}" in text
+    assert f"batch {c.data.batch_size}×{c.data.seq_len}" in text
+
+
+def test_explicit_fields_are_those_that_differ_from_the_defaults():
+    config = RunConfig().replace(hidden_size=64, max_time=10.0)
+    assert autoconfig.explicit_fields(config) == {"hidden_size", "max_time"}
+
+
+def test_calibration_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_measure(shape, device, precision, **kw):
+        calls.append(shape)
+        return 1234.5
+
+    monkeypatch.setattr(calibration, "measure", fake_measure)
+    shape = Shape("lstm", 32, 1, 8, 20, 4, 16)
+    first = Calibration(CPU, "fp32", 1)
+    assert first.speed(shape) == 1234.5 and first.measured == [shape.key()]
+    second = Calibration(CPU, "fp32", 1)
+    assert second.speed(shape) == 1234.5 and second.measured == []
+    assert len(calls) == 1
+    other_threads = Calibration(CPU, "fp32", 2)  # another machine key: measured anew
+    other_threads.speed(shape)
+    assert len(calls) == 2
+
+
+def test_a_damaged_cache_is_measured_again_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path))
+    (tmp_path / "calibration.json").write_text("{not json")
+    monkeypatch.setattr(calibration, "measure", lambda *a, **k: 99.0)
+    assert Calibration(CPU, "fp32", 1).speed(Shape("lstm", 8, 1, 4, 10, 2, 8)) == 99.0
+
+
+def test_a_real_measurement_is_positive_and_leaves_the_random_stream_alone():
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    speed = calibration.measure(Shape("lstm", 16, 1, 8, 20, 4, 16), CPU, "fp32", seconds=0.01)
+    assert speed > 0
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.slow
+def test_train_with_auto_logs_the_choice_and_stores_a_config_that_repeats_it(tmp_path, corpus):
+    out = tmp_path / "run"
+    args = ["train", "--text", corpus, "--out", out, "--no-progress", "--max-time", "3"]
+    result = invoke(*args, "--threads", "1", "--sample-every", "0")
+    assert result.exit_code == 0, result.output
+    assert "charlstm: auto: 2 k characters, 3 s, 1 thread at " in result.output
+    stored = (out / "config.toml").read_text(encoding="utf-8")
+    assert stored.startswith("# chosen by --auto on: 2 k characters")
+    doc = tomllib.loads(stored)
+    assert doc["train"]["auto"] == "off"
+    config = load_toml(out / "config.toml")
+    assert config.data.batch_size * config.data.seq_len == 256  # a small text's step
+    assert config.model.num_layers == 2
+    assert read_metrics(out)[-1]["final"]
+    # The stored config trains the same model again with no choice made.
+    again = invoke(
+        "train",
+        "--config",
+        out / "config.toml",
+        "--out",
+        tmp_path / "again",
+        "--no-progress",
+        "--max-steps",
+        "2",
+    )
+    assert again.exit_code == 0, again.output
+    assert "auto:" not in again.output
+    assert load_toml(tmp_path / "again" / "config.toml").model == config.model
+
+
+@pytest.mark.slow
+def test_auto_off_keeps_the_fixed_defaults(tmp_path, corpus):
+    out = tmp_path / "run"
+    result = invoke(
+        "train",
+        "--text",
+        corpus,
+        "--out",
+        out,
+        "--no-progress",
+        "--max-steps",
+        "2",
+        "--auto",
+        "off",
+        "--threads",
+        "1",
+        "--sample-every",
+        "0",
+    )
+    assert result.exit_code == 0, result.output
+    assert "auto:" not in result.output
+    config = load_toml(out / "config.toml")
+    defaults = RunConfig()
+    assert config.model.hidden_size == defaults.model.hidden_size
+    assert config.data.batch_size == defaults.data.batch_size
+
+
+def test_the_choice_reaches_every_process_as_json(tmp_path):
+    """Under torchrun rank 0's choice is sent to the others as JSON bytes (never pickled)."""
+    import torch.distributed as dist
+
+    from charlstm.training import distributed
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ctx = distributed.Context(0, 1, 0, 1, "gloo", CPU)
+        doc = [{"model": {"hidden_size": 384}}, "1.0 M characters → 1×384", 1.5]
+        assert distributed.broadcast_json(doc, ctx) == doc
+    finally:
+        dist.destroy_process_group()
