@@ -1,12 +1,21 @@
 """Batchers: shapes, target = input shifted by one, ids in range, contiguous streams, resumable."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlstm.data.batching import RandomBatcher, StreamBatcher, eval_streams
+from charlstm.data.batching import (
+    IGNORE,
+    DocumentStreamBatcher,
+    RandomBatcher,
+    StreamBatcher,
+    eval_streams,
+    make_batcher,
+)
 from charlstm.errors import UserError
 
 
@@ -72,3 +81,92 @@ def test_eval_streams_cover_every_prediction_once():
     assert int(mask.sum()) == 1000
     assert sorted(y[mask].tolist()) == list(range(1, 1001))
     assert torch.equal(y[mask], x[mask] + 1)
+
+
+# ------------------------------------------------------------------------------- many documents
+
+STARTS = np.array([0, 40, 41, 43, 150, 151, 300, 333, 600])  # a 1-character and short documents
+N_IDS = 700
+
+
+def _doc_of(pos):
+    return np.searchsorted(STARTS, pos, side="right") - 1
+
+
+def _check_inside_documents(b):
+    """Every target continues its input inside one document; padded targets are ignored."""
+    x, y = b.x.numpy(), b.y.numpy()
+    valid = y != IGNORE
+    assert (y[valid] == x[valid] + 1).all()  # position-revealing ids: the next position
+    assert (_doc_of(x[valid]) == _doc_of(y[valid])).all()  # ... of the same document
+    # padding only at the end of a row's window
+    assert all((~v[np.argmin(v) :]).all() for v in valid if not v.all())
+
+
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 5), T=st.integers(1, 40), seed=st.integers(0, 3))
+def test_document_windows_never_cross_a_boundary(B, T, seed):
+    """Stream batching over documents: no (input, target) pair spans two documents, a row's state
+    is reset exactly where its window starts a document, and otherwise it continues the row's
+    previous window; an epoch uses every prediction at most once, and all but fewer than B
+    windows of them."""
+    batcher = make_batcher("stream", np.arange(N_IDS), B, T, seed, starts=STARTS)
+    assert isinstance(batcher, DocumentStreamBatcher)
+    for _ in range(2):
+        seen, prev = [], None
+        for w in range(batcher.windows_per_epoch):
+            b = batcher.next()
+            _check_inside_documents(b)
+            first_is_start = torch.from_numpy(np.isin(b.x[:, 0].numpy(), STARTS))
+            if w == 0:
+                assert b.reset
+            else:
+                resets = b.reset_rows if b.reset_rows is not None else torch.zeros(B, dtype=bool)
+                assert torch.equal(resets, first_is_start)
+                last = prev.y.numpy()
+                for r in np.flatnonzero(~resets.numpy()):  # continues its previous window
+                    assert b.x[r, 0] == last[r][last[r] != IGNORE][-1]
+            seen += b.y[b.y != IGNORE].tolist()
+            prev = b
+        assert len(seen) == len(set(seen))
+        predictions = N_IDS - len(STARTS)  # n - 1 for each document
+        assert predictions - len(seen) < B * T
+
+
+def test_random_windows_stay_inside_one_document():
+    batcher = make_batcher("random", np.arange(N_IDS), 16, 20, 0, starts=STARTS)
+    for _ in range(20):
+        b = batcher.next()
+        assert b.reset and (b.y == b.x + 1).all()
+        assert (_doc_of(b.x[:, 0].numpy()) == _doc_of(b.y[:, -1].numpy())).all()
+    with pytest.raises(UserError, match="no document of the training text is longer"):
+        make_batcher("random", np.arange(N_IDS), 2, 300, 0, starts=STARTS)
+
+
+@pytest.mark.parametrize("kind", ["stream", "random"])
+def test_one_document_gives_the_batches_it_always_gave(kind):
+    """starts=[0] (a single text) is the plain batcher, batch for batch."""
+    a = make_batcher(kind, _ids(3000), 4, 16, 5)
+    b = make_batcher(kind, _ids(3000), 4, 16, 5, starts=np.array([0]))
+    for _ in range(200):
+        x, y = a.next(), b.next()
+        assert torch.equal(x.x, y.x) and torch.equal(x.y, y.y) and y.reset_rows is None
+
+
+@pytest.mark.parametrize("kind", ["stream", "random"])
+def test_document_batcher_resumes_exactly(kind):
+    """Restored mid-epoch (and across the shuffle of the next epoch): the same batches."""
+    a = make_batcher(kind, np.arange(N_IDS), 3, 7, 9, starts=STARTS)
+    for _ in range(45):
+        a.next()
+    b = make_batcher(kind, np.arange(N_IDS), 3, 7, 9, starts=STARTS)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # as a checkpoint stores it
+    for _ in range(100):
+        x, y = a.next(), b.next()
+        assert torch.equal(x.x, y.x) and torch.equal(x.y, y.y) and x.reset == y.reset
+        assert (x.reset_rows is None) == (y.reset_rows is None)
+
+
+def test_too_few_windows_for_the_batch_is_named():
+    with pytest.raises(UserError, match="9 documents make 11 windows of --seq-len 100"):
+        make_batcher("stream", np.arange(N_IDS), 16, 100, 0, starts=STARTS)

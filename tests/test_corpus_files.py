@@ -1,17 +1,32 @@
 """Text from many files: --text as files, folders and globs, one document per file, and the
 boundaries kept by `charlstm prepare`."""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
+import torch
 
+from charlstm.config import ModelConfig, RunConfig, dataset_label
 from charlstm.data import prepared
 from charlstm.data.corpus import read_text
-from charlstm.data.sources import expand, stem
+from charlstm.data.loading import prepare_data
+from charlstm.data.sources import expand
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
-from tests.helpers import invoke, one_line_error
+from charlstm.model import CharRNN
+from charlstm.model.evaluation import evaluate_ids, loss_sums
+from charlstm.training.orchestrate import resume_config, train
+from tests.helpers import (
+    CORPUS_TEXT,
+    assert_same_tensors,
+    invoke,
+    one_line_error,
+    quiet,
+    tiny_config,
+    weights,
+)
 
 
 def tree(root, files: dict[str, bytes | str]):
@@ -61,7 +76,9 @@ def test_glob_is_sorted_recursive_and_files_are_read_once(tmp_path, monkeypatch)
         "src/a/y.h",
     ]
     assert [f.named for f in files] == [True, False, False, False, False, False]
-    assert stem("src/**/*.c") == "src" and stem([str(root), "x.txt"]) == "src+1"
+    label = lambda text: dataset_label(RunConfig().replace(text=text, dataset=None))
+    assert label("src/**/*.c") == "src" and label([str(root), "x.txt"]) == "src+1"
+    assert label("src/b.c") == "b"
 
 
 @pytest.mark.parametrize(
@@ -169,3 +186,73 @@ def test_cli_prepare_takes_folders_and_globs(tmp_path, monkeypatch):
     assert prepared.open_prepared(tmp_path / "p").meta["documents"] == 7
     bad = invoke("prepare", "--text", "nowhere/**/*.c", "--out", "q", "--no-progress")
     one_line_error(bad, "no file matches --text 'nowhere/**/*.c'")
+
+
+# ------------------------------------------------------------------------- training on many files
+
+
+def poem_folder(root):
+    """The tiny corpus cut into five files of unequal length (one of them a single line)."""
+    text = CORPUS_TEXT
+    cuts = [0, 700, 760, 1300, 2100, len(text)]
+    return tree(
+        root, {f"{i:02d}.txt": text[a:b] for i, (a, b) in enumerate(itertools.pairwise(cuts))}
+    )
+
+
+def test_prepare_data_keeps_each_splits_documents(tmp_path):
+    """A folder read in memory and the same folder prepared on disk give the same ids and the
+    same document starts in each split; a split cut inside a file starts with its rest."""
+    root = poem_folder(tmp_path / "poems")
+    prepared.prepare(root, tmp_path / "p", progress=False)
+    a = prepare_data(tiny_config(root, test_fraction=0.1))
+    b = prepare_data(tiny_config(root, test_fraction=0.1).replace(prepared=str(tmp_path / "p")))
+    for part in ("train", "val", "test"):
+        assert np.array_equal(getattr(a, f"{part}_ids"), getattr(b, f"{part}_ids"))
+        assert np.array_equal(getattr(a, f"{part}_starts"), getattr(b, f"{part}_starts"))
+    n = len(CORPUS_TEXT)
+    cut, val_end = n - 2 * round(0.1 * n), n - round(0.1 * n)
+    assert len(a.train_ids) == cut and len(a.val_ids) == val_end - cut
+    assert a.train_starts.tolist() == [0, 700, 760, 1300]
+    assert a.val_starts.tolist() == [0] and a.test_starts.tolist() == [0, 2100 - val_end]
+
+
+def _losses_by_document(model, ids, starts):
+    """The reference: each document evaluated alone, from a fresh state."""
+    ends = list(starts[1:]) + [len(ids)]
+    sums = [loss_sums(model, ids[a:b], n_streams=1) for a, b in zip(starts, ends) if b - a > 1]
+    return sum(s for s, _ in sums) / sum(c for _, c in sums)
+
+
+@pytest.mark.parametrize("window", [512, 7])
+def test_evaluation_carries_no_state_across_documents(window):
+    """With one stream, the loss of a multi-document text is exactly that of its documents each
+    evaluated alone; with more streams every document still counts n-1 predictions."""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=13, hidden_size=16, embedding_size=8))
+    ids = np.random.default_rng(0).integers(0, 13, size=300)
+    starts = np.array([0, 50, 51, 120, 260])
+    one = evaluate_ids(model, ids, n_streams=1, window=window, starts=starts)
+    assert one == pytest.approx(_losses_by_document(model, ids, starts), rel=1e-5)
+    assert one != pytest.approx(evaluate_ids(model, ids, n_streams=1), rel=1e-5)
+    _, count = loss_sums(model, ids, n_streams=4, window=window, starts=starts)
+    assert count == len(ids) - len(starts)
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_resumes_exactly(tmp_path):
+    """A run on a folder trains (its batches inside documents), from memory and from a prepared
+    copy alike, and a run stopped half-way and resumed ends with the same weights."""
+    root = poem_folder(tmp_path / "poems")
+    cfg = tiny_config(root, max_steps=16, eval_interval=4, seq_len=24)
+    straight = train(cfg, tmp_path / "straight", progress=False, log=quiet)
+    prepared.prepare(root, tmp_path / "p", progress=False)
+    from_prep = train(
+        cfg.replace(prepared=str(tmp_path / "p")), tmp_path / "prep", progress=False, log=quiet
+    )
+    assert_same_tensors(weights(straight), weights(from_prep))
+    half = train(cfg.replace(max_steps=8), tmp_path / "half", progress=False, log=quiet)
+    resumed = train(
+        resume_config(half, {"max_steps": 16}), half, resume=True, progress=False, log=quiet
+    )
+    assert_same_tensors(weights(straight), weights(resumed))

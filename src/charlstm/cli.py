@@ -65,9 +65,10 @@ def main() -> None:
 
 
 NOT_FLAGS = ("vocab_size",)  # filled from the corpus, not a setting
+REPEATABLE = ("text",)  # flags given many times: their values form a list
 METAVARS = {
     "dataset": "NAME",
-    "text": "FILE",
+    "text": "FILE|DIR|GLOB",
     "prepared": "DIR",
     "init_from": "RUN",
     "pretrain": "NAME|FILE",
@@ -120,6 +121,16 @@ def _config_options(**command_defaults: Any):
             if spec.kind is bool:
                 decls = [f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name]
                 func = click.option(*decls, **common)(func)
+            elif spec.name in REPEATABLE:  # not given: None, not (), so a preset's value stays
+                func = click.option(
+                    flag,
+                    spec.name,
+                    type=str,
+                    metavar=METAVARS.get(spec.name),
+                    multiple=True,
+                    callback=lambda ctx, param, value: value or None,
+                    **common,
+                )(func)
             else:
                 kind = click.Choice(spec.choices) if spec.choices else spec.kind
                 metavar = METAVARS.get(spec.name)
@@ -141,6 +152,10 @@ def _command_args(ctx, skip: tuple[str, ...] = ()) -> list[str]:
                 args.append(param.opts[0] if value else param.secondary_opts[0])
             elif value:
                 args.append(param.opts[0])
+            continue
+        if param.multiple:
+            for item in value:
+                args += [param.opts[0], str(item)]
             continue
         args += [param.opts[0], repr(value) if isinstance(value, float) else str(value)]
     return args

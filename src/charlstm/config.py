@@ -29,7 +29,7 @@ from functools import cache, wraps
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from charlstm.errors import UserError
@@ -83,8 +83,10 @@ class DataConfig:
     dataset: str | None = _field(
         "byron-ru", "Named corpus to train on (see `charlstm datasets`); --text or --prepared wins."
     )
-    text: str | None = _field(
-        None, "Text file to train on instead of a named dataset (wins over --dataset)."
+    text: str | tuple[str, ...] | None = _field(
+        None,
+        "Text to train on instead of a named dataset (wins over --dataset): a file, a folder (every "
+        "file under it) or a quoted glob ('src/**/*.c'); repeatable, each file one document.",
     )
     prepared: str | None = _field(
         None,
@@ -96,6 +98,16 @@ class DataConfig:
     val_fraction: float = _field(
         0.1, "Share at the end of the text held out for validation; 0.05 leaves more to train on."
     )
+    test_fraction: float = _field(
+        0.0,
+        "Share at the very end held out as a test split, measured once when training ends and by "
+        "`charlstm evaluate` (never for early stopping); 0: none.",
+    )
+    skip_bad_files: bool = _field(
+        False,
+        "Leave out files of a --text folder or glob that are binary or not valid --encoding "
+        "(counted) instead of stopping at the first.",
+    )
     batching: Batching = _field(
         "stream",
         "stream: contiguous streams that carry the hidden state; random: the lab's random windows.",
@@ -106,6 +118,17 @@ class DataConfig:
     seq_len: int = _field(
         32, "Characters per window gradients flow back through; raise it for longer structure."
     )
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text_values(cls, value: Any) -> Any:
+        """Many values (a TOML array, a repeated flag) become a tuple, one value stays a string,
+        so that a config of one file reads and writes as it always has."""
+        if isinstance(value, list | tuple):
+            if not value:
+                raise UserError("text names no file; give a file, a folder or a glob")
+            return value[0] if len(value) == 1 else tuple(value)
+        return value
 
 
 @_section
@@ -410,8 +433,25 @@ def dataset_label(config: RunConfig) -> str:
     if d.prepared:
         return Path(d.prepared).name
     if d.text:
-        return Path(d.text).stem
+        return _text_stem(d.text)
     return d.dataset or "untitled"
+
+
+def _text_stem(text: str | tuple[str, ...]) -> str:
+    """A file's stem, a folder's name, a glob's fixed leading folders' name (``linux/**/*.c`` →
+    ``linux``), and ``+N`` when N more values follow."""
+    values = [text] if isinstance(text, str) else list(text)
+    path = Path(values[0])
+    if set("*?[") & set(values[0]) and not path.exists():
+        fixed = path.parts[: _first_glob_part(path.parts)]
+        name = Path(*fixed).name if fixed else "glob"
+    else:
+        name = path.name if path.is_dir() else path.stem
+    return (name or "text") + (f"+{len(values) - 1}" if len(values) > 1 else "")
+
+
+def _first_glob_part(parts: tuple[str, ...]) -> int:
+    return next((i for i, part in enumerate(parts) if set("*?[") & set(part)), len(parts))
 
 
 def default_run_folder(config: RunConfig, parent: str | Path = "runs") -> Path:
@@ -492,6 +532,11 @@ def validate(config: RunConfig) -> None:
     d, m, o, t = config.data, config.model, config.optim, config.train
     for name in ("batch_size", "seq_len"):
         _check_positive(name, getattr(d, name))
+    if not 0 <= d.test_fraction < 1 or (d.test_fraction and d.val_fraction + d.test_fraction >= 1):
+        raise UserError(
+            f"test_fraction must be in [0, 1) and leave text to train on, got {d.test_fraction} "
+            f"with val_fraction {d.val_fraction}; use e.g. 0.1"
+        )
     for name in ("embedding_size", "hidden_size", "num_layers"):
         _check_positive(name, getattr(m, name))
     for name in ("dropout", "embedding_dropout", "weight_drop"):

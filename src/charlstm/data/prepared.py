@@ -49,7 +49,7 @@ import numpy as np
 
 from charlstm.atomic import atomic_file, atomic_write_bytes, atomic_write_text
 from charlstm.data.corpus import MAX_NUL_SHARE, check_encoding, split_point
-from charlstm.data.sources import expand
+from charlstm.data.sources import expand, no_text_error
 from charlstm.data.sources import label as sources_label
 from charlstm.data.vocabulary import Vocabulary, describe_char
 from charlstm.errors import UserError
@@ -224,11 +224,7 @@ def prepare(
             kept_bytes += f.path.stat().st_size
         length = int(counts.sum())
         if not kept:
-            raise UserError(
-                f"no text in --text {label}: every file is empty"
-                + (f" or was skipped ({skipped} binary or undecodable)" if skipped else "")
-                + "; give files with text in them"
-            )
+            raise no_text_error(label, skipped)
         _check_counts(counts, length, repr(label) if len(kept) > 1 else repr(str(kept[0][0])))
         present = np.flatnonzero(counts)
         # Vocabulary.from_text order: most frequent first, ties by code point

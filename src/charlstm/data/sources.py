@@ -116,22 +116,7 @@ def label(text: str | Sequence[str] | None) -> str:
     return f"{' '.join(specs[:2])} (and {len(specs) - 2} more)"
 
 
-def stem(text: str | Sequence[str] | None) -> str:
-    """The name a run on `text` is called by default: a file's stem, a folder's name, a glob's
-    fixed leading folder (``linux/**/*.c`` → ``linux``), with ``+N`` for N more values."""
-    specs = text_specs(text)
-    if not specs:
-        return ""
-    first = specs[0]
-    if is_glob(first):
-        fixed = []
-        for part in Path(first).parts:
-            if _GLOB_CHARS & set(part):
-                break
-            fixed.append(part)
-        name = Path(*fixed).name if fixed else "glob"
-    else:
-        path = Path(first)
-        name = path.name if path.is_dir() else path.stem
-    name = name or "text"
-    return name + (f"+{len(specs) - 1}" if len(specs) > 1 else "")
+def no_text_error(name: str, skipped: int) -> UserError:
+    """Every file `--text` named was empty (or skipped as bad)."""
+    why = f" or was skipped ({skipped} binary or undecodable)" if skipped else ""
+    return UserError(f"no text in --text {name}: every file is empty{why}; give files with text")

@@ -7,6 +7,7 @@ and perplexity are derived from it.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from charlstm.data.batching import stream_layout
 from charlstm.hardware import autocast
+from charlstm.model.network import Hidden, hidden_tensors
 
 
 def loss_metrics(loss: float) -> dict[str, float]:
@@ -41,6 +43,34 @@ def _window(
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def reset_rows(hidden: Hidden | None, rows: torch.Tensor) -> Hidden | None:
+    """`hidden` (layers, B, H) with the state of the rows where `rows` (B,) is True set to zero:
+    those streams start a new document, which must not see the previous one's context."""
+    if hidden is None:
+        return None
+    keep = (~rows).to(device=hidden_tensors(hidden)[0].device)[None, :, None]  # (1, B, 1)
+    if isinstance(hidden, tuple):
+        return tuple(h * keep for h in hidden)
+    return hidden * keep
+
+
+def _document_breaks(
+    starts: np.ndarray, rows: np.ndarray, L: int, start: int, width: int, yb: torch.Tensor
+) -> np.ndarray:
+    """Mask in `yb` the predictions whose target is a document's first character, and return
+    (R, W) bool: where an input is a document's first character (the state is zeroed before it).
+    Starts are found by binary search: nothing here grows with the length of the text."""
+    pos = rows[:, None] * L + start + np.arange(width)[None, :]  # (R, W) input position
+    crosses = _is_start(starts, pos + 1)
+    yb[torch.from_numpy(crosses)] = -100
+    return _is_start(starts, pos)
+
+
+def _is_start(starts: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    i = np.minimum(np.searchsorted(starts, pos), len(starts) - 1)
+    return (starts[i] == pos) & (pos > 0)
+
+
 @torch.inference_mode()
 def loss_sums(
     model,
@@ -51,9 +81,16 @@ def loss_sums(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     rows: np.ndarray | None = None,
+    starts: np.ndarray | None = None,
 ) -> tuple[float, int]:
     """(summed cross-entropy, number of predictions) over `rows` of the stream layout (all rows if
-    None). Rows are independent, so processes that each take some rows can add their sums up."""
+    None). Rows are independent, so processes that each take some rows can add their sums up.
+
+    With `starts` (where documents start in `ids`, more than one), no context crosses a
+    boundary: a window is run in pieces cut where some row's document starts, that row's state
+    is zeroed there, and the prediction of a document's first character from the previous
+    document is left out; each document of n characters counts n-1 predictions. The layout is
+    the same, so rows mean what they mean for one text."""
     device = torch.device(device)
     ids = np.asarray(ids)
     S, L = stream_layout(len(ids), n_streams)
@@ -65,17 +102,25 @@ def loss_sums(
     total, count, hidden = 0.0, 0, None
     try:
         for start in range(0, L, window):
-            xb, yb = _window(ids, rows, L, start, min(window, L - start))
+            width = min(window, L - start)
+            xb, yb = _window(ids, rows, L, start, width)
+            cuts, breaks = [0, width], None
+            if starts is not None and len(starts) > 1:
+                breaks = _document_breaks(starts, rows, L, start, width, yb)
+                cuts = sorted({0, width, *np.flatnonzero(breaks.any(axis=0)).tolist()})
             xb, yb = xb.to(device), yb.to(device)
-            with autocast(device, precision):
-                logits, hidden = model(xb, hidden)
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]),
-                yb.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            total += float(loss)
+            for a, b in itertools.pairwise(cuts):
+                if breaks is not None and breaks[:, a].any():
+                    hidden = reset_rows(hidden, torch.from_numpy(breaks[:, a]))
+                with autocast(device, precision):
+                    logits, hidden = model(xb[:, a:b], hidden)
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    yb[:, a:b].reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                total += float(loss)
             count += int((yb != -100).sum())
     finally:
         model.train(was_training)
@@ -90,9 +135,17 @@ def evaluate_ids(
     window: int = 512,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    starts: np.ndarray | None = None,
 ) -> float:
-    """Mean cross-entropy (nats/char) of predicting ids[1:] from ids[:-1] with carried state."""
+    """Mean cross-entropy (nats/char) of predicting ids[1:] from ids[:-1] with carried state,
+    never across the document starts `starts`."""
     total, count = loss_sums(
-        model, ids, n_streams=n_streams, window=window, device=device, precision=precision
+        model,
+        ids,
+        n_streams=n_streams,
+        window=window,
+        device=device,
+        precision=precision,
+        starts=starts,
     )
     return total / count

@@ -16,6 +16,9 @@ process does:
 * **Gradients averaged** by DDP during backward; each process's loss is the mean over its rows, so
   the average of the N gradients is the gradient of the global mean loss. Adam, clipping and the
   weight average then see identical numbers everywhere and the weights stay identical bit for bit.
+  (With many documents a row's padded targets are ignored, so processes may average over slightly
+  different counts: the mean of their means weights a target a little unequally, identically on
+  every process.)
 * **Agreed decisions.** Before every step the processes agree on the elapsed time and on any stop
   signal (one tiny all-reduce), and the loss they log and test for finiteness is the global mean
   (one more): the time budget, the cosine schedule, Ctrl-C and a skipped non-finite step are decided
@@ -211,7 +214,8 @@ class RowShard:
 
     def next(self) -> Batch:
         b = self.batcher.next()  # (B, T) for all B streams: the same on every process
-        return Batch(b.x[self.rows], b.y[self.rows], b.reset)  # (B/N, T)
+        reset_rows = None if b.reset_rows is None else b.reset_rows[self.rows]
+        return Batch(b.x[self.rows], b.y[self.rows], b.reset, reset_rows)  # (B/N, T)
 
     def state_dict(self) -> dict[str, Any]:
         return self.batcher.state_dict()
@@ -370,6 +374,7 @@ class DistributedRun(Run):
             device=self.device,
             precision=self.precision,
             rows=rows,
+            starts=self.data.val_starts,
         )
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.ctx.device)
         self._collective(dist.all_reduce, sums)

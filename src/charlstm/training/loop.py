@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from charlstm.config import RunConfig
-from charlstm.data.batching import make_batcher
+from charlstm.data.batching import IGNORE, make_batcher
 from charlstm.data.loading import PreparedData
 from charlstm.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from charlstm.generate.engine import generate_stream
 from charlstm.generate.sampling import SamplingParams, stream_seeds
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
 from charlstm.model import CharRNN, detach_hidden, hidden_from_tensors, hidden_tensors
-from charlstm.model.evaluation import evaluate_ids
+from charlstm.model.evaluation import evaluate_ids, reset_rows
 from charlstm.runs.checkpoint import Checkpoint
 from charlstm.runs.folder import RunFolder
 from charlstm.training.optimizer_state import load_optimizer, optimizer_tensors
@@ -89,7 +89,9 @@ class Run:
 
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(o.ema))
         d = self.config.data
-        self.batcher = make_batcher(d.batching, data.train_ids, d.batch_size, d.seq_len, t.seed)
+        self.batcher = make_batcher(
+            d.batching, data.train_ids, d.batch_size, d.seq_len, t.seed, data.train_starts
+        )
         self.hidden = None
         self.state = RunState()
         self.loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -259,6 +261,7 @@ class Run:
             n_streams=self.config.train.eval_streams,
             device=self.device,
             precision=self.precision,
+            starts=self.data.val_starts,
         )
 
     def sample(self, seed: int) -> str:
@@ -285,6 +288,8 @@ class Run:
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
         hidden = None if batch.reset else self.hidden
+        if hidden is not None and batch.reset_rows is not None:  # rows that start a document
+            hidden = reset_rows(hidden, batch.reset_rows)
         p = self.state.progress
         lr = learning_rate(
             p.step,
@@ -296,7 +301,9 @@ class Run:
             group["lr"] = lr
         with autocast(self.device, self.precision):
             logits, hidden = self.train_model(x, hidden)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = F.cross_entropy(  # padded targets (a document's last window) are IGNORE
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE
+        )
         if self.loss_hook is not None:
             loss = self.loss_hook(p.step, loss)
         loss = self.reduce_loss(loss)
