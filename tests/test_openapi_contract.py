@@ -1,14 +1,16 @@
 """The OpenAPI document at /openapi.json is the API's contract: every status code, content type,
 header and server-sent event the API answers with is documented there, and every bound it states
-is the bound it enforces. A property-based test drives every operation from the document itself
-(valid bodies drawn from its schemas, and hostile ones), in-process through the ASGI app, and
-checks each answer against the document."""
+is the bound it enforces, in both dialects (charlstm's own and OpenAI's completions). A
+property-based test drives every operation from the document itself (valid bodies drawn from its
+schemas, and hostile ones), in-process through the ASGI app, and checks each answer against the
+document."""
 
 from __future__ import annotations
 
 import functools
 import json
 import math
+import string
 from collections.abc import Iterator
 from typing import Any, Self
 
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from charlstm.serve.app import ServerConfig, create_app
+from tests.test_openai_compat import openai_events
 
 KEY = "contract-test-key-0123456789"
 # Small limits, so that the largest request the document allows is generated in a moment.
@@ -85,6 +88,15 @@ def resolve(schema: dict, spec: dict) -> dict:
     return schema
 
 
+def inline(schema: Any, spec: dict) -> Any:
+    """`schema` with every reference replaced by what it names (the document has no cycles)."""
+    if isinstance(schema, dict):
+        return {k: inline(v, spec) for k, v in resolve(schema, spec).items()}
+    if isinstance(schema, list):
+        return [inline(v, spec) for v in schema]
+    return schema
+
+
 # --------------------------------------------------------------------------- checking an answer
 
 
@@ -116,6 +128,12 @@ def check_answer(spec: dict, path: str, method: str, r: httpx.Response) -> None:
     if media_type == "application/json":
         schema = answer["content"][media_type]["schema"]
         jsonschema.validate(r.json(), with_components(schema, spec))
+    elif media_type == "text/event-stream" and "x-sse-data" in answer:  # OpenAI's: data only
+        events = openai_events(r.text)
+        assert events[-1] == answer["x-sse-end"] or "error" in events[-1], events[-1]
+        for data in events:
+            if data != answer["x-sse-end"]:
+                jsonschema.validate(data, with_components(answer["x-sse-data"], spec))
     elif media_type == "text/event-stream":
         events = parse_events(r.text)
         names = [name for name, _ in events]
@@ -141,8 +159,28 @@ def test_every_operation_documents_the_answers_of_the_guard_and_the_transport(sp
         else:
             assert "401" not in codes and "security" not in op, path
         if method == "post":
-            assert {"408", "415", "422", "429"} <= codes, path
+            invalid = "400" if "openai" in op["tags"] else "422"  # OpenAI's bad request is 400
+            assert {"408", "415", invalid, "429"} <= codes, path
             assert "Retry-After" in op["responses"]["429"]["headers"]
+
+
+def test_the_openai_operations_document_only_openais_errors(spec) -> None:
+    """Every JSON error of an OpenAI operation is OpenAI's error object (with charlstm's `detail`
+    beside it on the shared GET /v1/models), and none documents a 422."""
+    ops = [(path, op) for path, _, op in operations(spec) if "openai" in op["tags"]]
+    assert {path for path, _ in ops} == {"/v1/completions", "/v1/models", "/v1/models/{model}"}
+    for path, op in ops:
+        assert "422" not in op["responses"], path
+        for code, answer in op["responses"].items():
+            if code.startswith(("4", "5")) and "application/json" in answer["content"]:
+                schema = resolve(answer["content"]["application/json"]["schema"], spec)
+                assert resolve(schema["properties"]["error"], spec)["required"] == [
+                    "message",
+                    "type",
+                    "param",
+                    "code",
+                ], (path, code)
+                assert ("detail" in schema["properties"]) == (path == "/v1/models"), path
 
 
 def test_without_keys_no_key_is_documented(trained_model) -> None:
@@ -166,14 +204,40 @@ def test_the_streams_errors_are_json_and_its_events_are_documented(spec) -> None
         assert resolve(ref, spec)["type"] == "object"
 
 
+def test_openais_answers_fit_the_document(spec, live) -> None:
+    """A completion, streamed (with and without the usage chunk) or not, a refusal of each kind
+    and the model listings: each is an answer the document describes, in its schema."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "run", "prompt": "a", "max_tokens": 5, "n": 2, "seed": 1}
+    usage = {"stream": True, "stream_options": {"include_usage": True}}
+    for extra in ({}, {"stream": True}, usage, {"logprobs": 1}, {"model": "nope"}):
+        r = live.request("POST", "/v1/completions", json={**body, **extra}, headers=auth)
+        check_answer(spec, "/v1/completions", "post", r)
+    r = live.request("POST", "/v1/completions", json=body)
+    assert r.status_code == 401
+    check_answer(spec, "/v1/completions", "post", r)
+    for path, url in (("/v1/models", "/v1/models"), ("/v1/models/{model}", "/v1/models/run")):
+        for headers in (auth, {}):
+            check_answer(spec, path, "get", live.request("GET", url, headers=headers))
+    r = live.request("GET", "/v1/models/nope", headers=auth)
+    assert r.status_code == 404
+    check_answer(spec, "/v1/models/{model}", "get", r)
+
+
 def test_limits_in_the_document_are_the_servers(spec, live) -> None:
-    """The request schema states the server's limits, the same as GET /v1/model lists."""
+    """The request schemas (both dialects') state the server's limits, the same as GET /v1/model
+    lists."""
     props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
     limits = live.request("GET", "/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()
     limits = limits["limits"]
     assert props["length"]["maximum"] == limits["max_length"] == CONFIG["max_length"]
     assert props["start_text"]["maxLength"] == limits["max_start_chars"]
     assert props["num_samples"]["maximum"] == limits["max_num_samples"]
+    completion = spec["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert completion["max_tokens"]["anyOf"][0]["maximum"] == limits["max_length"]
+    prompt = completion["prompt"]["anyOf"]  # a string, or a list of one
+    assert prompt[0]["maxLength"] == prompt[1]["items"]["maxLength"] == limits["max_start_chars"]
+    assert completion["n"]["anyOf"][0]["maximum"] == limits["max_num_samples"]
     assert (
         str(CONFIG["max_body_bytes"])
         in spec["paths"]["/v1/generate"]["post"]["responses"]["413"]["description"]
@@ -212,7 +276,10 @@ def _candidates(schema: dict) -> list[Any]:
             if "string" in types:
                 values += ["a" * n for n in sizes]  # "a": a character the model knows
             if "array" in types:
-                item = next(v for v in _candidates(schema["items"]) if _valid(v, schema["items"]))
+                items = schema.get("items") or next(
+                    b["items"] for b in schema["anyOf"] if "items" in b
+                )
+                item = next(v for v in _candidates(items) if _valid(v, items))
                 values += [[item] * n for n in sizes]
             continue
         if "integer" in types:
@@ -229,31 +296,59 @@ def _valid(value: Any, schema: dict) -> bool:
     return jsonschema.Draft202012Validator(schema).is_valid(value)
 
 
-def test_every_bound_the_schema_states_is_the_bound_the_server_enforces(spec, live) -> None:
-    """For each field of the request and each bound its schema states (minimum, maximum,
-    exclusive ones, lengths, item counts, including those inside anyOf), values at the bound and
-    on either side of it are refused with a 422 naming that field exactly when the schema says
-    they are invalid, on both generate endpoints."""
-    request = spec["components"]["schemas"]["GenerateRequest"]
-    base = {"start_text": "a", "length": 3, "seed": 1}
+def _refused_fields(r: httpx.Response) -> set[str]:
+    """The fields a refusal names: charlstm's 422 lists them, OpenAI's 400 names one `param`."""
+    if r.status_code == 422:
+        return {d["field"].split("[")[0] for d in r.json()["detail"]}
+    if r.status_code == 400:
+        return {r.json()["error"]["param"]}
+    return set()
+
+
+# Each request schema: the requests that send it (a path and what the body adds), a valid body to
+# change one field of, the status of a refusal, and how many values the test must try at least.
+DIALECTS = {
+    "GenerateRequest": (
+        [("/v1/generate", {}), ("/v1/generate/stream", {})],
+        {"start_text": "a", "length": 3, "seed": 1},
+        422,
+        60,  # length, num_samples, start_text, temperature, top_p, seed, stop, ...
+    ),
+    "CompletionRequest": (
+        [("/v1/completions", {}), ("/v1/completions", {"stream": True})],
+        {"model": "run", "prompt": "a", "max_tokens": 3, "seed": 1},
+        400,
+        100,  # max_tokens, n, prompt, stop, the neutral-only parameters, ...
+    ),
+}
+
+
+@pytest.mark.parametrize("request_schema", list(DIALECTS))
+def test_every_bound_the_schema_states_is_the_bound_the_server_enforces(
+    spec, live, request_schema
+) -> None:
+    """For each field of a request and each bound its schema states (minimum, maximum,
+    exclusive ones, lengths, item counts, consts, including those inside anyOf), values at the
+    bound and on either side of it are refused naming that field (charlstm's 422, OpenAI's 400)
+    exactly when the schema says they are invalid, streamed or not."""
+    sends, base, refusal, enough = DIALECTS[request_schema]
+    request = spec["components"]["schemas"][request_schema]
     tried = 0
     for name, schema in request["properties"].items():
         for value in _candidates(schema):
-            for path in ("/v1/generate", "/v1/generate/stream"):
+            for path, extra in sends:
                 r = live.request(
                     "POST",
                     path,
-                    json={**base, name: value},
+                    json={**base, **extra, name: value},
                     headers={"Authorization": f"Bearer {KEY}"},
                 )
                 valid = _valid(value, schema)
-                refused = r.status_code == 422 and name in {
-                    d["field"].split("[")[0] for d in r.json()["detail"]
-                }
+                refused = r.status_code == refusal and name in _refused_fields(r)
                 assert refused != valid, (name, value, valid, r.status_code, r.text[:300])
-                assert r.status_code in ((200,) if valid else (422,)), (name, value, r.text)
+                assert r.status_code in ((200,) if valid else (refusal,)), (name, value, r.text)
                 tried += 1
-    assert tried >= 60  # length, num_samples, start_text, temperature, top_p, seed, stop, ...
+    assert tried >= enough
 
 
 def test_a_body_of_exactly_max_body_bytes_is_read_and_one_more_byte_is_413(live) -> None:
@@ -332,15 +427,19 @@ JSON = st.recursive(
 
 
 @st.composite
-def generate_request(draw, spec: dict, op: dict, vocabulary: str) -> dict[str, Any]:
-    """A request for a generate endpoint: mostly bodies the schema allows (half of them with a
-    start text the model knows, so that they are generated), else hostile ones."""
-    schema = resolve(op["requestBody"]["content"]["application/json"]["schema"], spec)
+def generate_request(draw, spec: dict, op: dict, vocabulary: str, model: str) -> dict[str, Any]:
+    """A request for a generate or completions endpoint: mostly bodies the schema allows (half of
+    them with a text the model knows, and the served model, so that they are generated), else
+    hostile ones."""
+    schema = inline(op["requestBody"]["content"]["application/json"]["schema"], spec)
     props = list(schema["properties"])
     kind = draw(st.sampled_from(["valid", "known", "known", "fields", "json", "bytes", "type"]))
     if kind in ("valid", "known"):
         body = draw(from_schema(schema))
-        if kind == "known":
+        if kind == "known" and "prompt" in props:  # OpenAI's completions
+            body["prompt"] = draw(st.text(alphabet=vocabulary, min_size=1, max_size=20))
+            body["model"] = model
+        elif kind == "known":
             body["start_text"] = draw(st.text(alphabet=vocabulary, min_size=1, max_size=20))
             body["unknown"] = draw(st.sampled_from(["error", "skip"]))
             body.pop("model", None)
@@ -375,13 +474,20 @@ def test_the_api_driven_from_its_own_schema_gives_only_documented_answers(
     kwargs: dict[str, Any] = {"headers": {}}
     if "requestBody" in op:
         vocabulary = "".join(trained_model.vocab.chars)
-        kwargs = data.draw(generate_request(spec, op, vocabulary), label="request")
+        kwargs = data.draw(
+            generate_request(spec, op, vocabulary, trained_model.name), label="request"
+        )
+    url = path
     for param in op.get("parameters", []):
+        if param["in"] == "path":  # the served model, or a name it does not have
+            name = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1)
+            value = data.draw(st.just(trained_model.name) | name, label=param["name"])
+            url = url.replace("{" + param["name"] + "}", value)
         if param["in"] == "query" and data.draw(st.booleans(), label=f"send {param['name']}"):
             value = data.draw(from_schema(param["schema"]) | st.just("run"), label=param["name"])
             if value is not None:
                 kwargs["params"] = {param["name"]: value}
     if key is not None:
         kwargs["headers"]["Authorization"] = f"Bearer {key}"
-    r = live.request(method.upper(), path, **kwargs)
+    r = live.request(method.upper(), url, **kwargs)
     check_answer(spec, path, method, r)

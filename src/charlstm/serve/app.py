@@ -14,7 +14,9 @@ pay for loading them.
     uvicorn.run(app)                      # or, from a shell: charlstm serve runs/byron
 
 Endpoints: POST /v1/generate, POST /v1/generate/stream (server-sent events), GET /v1/models,
-GET /v1/model, GET /healthz; the page at /; the OpenAPI document at /openapi.json, shown at /docs.
+GET /v1/model, GET /healthz; OpenAI's POST /v1/completions and GET /v1/models/{model}, through the
+same limits and workers (`openai_compat`); the page at /; the OpenAPI document at /openapi.json,
+shown at /docs.
 
 Limits follow the trusted servers: invalid fields are 422 with the field and the reason, bodies over
 `max_body_bytes` are 413, streams beyond `max_concurrency` are 429 with Retry-After, a generation
@@ -48,6 +50,7 @@ from charlstm.generate.engine import Request as EngineRequest
 from charlstm.generate.sampling import SamplingParams, StopRule, stream_seeds
 from charlstm.generate.textmodel import TextModel
 from charlstm.model import count_parameters
+from charlstm.serve import openai_compat
 from charlstm.serve.schemas import (
     COMPONENTS,
     GENERATE_FAILURES,
@@ -60,6 +63,7 @@ from charlstm.serve.schemas import (
     Health,
     ModelInfo,
     ModelList,
+    OpenAIModel,
     ServerConfig,
     json_response,
     request_model,
@@ -350,8 +354,10 @@ def _document(app: FastAPIOffline, config: ServerConfig) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
+        openai_compat.tidy_document(schema)
         _, defs = models_json_schema(
-            [(m, "serialization") for m in COMPONENTS], ref_template="#/components/schemas/{model}"
+            [(m, "serialization") for m in [*COMPONENTS, *openai_compat.COMPONENTS]],
+            ref_template="#/components/schemas/{model}",
         )
         components = schema.setdefault("components", {})
         for name, definition in defs.get("$defs", {}).items():
@@ -407,10 +413,13 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         allowed_hosts=config.allowed_hosts,
         body_timeout=config.body_timeout,
     )
+    openai_compat.install(app)  # outermost: OpenAI's error shape on its paths, the guard's too
     _document(app, config)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path == openai_compat.COMPLETIONS:
+            return openai_compat.invalid_request(exc)
         return _unprocessable(
             [
                 ErrorDetail(
@@ -445,16 +454,7 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
     async def generate(body: Body, request: Request) -> GenerateResponse:
         """Generate `num_samples` texts and return them whole."""
         worker, job = server.admit(body)
-        watcher = asyncio.create_task(_close_on_disconnect(request, job))
-        try:
-            async for _ in job.chunks():
-                pass
-        except GenerationFailed as exc:
-            status = {"time_limit": 504, "shutdown": 503, "cancelled": 499}.get(exc.kind, 500)
-            raise HTTPException(status, exc.message) from None
-        finally:
-            watcher.cancel()
-            job.close()
+        await _finish(job, request)
         return job.response(worker.name)
 
     @app.post(
@@ -470,10 +470,50 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
             _events(job, worker.name), on_close=job.close, deadline=job.deadline + DEADLINE_GRACE
         )
 
-    @app.get("/v1/models", tags=["models"], response_model=ModelList, responses=responses(config))
+    CompletionBody = openai_compat.request_model(config)
+    cards = openai_compat.model_cards(server.workers)
+
+    @app.post(
+        openai_compat.COMPLETIONS,
+        tags=["openai"],
+        response_model=openai_compat.Completion,
+        responses=openai_compat.completions_responses(config),
+    )
+    async def completions(body: CompletionBody, request: Request) -> Any:
+        """OpenAI's completions (tokens are characters), for OpenAI's clients: the same limits,
+        keys and batching as POST /v1/generate."""
+        worker, job = server.admit(openai_compat.to_native(body, server.workers))
+        reply = openai_compat.Reply(job, worker.name, body)
+        if body.stream:
+            deadline = job.deadline + DEADLINE_GRACE
+            return EventStream(reply.events(), on_close=job.close, deadline=deadline)
+        await _finish(job, request)
+        return reply.completion()
+
+    @app.get(
+        "/v1/models",
+        tags=["models", "openai"],
+        response_model=ModelList,
+        responses=openai_compat.document(responses(config), shared=True),
+    )
     async def models_info() -> dict[str, Any]:
-        """Every served model: configuration, vocabulary, training metrics, validation loss."""
-        return {"default": server.default, "models": [server.model_info(n) for n in server.workers]}
+        """Every served model: configuration, vocabulary, training metrics, validation loss
+        (`models`), and for OpenAI's clients their ids (`data`)."""
+        return {
+            "default": server.default,
+            "models": [server.model_info(n) for n in server.workers],
+            "data": list(cards.values()),
+        }
+
+    @app.get(
+        "/v1/models/{model}",
+        tags=["openai"],
+        response_model=OpenAIModel,
+        responses=openai_compat.model_responses(config),
+    )
+    async def openai_model(model: str) -> OpenAIModel:
+        """One model in OpenAI's shape."""
+        return openai_compat.find(cards, model)
 
     @app.get(
         "/v1/model",
@@ -507,6 +547,21 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+async def _finish(job: Job, request: Request) -> None:
+    """Wait until `job` has all its text, closing it if its client leaves first; a generation that
+    cannot finish is an HTTP error."""
+    watcher = asyncio.create_task(_close_on_disconnect(request, job))
+    try:
+        async for _ in job.chunks():
+            pass
+    except GenerationFailed as exc:
+        status = {"time_limit": 504, "shutdown": 503, "cancelled": 499}.get(exc.kind, 500)
+        raise HTTPException(status, exc.message) from None
+    finally:
+        watcher.cancel()
+        job.close()
 
 
 async def _close_on_disconnect(request: Request, job: Job) -> None:

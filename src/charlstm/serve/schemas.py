@@ -243,9 +243,23 @@ class ModelInfo(BaseModel):
     limits: Limits
 
 
+class OpenAIModel(BaseModel):
+    """A served model in OpenAI's shape (its `id` is the run's name), for OpenAI's clients."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="When its checkpoint was written, in Unix seconds.")
+    owned_by: Literal["charlstm"] = "charlstm"
+
+
 class ModelList(BaseModel):
+    """Both dialects' listing in one answer: charlstm's (`default`, `models`) and OpenAI's
+    (`object`, `data`), so that the page and OpenAI's clients read the same GET /v1/models."""
+
     default: str
     models: list[ModelInfo]
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
 
 
 class Health(BaseModel):
