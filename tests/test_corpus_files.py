@@ -21,6 +21,7 @@ from charlstm.training.orchestrate import resume_config, train
 from tests.helpers import (
     CORPUS_TEXT,
     assert_same_tensors,
+    checkpoint,
     invoke,
     one_line_error,
     quiet,
@@ -256,3 +257,15 @@ def test_training_on_a_folder_resumes_exactly(tmp_path):
         resume_config(half, {"max_steps": 16}), half, resume=True, progress=False, log=quiet
     )
     assert_same_tensors(weights(straight), weights(resumed))
+
+
+# ------------------------------------------------------------------------------------ a test split
+
+
+def test_a_run_without_a_test_split_says_how_to_hold_one_out(trained_run):
+    from charlstm.data.loading import held_out
+
+    model = checkpoint(trained_run, "best")
+    with pytest.raises(UserError, match="no test split; train with --test-fraction"):
+        held_out(model.run_config, "test", model.vocab)
+    assert "test" not in json.loads(invoke("evaluate", trained_run, "--json").output)

@@ -440,35 +440,39 @@ def generate(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None:
     """Loss (nats/char), bits/char and perplexity of RUN on a text (default: its validation
-    split)."""
+    split, and its test split if it holds one out)."""
     from charlstm.api import load
     from charlstm.config import from_dict
     from charlstm.data.corpus import load_corpus, read_text, split_text
 
     model = load(run, which=which)
+    cfg = from_dict(model.meta["config"])
+    splits = {}
     if text_path:
         text, source = read_text(text_path, encoding), text_path
-    else:
-        cfg = from_dict(model.meta["config"])
-        if cfg.data.prepared and not dataset:  # trained from `charlstm prepare`'s memory-mapped ids
-            from charlstm.data.prepared import decode_ids, open_prepared
+        result = {"source": source, **model.evaluate(text, unknown=unknown)}
+    elif dataset:
+        full, source = load_corpus(dataset, None)
+        text = split_text(full, cfg.data.val_fraction)[1]
+        result = {"source": f"{source} (validation split)", **model.evaluate(text, unknown=unknown)}
+    else:  # the run's own held-out splits, cut by the data layer exactly as training cut them
+        from charlstm.model.evaluation import split_metrics
 
-            corpus = open_prepared(cfg.data.prepared)
-            text = decode_ids(corpus.vocab, corpus.split(cfg.data.val_fraction)[1])
-            source = cfg.data.prepared
-        else:
-            name = dataset or cfg.data.dataset
-            path = None if dataset else cfg.data.text
-            full, source = load_corpus(name, path, cfg.data.encoding)
-            text = split_text(full, cfg.data.val_fraction)[1]
-        source += " (validation split)"
-    result = {"source": source, **model.evaluate(text, unknown=unknown)}
+        for split in ("validation", "test") if cfg.data.test_fraction else ("validation",):
+            splits[split] = split_metrics(
+                model.model, cfg, split, model.vocab, device=model.device, unknown=unknown
+            )
+        result = {**splits["validation"]}
+        if "test" in splits:
+            result["test"] = splits["test"]
     if as_json:
         click.echo(json.dumps(result))
-    else:
+        return
+    for figures in splits.values() or [result]:
         click.echo(
-            f"{source}: {result['loss']:.4f} nats/char, {result['bits_per_char']:.4f} bits/char, "
-            f"perplexity {result['perplexity']:.3f} over {result['characters']:,} characters"
+            f"{figures['source']}: {figures['loss']:.4f} nats/char, "
+            f"{figures['bits_per_char']:.4f} bits/char, perplexity {figures['perplexity']:.3f} "
+            f"over {figures['characters']:,} characters"
         )
 
 

@@ -85,8 +85,8 @@ class DataConfig:
     )
     text: str | tuple[str, ...] | None = _field(
         None,
-        "Text to train on instead of a named dataset (wins over --dataset): a file, a folder (every "
-        "file under it) or a quoted glob ('src/**/*.c'); repeatable, each file one document.",
+        "Text to train on instead of a named dataset (wins over --dataset): a file, a folder "
+        "(every file under it) or a quoted glob ('src/**/*.c'); repeatable, each file a document.",
     )
     prepared: str | None = _field(
         None,

@@ -156,6 +156,40 @@ def _changed_web_export(env: Env) -> Path:
     return env.tmp / "site"
 
 
+def _files(env: Env, folder: str, contents: list) -> Path:
+    """A folder of files 0.txt, 1.txt, ... holding `contents` (text or bytes)."""
+    for i, content in enumerate(contents):
+        env.file(f"{folder}/{i}.txt", content)
+    return env.tmp / folder
+
+
+def _held_out(env: Env, which: str):
+    from charlstm.data.loading import held_out
+
+    ck = ckpt_io.read_checkpoint(checkpoint_path(env.run, "best"))
+    return held_out(ck.run_config, which, ck.vocab)
+
+
+def _prepared_other_vocabulary(env: Env) -> str:
+    from charlstm.data import prepared
+    from charlstm.data.loading import prepare_data
+
+    prepared.prepare(env.corpus, env.tmp / "p", progress=False)
+    prepared.prepare(env.file("other.txt", "abc abd\n" * 200), env.tmp / "q", progress=False)
+    config = tiny_regularised_config(env.corpus, prepared=str(env.tmp / "q"))
+    vocab = prepared.open_prepared(env.tmp / "p").vocab
+    return lib(lambda: prepare_data(config, vocab))
+
+
+def _prepared_docs_damaged(env: Env) -> str:
+    from charlstm.data import prepared
+
+    prepared.prepare(_files(env, "two", [CORPUS_TEXT, CORPUS_TEXT]), env.tmp / "p", progress=False)
+    docs = env.tmp / "p" / "docs.bin"
+    docs.write_bytes(docs.read_bytes()[:-1] + b"\x01")
+    return cli("train", "--prepared", env.tmp / "p", "--out", env.tmp / "o", "--no-progress")
+
+
 def toml(env: Env, text: str) -> Path:
     return env.file("preset.toml", text)
 
@@ -460,7 +494,10 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: train_cli(e, text=e.tmp / "missing.txt"),
         "does not exist; check the path given to --text",
     ),
-    "text-is-folder": (lambda e: train_cli(e, text=e.tmp), "is a folder, not a text file"),
+    "text-is-folder": (  # training takes a folder (its files); evaluate reads one text
+        lambda e: cli("evaluate", e.run, "--text", e.tmp),
+        "is a folder, not a text file",
+    ),
     "text-unreadable": (_read_error, "cannot read"),
     "text-empty": (
         lambda e: train_cli(e, text=e.file("empty.txt", b"")),
@@ -516,6 +553,63 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: train_cli(e, "--batching", "random", "--seq-len", "9000"),
         "windows of --seq-len 9000 need at least",
     ),
+    # -- many files, the test split --------------------------------------------------------------
+    "text-empty-path": (
+        lambda e: train_cli(e, "--text", "", text=e.corpus),
+        "--text was given an empty path",
+    ),
+    "text-no-match": (
+        lambda e: train_cli(e, text=e.tmp / "nowhere" / "*.txt"),
+        "no file matches --text",
+    ),
+    "text-folder-without-files": (
+        lambda e: train_cli(e, text=e.file("hidden/.only", "x").parent),
+        "holds no files (hidden ones are left out)",
+    ),
+    "text-files-all-empty": (
+        lambda e: train_cli(e, text=_files(e, "empties", ["", ""])),
+        "every file is empty",
+    ),
+    "text-files-whitespace": (
+        lambda e: train_cli(e, text=_files(e, "blanks", [" \n", "\t\n"])),
+        "holds only whitespace; give files with text in them",
+    ),
+    "text-bad-file-in-folder": (
+        lambda e: train_cli(e, text=_files(e, "mixed", [CORPUS_TEXT, "Мой".encode("cp1251")])),
+        "1.txt' is not valid utf-8",
+    ),
+    "text-documents-too-few-windows": (
+        lambda e: train_cli(e, "--val-fraction", "0.5", text=_files(e, "few", ["abcdefghij"] * 3)),
+        "but stream batching needs one per row of --batch-size 4",
+    ),
+    "text-documents-shorter-than-random-window": (
+        lambda e: train_cli(
+            e, "--batching", "random", text=_files(e, "short", ["abcdefghijklmn\n"] * 6)
+        ),
+        "so no random window fits in one",
+    ),
+    "config-text-no-file": (
+        lambda e: lib(lambda: RunConfig().replace(text=[])),
+        "text names no file",
+    ),
+    "config-test-fraction": (
+        lambda e: train_cli(e, "--test-fraction", "0.95"),
+        "test_fraction must be in [0, 1) and leave text to train on",
+    ),
+    "text-too-short-for-test-split": (
+        lambda e: train_cli(e, "--test-fraction", "0.0001"),
+        "too few for a test split",
+    ),
+    "evaluate-no-test-split": (
+        lambda e: lib(lambda: _held_out(e, "test")),
+        "the run has no test split; train with --test-fraction",
+    ),
+    "evaluate-split-name": (
+        lambda e: lib(lambda: _held_out(e, "train")),
+        "the split must be one of validation, test",
+    ),
+    "prepared-other-vocabulary": (_prepared_other_vocabulary, "different vocabulary"),
+    "prepared-docs-damaged": (_prepared_docs_damaged, "docs.bin does not match its sha256"),
     "text-none": (
         lambda e: cli(
             "train",

@@ -114,8 +114,11 @@ def split_points(length: int, val_fraction: float, test_fraction: float = 0.0) -
     shares of the whole), so that adding a test split leaves the validation split as long."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
-    if not 0.0 <= test_fraction < 1.0:
-        raise UserError(f"test_fraction must be in [0, 1), got {test_fraction}; use e.g. 0.1")
+    if not 0.0 <= test_fraction < 1.0 or (test_fraction and val_fraction + test_fraction >= 1):
+        raise UserError(
+            f"test_fraction must be in [0, 1) and leave text to train on, got {test_fraction} "
+            f"with val_fraction {val_fraction}; use e.g. 0.1"
+        )
     n_val = round(length * val_fraction)
     if val_fraction > 0 and n_val < 2:
         raise UserError(

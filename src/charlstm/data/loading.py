@@ -46,10 +46,7 @@ class PreparedData:
         """(ids, document starts) of the "validation" or "test" split."""
         if which == "test":
             if self.test_ids is None:
-                raise UserError(
-                    "the run has no test split; train with --test-fraction (e.g. 0.1) to hold one "
-                    "out"
-                )
+                raise _no_test_split()
             return self.test_ids, self.test_starts
         return self.val_ids, self.val_starts
 
@@ -100,4 +97,45 @@ def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> Prepared
         val_starts=part_starts(starts, cut, val_end),
         test_ids=test,
         test_starts=part_starts(starts, val_end, len(ids)),
+    )
+
+
+SPLITS = ("validation", "test")
+
+
+def held_out(
+    config: RunConfig, which: str, vocab: Vocabulary, unknown: str = "error"
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(ids, document starts, label) of a run's "validation" or "test" split, cut exactly where
+    training cut it (`prepare_data`): what `charlstm evaluate RUN` measures.
+
+    Only that split is encoded, with the run's `vocab`; `unknown="skip"` leaves out characters it
+    lacks (a text edited since), each document shrinking on its own so that its start stays true.
+    """
+    if which not in SPLITS:
+        raise UserError(f"the split must be one of {', '.join(SPLITS)}, got {which!r}")
+    d = config.data
+    if d.prepared:
+        ids, starts = prepare_data(config, vocab).split(which)  # views of the memory map
+        return ids, starts, f"{d.prepared} ({which} split)"
+    loaded = load_documents(d.dataset, d.text, d.encoding, skip_bad_files=d.skip_bad_files)
+    cut, val_end = split_points(len(loaded.text), d.val_fraction, d.test_fraction)
+    begin, end = (cut, val_end) if which == "validation" else (val_end, len(loaded.text))
+    if which == "test" and begin == end:
+        raise _no_test_split()
+    part, rel = loaded.text[begin:end], part_starts(loaded.starts, begin, end)
+    label = f"{loaded.source} ({which} split)"
+    if unknown == "error" or not vocab.unknown(part):
+        return vocab.encode_array(part, unknown=unknown), rel, label
+    pieces = [
+        vocab.encode_array(part[a:b], unknown=unknown)
+        for a, b in zip(rel, [*rel[1:], len(part)], strict=True)
+    ]
+    starts = np.cumsum([0, *(len(p) for p in pieces[:-1])], dtype=np.int64)
+    return np.concatenate(pieces), starts, label
+
+
+def _no_test_split() -> UserError:
+    return UserError(
+        "the run has no test split; train with --test-fraction (e.g. 0.1) to hold one out"
     )

@@ -149,3 +149,18 @@ def evaluate_ids(
         starts=starts,
     )
     return total / count
+
+
+def split_metrics(
+    model, config, which: str, vocab, *, device: torch.device | str = "cpu", unknown: str = "error"
+) -> dict[str, float]:
+    """Loss, bits/char, perplexity and length of a run's "validation" or "test" split (cut where
+    training cut it, documents kept apart): what `charlstm evaluate RUN` reports, read as the
+    final figures of training read it (a full pass in `eval_streams` streams)."""
+    from charlstm.data.loading import held_out
+
+    ids, starts, source = held_out(config, which, vocab, unknown)
+    loss = evaluate_ids(
+        model, ids, n_streams=config.train.eval_streams, device=device, starts=starts
+    )
+    return {"source": source, **loss_metrics(loss), "characters": len(ids)}
