@@ -269,3 +269,14 @@ def test_a_run_without_a_test_split_says_how_to_hold_one_out(trained_run):
     with pytest.raises(UserError, match="no test split; train with --test-fraction"):
         held_out(model.run_config, "test", model.vocab)
     assert "test" not in json.loads(invoke("evaluate", trained_run, "--json").output)
+
+
+def test_many_texts_survive_the_relaunch_under_torchrun():
+    """`train --nproc N` relaunches itself with the options it was given: each --text again."""
+    from charlstm.cli import _command_args
+    from charlstm.cli import train as train_command
+
+    ctx = train_command.make_context("train", ["--text", "a/", "--text", "b/*.txt", "--seed", "3"])
+    args = _command_args(ctx)
+    assert args[args.index("--text") :][:4] == ["--text", "a/", "--text", "b/*.txt"]
+    assert ctx.params["dataset"] is None  # not given: the preset's value stays
