@@ -81,6 +81,7 @@ DEFAULTS = {
         "threads": None,
         "skip_nonfinite": 0,
         "eval_streams": 8,
+        "eval_chars": 16384,
         "init_from": None,
         "freeze_layers": 0,
         "pretrain": None,

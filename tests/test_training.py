@@ -1,19 +1,28 @@
-"""Training end to end on a tiny corpus: run folder, determinism, exact resume, early stopping."""
+"""Training end to end on a tiny corpus: run folder, determinism, exact resume, early stopping,
+the validation slice and the final full pass."""
 
+import numpy as np
 import pytest
 import torch
 
 from charlstm.api import load
+from charlstm.config import ModelConfig
+from charlstm.data.batching import stream_layout
 from charlstm.errors import NonFiniteLoss, UserError
 from charlstm.model import CharRNN
+from charlstm.model.evaluation import loss_sums, slice_columns
 from charlstm.training.orchestrate import resume_config, train
 from tests.helpers import (
+    CORPUS_TEXT,
+    TRAIN_CHARS,
     assert_same_tensors,
     checkpoint,
     read_metrics,
     tiny_config,
     weights,
 )
+
+VAL_TEXT = CORPUS_TEXT[TRAIN_CHARS:]  # the tiny corpus's validation split (221 predictions)
 
 
 def test_run_folder_has_everything(corpus, tmp_path):
@@ -28,8 +37,10 @@ def test_run_folder_has_everything(corpus, tmp_path):
     ):
         assert (run / name).exists(), name
     lines = read_metrics(run)
-    assert [x["step"] for x in lines if not x.get("final")] == [5, 10, 15, 20]
-    assert all({"train_loss", "val_loss", "lr", "chars_per_s", "time"} <= set(x) for x in lines)
+    scheduled = [x for x in lines if not x.get("final")]
+    assert [x["step"] for x in scheduled] == [5, 10, 15, 20]
+    assert all({"train_loss", "val_loss", "lr", "chars_per_s", "time"} <= set(x) for x in scheduled)
+    assert lines[-1]["final"] and {"val_loss", "best_val_loss", "best_step"} <= set(lines[-1])
 
 
 def test_training_lowers_validation_loss(corpus, tmp_path):
@@ -50,7 +61,7 @@ def test_same_seed_same_weights(corpus, tmp_path):
     [
         ("stream", {}),
         ("random", {}),
-        ("stream", {"weight_drop": 0.5, "ema": 0.9, "warmup_steps": 4}),
+        ("stream", {"weight_drop": 0.5, "ema": 0.9, "warmup_steps": 4, "eval_chars": 40}),
     ],
 )
 def test_resume_equals_uninterrupted(corpus, tmp_path, batching, extra):
@@ -137,3 +148,72 @@ def test_quality_per_time_reports_the_roofline_against_the_peak_it_measured(corp
         result["step_gflops"] / result["matmul_gflops"], abs=1e-3
     )
     assert result["library_chars_per_s"] > 0 and result["bare_chars_per_s"] > 0
+
+
+# ------------------------------------------------------------------- the slice and the full pass
+
+
+def test_slice_columns_reads_about_n_chars_or_everything():
+    """The slice is ceil(n/S) columns of each of the S streams; 0, or a slice as large as the
+    text, means the whole text (None)."""
+    S, L = stream_layout(10_001, 8)
+    assert (S, L) == (8, 1250)
+    assert slice_columns(10_001, 8, 800) == 100
+    assert slice_columns(10_001, 8, 801) == 101
+    assert slice_columns(10_001, 8, 0) is None
+    assert slice_columns(10_001, 8, 10_000) is None
+
+
+def test_a_slice_is_the_start_of_every_stream_read_as_the_full_pass_reads_it():
+    """The slice's sums are, row by row, those of a full pass over each row's first columns: S
+    evenly spaced stretches of the text, each from a fresh state."""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=11, embedding_size=4, hidden_size=8, num_layers=1))
+    ids = np.random.default_rng(0).integers(0, 11, 1001)
+    S, L = stream_layout(len(ids), 4)
+    total, count = loss_sums(model, ids, n_streams=4, window=16, columns=37)
+    assert count == S * 37
+    parts = [loss_sums(model, ids[r * L : r * L + 38], n_streams=1) for r in range(S)]
+    assert total == pytest.approx(sum(t for t, _ in parts), rel=1e-5)
+    assert count == sum(c for _, c in parts)
+
+
+def test_scheduled_evaluations_read_the_slice_and_the_end_reads_the_whole_split(corpus, tmp_path):
+    """With a slice smaller than the split, scheduled records carry slice figures; the final record
+    and best/ carry full-pass figures of the final and best weights."""
+    run = train(tiny_config(corpus, eval_chars=30), tmp_path / "run", progress=False)
+    lines = read_metrics(run)
+    final, last_scheduled = lines[-1], lines[-2]
+    assert final["final"] and final["step"] == last_scheduled["step"] == 20
+    full_last = load(run, which="last").evaluate(VAL_TEXT)["loss"]
+    assert final["val_loss"] == pytest.approx(full_last, rel=1e-6)
+    assert last_scheduled["val_loss"] != pytest.approx(full_last, rel=1e-3)  # the slice's figure
+    best = checkpoint(run, "best").meta
+    full_best = load(run, which="best").evaluate(VAL_TEXT)["loss"]
+    assert best["metrics"]["val_loss"] == pytest.approx(full_best, rel=1e-6)
+    assert final["best_val_loss"] == pytest.approx(full_best, rel=1e-6)
+    assert final["best_step"] == best["step"]
+    assert full_best <= full_last
+
+
+def test_the_full_pass_replaces_a_best_the_slice_chose_when_the_final_weights_read_better(
+    corpus, tmp_path, monkeypatch
+):
+    """A slice that ranks step 5 first (here: told to) chooses best/ during the run; at the end the
+    whole split ranks the final weights first, and best/ becomes them."""
+    from charlstm.training.loop import Run
+
+    real = Run.evaluate
+
+    def slice_prefers_step_5(self, model=None, *, full=False):
+        val = real(self, model, full=full)
+        return val if full or self.state.progress.step <= 5 else val + 10.0
+
+    monkeypatch.setattr(Run, "evaluate", slice_prefers_step_5)
+    run = train(tiny_config(corpus, eval_chars=30), tmp_path / "run", progress=False)
+    scheduled = [x for x in read_metrics(run) if not x.get("final")]
+    assert min(scheduled, key=lambda x: x["val_loss"])["step"] == 5
+    final = read_metrics(run)[-1]
+    assert final["best_step"] == checkpoint(run, "best").meta["step"] == 20
+    assert_same_tensors(weights(run, "best"), weights(run, "last"))
+    assert final["best_val_loss"] == final["val_loss"]

@@ -242,6 +242,11 @@ class TrainConfig:
     eval_streams: int = _field(
         8, "Streams the validation text is cut into; more is faster, fewer carries more context."
     )
+    eval_chars: int = _field(
+        16384,
+        "Validation characters a scheduled evaluation reads (the same evenly spaced stretches each "
+        "time); 0 reads it all. The final figures always read the whole split.",
+    )
     # Transfer (see training/transfer.py): start from another run's weights, or pre-train first.
     init_from: str | None = _field(
         None, "Run folder or checkpoint whose weights the model starts from (fine-tuning)."
@@ -553,6 +558,8 @@ def validate(config: RunConfig) -> None:
     _check_positive("max_time", t.max_time, allow_none=True)
     _check_positive("eval_interval", t.eval_interval)
     _check_positive("eval_streams", t.eval_streams)
+    if t.eval_chars < 0:
+        raise UserError(f"eval_chars must be >= 0, got {t.eval_chars}; 0 reads the whole split")
     _check_positive("threads", t.threads, allow_none=True)
     if t.early_stopping < 0 or t.skip_nonfinite < 0 or t.sample_every < 0:
         raise UserError("early_stopping, skip_nonfinite and sample_every must be >= 0")

@@ -465,6 +465,10 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: train_cli(e, "--plateau-factor", "2"),
         "plateau_factor must be in (0, 1)",
     ),
+    "config-eval-chars": (
+        lambda e: train_cli(e, "--eval-chars", "-1"),
+        "eval_chars must be >= 0",
+    ),
     "config-negative-count": (
         lambda e: train_cli(e, "--early-stopping", "-1"),
         "early_stopping, skip_nonfinite and sample_every must be >= 0",

@@ -43,9 +43,13 @@ def _history(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not vals:
         return None
     best = min(vals, key=lambda r: r["val_loss"])
+    # The final record (training's full pass) names best/'s full-pass figure; the scheduled ones
+    # may read only a slice of the split, so their minimum is not best/'s figure.
+    if vals[-1].get("final") and isinstance(vals[-1].get("best_val_loss"), int | float):
+        best = {"val_loss": vals[-1]["best_val_loss"], "step": vals[-1].get("best_step")}
     trains = [r for r in records if isinstance(r.get("train_loss"), int | float)]
     return {
-        "evaluations": len(vals),
+        "evaluations": sum(not r.get("final") for r in vals),
         "best_val_loss": best["val_loss"],
         "best_step": best["step"],
         "last_val_loss": vals[-1]["val_loss"],

@@ -1,8 +1,10 @@
 """Validation loss: a full pass over a text with the hidden state carried across windows.
 
-This is what `charlstm evaluate` reports and what training uses for early stopping and for the
-plateau schedule, so both read the same number. Loss is in nats per character; bits per character
-and perplexity are derived from it.
+This is what `charlstm evaluate` reports and what training's final figures are. Training's
+scheduled evaluations (early stopping, the plateau schedule, best/) read a fixed slice instead
+(`slice_columns`): the first columns of every stream, the same characters each time, spread
+evenly over the text. Loss is in nats per character; bits per character and perplexity are
+derived from it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ def _window(
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def slice_columns(n_ids: int, n_streams: int, n_chars: int) -> int | None:
+    """How many leading columns of each stream a slice of about `n_chars` characters reads (None:
+    the whole text, when `n_chars` is 0 or covers it).
+
+    A slice made of the start of every stream samples S evenly spaced stretches of the text rather
+    than its first n_chars (a long text's start is often a preface or one author), and each
+    stretch starts from a fresh state exactly as it does in the full pass, so the slice's figure is
+    the full pass's figure for those characters, read the same way every time."""
+    S, L = stream_layout(n_ids, n_streams)
+    if n_chars <= 0 or n_chars >= S * L:
+        return None
+    return -(-n_chars // S)  # ceil: at least n_chars, never a zero-width row
+
+
 def reset_rows(hidden: Hidden | None, rows: torch.Tensor) -> Hidden | None:
     """`hidden` (layers, B, H) with the state of the rows where `rows` (B,) is True set to zero:
     those streams start a new document, which must not see the previous one's context."""
@@ -81,28 +97,31 @@ def loss_sums(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     rows: np.ndarray | None = None,
+    columns: int | None = None,
     starts: np.ndarray | None = None,
 ) -> tuple[float, int]:
     """(summed cross-entropy, number of predictions) over `rows` of the stream layout (all rows if
-    None). Rows are independent, so processes that each take some rows can add their sums up.
+    None) and their first `columns` columns (all if None; see `slice_columns`). Rows are
+    independent, so processes that each take some rows can add their sums up.
 
     With `starts` (where documents start in `ids`, more than one), no context crosses a
     boundary: a window is run in pieces cut where some row's document starts, that row's state
     is zeroed there, and the prediction of a document's first character from the previous
     document is left out; each document of n characters counts n-1 predictions. The layout is
-    the same, so rows mean what they mean for one text."""
+    the same, so slices and rows mean what they mean for one text."""
     device = torch.device(device)
     ids = np.asarray(ids)
     S, L = stream_layout(len(ids), n_streams)
     rows = np.arange(S) if rows is None else np.asarray(rows, dtype=np.int64)
+    width_read = L if columns is None else min(L, columns)
     if len(rows) == 0:
         return 0.0, 0
     was_training = model.training
     model.eval()
     total, count, hidden = 0.0, 0, None
     try:
-        for start in range(0, L, window):
-            width = min(window, L - start)
+        for start in range(0, width_read, window):
+            width = min(window, width_read - start)
             xb, yb = _window(ids, rows, L, start, width)
             cuts, breaks = [0, width], None
             if starts is not None and len(starts) > 1:
@@ -135,10 +154,11 @@ def evaluate_ids(
     window: int = 512,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    columns: int | None = None,
     starts: np.ndarray | None = None,
 ) -> float:
-    """Mean cross-entropy (nats/char) of predicting ids[1:] from ids[:-1] with carried state,
-    never across the document starts `starts`."""
+    """Mean cross-entropy (nats/char) of predicting ids[1:] from ids[:-1] with carried state (of
+    the slice `columns` says, or of the whole text), never across the document starts `starts`."""
     total, count = loss_sums(
         model,
         ids,
@@ -146,6 +166,7 @@ def evaluate_ids(
         window=window,
         device=device,
         precision=precision,
+        columns=columns,
         starts=starts,
     )
     return total / count

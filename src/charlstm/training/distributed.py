@@ -363,17 +363,18 @@ class DistributedRun(Run):
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def evaluate(self) -> float:
+    def evaluate(self, model: torch.nn.Module | None = None, *, full: bool = False) -> float:
         ids = self.data.val_ids
         S, _ = stream_layout(len(ids), self.config.train.eval_streams)
         rows = np.arange(S)[self.ctx.rank :: self.ctx.world_size]
         total, count = loss_sums(
-            self.eval_model,
+            self.eval_model if model is None else model,
             ids,
             n_streams=self.config.train.eval_streams,
             device=self.device,
             precision=self.precision,
             rows=rows,
+            columns=self.eval_columns(full),
             starts=self.data.val_starts,
         )
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.ctx.device)

@@ -2,8 +2,11 @@
 
 `fit` runs Adam on the cross-entropy of next-character prediction until a budget (steps or seconds),
 early stopping, a signal or a numerical fault ends it. Every `eval_interval` steps it measures the
-validation loss, feeds the plateau schedule and early stopping, keeps the best weights in ``best/``
-and everything needed to resume in ``last/``.
+validation loss on a fixed slice of the split (`eval_chars`: the same characters every time, so
+the figures compare, and cheap on any corpus), feeds the plateau schedule and early stopping, keeps
+the best weights in ``best/`` and everything needed to resume in ``last/``. When training ends,
+the final weights and best/'s are measured on the whole split, best/ keeps whichever is better,
+and the final metrics record and best/ carry those full-pass figures.
 
 Exact resume: the ``last/`` checkpoint holds the weights, Adam's moments, the schedule, the torch
 RNG, the batcher's position and RNG, the carried hidden state and the parts of `state.RunState`. A
@@ -18,6 +21,7 @@ a distributed run (distributed.py) overrides the few methods marked as such belo
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -37,7 +41,7 @@ from charlstm.generate.engine import generate_stream
 from charlstm.generate.sampling import SamplingParams, stream_seeds
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
 from charlstm.model import CharRNN, detach_hidden, hidden_from_tensors, hidden_tensors
-from charlstm.model.evaluation import evaluate_ids, reset_rows
+from charlstm.model.evaluation import evaluate_ids, reset_rows, slice_columns
 from charlstm.runs.checkpoint import Checkpoint
 from charlstm.runs.folder import RunFolder
 from charlstm.training.optimizer_state import load_optimizer, optimizer_tensors
@@ -99,6 +103,10 @@ class Run:
         self.writer = True  # whether this process writes the run folder (rank 0 only, under DDP)
         self.tensorboard: BoardWriter | None = None  # --tensorboard's writer (orchestrate opens it)
         self.last_saved_step: int | None = None
+        # A copy of best/'s weights (on the CPU), so that the end of the run can measure them on the
+        # whole split on every process without reading back a file only rank 0 writes.
+        self.best_tensors: dict[str, torch.Tensor] | None = None
+        self.final_record: dict[str, Any] | None = None  # the final full-pass figures, once known
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -132,12 +140,27 @@ class Run:
             )
 
     def save_best(self, val_loss: float) -> None:
-        """Keep the evaluated weights in best/ (`val_loss` is theirs)."""
+        """Keep the evaluated weights in best/ (`val_loss` is theirs, on the scheduled slice)."""
         self._check_finite()  # on every process, so that all stop together
         self.state.best.kept(val_loss, self.state.progress.step)
+        self.best_tensors = _cpu_copy(self.eval_model)
         if self.writer:
             meta = self._meta({"val_loss": val_loss, **self._progress_metrics()})
             self.folder.save_checkpoint("best", self._model_tensors(), meta)
+
+    def best_weights(self) -> dict[str, torch.Tensor] | None:
+        """best/'s weights: the copy kept when they were saved, or (a resumed run that has not
+        improved on them yet) best/ as the earlier session left it; None before the first save."""
+        if self.best_tensors is None and self.state.best.best_step >= 0:
+            self.best_tensors = self.folder.read_checkpoint("best").model_state()
+        return self.best_tensors
+
+    def write_best(self, tensors: dict[str, torch.Tensor], step: int, metrics: dict) -> None:
+        """Write `tensors` (weights of `step`) as best/ with `metrics` (the end of the run)."""
+        if self.writer:
+            meta = self._meta({**self._progress_metrics(), **metrics})
+            meta["step"] = step
+            self.folder.save_checkpoint("best", {f"model.{k}": v for k, v in tensors.items()}, meta)
 
     def save_last(self) -> None:
         """Everything exact resume needs, in last/."""
@@ -254,13 +277,21 @@ class Run:
         """More state for last/ (a distributed run adds every process's random generators)."""
         return {}
 
-    def evaluate(self) -> float:
+    def eval_columns(self, full: bool) -> int | None:
+        """The columns of the validation streams an evaluation reads (None: all of them)."""
+        t = self.config.train
+        return None if full else slice_columns(len(self.data.val_ids), t.eval_streams, t.eval_chars)
+
+    def evaluate(self, model: torch.nn.Module | None = None, *, full: bool = False) -> float:
+        """The validation loss of `model` (default: the evaluated weights) on the slice scheduled
+        evaluations read, or with `full` on the whole split."""
         return evaluate_ids(
-            self.eval_model,
+            self.eval_model if model is None else model,
             self.data.val_ids,
             n_streams=self.config.train.eval_streams,
             device=self.device,
             precision=self.precision,
+            columns=self.eval_columns(full),
             starts=self.data.val_starts,
         )
 
@@ -457,26 +488,78 @@ def _scheduled_evaluation(
 
 
 def _finish(run: Run, last_val: float | None, report_only: bool) -> None:
-    """Save the final state. A final evaluation (when the last step was not evaluated) can improve
-    best/ but never touches the state that drives the schedule, so resume stays exact."""
+    """Save the final state. An evaluation of the last step on the slice (when it was not
+    scheduled) can improve best/; at a normal end the full pass (`_final_figures`) then decides
+    best/. Neither touches the state that drives the schedule, so resume stays exact. A stop by
+    signal skips the full pass: the user asked to stop, and the resumed run will make it."""
     p = run.state.progress
-    if p.step and (last_val is None or p.step % run.config.train.eval_interval):
+    unscheduled = bool(p.step) and (
+        last_val is None or bool(p.step % run.config.train.eval_interval)
+    )
+    if unscheduled:
         val = run.evaluate()
-        if run.state.best.improves(val):
+        if math.isfinite(val) and run.state.best.improves(val):
             run.save_best(val)
-        if not report_only and run.writer:
-            record = {
-                "step": p.step,
-                "time": round(p.elapsed, 3),
-                "val_loss": val,
-                "val_bpc": val / math.log(2),
-                "lr": run.opt.param_groups[0]["lr"],
-                "final": True,
-            }
-            run.folder.append_metrics(record)
-            if run.tensorboard is not None:
-                run.tensorboard.record(record)
+    if p.step and not report_only:
+        _final_figures(run, to_board=unscheduled)
     run.save_last()
+
+
+def _final_figures(run: Run, to_board: bool) -> None:
+    """Measure the final weights and best/'s on the whole split, keep the better in best/ (with
+    its full-pass figure in its meta) and append the final metrics record.
+
+    The slice chose best/ during the run; the whole split has the last word, so a final iterate
+    that the slice ranked lower but the full pass ranks higher replaces it. The figures a resumed
+    run compares against stay slice figures (`state.best`), so the units never mix. TensorBoard
+    gets the record only `to_board` (a step no scheduled record has drawn): one point a step."""
+    p, best = run.state.progress, run.state.best
+    whole = run.eval_columns(full=False) is None  # the slice is the whole split: figures are full
+    final_val = run.evaluate(full=True)
+    candidates = []  # (full-pass loss, order, what, step, tensors-or-None for the final weights)
+    kept = run.best_weights()
+    if kept is not None:
+        if best.best_step == p.step:  # saved at this very step: the final weights themselves
+            best_val = final_val
+        elif whole:
+            best_val = best.best_saved_val
+        else:
+            scratch = copy.deepcopy(run.model)
+            scratch.load_state_dict(kept)
+            best_val = run.evaluate(scratch, full=True)
+        candidates.append((best_val, 0, "best", best.best_step, kept))
+    candidates.append((final_val, 1, "final", p.step, None))
+    finite = [c for c in candidates if math.isfinite(c[0])]
+    if not finite:
+        raise NonFiniteLoss(
+            f"the validation loss became non-finite at step {p.step}; the last good checkpoint "
+            "is kept: lower --lr or raise --grad-clip, then resume or train again"
+        )
+    chosen_val, _, what, chosen_step, tensors = min(finite, key=lambda c: c[:2])
+    if what == "final":
+        tensors = _cpu_copy(run.eval_model)
+        run.save_best(final_val if whole else run.evaluate())  # state.best holds slice figures
+    metrics = {"val_loss": chosen_val, "best_val_loss": chosen_val, "best_step": chosen_step}
+    run.write_best(tensors, chosen_step, metrics)
+    record = {
+        "step": p.step,
+        "time": round(p.elapsed, 3),
+        "val_loss": final_val,
+        "val_bpc": final_val / math.log(2),
+        "best_val_loss": chosen_val,
+        "best_step": chosen_step,
+        "lr": run.opt.param_groups[0]["lr"],
+        "final": True,
+    }
+    run.final_record = record
+    if run.writer:
+        run.folder.append_metrics(record)
+        if run.tensorboard is not None and to_board:
+            run.tensorboard.record(record)
+
+
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def fit(run: Run, on_eval: Callable[[int, float], None] | None = None) -> str:

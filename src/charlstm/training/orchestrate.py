@@ -165,11 +165,12 @@ def train(
             run.tensorboard.close()
     if ctx is not None:
         distributed.finish()
-    best = run.state.best.best_saved_val
+    final = run.final_record or {}  # the full-pass figures (slice figures if there were none)
+    best = final.get("best_val_loss", run.state.best.best_saved_val)
     log(
         f"charlstm: stopped ({reason}) at step {run.state.progress.step}; best validation loss "
         f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char) at step "
-        f"{run.state.best.best_step}; run folder {out}"
+        f"{final.get('best_step', run.state.best.best_step)}; run folder {out}"
     )
     if run.config.train.report and writer:
         from charlstm.analysis.report import report_run  # matplotlib: only when a report is asked
