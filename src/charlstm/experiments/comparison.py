@@ -221,7 +221,7 @@ def _train_one(config: RunConfig, run_dir: str) -> None:
     (run_dir.parent / f"{run_dir.name}.done").unlink(missing_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.log", "w", encoding="utf-8") as fh:
         train(
-            config,
+            config.replace(auto="off"),  # the same settings for every cell: a fair comparison
             run_dir,
             force=True,
             progress=False,

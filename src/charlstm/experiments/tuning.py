@@ -301,6 +301,9 @@ def train_run(
 ) -> None:
     from charlstm.training.orchestrate import train
 
+    # A trial trains exactly the settings it drew (on the fixed defaults): the automatic choice
+    # would move the fields the search holds fixed, differently from trial to trial.
+    config = config.replace(auto="off")
     train(config, run_dir, force=True, progress=False, log=log, on_eval=on_eval)
 
 
