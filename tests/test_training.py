@@ -1,6 +1,8 @@
 """Training end to end on a tiny corpus: run folder, determinism, exact resume, early stopping,
 the validation slice and the final full pass."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +219,54 @@ def test_the_full_pass_replaces_a_best_the_slice_chose_when_the_final_weights_re
     assert final["best_step"] == checkpoint(run, "best").meta["step"] == 20
     assert_same_tensors(weights(run, "best"), weights(run, "last"))
     assert final["best_val_loss"] == final["val_loss"]
+
+
+# ------------------------------------------------------------------------------ the weight average
+
+
+def test_the_average_decay_warms_up_to_ema():
+    """The decay is small after few updates (the average follows the weights), rises steadily
+    and stops at `ema`."""
+    from charlstm.training.loop import ema_decay
+
+    decays = [ema_decay(0.999, n) for n in range(20_000)]
+    assert decays[1] == pytest.approx(2 / 11) and decays[10] == pytest.approx(0.55)
+    assert all(a <= b for a, b in itertools.pairwise(decays))
+    assert max(decays) == decays[-1] == 0.999
+    assert ema_decay(0.5, 1000) == 0.5  # a low decay is never raised
+
+
+def test_the_warmed_up_average_follows_weights_that_move():
+    """Weights that move steadily from 0 to 100 in 100 updates: the warmed-up average ends near
+    them, the plain 0.999 average near its start."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from charlstm.training.loop import ema_update
+
+    w = torch.nn.Linear(1, 1, bias=False)
+    warm = AveragedModel(w, multi_avg_fn=ema_update(0.999))
+    plain = AveragedModel(w, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    for t in range(101):
+        with torch.no_grad():
+            w.weight.fill_(float(t))
+        warm.update_parameters(w)
+        plain.update_parameters(w)
+    assert plain.module.weight.item() < 10  # about 4.9: 95 behind
+    assert warm.module.weight.item() > 85  # about 89.9: 10 behind
+    assert int(warm.n_averaged) == 101
+
+
+def test_a_short_run_with_a_slow_average_keeps_the_better_of_it_and_the_raw_weights(
+    corpus, tmp_path
+):
+    """ema 0.999 over 20 steps: best/ is never worse on the whole split than the raw final
+    weights (last/'s), and the final record and best/'s meta say which weights it holds."""
+    run = train(tiny_config(corpus, ema=0.999), tmp_path / "run", progress=False)
+    final = read_metrics(run)[-1]
+    raw = load(run, which="last").evaluate(VAL_TEXT)["loss"]  # last/'s model.* are the raw weights
+    best = load(run, which="best").evaluate(VAL_TEXT)["loss"]
+    assert final["raw_val_loss"] == pytest.approx(raw, rel=1e-6)
+    assert best <= raw + 1e-9
+    assert final["best_val_loss"] == pytest.approx(best, rel=1e-6)
+    assert final["weights"] == checkpoint(run, "best").meta["metrics"]["weights"]
+    assert final["weights"] in ("ema", "raw")

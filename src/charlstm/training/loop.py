@@ -86,12 +86,13 @@ class Run:
         )
         self.plateau = Plateau(o.plateau_factor, o.plateau_patience)
         # With `ema`, evaluation, sampling and best/ use a moving average of the weights: on a tiny
-        # corpus the averaged weights generalise better than the noisy last iterate.
+        # corpus the averaged weights generalise better than the noisy last iterate. Its decay
+        # warms up (`ema_decay`), so that it never lags far behind a short run.
         self.ema = None
         if o.ema > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(o.ema))
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(o.ema))
         d = self.config.data
         self.batcher = make_batcher(
             d.batching, data.train_ids, d.batch_size, d.seq_len, t.seed, data.train_starts
@@ -106,6 +107,7 @@ class Run:
         # A copy of best/'s weights (on the CPU), so that the end of the run can measure them on the
         # whole split on every process without reading back a file only rank 0 writes.
         self.best_tensors: dict[str, torch.Tensor] | None = None
+        self.best_kind = "ema" if self.ema is not None else "raw"  # which weights best/ holds
         self.final_record: dict[str, Any] | None = None  # the final full-pass figures, once known
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -139,26 +141,36 @@ class Run:
                 "is kept: lower --lr or raise --grad-clip, then resume or train again"
             )
 
-    def save_best(self, val_loss: float) -> None:
-        """Keep the evaluated weights in best/ (`val_loss` is theirs, on the scheduled slice)."""
+    def weights_kind(self, model: torch.nn.Module) -> str:
+        """ "ema" for the weight average, "raw" for the weights the optimizer moves."""
+        return "ema" if self.ema is not None and model is self.ema.module else "raw"
+
+    def save_best(
+        self, val_loss: float, model: torch.nn.Module | None = None, write: bool = True
+    ) -> None:
+        """Keep `model`'s weights (default: the evaluated ones) as best/; `val_loss` is theirs, on
+        the scheduled slice. Without `write` the caller writes best/ itself (`write_best`)."""
+        model = self.eval_model if model is None else model
         self._check_finite()  # on every process, so that all stop together
         self.state.best.kept(val_loss, self.state.progress.step)
-        self.best_tensors = _cpu_copy(self.eval_model)
-        if self.writer:
-            meta = self._meta({"val_loss": val_loss, **self._progress_metrics()})
-            self.folder.save_checkpoint("best", self._model_tensors(), meta)
+        self.best_tensors = _cpu_copy(model)
+        self.best_kind = self.weights_kind(model)
+        if write:
+            self.write_best(self.best_tensors, self.state.progress.step, {"val_loss": val_loss})
 
     def best_weights(self) -> dict[str, torch.Tensor] | None:
         """best/'s weights: the copy kept when they were saved, or (a resumed run that has not
         improved on them yet) best/ as the earlier session left it; None before the first save."""
         if self.best_tensors is None and self.state.best.best_step >= 0:
-            self.best_tensors = self.folder.read_checkpoint("best").model_state()
+            ck = self.folder.read_checkpoint("best")
+            self.best_tensors = ck.model_state()
+            self.best_kind = (ck.meta.get("metrics") or {}).get("weights", self.best_kind)
         return self.best_tensors
 
     def write_best(self, tensors: dict[str, torch.Tensor], step: int, metrics: dict) -> None:
-        """Write `tensors` (weights of `step`) as best/ with `metrics` (the end of the run)."""
+        """Write `tensors` (the weights of `step`) as best/ with `metrics` and their kind."""
         if self.writer:
-            meta = self._meta({**self._progress_metrics(), **metrics})
+            meta = self._meta({**self._progress_metrics(), "weights": self.best_kind, **metrics})
             meta["step"] = step
             self.folder.save_checkpoint("best", {f"model.{k}": v for k, v in tensors.items()}, meta)
 
@@ -528,7 +540,11 @@ def _final_figures(run: Run, to_board: bool) -> None:
             scratch.load_state_dict(kept)
             best_val = run.evaluate(scratch, full=True)
         candidates.append((best_val, 0, "best", best.best_step, kept))
-    candidates.append((final_val, 1, "final", p.step, None))
+    candidates.append((final_val, 1, run.weights_kind(run.eval_model), p.step, None))
+    raw_val = None
+    if run.ema is not None:  # the average is usually better, but not always (a short run)
+        raw_val = run.evaluate(run.model, full=True)
+        candidates.append((raw_val, 2, "raw", p.step, None))
     finite = [c for c in candidates if math.isfinite(c[0])]
     if not finite:
         raise NonFiniteLoss(
@@ -536,9 +552,11 @@ def _final_figures(run: Run, to_board: bool) -> None:
             "is kept: lower --lr or raise --grad-clip, then resume or train again"
         )
     chosen_val, _, what, chosen_step, tensors = min(finite, key=lambda c: c[:2])
-    if what == "final":
-        tensors = _cpu_copy(run.eval_model)
-        run.save_best(final_val if whole else run.evaluate())  # state.best holds slice figures
+    if what != "best":  # the final weights (the average or the raw ones) replace best/
+        model = run.model if what == "raw" else run.eval_model
+        slice_val = chosen_val if whole else run.evaluate(model)  # state.best holds slice figures
+        run.save_best(slice_val, model, write=False)
+        tensors = run.best_tensors
     metrics = {"val_loss": chosen_val, "best_val_loss": chosen_val, "best_step": chosen_step}
     run.write_best(tensors, chosen_step, metrics)
     record = {
@@ -548,6 +566,8 @@ def _final_figures(run: Run, to_board: bool) -> None:
         "val_bpc": final_val / math.log(2),
         "best_val_loss": chosen_val,
         "best_step": chosen_step,
+        "weights": run.best_kind,
+        **({} if raw_val is None else {"raw_val_loss": raw_val}),
         "lr": run.opt.param_groups[0]["lr"],
         "final": True,
     }
@@ -556,6 +576,30 @@ def _final_figures(run: Run, to_board: bool) -> None:
         run.folder.append_metrics(record)
         if run.tensorboard is not None and to_board:
             run.tensorboard.record(record)
+
+
+def ema_decay(ema: float, n: int) -> float:
+    """The weight average's decay after `n` updates: `ema`, but at most (1 + n) / (10 + n).
+
+    A fixed decay of 0.999 averages over the last ~1000 steps and starts from the initial
+    weights, so a run of a few thousand steps is judged on weights that lag far behind what it
+    has learned. Warming the decay up (0.18, 0.55, 0.92, 0.99 after 1, 10, 100, 1000 updates, as
+    TensorFlow's ExponentialMovingAverage does with num_updates) lets the average follow the
+    weights early and reach `ema` only after ~10 / (1 - ema) steps."""
+    return min(ema, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema: float):
+    """The `multi_avg_fn` of torch's AveragedModel for `ema_decay`. AveragedModel copies the
+    weights at its first update and passes how many updates it holds (n_averaged, which last/
+    stores) to every later one, so a resumed run continues the same decays."""
+
+    @torch.no_grad()
+    def update(averaged: list, current: list, n_averaged: torch.Tensor | int) -> None:
+        decay = ema_decay(ema, int(n_averaged))
+        torch._foreach_lerp_(averaged, current, 1.0 - decay)
+
+    return update
 
 
 def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
