@@ -120,6 +120,7 @@ def sweep(texts: dict[str, str], budgets: list[float], threads: int, batch: bool
                         "cpu": _cpu(),
                         "bf16_peak_gflops": round(peak, 1),
                         "threads": threads,
+                        "rules": autoconfig.RULES_VERSION,
                         "text": name,
                         "budget_s": budget,
                         "variant": label,
@@ -150,10 +151,13 @@ def summary() -> None:
     rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line]
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        cells.setdefault((r["text"], r["budget_s"], r["threads"], r["date"]), []).append(r)
-    print("| text | budget | threads | rule's choice | loss | best of all | loss | regret |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (text, budget, threads, _), group in cells.items():
+        key = (r["text"], r["budget_s"], r["threads"], r.get("rules", 1))
+        cells.setdefault(key, []).append(r)
+    print(
+        "| rules | text | budget | threads | rule's choice | loss | best of all | loss | regret |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (text, budget, threads, rules), group in cells.items():
         rule = next((r for r in group if r["variant"] == "rule"), None)
         if rule is None:
             continue
@@ -164,8 +168,9 @@ def summary() -> None:
 
         regret = rule["best_val_loss"] / best["best_val_loss"] - 1
         print(
-            f"| {text} | {budget:g} s | {threads} | {show(rule)} | {rule['best_val_loss']:.4f} | "
-            f"{show(best)} | {best['best_val_loss']:.4f} | {100 * regret:.1f}% |"
+            f"| v{rules} | {text} | {budget:g} s | {threads} | {show(rule)} | "
+            f"{rule['best_val_loss']:.4f} | {show(best)} | {best['best_val_loss']:.4f} | "
+            f"{100 * regret:.1f}% |"
         )
 
 

@@ -84,13 +84,13 @@ def test_the_choice_feeds_the_model_enough_characters_per_parameter():
     fake = FakeCalibration()
     c = _choose(5_000_000, 300.0, calibration=fake).config
     shape = Shape("lstm", c.model.hidden_size, c.model.num_layers, 64, 80, c.data.batch_size, 64)
-    seen = fake.speed(shape) * 300 * (1 - autoconfig.EVAL_SHARE)
+    seen = fake.speed(shape) * autoconfig.EFFICIENCY * 300 * (1 - autoconfig.EVAL_SHARE)
     params = autoconfig.parameters("lstm", c.model.hidden_size, c.model.num_layers, 64, 80)
     assert seen >= autoconfig.CHARS_PER_PARAM * params
     wider = autoconfig.WIDTHS[autoconfig.WIDTHS.index(c.model.hidden_size) + 1]
     shape = Shape("lstm", wider, c.model.num_layers, 64, 80, c.data.batch_size, 64)
     params = autoconfig.parameters("lstm", wider, c.model.num_layers, 64, 80)
-    assert fake.speed(shape) * 300 * (1 - autoconfig.EVAL_SHARE) < (
+    assert fake.speed(shape) * autoconfig.EFFICIENCY * 300 * (1 - autoconfig.EVAL_SHARE) < (
         autoconfig.CHARS_PER_PARAM * params
     )
 
@@ -231,3 +231,19 @@ def test_the_choice_reaches_every_process_as_json(tmp_path):
         assert distributed.broadcast_json(doc, ctx) == doc
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_preset_trains_as_it_was_tuned_unless_it_asks_for_the_choice(tmp_path, corpus):
+    preset = tmp_path / "p.toml"
+    preset.write_text("hidden_size = 24\nnum_layers = 1\n", encoding="utf-8")
+    common = ["--text", corpus, "--no-progress", "--max-steps", "2", "--threads", "1"]
+    plain = invoke("train", "--config", preset, "--out", tmp_path / "a", *common)
+    assert plain.exit_code == 0, plain.output
+    assert "auto:" not in plain.output
+    assert load_toml(tmp_path / "a" / "config.toml").data.batch_size == RunConfig().data.batch_size
+    asked = invoke("train", "--config", preset, "--out", tmp_path / "b", "--auto", "on", *common)
+    assert asked.exit_code == 0, asked.output
+    assert "auto:" in asked.output
+    chosen = load_toml(tmp_path / "b" / "config.toml")
+    assert (chosen.model.hidden_size, chosen.model.num_layers) == (24, 1)  # the preset's keys

@@ -229,6 +229,10 @@ def train(config_path, out, resume_dir, force, no_progress, nproc, **fields) -> 
     if out is None:
         out = str(default_run_folder(config))
     given = set(overrides) | toml_keys(config_path)
+    if config_path and "auto" not in given:
+        # A preset is a whole recipe, tuned on the fixed defaults for the keys it leaves out: it
+        # trains as it did when it was made, unless it (or --auto on) asks for the choice.
+        config = config.replace(auto="off")
     train_run(config, out, force=force, progress=not no_progress, explicit=given)
 
 

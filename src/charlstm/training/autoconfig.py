@@ -33,10 +33,17 @@ from charlstm.training.calibration import Calibration, Shape
 
 # ------------------------------------------------------------------------------- the fitted rules
 
+# Bumped whenever a constant below changes, and recorded with every sweep row, so that the rows
+# each version was judged by stay apart (benchmarks/data/autoconfig_sweep.jsonl).
+RULES_VERSION = 2
+
 # Widths the choice moves between (one layer above TWO_LAYERS_BELOW characters, two below).
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024, 1536)
 # The least number of characters per parameter the budget must let a width see.
-CHARS_PER_PARAM = 6.0
+CHARS_PER_PARAM = 4.5
+# What share of the calibrated step speed a run gets overall (evaluation, dropout masks, the weight
+# average and checkpoints take the rest): 0.72-0.82 in the sweep's runs.
+EFFICIENCY = 0.75
 # Below this many training characters the network has two layers (small texts gain from depth
 # with dropout between the layers; large ones from the width a single layer affords).
 TWO_LAYERS_BELOW = 200_000
@@ -50,9 +57,9 @@ STEP_CHARS = (256, 512, 1024, 2048, 4096, 8192)
 # Regularisation by the number of passes over the text the budget allows:
 # (fewer than this many epochs, dropout, embedding dropout, weight drop, locked, ema).
 REGULARISATION = (
-    (3.0, 0.0, 0.0, 0.0, False, 0.0),
-    (8.0, 0.2, 0.05, 0.1, True, 0.0),
-    (30.0, 0.4, 0.1, 0.3, True, 0.0),
+    (8.0, 0.0, 0.0, 0.0, False, 0.0),
+    (16.0, 0.2, 0.05, 0.1, True, 0.0),
+    (50.0, 0.4, 0.1, 0.3, True, 0.0),
     (math.inf, 0.5, 0.2, 0.6, False, 0.9998),
 )
 LR = 3e-3
@@ -186,7 +193,7 @@ def choose(
 
     def chars_in_budget(shape: Shape) -> float:
         if usable is not None:
-            seen = calib.speed(shape) * usable
+            seen = calib.speed(shape) * EFFICIENCY * usable
             if t.max_steps:
                 seen = min(seen, t.max_steps * shape.batch_size * shape.seq_len)
             return seen
@@ -215,7 +222,7 @@ def choose(
     epochs = seen / max(n_train, 1)
     dropout, emb_dropout, weight_drop, locked, ema = _regularisation(epochs)
     step_chars = shape.batch_size * shape.seq_len
-    speed = seen / usable if usable else calib.speed(shape)
+    speed = seen / usable if usable else calib.speed(shape) * EFFICIENCY
     steps = seen / step_chars
     # Evaluation: a scheduled pass reads the validation slice (up to eval_chars) at about three
     # times the training speed (forward only); space them so that they take at most EVAL_SHARE.
