@@ -25,6 +25,7 @@ from tests.helpers import (
     invoke,
     one_line_error,
     quiet,
+    read_metrics,
     tiny_config,
     weights,
 )
@@ -260,6 +261,32 @@ def test_training_on_a_folder_resumes_exactly(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ a test split
+
+
+@pytest.mark.slow
+def test_a_test_split_is_measured_once_at_the_end(tmp_path, corpus):
+    """With --test-fraction, the last share of the text is held out: only the final metrics
+    record, best/'s meta and the last log line carry its loss (best/'s weights, a full pass), and
+    `charlstm evaluate RUN` reports the same figure beside the validation split's."""
+    lines = []
+    cfg = tiny_config(corpus, test_fraction=0.1, max_steps=10)
+    run = train(cfg, tmp_path / "run", progress=False, log=lines.append)
+    records = read_metrics(run)
+    assert [r for r in records if "test_loss" in r] == [records[-1]] and records[-1]["final"]
+    test_loss = records[-1]["test_loss"]
+    assert checkpoint(run, "best").meta["metrics"]["test_loss"] == test_loss
+    assert "test loss" in lines[-1] and f"{test_loss:.4f}" in lines[-1]
+    data = prepare_data(cfg)
+    n = len(CORPUS_TEXT)
+    assert len(data.test_ids) == round(0.1 * n) and len(data.val_ids) == round(0.1 * n)
+    result = invoke("evaluate", run, "--json")
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.output)
+    assert evaluated["test"]["loss"] == pytest.approx(test_loss, rel=1e-5)
+    assert evaluated["test"]["characters"] == len(data.test_ids)
+    assert evaluated["characters"] == len(data.val_ids)
+    text = invoke("evaluate", run)
+    assert "(validation split)" in text.output and "(test split)" in text.output
 
 
 def test_a_run_without_a_test_split_says_how_to_hold_one_out(trained_run):

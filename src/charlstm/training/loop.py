@@ -307,6 +307,25 @@ class Run:
             starts=self.data.val_starts,
         )
 
+    def test_figures(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The test split's loss with `tensors` (best/'s weights), a full pass, measured once
+        when training ends; {} without a test split. It is reported, never used: early stopping,
+        the schedule and best/'s choice have all been decided by then. (Every process of a
+        distributed run measures it whole: it is cheap, and needs no collective.)"""
+        if self.data.test_ids is None:
+            return {}
+        scratch = copy.deepcopy(self.model)
+        scratch.load_state_dict(tensors)
+        loss = evaluate_ids(
+            scratch,
+            self.data.test_ids,
+            n_streams=self.config.train.eval_streams,
+            device=self.device,
+            precision=self.precision,
+            starts=self.data.test_starts,
+        )
+        return {"test_loss": loss, "test_bpc": loss / math.log(2)}
+
     def sample(self, seed: int) -> str:
         t = self.config.train
         vocab = self.data.vocab
@@ -557,7 +576,9 @@ def _final_figures(run: Run, to_board: bool) -> None:
         slice_val = chosen_val if whole else run.evaluate(model)  # state.best holds slice figures
         run.save_best(slice_val, model, write=False)
         tensors = run.best_tensors
+    test = run.test_figures(tensors)  # {} without a test split; nothing above ever reads it
     metrics = {"val_loss": chosen_val, "best_val_loss": chosen_val, "best_step": chosen_step}
+    metrics.update(test)
     run.write_best(tensors, chosen_step, metrics)
     record = {
         "step": p.step,
@@ -569,6 +590,7 @@ def _final_figures(run: Run, to_board: bool) -> None:
         "weights": run.best_kind,
         **({} if raw_val is None else {"raw_val_loss": raw_val}),
         "lr": run.opt.param_groups[0]["lr"],
+        **test,
         "final": True,
     }
     run.final_record = record

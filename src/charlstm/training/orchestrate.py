@@ -172,6 +172,12 @@ def train(
         f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char) at step "
         f"{final.get('best_step', run.state.best.best_step)}; run folder {out}"
     )
+    if "test_loss" in final:  # the held-out test split, measured once with best/'s weights
+        test = final["test_loss"]
+        log(
+            f"charlstm: test loss {test:.4f} nats/char ({test / math.log(2):.3f} bits/char) on "
+            f"{len(data.test_ids):,} held-out characters, best/'s weights"
+        )
     if run.config.train.report and writer:
         from charlstm.analysis.report import report_run  # matplotlib: only when a report is asked
 
