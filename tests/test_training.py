@@ -270,3 +270,58 @@ def test_a_short_run_with_a_slow_average_keeps_the_better_of_it_and_the_raw_weig
     assert final["best_val_loss"] == pytest.approx(best, rel=1e-6)
     assert final["weights"] == checkpoint(run, "best").meta["metrics"]["weights"]
     assert final["weights"] in ("ema", "raw")
+
+
+# --------------------------------------------------------------------------------- the ETA
+
+
+def test_time_left_is_the_budget_that_ends_first():
+    """Seconds left of max_time, or steps left at the measured speed, whichever is sooner; None
+    without a budget or, for a step budget alone, before any speed is known."""
+    from charlstm.config import TrainConfig
+    from charlstm.training.state import Progress
+
+    p = Progress(step=100, elapsed=30.0)
+    assert p.time_left(TrainConfig(max_time=90.0), 0.5) == 60.0
+    assert p.time_left(TrainConfig(max_time=None, max_steps=300), 0.5) == 100.0
+    assert p.time_left(TrainConfig(max_time=90.0, max_steps=300), 0.1) == pytest.approx(20.0)
+    assert p.time_left(TrainConfig(max_time=90.0, max_steps=300), 1.0) == 60.0
+    assert p.time_left(TrainConfig(max_time=None, max_steps=300), None) is None
+    assert p.time_left(TrainConfig(max_time=None, max_steps=None), 0.5) is None
+    assert Progress(step=400, elapsed=99.0).time_left(TrainConfig(max_time=90.0), 1.0) == 0.0
+
+
+def test_the_bar_postfix_shows_the_eta_beside_the_last_evaluation():
+    from charlstm.training.loop import _clock, _Eta
+
+    eta = _Eta(eval_interval=50)
+    assert eta.seconds_per_step() is None and eta.postfix(None) == ""
+    eta.times.extend([10.0, 10.5, 11.0])
+    assert eta.seconds_per_step() == 0.5
+    assert eta.postfix(125.0) == "ETA 2:05"
+    eta.status = "val 1.234"
+    assert eta.postfix(3725.4) == "val 1.234 | ETA 1:02:05"
+    assert eta.postfix(None) == "val 1.234"
+    assert _clock(9.4) == "0:09"
+
+
+def test_the_progress_bar_runs_with_and_without_a_budget(corpus, tmp_path):
+    """progress=True: a run with a step budget, and one with no budget at all (stopped from
+    on_eval), both train and save."""
+
+    class Enough(Exception):
+        pass
+
+    def stop_at_10(step, val):
+        if step >= 10:
+            raise Enough
+
+    train(tiny_config(corpus, max_steps=10), tmp_path / "budget", progress=True)
+    with pytest.raises(Enough):
+        train(
+            tiny_config(corpus, max_steps=None, max_time=None),
+            tmp_path / "none",
+            progress=True,
+            on_eval=stop_at_10,
+        )
+    assert checkpoint(tmp_path / "none").meta["step"] == 10

@@ -25,6 +25,7 @@ import copy
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
@@ -142,7 +143,7 @@ class Run:
             )
 
     def weights_kind(self, model: torch.nn.Module) -> str:
-        """ "ema" for the weight average, "raw" for the weights the optimizer moves."""
+        """Which weights `model` holds: the average ("ema") or the optimizer's own ("raw")."""
         return "ema" if self.ema is not None and model is self.ema.module else "raw"
 
     def save_best(
@@ -416,6 +417,34 @@ class _Window:
         return self.chars / max(now - self.start, 1e-9)
 
 
+class _Eta:
+    """The progress bar's postfix: the last evaluation's figures and, with a budget, the time
+    left. Seconds per step are measured over the last steps (two evaluation intervals, so that
+    the evaluations' own time is counted at their share), not since the start."""
+
+    def __init__(self, eval_interval: int) -> None:
+        self.times: deque[float] = deque(maxlen=max(100, 2 * eval_interval) + 1)
+        self.status = ""  # the last evaluation's figures
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.times) < 2:
+            return None
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+    def postfix(self, seconds_left: float | None) -> str:
+        if seconds_left is None:
+            return self.status
+        eta = f"ETA {_clock(seconds_left)}"
+        return f"{self.status} | {eta}" if self.status else eta
+
+
+def _clock(seconds: float) -> str:
+    """A duration as a clock shows it: 1:02:03, 2:03 or 0:09."""
+    s = int(seconds + 0.5)
+    h, m = s // 3600, s // 60 % 60
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
 def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | None) -> str:
     from tqdm import tqdm
 
@@ -433,6 +462,8 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
         file=sys.stderr,
         leave=False,
     )
+    eta = _Eta(t.eval_interval)
+    has_budget = bool(t.max_steps or t.max_time)
     last_val: float | None = None
     try:
         while True:
@@ -448,10 +479,16 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
             p.chars += chars_per_step
             window.add(loss, chars_per_step)
             bar.update(1)
+            if run.progress and has_budget:
+                now = time.monotonic()
+                eta.times.append(now)
+                p.elapsed = base_elapsed + (now - start)
+                left = p.time_left(t, eta.seconds_per_step())
+                bar.set_postfix_str(eta.postfix(left), refresh=False)
             if p.step % t.eval_interval:
                 continue
             # -- a scheduled evaluation: it feeds the schedule, early stopping and best/ ----------
-            last_val = val = _scheduled_evaluation(run, window, base_elapsed, start, bar)
+            last_val = val = _scheduled_evaluation(run, window, base_elapsed, start, bar, eta)
             window = _Window(time.monotonic())
             if on_eval is not None:
                 on_eval(p.step, val)
@@ -477,7 +514,7 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
 
 
 def _scheduled_evaluation(
-    run: Run, window: _Window, base_elapsed: float, start: float, bar
+    run: Run, window: _Window, base_elapsed: float, start: float, bar, eta: _Eta
 ) -> float:
     """Evaluate, log the record, feed the schedule and early stopping, save best/ and last/."""
     p = run.state.progress
@@ -510,11 +547,11 @@ def _scheduled_evaluation(
     if run.state.best.improves(val):
         run.save_best(val)
     run.save_last()
-    bar.set_postfix_str(
+    eta.status = (
         f"train {record['train_loss']:.3f} val {val:.3f} ({val / math.log(2):.2f} bpc) "
-        f"lr {record['lr']:.2e} {speed / 1000:.1f}k ch/s",
-        refresh=False,
+        f"lr {record['lr']:.2e} {speed / 1000:.1f}k ch/s"
     )
+    bar.set_postfix_str(eta.postfix(None), refresh=False)
     return val
 
 

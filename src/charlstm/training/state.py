@@ -60,6 +60,17 @@ class Progress(_Part):
             return f"max_time {t.max_time:g}s"
         return None
 
+    def time_left(self, t: TrainConfig, seconds_per_step: float | None) -> float | None:
+        """Seconds until the budget ends (the progress bar's ETA): the time left, or the steps
+        left at `seconds_per_step`, whichever ends first; None without a budget, or with only a
+        step budget and no speed measured yet. Early stopping may end the run sooner."""
+        left = []
+        if t.max_time:
+            left.append(max(0.0, t.max_time - self.elapsed))
+        if t.max_steps and seconds_per_step is not None:
+            left.append(max(0, t.max_steps - self.step) * seconds_per_step)
+        return min(left) if left else None
+
 
 @dataclass
 class EarlyStopping(_Part):
