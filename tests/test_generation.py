@@ -734,3 +734,22 @@ def test_streams_of_one_start_text_share_its_priming(fast):
     assert [texts[s] for s in sids] == alone
     with pytest.raises(ValueError, match="prefix"):
         engine.add(Request(VOCAB.encode("a"), 5), prefix)  # another start text
+
+
+def test_cli_start_file_continues_the_file_as_start_text_would(trained_run, tmp_path):
+    """`--start-file` reads the start text from a file (in its --encoding, its lines kept): the
+    samples are those of the same text given as --start-text."""
+    start = "Ты катишь волны голубые\nИ "
+    utf8 = tmp_path / "start.txt"
+    utf8.write_text(start, encoding="utf-8")
+    cp1251 = tmp_path / "start1251.txt"
+    cp1251.write_bytes(start.encode("cp1251"))
+    common = ["--length", "60", "--seed", "5", "--temperature", "0.8"]
+    want = invoke("generate", trained_run, "--start-text", start, *common)
+    from_file = invoke("generate", trained_run, "--start-file", utf8, *common)
+    encoded = invoke(
+        "generate", trained_run, "--start-file", cp1251, "--encoding", "cp1251", *common
+    )
+    assert want.exit_code == 0, want.output
+    assert from_file.output == encoded.output == want.output
+    assert want.output.startswith(start)

@@ -260,6 +260,27 @@ def _write_output(out: str | None, text: str) -> None:
     click.echo(f"wrote {out}", err=True)
 
 
+def _read_start_file(path: str, encoding: str) -> str:
+    """The text of --start-file, as written (a final newline included: the samples then start on
+    a new line). Missing, a folder, unreadable, empty or mis-encoded is a UserError; characters
+    the model never saw are refused (or skipped) later, as in a --start-text."""
+    from charlstm.data.corpus import decode_text
+
+    file = Path(path)
+    if not file.is_file():
+        what = "is a folder, not a file" if file.is_dir() else "does not exist"
+        raise UserError(f"start file {path!r} {what}; check the path given to --start-file")
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise UserError(
+            f"cannot read start file {path!r}: {exc.strerror}; check its permissions"
+        ) from None
+    if not data:
+        raise UserError(f"start file {path!r} is empty; give a file with some text in it")
+    return decode_text(data, encoding, source=f"start file {path!r}")
+
+
 @main.command()
 @click.argument("run", type=click.Path())
 @click.option(
@@ -267,6 +288,17 @@ def _write_output(out: str | None, text: str) -> None:
     default=" ",
     show_default=True,
     help="Text the samples continue (a title, a first line); it starts each sample.",
+)
+@click.option(
+    "--start-file",
+    type=click.Path(),
+    help="Read the start text from this file instead (a long prompt, char-rnn's -primetext).",
+)
+@click.option(
+    "--encoding",
+    default="utf-8",
+    show_default=True,
+    help="Codec of the --start-file (any Python codec); e.g. cp1251.",
 )
 @click.option(
     "--length", default=200, show_default=True, type=int, help="Characters to generate per sample."
@@ -341,9 +373,13 @@ def _write_output(out: str | None, text: str) -> None:
     "of `charlstm export --format onnx` (or a graph built in memory from a run folder).",
 )
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the samples to this file.")
+@click.pass_context
 def generate(
+    ctx,
     run,
     start_text,
+    start_file,
+    encoding,
     length,
     temperature,
     temperatures,
@@ -363,6 +399,10 @@ def generate(
     out,
 ) -> None:
     """Generate text from a trained RUN folder (or, with --engine onnx, an ONNX export folder)."""
+    if start_file is not None:
+        if ctx.get_parameter_source("start_text") is not click.core.ParameterSource.DEFAULT:
+            raise UserError("give --start-text or --start-file, not both")
+        start_text = _read_start_file(start_file, encoding)
     if engine == "onnx":
         from charlstm.export.onnx import load_onnx
 

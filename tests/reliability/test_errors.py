@@ -370,6 +370,17 @@ def _read_error(env: Env) -> str:
     return lib(lambda: charlstm.data.corpus.read_text(path))
 
 
+def _start_file_read_error(env: Env) -> str:
+    """--start-file names a file that cannot be read (the start file is read before the model)."""
+    path = env.file("unreadable-start.txt", "Ты ")
+
+    def refuse(self):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    env.monkeypatch.setattr(Path, "read_bytes", refuse)
+    return generate_cli(env.run, "--start-file", path)
+
+
 def _no_state(env: Env) -> str:
     run = env.copy_run()
     path = checkpoint_path(run, "last")
@@ -1019,6 +1030,35 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     "start-text-all-unknown": (
         lambda e: generate_cli(e.run, "--start-text", "☃", "--unknown", "skip"),
         "the start text has no character the model knows",
+    ),
+    "start-file-both": (
+        lambda e: generate_cli(
+            e.run, "--start-text", "a", "--start-file", e.file("start.txt", "Ты ")
+        ),
+        "give --start-text or --start-file, not both",
+    ),
+    "start-file-missing": (
+        lambda e: generate_cli(e.run, "--start-file", e.tmp / "nowhere.txt"),
+        "does not exist; check the path given to --start-file",
+    ),
+    "start-file-folder": (
+        lambda e: generate_cli(e.run, "--start-file", e.tmp),
+        "is a folder, not a file; check the path given to --start-file",
+    ),
+    "start-file-unreadable": (_start_file_read_error, "cannot read start file"),
+    "start-file-empty": (
+        lambda e: generate_cli(e.run, "--start-file", e.file("empty-start.txt", b"")),
+        "is empty; give a file with some text in it",
+    ),
+    "start-file-not-utf8": (
+        lambda e: generate_cli(
+            e.run, "--start-file", e.file("start1251.txt", "Мой дядя".encode("cp1251"))
+        ),
+        "is not valid utf-8: byte 0xcc at byte offset 0",
+    ),
+    "start-file-unknown": (
+        lambda e: generate_cli(e.run, "--start-file", e.file("snow.txt", "snow ☃")),
+        "the text has characters the model never saw: '☃'",
     ),
     "unknown-policy": (
         lambda e: lib(lambda: charlstm.load(e.run, device="cpu").generate(" ", unknown="ignore")),
