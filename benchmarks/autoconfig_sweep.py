@@ -48,7 +48,7 @@ def _cpu() -> str:
 def _reg_row(config: RunConfig) -> int:
     m, o = config.model, config.optim
     now = (m.dropout, m.embedding_dropout, m.weight_drop, m.locked_dropout, o.ema)
-    for i, (_, *values) in enumerate(autoconfig.REGULARISATION):
+    for i, values in enumerate(autoconfig.REGULARISATION):
         if tuple(values) == now:
             return i
     return -1
@@ -68,7 +68,7 @@ def variants(chosen: RunConfig, batch: bool) -> dict[str, dict]:
     rows = autoconfig.REGULARISATION
     for name, j in (("lighter", r - 1), ("heavier", r + 1)):
         if r >= 0 and 0 <= j < len(rows):
-            out[name] = dict(zip(REG_FIELDS, rows[j][1:], strict=True))
+            out[name] = dict(zip(REG_FIELDS, rows[j], strict=True))
     if batch:
         b = chosen.data.batch_size
         out["half batch"] = {"batch_size": max(1, b // 2)}

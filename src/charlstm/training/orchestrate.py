@@ -186,9 +186,7 @@ def train(
     return out
 
 
-def _auto_choice(
-    config: RunConfig, explicit: set[str], data, ctx
-) -> tuple[RunConfig, str, float]:
+def _auto_choice(config: RunConfig, explicit: set[str], data, ctx) -> tuple[RunConfig, str, float]:
     """The automatic choice (autoconfig.choose) for this text and machine, with auto turned off
     in the result so that the stored config repeats it. Under torchrun, rank 0 chooses (its
     calibration) and every process takes its choice: all must train the same model."""
