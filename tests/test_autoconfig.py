@@ -247,3 +247,19 @@ def test_a_preset_trains_as_it_was_tuned_unless_it_asks_for_the_choice(tmp_path,
     assert "auto:" in asked.output
     chosen = load_toml(tmp_path / "b" / "config.toml")
     assert (chosen.model.hidden_size, chosen.model.num_layers) == (24, 1)  # the preset's keys
+
+
+def test_measuring_stops_before_it_eats_a_short_budget():
+    """On a machine seen for the first time, a 3 s run measures for at most about 5% of it."""
+
+    class Slow(FakeCalibration):
+        def speed(self, shape):
+            if shape.key() not in self.measured:  # measured once, then cached
+                self.seconds += 0.1  # each measurement costs a tenth of a second
+                self.measured.append(shape.key())
+            return super().speed(shape)
+
+    slow = Slow(flops_per_s=1e13)  # fast enough that every width would fit
+    choice = _choose(5_000_000, 3.0, calibration=slow)
+    assert len(slow.measured) <= 3
+    assert choice.config.model.hidden_size < autoconfig.WIDTHS[-1]

@@ -69,6 +69,9 @@ SMALL_TEXT = 50_000  # characters: below this and from HEAVY_PASSES passes on, H
 HEAVY_PASSES = 30.0
 LR = 3e-3
 EVAL_SHARE = 0.1  # the most of the time scheduled evaluations may take
+# The most of a budget that measuring may take on a machine seen for the first time: past it, the
+# search stops at the widest width known to fit (a 3 s run must still train).
+CALIBRATION_SHARE = 0.05
 # An open-ended run (no --max-time, no --max-steps) is sized as if it had an hour.
 OPEN_ENDED_SECONDS = 3600.0
 
@@ -209,6 +212,8 @@ def choose(
         """Whether the budget feeds `width` enough characters, measured at the step the text
         alone would get (the budget may shrink the step below; that costs one more measurement,
         of the chosen width only)."""
+        if budget is not None and calib.seconds > CALIBRATION_SHARE * budget:
+            return False
         seen = chars_in_budget(step_shape(width, _step_chars(n_train, None)))
         return seen >= CHARS_PER_PARAM * parameters(cell, width, layers, embedding, vocab_size)
 
