@@ -52,6 +52,7 @@ def _choose(n_train: int, budget: float | None, config: RunConfig | None = None,
         "fp32",
         2,
         calibration=kw.pop("calibration", FakeCalibration()),
+        single_thread=kw.pop("single_thread", None),
     )
 
 
@@ -263,3 +264,23 @@ def test_measuring_stops_before_it_eats_a_short_budget():
     choice = _choose(5_000_000, 3.0, calibration=slow)
     assert len(slow.measured) <= 3
     assert choice.config.model.hidden_size < autoconfig.WIDTHS[-1]
+
+
+def test_a_small_model_takes_one_thread_where_one_is_faster():
+    """One thread wins for a step too short to share; the speed and passes follow it."""
+    fast_single = FakeCalibration(flops_per_s=3e11)
+    slow_pair = FakeCalibration(flops_per_s=1e11)
+    choice = _choose(11_000, 60.0, calibration=slow_pair, single_thread=fast_single)
+    assert choice.config.train.threads == 1
+    assert ", 1 thread at " in choice.explanation
+    same = _choose(11_000, 60.0, calibration=fast_single, single_thread=slow_pair)
+    assert same.config.train.threads is None  # all cores, as without the choice
+    kept = _choose(
+        11_000,
+        60.0,
+        RunConfig().replace(threads=2),
+        explicit={"threads"},
+        calibration=slow_pair,
+        single_thread=fast_single,
+    )
+    assert kept.config.train.threads == 2

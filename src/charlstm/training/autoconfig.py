@@ -35,7 +35,7 @@ from charlstm.training.calibration import Calibration, Shape
 
 # Bumped whenever a constant below changes, and recorded with every sweep row, so that the rows
 # each version was judged by stay apart (benchmarks/data/autoconfig_sweep.jsonl).
-RULES_VERSION = 3
+RULES_VERSION = 4
 
 # Widths the choice moves between (one layer above TWO_LAYERS_BELOW characters, two below).
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024, 1536)
@@ -57,16 +57,16 @@ STEP_CHARS = (256, 512, 1024, 2048, 4096, 8192)
 # Regularisation, as (dropout, embedding dropout, weight drop, locked, ema), by the passes over the
 # text the budget allows and the text's size. In the sweep (rules v2) a text seen fewer than 8
 # times wanted none; a mid-sized text (onegin, 137 k) seen 48 times wanted LIGHT by 4% over MEDIUM
-# and 9% over HEAVY; only the small text (byron, 11 k, 70 passes) wanted HEAVY, by 0.9%. MEDIUM
-# never won a cell, and is kept as the sweep's neighbour between the two.
+# and 9% over HEAVY; only the small text (byron, 11 k, 70 passes) wanted HEAVY, by 0.9%, and at
+# 17-20 passes too (rules v3, defaults_vs_presets: LIGHT 1.4% behind the HEAVY byron-tuned preset).
+# MEDIUM never won a cell, and is kept as the sweep's neighbour between the two.
 NONE = (0.0, 0.0, 0.0, False, 0.0)
 LIGHT = (0.2, 0.05, 0.1, True, 0.0)
 MEDIUM = (0.4, 0.1, 0.3, True, 0.0)
 HEAVY = (0.5, 0.2, 0.6, False, 0.9998)
 REGULARISATION = (NONE, LIGHT, MEDIUM, HEAVY)  # from lightest to heaviest
 FEW_PASSES = 8.0
-SMALL_TEXT = 50_000  # characters: below this and from HEAVY_PASSES passes on, HEAVY
-HEAVY_PASSES = 30.0
+SMALL_TEXT = 50_000  # characters: below this, HEAVY once the text is seen FEW_PASSES times
 LR = 3e-3
 EVAL_SHARE = 0.1  # the most of the time scheduled evaluations may take
 # The most of a budget that measuring may take on a machine seen for the first time: past it, the
@@ -93,6 +93,7 @@ CHOSEN = (
     "warmup_steps",
     "eval_interval",
     "early_stopping",
+    "threads",
 )
 
 
@@ -146,7 +147,7 @@ def _batch(step_chars: int) -> tuple[int, int]:
 def _regularisation(epochs: float, n_train: int) -> tuple[float, float, float, bool, float]:
     if epochs < FEW_PASSES:
         return NONE
-    if n_train < SMALL_TEXT and epochs >= HEAVY_PASSES:
+    if n_train < SMALL_TEXT:
         return HEAVY
     return LIGHT
 
@@ -169,9 +170,11 @@ def choose(
     precision: str,
     threads: int,
     calibration: Calibration | None = None,
+    single_thread: Calibration | None = None,
 ) -> Choice:
     """The configuration for this text, budget and machine; explicit fields are kept as given.
-    `calibration` gives the speeds of shapes (by default measured here and cached)."""
+    `calibration` gives the speeds of shapes (by default measured here and cached), and
+    `single_thread` their speeds on one thread (by default measured too, on a CPU with more)."""
     m, d, t = config.model, config.data, config.train
     cell = m.cell
     embedding = m.embedding_size
@@ -230,6 +233,22 @@ def choose(
     shape = step_shape(width, _step_chars(n_train, None))
     refined = step_shape(width, _step_chars(n_train, chars_in_budget(shape)))
     shape, seen = refined, chars_in_budget(refined)
+    # Threads: a small model's step is too short to share between cores (at batch 8×32 a 2×128
+    # LSTM trained 2× faster on one thread than on two); where one thread is faster, take it.
+    chosen_threads = threads
+    if single_thread is None and calibration is None and device.type == "cpu" and threads > 1:
+        single_thread = Calibration(device, precision, 1)
+    if single_thread is not None and not given("threads") and usable is not None:
+        single = single_thread
+        if single.speed(shape) > 1.1 * calib.speed(shape):
+            chosen_threads, calib.seconds = 1, calib.seconds + single.seconds
+            calib.measured += single.measured
+            seen = single.speed(shape) * EFFICIENCY * usable
+            if t.max_steps:
+                seen = min(seen, t.max_steps * shape.batch_size * shape.seq_len)
+        else:
+            calib.seconds += single.seconds
+            calib.measured += single.measured
     epochs = seen / max(n_train, 1)
     dropout, emb_dropout, weight_drop, locked, ema = _regularisation(epochs, n_train)
     step_chars = shape.batch_size * shape.seq_len
@@ -260,7 +279,10 @@ def choose(
         "warmup_steps": 50 if width >= 512 else 0,
         "eval_interval": interval,
         "early_stopping": 20 if epochs >= 30 or not cosine else 0,
+        "threads": chosen_threads if chosen_threads != threads else None,
     }
+    if chosen["threads"] is None:
+        del chosen["threads"]
     chosen = {k: v for k, v in chosen.items() if not given(k)}
     new = config.replace(**chosen)
     nm, no, nd = new.model, new.optim, new.data
@@ -274,8 +296,8 @@ def choose(
     if t.max_steps:
         budget_text += f", {t.max_steps:,} steps"
     explanation = (
-        f"{_fmt_chars(n_train)} characters, {budget_text}, {threads} "
-        f"{'thread' if threads == 1 else 'threads'} at {_fmt_chars(speed)} chars/s "
+        f"{_fmt_chars(n_train)} characters, {budget_text}, {chosen_threads} "
+        f"{'thread' if chosen_threads == 1 else 'threads'} at {_fmt_chars(speed)} chars/s "
         f"({epochs:.1f} passes) → {nm.num_layers}×{nm.hidden_size}, batch "
         f"{nd.batch_size}×{nd.seq_len}, {regs}"
         + (f", ema {no.ema:g}" if no.ema else "")

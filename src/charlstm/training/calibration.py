@@ -150,7 +150,7 @@ class Calibration:
     """Training speeds of shapes on one machine, measured on first use and cached on disk."""
 
     def __init__(self, device: torch.device, precision: str, threads: int) -> None:
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.threads = device, precision, threads
         self.machine = machine_key(device, precision, threads)
         self.path = cache_path()
         self.measured: list[str] = []  # the shapes measured now (not from the cache)
@@ -164,7 +164,12 @@ class Calibration:
         if isinstance(cached, int | float) and cached > 0:
             return float(cached)
         start = time.perf_counter()
-        value = measure(shape, self.device, self.precision)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # measured with the thread count it is cached under
+        try:
+            value = measure(shape, self.device, self.precision)
+        finally:
+            torch.set_num_threads(before)
         self.seconds += time.perf_counter() - start
         self.measured.append(shape.key())
         machines = _read_cache(self.path)  # another run may have written meanwhile
