@@ -284,3 +284,23 @@ def test_a_small_model_takes_one_thread_where_one_is_faster():
         single_thread=fast_single,
     )
     assert kept.config.train.threads == 2
+
+
+def test_a_large_validation_split_is_read_as_many_streams():
+    """13 M validation characters: 256 streams (a thirty-second of the sequential steps of 8),
+    and a slice of 512 characters per stream; a small split keeps the defaults."""
+    big = autoconfig.choose(
+        RunConfig().replace(max_time=200.0),
+        set(),
+        117_000_000,
+        13_000_000,
+        260,
+        CPU,
+        "fp32",
+        2,
+        calibration=FakeCalibration(),
+    ).config.train
+    assert (big.eval_streams, big.eval_chars) == (256, 256 * 512)
+    small = _choose(1_000_000, 100.0).config.train
+    defaults = RunConfig().train
+    assert (small.eval_streams, small.eval_chars) == (defaults.eval_streams, defaults.eval_chars)

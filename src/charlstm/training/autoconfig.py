@@ -69,6 +69,8 @@ FEW_PASSES = 8.0
 SMALL_TEXT = 50_000  # characters: below this, HEAVY once the text is seen FEW_PASSES times
 LR = 3e-3
 EVAL_SHARE = 0.1  # the most of the time scheduled evaluations may take
+EVAL_STREAM_CHARS = 50_000  # validation characters per evaluation stream, at most 256 streams
+MAX_EVAL_STREAMS = 256
 # The most of a budget that measuring may take on a machine seen for the first time: past it, the
 # search stops at the widest width known to fit (a 3 s run must still train).
 CALIBRATION_SHARE = 0.05
@@ -92,6 +94,8 @@ CHOSEN = (
     "min_lr",
     "warmup_steps",
     "eval_interval",
+    "eval_streams",
+    "eval_chars",
     "early_stopping",
     "threads",
 )
@@ -274,7 +278,16 @@ def choose(
     steps = seen / step_chars
     # Evaluation: a scheduled pass reads the validation slice (up to eval_chars) at about three
     # times the training speed (forward only); space them so that they take at most EVAL_SHARE.
-    eval_chars = min(n_val, getattr(t, "eval_chars", 0) or n_val)
+    # A large validation split is read as many streams at once: the full pass at the end walks the
+    # split one column at a time, so 8 streams of a 13 M-character split are 1.6 M sequential
+    # steps, and 256 of them, each still 50 k characters of context, a thirty-second of that.
+    # The slice then gives each stream 512 characters, not 64.
+    streams, slice_chars = t.eval_streams, t.eval_chars
+    if n_val > EVAL_STREAM_CHARS * t.eval_streams:
+        wanted = min(MAX_EVAL_STREAMS, n_val // EVAL_STREAM_CHARS)
+        streams = 2 ** int(math.log2(wanted))
+        slice_chars = max(t.eval_chars, streams * 512)
+    eval_chars = min(n_val, slice_chars or n_val)
     eval_seconds = eval_chars / (3 * speed)
     step_seconds = step_chars / speed
     interval = max(25, math.ceil(eval_seconds / (EVAL_SHARE * step_seconds)))
@@ -296,6 +309,8 @@ def choose(
         "min_lr": (config.optim.lr if given("lr") else LR) / 10,
         "warmup_steps": 50 if width >= 512 else 0,
         "eval_interval": interval,
+        "eval_streams": streams,
+        "eval_chars": slice_chars,
         "early_stopping": 20 if epochs >= 30 or not cosine else 0,
         "threads": chosen_threads if chosen_threads != threads else None,
     }
