@@ -4,7 +4,9 @@ For each row it runs, one after the other on this machine, with the same budget:
 
 - ``auto``: ``charlstm train --text TEXT --max-time B``, nothing else (the automatic choice);
 - ``preset``: the best hand preset for that text, as its author tuned it (``--auto off``);
-- ``lab``: ``configs/lab.toml`` (``--auto off``: the lab's recipe, the fixed defaults elsewhere),
+- ``lab``: ``configs/lab.toml`` (``--auto off``: the lab's recipe, the fixed defaults elsewhere);
+- with ``--threads 1 --variants preset,lab``, the same on one thread: the automatic choice picks its
+  thread count, so the table compares it with the better of each hand recipe's two runs,
 
 each as its own ``charlstm`` process, and reads the full-pass validation loss of best/ from the
 final metrics record, the peak RSS of the process (wait4's ru_maxrss) and the choice auto made.
@@ -122,15 +124,16 @@ def run_rows(
         }
         with tempfile.TemporaryDirectory() as tmp:
             plain = [*source, "--max-time", str(budget), *extra]
+            tag = f"@{threads}t" if threads else ""  # a run with its thread count fixed
             if "auto" in variants:
-                row["auto"] = _run(plain, Path(tmp) / "auto")
+                row["auto" + tag] = _run(plain, Path(tmp) / "auto")
             if preset and "preset" in variants:
                 row["preset_file"] = preset
-                row["preset"] = _run(
+                row["preset" + tag] = _run(
                     ["--config", preset, *plain, "--auto", "off"], Path(tmp) / "preset"
                 )
             if "lab" in variants:
-                row["lab"] = _run(
+                row["lab" + tag] = _run(
                     ["--config", "configs/lab.toml", *plain, "--auto", "off"], Path(tmp) / "lab"
                 )
         with DATA.open("a", encoding="utf-8") as fh:
@@ -147,19 +150,29 @@ def table() -> None:
             merged.setdefault(record["row"], {}).update(record)
     rows = list(merged.values())
     print(
-        "| text | budget (reference → here) | auto | preset | auto / preset | lab | "
+        "| text | budget (reference → here) | auto | best preset | auto / preset | best lab | "
         "auto vs lab | auto's choice | peak RSS (auto) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+
+    def best(r: dict, name: str) -> tuple[float | None, str]:
+        """The better of the runs of `name` on all cores and on a fixed thread count."""
+        runs = [(v["best_val_loss"], k) for k, v in r.items() if k.split("@")[0] == name]
+        if not runs:
+            return None, ""
+        loss, key = min(runs)
+        return loss, key.partition("@")[2] or "all cores"
+
     for r in rows:
-        a, lab = r["auto"]["best_val_loss"], r["lab"]["best_val_loss"]
-        p = r.get("preset", {}).get("best_val_loss")
+        a = r["auto"]["best_val_loss"]
+        p, p_how = best(r, "preset")
+        lab, lab_how = best(r, "lab")
         ratio = f"{a / p:.3f}" if p else "—"
         choice = (r["auto"]["auto"] or "").split("→ ", 1)[-1]
         print(
             f"| {r['row']} | {r['budget_ref_s']} → {r['budget_s']} s | {a:.4f} | "
-            f"{f'{p:.4f}' if p else '—'} | {ratio} | {lab:.4f} | {100 * (a / lab - 1):+.1f}% | "
-            f"{choice} | {r['auto']['rss_mb']} MB |"
+            f"{f'{p:.4f} ({p_how})' if p else '—'} | {ratio} | {lab:.4f} ({lab_how}) | "
+            f"{100 * (a / lab - 1):+.1f}% | {choice} | {r['auto']['rss_mb']} MB |"
         )
 
 
