@@ -78,29 +78,6 @@ CALIBRATION_SHARE = 0.05
 # An open-ended run (no --max-time, no --max-steps) is sized as if it had an hour.
 OPEN_ENDED_SECONDS = 3600.0
 
-# The fields the choice sets; any the user set explicitly is left alone.
-CHOSEN = (
-    "hidden_size",
-    "num_layers",
-    "embedding_size",
-    "batch_size",
-    "seq_len",
-    "dropout",
-    "embedding_dropout",
-    "weight_drop",
-    "locked_dropout",
-    "ema",
-    "lr",
-    "schedule",
-    "min_lr",
-    "warmup_steps",
-    "eval_interval",
-    "eval_streams",
-    "eval_chars",
-    "early_stopping",
-    "threads",
-)
-
 
 @dataclass(frozen=True)
 class Choice:
