@@ -264,20 +264,9 @@ def _read_start_file(path: str, encoding: str) -> str:
     """The text of --start-file, as written (a final newline included: the samples then start on
     a new line). Missing, a folder, unreadable, empty or mis-encoded is a UserError; characters
     the model never saw are refused (or skipped) later, as in a --start-text."""
-    from charlstm.data.corpus import decode_text
+    from charlstm.data.corpus import decode_text, read_file_bytes
 
-    file = Path(path)
-    if not file.is_file():
-        what = "is a folder, not a file" if file.is_dir() else "does not exist"
-        raise UserError(f"start file {path!r} {what}; check the path given to --start-file")
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise UserError(
-            f"cannot read start file {path!r}: {exc.strerror}; check its permissions"
-        ) from None
-    if not data:
-        raise UserError(f"start file {path!r} is empty; give a file with some text in it")
+    data = read_file_bytes(path, "start file", "--start-file")
     return decode_text(data, encoding, source=f"start file {path!r}")
 
 

@@ -511,7 +511,7 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     ),
     "text-is-folder": (  # training takes a folder (its files); evaluate reads one text
         lambda e: cli("evaluate", e.run, "--text", e.tmp),
-        "is a folder, not a text file",
+        "is a folder, not a file; give the path of one file to --text",
     ),
     "text-unreadable": (_read_error, "cannot read"),
     "text-empty": (
@@ -1043,7 +1043,7 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
     ),
     "start-file-folder": (
         lambda e: generate_cli(e.run, "--start-file", e.tmp),
-        "is a folder, not a file; check the path given to --start-file",
+        "is a folder, not a file; give the path of one file to --start-file",
     ),
     "start-file-unreadable": (_start_file_read_error, "cannot read start file"),
     "start-file-empty": (

@@ -75,22 +75,33 @@ def decode_text(data: bytes, encoding: str = "utf-8", source: str = "the text") 
     return text
 
 
-def read_text(path: str | Path, encoding: str = "utf-8") -> str:
-    """Read a corpus file as normalised text.
-
-    A missing, empty, binary or mis-encoded file is a `UserError`."""
+def read_file_bytes(path: str | Path, what: str = "text file", flag: str = "--text") -> bytes:
+    """The bytes of a file the user named with `flag`; `what` names it in the errors ("text
+    file", "start file"). Missing, a folder, unreadable or empty (no bytes) is a `UserError`."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"text file {str(path)!r} does not exist; check the path given to --text")
     if path.is_dir():
-        raise UserError(f"{str(path)!r} is a folder, not a text file; give the path of a .txt file")
+        raise UserError(
+            f"{what} {str(path)!r} is a folder, not a file; give the path of one file to {flag}"
+        )
+    if not path.exists():
+        raise UserError(f"{what} {str(path)!r} does not exist; check the path given to {flag}")
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(
-            f"cannot read {str(path)!r}: {exc.strerror}; check its permissions"
+            f"cannot read {what} {str(path)!r}: {exc.strerror}; check its permissions"
         ) from None
-    if not data.strip():
+    if not data:
+        raise UserError(f"{what} {str(path)!r} is empty; give a file with some text in it")
+    return data
+
+
+def read_text(path: str | Path, encoding: str = "utf-8") -> str:
+    """Read a corpus file as normalised text.
+
+    A missing, empty, binary or mis-encoded file is a `UserError`."""
+    data = read_file_bytes(path)
+    if not data.strip():  # only spaces and line ends: as good as empty for a corpus
         raise UserError(f"text file {str(path)!r} is empty; give a file with some text in it")
     text = decode_text(data, encoding, source=repr(str(path)))
     if not text.strip():
