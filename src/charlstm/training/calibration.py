@@ -59,10 +59,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _openmp_waiting() -> str:
+    """How OpenMP's idle threads wait, where it is not charlstm's passive default (set on import):
+    spinning threads make several threads a different machine, 1.5 times faster on a quiet one
+    (benchmarks/thread_wait.py), so their speeds are cached apart."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE").strip().upper()
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    parts = ([] if policy == "PASSIVE" else [policy.lower()]) + ([f"spin {spin}"] if spin else [])
+    return f"|wait {' '.join(parts)}" if parts else ""
+
+
 def machine_key(device: torch.device, precision: str, threads: int) -> str:
-    """The machine part of a cache key: the processor, the thread count, the number type, torch."""
+    """The machine part of a cache key: the processor, the thread count (and, for several CPU
+    threads, how they wait when it is not the default), the number type, torch."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return f"{device.type}:{name}|{threads}t|{precision}|torch {torch.__version__}"
+    waiting = _openmp_waiting() if device.type == "cpu" and threads > 1 else ""
+    return f"{device.type}:{name}|{threads}t{waiting}|{precision}|torch {torch.__version__}"
 
 
 def cache_path() -> Path:
