@@ -77,13 +77,14 @@ def test_a_text_of_a_few_tens_of_thousands_of_characters_gets_light_regularisati
     )
 
 
-def test_the_rate_is_6e_3_up_to_512_units_and_3e_3_beyond():
+def test_the_rate_is_6e_3_below_512_units_and_3e_3_from_there():
     small = _choose(1_000_000, 36.0).config
-    assert small.model.hidden_size <= 512 and small.optim.lr == 6e-3
+    assert small.model.hidden_size < 512 and small.optim.lr == 6e-3
     assert small.optim.min_lr == pytest.approx(6e-4)
-    given = RunConfig().replace(hidden_size=1024)
-    wide = _choose(50_000_000, 600.0, given, explicit={"hidden_size"}).config
-    assert wide.optim.lr == 3e-3
+    for width, lr in ((384, 6e-3), (512, 3e-3), (1024, 3e-3)):
+        given = RunConfig().replace(hidden_size=width)
+        chosen = _choose(50_000_000, 600.0, given, explicit={"hidden_size"}).config
+        assert chosen.optim.lr == lr
 
 
 def test_a_large_text_gets_one_wide_unregularised_layer():
