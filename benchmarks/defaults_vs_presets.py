@@ -126,13 +126,12 @@ def run_rows(
             "budget_ref_s": ref_budget,
             "budget_s": budget,
             "threads": threads,
-            "rules": RULES_VERSION,  # of the automatic choice this row's auto run (if any) made
         }
         with tempfile.TemporaryDirectory() as tmp:
             plain = [*source, "--max-time", str(budget), *extra]
             tag = f"@{threads}t" if threads else ""  # a run with its thread count fixed
-            if "auto" in variants:
-                row["auto" + tag] = _run(plain, Path(tmp) / "auto")
+            if "auto" in variants:  # with the version of the rules that made its choice
+                row["auto" + tag] = {**_run(plain, Path(tmp) / "auto"), "rules": RULES_VERSION}
             if preset and "preset" in variants:
                 row["preset_file"] = preset
                 row["preset" + tag] = _run(
@@ -157,9 +156,9 @@ def table() -> None:
     rows = list(merged.values())
     print(
         "| text | budget (reference → here) | auto | best preset | auto / preset | best lab | "
-        "auto vs lab | auto's choice | peak RSS (auto) |"
+        "auto vs lab | rules | auto's choice | peak RSS (auto) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def best(r: dict, name: str) -> tuple[float | None, str]:
         """The better of the runs of `name` on all cores and on a fixed thread count."""
@@ -178,7 +177,8 @@ def table() -> None:
         print(
             f"| {r['row']} | {r['budget_ref_s']} → {r['budget_s']} s | {a:.4f} | "
             f"{f'{p:.4f} ({p_how})' if p else '—'} | {ratio} | {lab:.4f} ({lab_how}) | "
-            f"{100 * (a / lab - 1):+.1f}% | {choice} | {r['auto']['rss_mb']} MB |"
+            f"{100 * (a / lab - 1):+.1f}% | v{r['auto'].get('rules', r.get('rules', '4'))} | "
+            f"{choice} | {r['auto']['rss_mb']} MB |"
         )
 
 

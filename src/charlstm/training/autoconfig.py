@@ -15,8 +15,9 @@ calibration.py) against how many there are to learn from. Two quantities follow:
 
 The constants come from a sweep over texts of 11 k to 6 M characters and budgets of 30 s to 120 s
 on one core (benchmarks/autoconfig_sweep.py; its rows are in benchmarks/data/autoconfig_sweep.jsonl
-and docs/benchmarks.md explains how each constant was read off them), and from the first pass of
-benchmarks/defaults_vs_presets.py. Explicit settings always win: a
+and docs/benchmarks.md explains how each constant was read off them), from the first pass of
+benchmarks/defaults_vs_presets.py, and (the rate and the heavy-regularisation threshold, rules v5
+and v6) from side-by-side runs, benchmarks/autoconfig_ab.py. Explicit settings always win: a
 field the user set (a flag, a preset's key, a Python argument) is never changed, and the choice
 around it is made with it (a given --hidden-size still gets its batch and dropouts chosen).
 """
