@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from charlstm.runs.metrics import outcome
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).with_name("data") / "autoconfig_ab.jsonl"
 
@@ -55,12 +57,9 @@ def _result(proc, log, out: Path) -> dict:
     log.close()
     if proc.returncode != 0:
         raise SystemExit(f"a run failed ({proc.returncode}):\n{text[-2000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    final = next(r for r in reversed(records) if r.get("final"))
     auto = next((line for line in text.splitlines() if "charlstm: auto:" in line), "")
     return {
-        "best_val_loss": final.get("best_val_loss", final["val_loss"]),
-        "steps": final["step"],
+        **outcome(out / "metrics.jsonl"),
         "auto": auto.split("auto: ", 1)[-1] if auto else None,
     }
 

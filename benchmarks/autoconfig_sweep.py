@@ -27,7 +27,7 @@ from pathlib import Path
 from charlstm.bench.training import matmul_gflops
 from charlstm.config import RunConfig, load_toml
 from charlstm.data.loading import prepare_data
-from charlstm.runs.metrics import read_records
+from charlstm.runs.metrics import outcome, read_records
 from charlstm.training import autoconfig
 from charlstm.training.orchestrate import train
 
@@ -77,11 +77,7 @@ def variants(chosen: RunConfig, batch: bool) -> dict[str, dict]:
 
 
 def _final_best(run: Path) -> float:
-    records = read_records(run / "metrics.jsonl")
-    finals = [r for r in records if r.get("final")]
-    if finals and "best_val_loss" in finals[-1]:
-        return float(finals[-1]["best_val_loss"])
-    return min(float(r["val_loss"]) for r in records if "val_loss" in r)
+    return outcome(run / "metrics.jsonl")["best_val_loss"]
 
 
 def sweep(texts: dict[str, str], budgets: list[float], threads: int, batch: bool) -> None:

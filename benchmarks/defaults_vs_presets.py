@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from charlstm.runs.metrics import outcome
 from charlstm.training.autoconfig import RULES_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +92,9 @@ def _run(args: list[str], out: Path) -> dict:
         text = log.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-2000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    final = next(r for r in reversed(records) if r.get("final"))
     auto = next((line for line in text.splitlines() if "charlstm: auto:" in line), "")
     return {
-        "best_val_loss": final.get("best_val_loss", final["val_loss"]),
-        "steps": final["step"],
+        **outcome(out / "metrics.jsonl"),
         "rss_mb": round(usage.ru_maxrss / 1024),
         "wall_s": round(time.monotonic() - start, 1),
         "auto": auto.split("auto: ", 1)[-1] if auto else None,

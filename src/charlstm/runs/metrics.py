@@ -42,6 +42,24 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [r for r in map(_parse, lines) if r is not None]
 
 
+def outcome(path: Path) -> dict[str, Any]:
+    """How a run ended, from its metrics file: ``best_val_loss`` and ``steps``. The final record
+    (the full-pass figures written at the end) decides; a run without one (stopped before its end)
+    gives its best scheduled evaluation. A `ValueError` when the file holds no evaluation."""
+    records = read_records(path)
+    finals = [r for r in records if r.get("final")]
+    if finals:
+        last = finals[-1]
+        return {
+            "best_val_loss": float(last.get("best_val_loss", last["val_loss"])),
+            "steps": last["step"],
+        }
+    vals = [r for r in records if isinstance(r.get("val_loss"), int | float)]
+    if not vals:
+        raise ValueError(f"{path} holds no evaluation")
+    return {"best_val_loss": float(min(r["val_loss"] for r in vals)), "steps": records[-1]["step"]}
+
+
 def keep_records_up_to(path: Path, step: int) -> None:
     """Keep the records a resumed run stands on: those of steps up to `step`.
 

@@ -1,0 +1,50 @@
+"""The metrics file's readers: how a run ended, read the same way by every benchmark."""
+
+import json
+
+import pytest
+
+from charlstm.runs.metrics import outcome
+
+
+def _write(path, *records, torn: str = "") -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + torn, encoding="utf-8")
+
+
+def test_the_last_final_record_decides(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    _write(
+        f,
+        {"step": 50, "val_loss": 2.0},
+        {"step": 60, "val_loss": 1.9, "best_val_loss": 1.8, "final": True},
+        {"step": 90, "val_loss": 1.7},  # a resumed session's evaluation
+        {"step": 100, "val_loss": 1.75, "best_val_loss": 1.6, "final": True},
+        torn='{"step": 110, "val',
+    )
+    assert outcome(f) == {"best_val_loss": 1.6, "steps": 100}
+
+
+def test_a_final_record_without_a_best_gives_its_own_loss(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    _write(f, {"step": 10, "val_loss": 2.5}, {"step": 20, "val_loss": 2.25, "final": True})
+    assert outcome(f) == {"best_val_loss": 2.25, "steps": 20}
+
+
+def test_a_run_stopped_before_its_end_gives_its_best_evaluation(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    _write(
+        f,
+        {"step": 25, "val_loss": 3.0},
+        {"step": 50, "val_loss": 2.5},
+        {"step": 75, "val_loss": 2.75},
+    )
+    assert outcome(f) == {"best_val_loss": 2.5, "steps": 75}
+
+
+def test_no_evaluation_is_an_error_not_a_figure(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    _write(f, {"step": 1, "train_loss": 4.0})
+    with pytest.raises(ValueError, match="holds no evaluation"):
+        outcome(f)
+    with pytest.raises(ValueError):
+        outcome(tmp_path / "missing.jsonl")
