@@ -307,3 +307,27 @@ def test_many_texts_survive_the_relaunch_under_torchrun():
     args = _command_args(ctx)
     assert args[args.index("--text") :][:4] == ["--text", "a/", "--text", "b/*.txt"]
     assert ctx.params["dataset"] is None  # not given: the preset's value stays
+
+
+@pytest.mark.slow
+def test_the_reports_validation_loss_keeps_documents_apart(tmp_path):
+    """`charlstm analyze`/`report` measure the validation split as training and `evaluate` do:
+    no state carried from one file into the next."""
+    from charlstm.analysis.report import analyze_run
+    from charlstm.model.evaluation import split_metrics
+
+    n = len(CORPUS_TEXT)
+    cuts = [0, 1200, n - 150, n - 60, n]  # two document starts inside the last 10%
+    root = tree(
+        tmp_path / "poems",
+        {f"{i:02d}.txt": CORPUS_TEXT[a:b] for i, (a, b) in enumerate(itertools.pairwise(cuts))},
+    )
+    cfg = tiny_config(root, max_steps=6, eval_interval=3, eval_streams=1)
+    run = train(cfg, tmp_path / "run", progress=False, log=quiet)
+    assert len(prepare_data(cfg).val_starts) == 3
+    from charlstm.generate.textmodel import load
+
+    model = load(run, which="last", device="cpu")
+    expected = split_metrics(model.model, cfg, "validation", model.vocab)["loss"]
+    report = analyze_run(run, text="a line of text\n", which="last", device="cpu")
+    assert report["validation"]["loss"] == pytest.approx(expected, rel=1e-6)

@@ -138,8 +138,12 @@ def analyze_run(
 
     validation = None
     if len(data.val_ids) >= 2:
-        loss = evaluate_ids(
-            model.model, data.val_ids, n_streams=config.train.eval_streams, device=model.device
+        loss = evaluate_ids(  # documents kept apart, as training and `evaluate` read the split
+            model.model,
+            data.val_ids,
+            n_streams=config.train.eval_streams,
+            device=model.device,
+            starts=data.val_starts,
         )
         validation = {**loss_metrics(loss), "characters": len(data.val_ids)}
     clock["validation"] = time.perf_counter()
