@@ -11,8 +11,8 @@ from charlstm.api import load
 from charlstm.config import ModelConfig
 from charlstm.data.batching import stream_layout
 from charlstm.errors import NonFiniteLoss, UserError
-from charlstm.model import CharRNN
-from charlstm.model.evaluation import loss_sums, slice_columns
+from charlstm.model import CharRNN, evaluation
+from charlstm.model.evaluation import loss_sums, slice_columns, streams_for
 from charlstm.training.orchestrate import resume_config, train
 from tests.helpers import (
     CORPUS_TEXT,
@@ -164,6 +164,44 @@ def test_slice_columns_reads_about_n_chars_or_everything():
     assert slice_columns(10_001, 8, 801) == 101
     assert slice_columns(10_001, 8, 0) is None
     assert slice_columns(10_001, 8, 10_000) is None
+
+
+def test_a_long_split_is_read_in_more_streams_and_a_short_one_as_configured():
+    assert streams_for(1, 8) == 8
+    assert streams_for(400_000, 8) == 8  # up to 8 × 50 k: as configured
+    assert streams_for(1_600_000, 32) == 32
+    assert streams_for(1_000_000, 8) == 16  # 20 streams of 50 k fit: the power of two below
+    assert streams_for(13_000_000, 8) == 256  # the Linux C files' validation split
+    assert streams_for(10**9, 8) == 256
+    assert streams_for(120_000, 1) == 2
+    assert streams_for(10**9, 512) == 512  # more than the cap, given: kept
+
+
+def test_every_reader_of_a_long_split_reads_it_in_the_same_streams(corpus, tmp_path, monkeypatch):
+    """Training's final figure, `charlstm evaluate RUN` and the report read a split longer than
+    eval_streams × STREAM_CHARS in the same, larger number of streams (a shorter STREAM_CHARS
+    stands in for a 13 M-character split)."""
+    from charlstm.analysis.report import analyze_run
+    from charlstm.model.evaluation import split_metrics
+
+    monkeypatch.setattr(evaluation, "STREAM_CHARS", 20)
+    cfg = tiny_config(corpus, eval_streams=1, max_steps=6, eval_interval=3)
+    run = train(cfg, tmp_path / "run", progress=False)
+    model = load(run, which="last", device="cpu")
+    val_ids = model.vocab.encode(VAL_TEXT)
+    streams = streams_for(len(val_ids), 1)
+    assert streams > 1
+    final = read_metrics(run)[-1]
+    assert final["final"]
+    many = evaluation.evaluate_ids(model.model, val_ids, n_streams=streams)
+    one = evaluation.evaluate_ids(model.model, val_ids, n_streams=1)
+    assert final["val_loss"] == pytest.approx(many, rel=1e-6)
+    assert many != pytest.approx(one, rel=1e-4)
+    assert split_metrics(model.model, cfg, "validation", model.vocab)["loss"] == pytest.approx(
+        many, rel=1e-6
+    )
+    report = analyze_run(run, text="a line\n", which="last", device="cpu")
+    assert report["validation"]["loss"] == pytest.approx(many, rel=1e-6)
 
 
 def test_a_slice_is_the_start_of_every_stream_read_as_the_full_pass_reads_it():

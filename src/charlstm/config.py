@@ -240,7 +240,9 @@ class TrainConfig:
         0, "Non-finite steps to skip before stopping; raise it only for rare overflow spikes."
     )
     eval_streams: int = _field(
-        8, "Streams the validation text is cut into; more is faster, fewer carries more context."
+        8,
+        "Streams the validation text is cut into; more is faster, fewer carries more context. "
+        "A split longer than this × 50 k characters is read in more, up to 256.",
     )
     eval_chars: int = _field(
         16384,

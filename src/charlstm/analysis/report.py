@@ -121,7 +121,7 @@ def analyze_run(
     from charlstm.config import from_dict
     from charlstm.data.loading import prepare_data
     from charlstm.generate.textmodel import load
-    from charlstm.model.evaluation import evaluate_ids, loss_metrics
+    from charlstm.model.evaluation import evaluate_ids, loss_metrics, streams_for
 
     log = log or (lambda msg: None)
     if text is None:
@@ -141,7 +141,7 @@ def analyze_run(
         loss = evaluate_ids(  # documents kept apart, as training and `evaluate` read the split
             model.model,
             data.val_ids,
-            n_streams=config.train.eval_streams,
+            n_streams=streams_for(len(data.val_ids), config.train.eval_streams),
             device=model.device,
             starts=data.val_starts,
         )

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from charlstm.config import RunConfig
+from charlstm.model.evaluation import streams_for
 from charlstm.training.calibration import Calibration, Shape
 
 # ------------------------------------------------------------------------------- the fitted rules
@@ -83,8 +84,6 @@ LR = 6e-3
 LR_WIDE = 3e-3  # for WIDE_FROM units and more
 WIDE_FROM = 512
 EVAL_SHARE = 0.1  # the most of the time scheduled evaluations may take
-EVAL_STREAM_CHARS = 50_000  # validation characters per evaluation stream, at most 256 streams
-MAX_EVAL_STREAMS = 256
 # The most of a budget that measuring may take on a machine seen for the first time: past it, the
 # search stops at the widest width known to fit (a 3 s run must still train).
 CALIBRATION_SHARE = 0.05
@@ -273,10 +272,8 @@ def choose(
     # split one column at a time, so 8 streams of a 13 M-character split are 1.6 M sequential
     # steps, and 256 of them, each still 50 k characters of context, a thirty-second of that.
     # The slice then gives each stream 512 characters, not 64.
-    streams, slice_chars = t.eval_streams, t.eval_chars
-    if n_val > EVAL_STREAM_CHARS * t.eval_streams:
-        wanted = min(MAX_EVAL_STREAMS, n_val // EVAL_STREAM_CHARS)
-        streams = 2 ** int(math.log2(wanted))
+    streams, slice_chars = streams_for(n_val, t.eval_streams), t.eval_chars
+    if streams != t.eval_streams:
         slice_chars = max(t.eval_chars, streams * 512)
     eval_chars = min(n_val, slice_chars or n_val)
     eval_seconds = eval_chars / (3 * speed)

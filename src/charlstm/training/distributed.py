@@ -365,12 +365,12 @@ class DistributedRun(Run):
 
     def evaluate(self, model: torch.nn.Module | None = None, *, full: bool = False) -> float:
         ids = self.data.val_ids
-        S, _ = stream_layout(len(ids), self.config.train.eval_streams)
+        S, _ = stream_layout(len(ids), self.val_streams)
         rows = np.arange(S)[self.ctx.rank :: self.ctx.world_size]
         total, count = loss_sums(
             self.eval_model if model is None else model,
             ids,
-            n_streams=self.config.train.eval_streams,
+            n_streams=self.val_streams,
             device=self.device,
             precision=self.precision,
             rows=rows,

@@ -42,7 +42,7 @@ from charlstm.generate.engine import generate_stream
 from charlstm.generate.sampling import SamplingParams, stream_seeds
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
 from charlstm.model import CharRNN, detach_hidden, hidden_from_tensors, hidden_tensors
-from charlstm.model.evaluation import evaluate_ids, reset_rows, slice_columns
+from charlstm.model.evaluation import evaluate_ids, reset_rows, slice_columns, streams_for
 from charlstm.runs.checkpoint import Checkpoint
 from charlstm.runs.folder import RunFolder
 from charlstm.training.optimizer_state import load_optimizer, optimizer_tensors
@@ -98,6 +98,7 @@ class Run:
         self.batcher = make_batcher(
             d.batching, data.train_ids, d.batch_size, d.seq_len, t.seed, data.train_starts
         )
+        self.val_streams = streams_for(len(data.val_ids), t.eval_streams)  # the split's layout
         self.hidden = None
         self.state = RunState()
         self.loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -293,7 +294,9 @@ class Run:
     def eval_columns(self, full: bool) -> int | None:
         """The columns of the validation streams an evaluation reads (None: all of them)."""
         t = self.config.train
-        return None if full else slice_columns(len(self.data.val_ids), t.eval_streams, t.eval_chars)
+        return (
+            None if full else slice_columns(len(self.data.val_ids), self.val_streams, t.eval_chars)
+        )
 
     def evaluate(self, model: torch.nn.Module | None = None, *, full: bool = False) -> float:
         """The validation loss of `model` (default: the evaluated weights) on the slice scheduled
@@ -301,7 +304,7 @@ class Run:
         return evaluate_ids(
             self.eval_model if model is None else model,
             self.data.val_ids,
-            n_streams=self.config.train.eval_streams,
+            n_streams=self.val_streams,
             device=self.device,
             precision=self.precision,
             columns=self.eval_columns(full),
@@ -320,7 +323,7 @@ class Run:
         loss = evaluate_ids(
             scratch,
             self.data.test_ids,
-            n_streams=self.config.train.eval_streams,
+            n_streams=streams_for(len(self.data.test_ids), self.config.train.eval_streams),
             device=self.device,
             precision=self.precision,
             starts=self.data.test_starts,
