@@ -30,7 +30,7 @@ def streams_for(n_ids: int, configured: int) -> int:
     more for a split longer than `configured` × 50 k characters: a power of two up to 256, each
     stream still 50 k characters of context. A full pass walks its streams one column at a time,
     so the Linux C files' 13 M validation characters are 1.6 M sequential steps in 8 streams (the
-    lab's run: 948 s of final passes after a 216 s budget) and a thirty-second of that in 256. On
+    lab's run: 948 s of wall time for a 216 s budget) and a thirty-second of that in 256. On
     a split of up to 400 k characters (at the default 8) nothing changes. Every reader of a split
     (training's evaluations, the test figure, `charlstm evaluate`, the report) goes through this,
     so they all read it the same way."""
