@@ -132,3 +132,31 @@ def test_cli_pretrain_runs_both_phases(corpus, tmp_path):
     assert fine.run_config.train.init_from == str(tmp_path / "fine-pretrain")
     assert (fine.run_config.data.batch_size, fine.model_config.hidden_size) == (4, 12)
     assert fine.vocab.chars[: len(pre.vocab)] == pre.vocab.chars
+
+
+def test_union_vocabulary_leaves_out_the_files_skip_bad_files_leaves_out(pretrained, tmp_path):
+    """The union is built from the text the run trains on: a file `--skip-bad-files` leaves out
+    contributes no characters (before, it was read anyway and stopped the run)."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain text\n" * 20, encoding="utf-8")
+    (folder / "b.txt").write_bytes("Zürich ÿ\n".encode("latin-1"))  # not UTF-8
+    source = transfer.read_source(pretrained)
+    cfg = tiny_config(folder, skip_bad_files=True)
+    vocab = transfer.union_vocabulary(cfg, source)
+    assert "p" in vocab and "ÿ" not in vocab
+    with pytest.raises(UserError, match="not valid utf-8"):
+        transfer.union_vocabulary(tiny_config(folder), source)
+
+
+@pytest.mark.slow
+def test_pretrain_takes_a_folder(corpus, tmp_path):
+    """`--pretrain` takes what `--text` takes: a folder (or a glob) is text, not a dataset name."""
+    folder = tmp_path / "onegin"
+    folder.mkdir()
+    (folder / "1.txt").write_text(OTHER, encoding="utf-8")
+    (folder / "2.txt").write_text(OTHER[::-1], encoding="utf-8")
+    cfg = tiny_config(corpus, max_steps=3, pretrain=str(folder), pretrain_time=1.0)
+    train(cfg, tmp_path / "fine", progress=False, log=lambda _: None)
+    pre = checkpoint(tmp_path / "fine-pretrain", "best").run_config.data
+    assert (pre.text, pre.dataset) == (str(folder), None)

@@ -257,7 +257,9 @@ class TrainConfig:
         0, "With --init-from or --pretrain: freeze the embedding and the lowest K layers."
     )
     pretrain: str | None = _field(
-        None, "Dataset name or text file to pre-train on first (into OUT-pretrain), then fine-tune."
+        None,
+        "Dataset name, or a file, folder or glob as --text takes, to pre-train on first (into "
+        "OUT-pretrain), then fine-tune.",
     )
     pretrain_time: float = _field(
         300.0, "Seconds of the pre-training phase (the run's own budget is --max-time)."

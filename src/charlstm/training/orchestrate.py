@@ -19,6 +19,7 @@ import torch
 
 from charlstm.config import RunConfig, from_dict, load_toml, to_toml
 from charlstm.data.loading import prepare_data
+from charlstm.data.sources import is_glob
 from charlstm.errors import UserError
 from charlstm.hardware import pick_device, pick_precision, set_threads
 from charlstm.model import count_parameters
@@ -237,7 +238,7 @@ def pretrain_then_finetune(
     out = Path(out)
     t = config.train
     name = t.pretrain
-    as_file = Path(name).is_file()
+    as_file = Path(name).exists() or is_glob(name)  # a file, a folder or a glob; else a dataset
     pre = load_toml(t.pretrain_config, base=config) if t.pretrain_config else config
     pre = pre.replace(
         dataset=None if as_file else name,

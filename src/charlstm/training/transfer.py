@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from charlstm.config import RunConfig
-from charlstm.data.corpus import load_corpus
+from charlstm.data.corpus import load_documents
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
 from charlstm.runs.checkpoint import read_checkpoint
@@ -86,7 +86,7 @@ def check_architecture(config: RunConfig, source: Source) -> None:
 def union_vocabulary(config: RunConfig, source: Source) -> Vocabulary:
     """The pre-trained vocabulary followed by the characters only the new text has."""
     d = config.data
-    text, _ = load_corpus(d.dataset, d.text, d.encoding)
+    text = load_documents(d.dataset, d.text, d.encoding, skip_bad_files=d.skip_bad_files).text
     return source.vocab.union(Vocabulary.from_text(text))
 
 
