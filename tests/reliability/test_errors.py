@@ -181,6 +181,13 @@ def _prepared_other_vocabulary(env: Env) -> str:
     return lib(lambda: prepare_data(config, vocab))
 
 
+def _prepare(env: Env) -> Path:
+    from charlstm.data import prepared
+
+    prepared.prepare(env.corpus, env.tmp / "p", progress=False)
+    return env.tmp / "p"
+
+
 def _prepared_docs_damaged(env: Env) -> str:
     from charlstm.data import prepared
 
@@ -624,6 +631,13 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         "the split must be one of validation, test",
     ),
     "prepared-other-vocabulary": (_prepared_other_vocabulary, "different vocabulary"),
+    "prepared-fine-tuning": (
+        lambda e: cli(
+            *["train", "--prepared", _prepare(e), "--init-from", e.run, "--out", e.tmp / "o"],
+            "--no-progress",
+        ),
+        "cannot fine-tune on a prepared corpus",
+    ),
     "prepared-docs-damaged": (_prepared_docs_damaged, "docs.bin does not match its sha256"),
     "text-none": (
         lambda e: cli(

@@ -111,6 +111,7 @@ def train(
     last_ckpt = folder.read_checkpoint("last") if resume else None
     source = None
     if config.train.init_from and last_ckpt is None:
+        _refuse_prepared_fine_tuning(config)
         source = transfer.read_source(config.train.init_from)
         transfer.check_architecture(config, source)
     data = prepare_data(
@@ -214,6 +215,17 @@ def _auto_choice(config: RunConfig, explicit: set[str], data, ctx) -> tuple[RunC
     return from_dict(chosen).replace(auto="off"), why, seconds
 
 
+def _refuse_prepared_fine_tuning(config: RunConfig) -> None:
+    """Fine-tuning trains on the union of the source's vocabulary and the new text's, and a
+    prepared corpus's ids are fixed to its own vocabulary: the two do not mix (yet)."""
+    if config.data.prepared:
+        raise UserError(
+            f"--init-from and --pretrain cannot fine-tune on a prepared corpus "
+            f"({str(config.data.prepared)!r} is encoded with its own vocabulary); give its text "
+            "with --text instead"
+        )
+
+
 def pretrain_out(out: Path) -> Path:
     """Where the pre-training phase of a run in `out` goes: beside it, ``<out>-pretrain``."""
     return Path(out).with_name(Path(out).name + "-pretrain")
@@ -235,6 +247,7 @@ def pretrain_then_finetune(
     large text wants larger batches and a higher rate than a small one fine-tuned gently. The
     model's shape is the pre-training phase's. `on_eval` sees the fine-tuning phase only.
     """
+    _refuse_prepared_fine_tuning(config)  # before the pre-training phase, not after it
     out = Path(out)
     t = config.train
     name = t.pretrain
