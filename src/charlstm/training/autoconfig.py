@@ -268,10 +268,8 @@ def choose(
     steps = seen / step_chars
     # Evaluation: a scheduled pass reads the validation slice (up to eval_chars) at about three
     # times the training speed (forward only); space them so that they take at most EVAL_SHARE.
-    # A large validation split is read as many streams at once: the full pass at the end walks the
-    # split one column at a time, so 8 streams of a 13 M-character split are 1.6 M sequential
-    # steps, and 256 of them, each still 50 k characters of context, a thirty-second of that.
-    # The slice then gives each stream 512 characters, not 64.
+    # A large split is read in more streams (`streams_for`, as every reader reads it); the slice
+    # then gives each of them 512 characters, not 64.
     streams, slice_chars = streams_for(n_val, t.eval_streams), t.eval_chars
     if streams != t.eval_streams:
         slice_chars = max(t.eval_chars, streams * 512)
