@@ -10,7 +10,7 @@ import pytest
 from charlstm.config import RunConfig
 from charlstm.experiments import comparison
 from charlstm.model import CharRNN
-from charlstm.model.evaluation import evaluate_ids
+from charlstm.model.evaluation import char_losses
 from tests.helpers import invoke, one_line_error, tiny_config, tiny_flags
 
 
@@ -44,13 +44,32 @@ def test_copy_text_repeats_each_key_after_the_delay():
     assert len({x[0] for x in lines}) > 1
 
 
-def test_per_char_losses_average_to_the_validation_loss(corpus):
+def test_a_document_start_is_a_line_start_and_its_prediction_is_left_out():
+    ids = np.array([5, 5, 0, 5, 5, 5, 5, 5])  # 0 is the newline; a document starts at 4
+    distance = comparison.line_distance(ids, 0, np.array([0, 4]))
+    # p = 3 predicts the document's first character (nothing is, across the start: NaN below);
+    # p = 4 has seen that one character of the document's first line
+    assert distance.tolist() == [1, 2, 0, 0, 1, 2, 3]
+    losses = np.array([1.0, 1, 1, np.nan, 4, 4, 4])
+    buckets = comparison.line_buckets(losses, distance, edges=(0, 1))
+    assert buckets == {"0-0": 1.0, "1+": pytest.approx(14 / 5)}
+
+
+def test_context_probes_never_cross_a_document_start(corpus):
     config = tiny_config(corpus)
     model = CharRNN(dataclasses.replace(config.model, vocab_size=30))
     ids = np.random.default_rng(0).integers(0, 30, size=700)
-    losses = comparison.per_char_losses(model, ids)
-    assert losses.shape == (699,)
-    assert math.isclose(losses.mean(), evaluate_ids(model, ids), rel_tol=1e-5)
+    starts = np.arange(0, 700, 70)  # documents of 70: 6 positions each have 64 characters inside
+    full = char_losses(model, ids, starts=starts)
+    probes = comparison.context_losses(
+        model, ids, full, contexts=(4, 64), positions=700, starts=starts
+    )
+    # "full" would be NaN had a position whose target starts a document been drawn
+    assert math.isfinite(probes["full"]) and set(probes) == {"4", "64", "full"}
+    sixties = np.concatenate([np.arange(s + 63, s + 69) for s in starts])
+    assert probes["full"] == pytest.approx(full[sixties].mean())
+    shorter = np.arange(0, 700, 60)  # no document holds 64 characters and a target
+    assert comparison.context_losses(model, ids, full, contexts=(64,), starts=shorter) == {}
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from charlstm.config import CELLS, RunConfig, dataset_label
 from charlstm.errors import UserError
+from charlstm.model.evaluation import char_losses
 
 LINE_EDGES = (0, 5, 10, 20, 40)  # buckets of "characters since the last newline"
 CONTEXTS = (1, 4, 16, 64)  # context lengths of the probe, besides the full carried state
@@ -83,31 +84,20 @@ def matched_hidden_sizes(
 # ---------------------------------------------------------------------------------------- probes
 
 
-@torch.inference_mode()
-def per_char_losses(model, ids: np.ndarray, n_streams: int = 8, window: int = 512) -> np.ndarray:
-    """Loss of predicting ids[p + 1] for every p, with the state carried as in `evaluate_ids`."""
-    from charlstm.data.batching import eval_streams
-
-    model.eval()
-    x, y = eval_streams(np.asarray(ids), n_streams)  # (S, L), rows are contiguous slices
-    losses, hidden = [], None
-    for start in range(0, x.shape[1], window):
-        logits, hidden = model(x[:, start : start + window], hidden)  # (S, W, V)
-        yb = y[:, start : start + window]
-        losses.append(
-            F.cross_entropy(logits.float().transpose(1, 2), yb.clamp(min=0), reduction="none")
-        )
-    return torch.cat(losses, dim=1).reshape(-1)[: len(ids) - 1].numpy()
-
-
-def line_distance(ids: np.ndarray, newline: int | None) -> np.ndarray:
+def line_distance(
+    ids: np.ndarray, newline: int | None, starts: np.ndarray | None = None
+) -> np.ndarray:
     """For each prediction p (of ids[p + 1]), how many characters of its line the model has seen:
-    0 right after a newline; the text's start counts as a line start."""
+    0 right after a newline. The text's start, and every document's start (`starts`), count as
+    line starts: the model's state is fresh there, as after a newline."""
     pos = np.arange(len(ids) - 1)
-    if newline is None:
-        return pos
-    last = np.where(ids[:-1] == newline, pos, -1)
-    return pos - np.maximum.accumulate(last)
+    breaks = np.zeros(len(pos), dtype=bool)
+    if newline is not None:
+        breaks |= ids[:-1] == newline
+    if starts is not None:  # as if a newline came just before each document's first character
+        before = np.asarray(starts, dtype=np.int64) - 1
+        breaks[before[(before >= 0) & (before < len(pos))]] = True
+    return pos - np.maximum.accumulate(np.where(breaks, pos, -1))
 
 
 def line_buckets(
@@ -115,7 +105,7 @@ def line_buckets(
 ) -> dict[str, float]:
     out = {}
     for lo, hi in zip(edges, list(edges[1:]) + [math.inf]):
-        mask = (distance >= lo) & (distance < hi)
+        mask = (distance >= lo) & (distance < hi) & ~np.isnan(losses)  # NaN: no prediction
         label = f"{lo}-{hi - 1}" if math.isfinite(hi) else f"{lo}+"
         out[label] = float(losses[mask].mean()) if mask.any() else math.nan
     return out
@@ -129,12 +119,17 @@ def context_losses(
     contexts: Sequence[int] = CONTEXTS,
     positions: int = PROBE_POSITIONS,
     seed: int = 0,
+    starts: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Mean loss at sampled positions when the model sees only the last k characters, and ("full")
-    with the whole text before them."""
+    with the whole of its document before them. A position is sampled only where the longest
+    context and the target lie in one document (`starts`), so no context crosses a boundary."""
     model.eval()
     k_max = max(contexts)
     candidates = np.arange(k_max - 1, len(ids) - 1)
+    if starts is not None and len(starts) > 1:
+        doc = np.searchsorted(np.asarray(starts), np.arange(len(ids)), side="right")
+        candidates = candidates[doc[candidates - k_max + 1] == doc[candidates + 1]]
     if len(candidates) == 0:
         return {}
     rng = np.random.default_rng(seed)
@@ -190,8 +185,9 @@ def recall_loss(run_dir: Path) -> float:
     from charlstm.generate.textmodel import load
 
     model = load(run_dir, device="cpu")
-    ids = prepare_data(from_dict(model.meta["config"]), model.vocab).val_ids.astype(np.int64)
-    losses = per_char_losses(model.model, ids)
+    data = prepare_data(from_dict(model.meta["config"]), model.vocab)
+    ids = data.val_ids.astype(np.int64)
+    losses = char_losses(model.model, ids, starts=data.val_starts)
     return float(losses[ids[:-1] == model.vocab.char_to_idx["="]].mean())
 
 
@@ -256,10 +252,11 @@ def _read_run(
         model = load(run_dir, device="cpu")
         data = prepare_data(last.run_config, model.vocab)
         ids = data.val_ids.astype(np.int64)
-        losses = per_char_losses(model.model, ids)
+        starts = data.val_starts
+        losses = char_losses(model.model, ids, starts=starts)
         newline = model.vocab.char_to_idx.get("\n")
-        result.lines = line_buckets(losses, line_distance(ids, newline))
-        result.contexts = context_losses(model.model, ids, losses)
+        result.lines = line_buckets(losses, line_distance(ids, newline, starts))
+        result.contexts = context_losses(model.model, ids, losses, starts=starts)
     return result
 
 

@@ -106,6 +106,59 @@ def _is_start(starts: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return (starts[i] == pos) & (pos > 0)
 
 
+def _predictions(
+    model,
+    ids: np.ndarray,
+    n_streams: int,
+    window: int,
+    device: torch.device | str,
+    precision: str,
+    rows: np.ndarray | None,
+    columns: int | None,
+    starts: np.ndarray | None,
+):
+    """Walk `rows` (all if None) of the stream layout over their first `columns` columns (all if
+    None) with the state carried, and yield, for every piece the model is run on, (prediction
+    index (R, w), per-target losses (R, w), which of them count (R, w)).
+
+    With `starts` (more than one document), a window is run in pieces cut where some row's
+    document starts, that row's state is zeroed there, and the prediction of a document's first
+    character from the previous document does not count (its loss is 0). The model is in eval
+    mode for the walk and put back as it was after it."""
+    device = torch.device(device)
+    ids = np.asarray(ids)
+    S, L = stream_layout(len(ids), n_streams)
+    rows = np.arange(S) if rows is None else np.asarray(rows, dtype=np.int64)
+    width_read = L if columns is None else min(L, columns)
+    if len(rows) == 0:
+        return
+    was_training = model.training
+    model.eval()
+    hidden = None
+    try:
+        for start in range(0, width_read, window):
+            width = min(window, width_read - start)
+            xb, yb = _window(ids, rows, L, start, width)
+            cuts, breaks = [0, width], None
+            if starts is not None and len(starts) > 1:
+                breaks = _document_breaks(starts, rows, L, start, width, yb)
+                cuts = sorted({0, width, *np.flatnonzero(breaks.any(axis=0)).tolist()})
+            xb, yb = xb.to(device), yb.to(device)
+            for a, b in itertools.pairwise(cuts):
+                if breaks is not None and breaks[:, a].any():
+                    hidden = reset_rows(hidden, torch.from_numpy(breaks[:, a]))
+                with autocast(device, precision):
+                    logits, hidden = model(xb[:, a:b], hidden)
+                target = yb[:, a:b]
+                losses = F.cross_entropy(
+                    logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none"
+                )
+                pos = rows[:, None] * L + start + np.arange(a, b)[None, :]
+                yield pos, losses, target != -100
+    finally:
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def loss_sums(
     model,
@@ -128,41 +181,36 @@ def loss_sums(
     is zeroed there, and the prediction of a document's first character from the previous
     document is left out; each document of n characters counts n-1 predictions. The layout is
     the same, so slices and rows mean what they mean for one text."""
-    device = torch.device(device)
-    ids = np.asarray(ids)
-    S, L = stream_layout(len(ids), n_streams)
-    rows = np.arange(S) if rows is None else np.asarray(rows, dtype=np.int64)
-    width_read = L if columns is None else min(L, columns)
-    if len(rows) == 0:
-        return 0.0, 0
-    was_training = model.training
-    model.eval()
-    total, count, hidden = 0.0, 0, None
-    try:
-        for start in range(0, width_read, window):
-            width = min(window, width_read - start)
-            xb, yb = _window(ids, rows, L, start, width)
-            cuts, breaks = [0, width], None
-            if starts is not None and len(starts) > 1:
-                breaks = _document_breaks(starts, rows, L, start, width, yb)
-                cuts = sorted({0, width, *np.flatnonzero(breaks.any(axis=0)).tolist()})
-            xb, yb = xb.to(device), yb.to(device)
-            for a, b in itertools.pairwise(cuts):
-                if breaks is not None and breaks[:, a].any():
-                    hidden = reset_rows(hidden, torch.from_numpy(breaks[:, a]))
-                with autocast(device, precision):
-                    logits, hidden = model(xb[:, a:b], hidden)
-                loss = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]),
-                    yb[:, a:b].reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-                total += float(loss)
-            count += int((yb != -100).sum())
-    finally:
-        model.train(was_training)
+    total, count = 0.0, 0
+    walk = _predictions(model, ids, n_streams, window, device, precision, rows, columns, starts)
+    for _, losses, counted in walk:
+        total += float(losses.sum())
+        count += int(counted.sum())
     return total, count
+
+
+@torch.inference_mode()
+def char_losses(
+    model,
+    ids: np.ndarray,
+    *,
+    n_streams: int = 8,
+    window: int = 512,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    starts: np.ndarray | None = None,
+) -> np.ndarray:
+    """The loss of every prediction of the full pass, read exactly as `loss_sums` reads it:
+    element p is the loss of predicting ids[p + 1] from what comes before it in its document,
+    NaN where ids[p + 1] starts a document (nothing is predicted there across the boundary).
+    Their mean over the rest is `evaluate_ids`'s figure; the analyses that ask where in a line,
+    or after how much context, a model errs read these."""
+    out = np.full(len(ids) - 1, np.nan)
+    walk = _predictions(model, ids, n_streams, window, device, precision, None, None, starts)
+    for pos, losses, counted in walk:
+        keep = counted.cpu().numpy()
+        out[pos[keep]] = losses.cpu().numpy()[keep]
+    return out
 
 
 def evaluate_ids(
