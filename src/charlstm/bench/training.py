@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from charlstm.config import ModelConfig, RunConfig, apply_cli_overrides, dataset_label, load_toml
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
+from charlstm.model.evaluation import reset_rows
 from charlstm.runs.folder import RunFolder
 
 
@@ -96,9 +97,8 @@ def step_speed(
         bare.load_state_dict(run.model.state_dict())
         opt = torch.optim.Adam(bare.parameters(), lr=config.optim.lr)
         batches = [run.batcher.next() for _ in range(16)]
-        chars = config.data.batch_size * config.data.seq_len
         timings = {"library": 0.0, "bare": 0.0}
-        steps = {"library": 0, "bare": 0}
+        chars = {"library": 0, "bare": 0}
         hidden = None
         for b in batches[:3]:  # warm-up both
             run.train_step(b)
@@ -116,23 +116,27 @@ def step_speed(
                 for _ in range(4):
                     b = batches[i % len(batches)]
                     i += 1
+                    chars[name] += b.targets
                     if name == "library":
                         run.train_step(b)
-                    else:
-                        hidden = _bare_step(
-                            bare,
-                            opt,
-                            b.x.to(run.device),
-                            b.y.to(run.device),
-                            None if b.reset else hidden,
-                            run.device,
-                            run.precision,
-                            config.optim.grad_clip,
-                        )
+                        continue
+                    if b.reset:
+                        hidden = None
+                    elif b.reset_rows is not None:  # rows that start a document, as the library
+                        hidden = reset_rows(hidden, b.reset_rows)
+                    hidden = _bare_step(
+                        bare,
+                        opt,
+                        b.x.to(run.device),
+                        b.y.to(run.device),
+                        hidden,
+                        run.device,
+                        run.precision,
+                        config.optim.grad_clip,
+                    )
                 timings[name] += _now() - start
-                steps[name] += 4
-    lib = steps["library"] * chars / timings["library"]
-    bare_speed = steps["bare"] * chars / timings["bare"]
+    lib = chars["library"] / timings["library"]
+    bare_speed = chars["bare"] / timings["bare"]
     result: dict[str, Any] = {
         "library_chars_per_s": lib,
         "bare_chars_per_s": bare_speed,
@@ -152,8 +156,8 @@ def quality_per_time(
     speed_seconds: float = 12.0,
 ) -> dict[str, Any]:
     """Train for `budget` seconds and measure everything listed in the module docstring."""
-    from charlstm.data.corpus import load_corpus, split_text
     from charlstm.generate.textmodel import load
+    from charlstm.model.evaluation import split_metrics
     from charlstm.training.orchestrate import train
 
     config = config.replace(max_time=budget, max_steps=None)
@@ -165,13 +169,13 @@ def quality_per_time(
         start = _now()
         train(config, run_dir, force=True, progress=progress, log=lambda s: None)
         wall = _now() - start
-        metrics = RunFolder(run_dir).read_metrics()
+        folder = RunFolder(run_dir)
+        metrics = folder.read_metrics()
+        chars = folder.read_checkpoint("last").meta["metrics"]["chars"]  # padding not counted
         model = load(run_dir, which="best", device=config.train.device)
-        text, _ = load_corpus(config.data.dataset, config.data.text, config.data.encoding)
-        val = model.evaluate(split_text(text, config.data.val_fraction)[1])
+        val = split_metrics(model.model, config, "validation", model.vocab, device=model.device)
         m = model.model.config
     steps = max(x["step"] for x in metrics)
-    chars = steps * config.data.batch_size * config.data.seq_len
     train_time = metrics[-1]["time"]
     speed = chars / train_time
     gflops = speed * training_flops_per_char(m) / 1e9

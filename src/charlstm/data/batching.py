@@ -65,6 +65,12 @@ class Batch:
     # None when no row starts one (a single text never has any).
     reset_rows: torch.Tensor | None = None
 
+    @property
+    def targets(self) -> int:
+        """The characters this batch trains on: its targets less the padded ones (a document's
+        last window is padded), which is what "characters seen" and chars/s count."""
+        return int((self.y != IGNORE).sum())
+
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
     return rng.bit_generator.state

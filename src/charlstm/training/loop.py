@@ -453,7 +453,6 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
 
     t = run.config.train
     p = run.state.progress
-    chars_per_step = run.config.data.batch_size * run.config.data.seq_len
     base_elapsed, start = p.elapsed, time.monotonic()
     window = _Window(start)
     bar = tqdm(
@@ -475,12 +474,13 @@ def _loop(run: Run, guard: SignalGuard, on_eval: Callable[[int, float], None] | 
                 raise guard.stop_error()
             if reason := p.budget_spent(t):
                 break
-            loss = run.train_step(run.batcher.next())
+            batch = run.batcher.next()
+            loss = run.train_step(batch)
             if loss is None:  # a skipped non-finite step
                 continue
             p.step += 1
-            p.chars += chars_per_step
-            window.add(loss, chars_per_step)
+            p.chars += batch.targets
+            window.add(loss, batch.targets)
             bar.update(1)
             if run.progress and has_budget:
                 now = time.monotonic()
