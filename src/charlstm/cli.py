@@ -447,7 +447,12 @@ def generate(
 @main.command()
 @click.argument("run", type=click.Path())
 @click.option(
-    "--text", "text_path", type=click.Path(), help="Evaluate on this file (e.g. held-out text)."
+    "--text",
+    "text_path",
+    multiple=True,
+    metavar="FILE|DIR|GLOB",
+    help="Evaluate on this text instead: a file, a folder (every file under it) or a quoted glob; "
+    "repeatable. Each file is one document, as in training.",
 )
 @click.option("--dataset", help="Evaluate on the validation split of this named dataset.")
 @click.option(
@@ -476,18 +481,21 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
     split, and its test split if it holds one out)."""
     from charlstm.api import load
     from charlstm.config import from_dict
-    from charlstm.data.corpus import load_corpus, read_text, split_text
+    from charlstm.data.corpus import load_corpus, load_documents, split_points
+    from charlstm.data.loading import documents
 
     model = load(run, which=which)
     cfg = from_dict(model.meta["config"])
     splits = {}
     if text_path:
-        text, source = read_text(text_path, encoding), text_path
-        result = {"source": source, **model.evaluate(text, unknown=unknown)}
-    elif dataset:
+        corpus = load_documents(None, text_path, encoding)
+        texts = documents(corpus.text, corpus.starts)
+        result = {"source": corpus.source, **model.evaluate(texts, unknown=unknown)}
+    elif dataset:  # cut where a run of this config would cut it
         full, source = load_corpus(dataset, None)
-        text = split_text(full, cfg.data.val_fraction)[1]
-        result = {"source": f"{source} (validation split)", **model.evaluate(text, unknown=unknown)}
+        begin, end = split_points(len(full), cfg.data.val_fraction, cfg.data.test_fraction)
+        figures = model.evaluate(full[begin:end], unknown=unknown)
+        result = {"source": f"{source} (validation split)", **figures}
     else:  # the run's own held-out splits, cut by the data layer exactly as training cut them
         from charlstm.model.evaluation import split_metrics
 

@@ -516,8 +516,8 @@ CASES: dict[str, tuple[Callable[[Env], str], str]] = {
         lambda e: train_cli(e, text=e.tmp / "missing.txt"),
         "does not exist; check the path given to --text",
     ),
-    "text-is-folder": (  # training takes a folder (its files); evaluate reads one text
-        lambda e: cli("evaluate", e.run, "--text", e.tmp),
+    "text-is-folder": (  # training and evaluate take a folder (its files); analyze reads one text
+        lambda e: cli("analyze", e.run, "--text", e.tmp),
         "is a folder, not a file; give the path of one file to --text",
     ),
     "text-unreadable": (_read_error, "cannot read"),

@@ -124,15 +124,13 @@ def held_out(
     if which == "test" and begin == end:
         raise _no_test_split()
     part, rel = loaded.text[begin:end], part_starts(loaded.starts, begin, end)
-    label = f"{loaded.source} ({which} split)"
-    if unknown == "error" or not vocab.unknown(part):
-        return vocab.encode_array(part, unknown=unknown), rel, label
-    pieces = [
-        vocab.encode_array(part[a:b], unknown=unknown)
-        for a, b in zip(rel, [*rel[1:], len(part)], strict=True)
-    ]
-    starts = np.cumsum([0, *(len(p) for p in pieces[:-1])], dtype=np.int64)
-    return np.concatenate(pieces), starts, label
+    ids, starts = vocab.encode_documents(documents(part, rel), unknown)
+    return ids, starts, f"{loaded.source} ({which} split)"
+
+
+def documents(text: str, starts: np.ndarray) -> list[str]:
+    """`text` cut where its documents start."""
+    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
 
 
 def _no_test_split() -> UserError:

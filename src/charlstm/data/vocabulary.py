@@ -90,6 +90,21 @@ class Vocabulary:
         """Like `encode`, as the smallest unsigned integer array that holds every index."""
         return np.asarray(self.encode(text, unknown), dtype=self.index_dtype)
 
+    def encode_documents(
+        self, documents: Sequence[str], unknown: str = "error"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, where each document starts in them) of texts read as one corpus whose documents
+        stay apart: under ``unknown="skip"`` each document shrinks on its own, so that its start
+        stays true."""
+        if unknown == "error" or not self.unknown("".join(documents)):
+            ids = self.encode_array("".join(documents), unknown=unknown)
+            lengths = [len(d) for d in documents]
+        else:
+            pieces = [self.encode_array(d, unknown=unknown) for d in documents]
+            ids = np.concatenate(pieces) if pieces else np.zeros(0, self.index_dtype)
+            lengths = [len(p) for p in pieces]
+        return ids, np.cumsum([0, *lengths[:-1]], dtype=np.int64)
+
     @property
     def index_dtype(self) -> np.dtype:
         n = len(self.chars)

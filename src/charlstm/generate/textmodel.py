@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from charlstm.config import TrainConfig
 from charlstm.data.corpus import normalise_newlines
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
@@ -21,7 +22,7 @@ from charlstm.generate.engine import generate_stream
 from charlstm.generate.sampling import SamplingParams, StopRule, stream_seeds
 from charlstm.hardware import pick_device
 from charlstm.model import CharRNN
-from charlstm.model.evaluation import evaluate_ids, loss_metrics
+from charlstm.model.evaluation import evaluate_ids, loss_metrics, streams_for
 from charlstm.runs.checkpoint import read_checkpoint
 from charlstm.runs.folder import find_checkpoint, run_dir_of
 
@@ -135,12 +136,18 @@ class TextModel:
                 out[i] += t
         return out
 
-    def evaluate(self, text: str, unknown: str = "error") -> dict[str, float]:
-        """Loss (nats/char), bits/char and perplexity of `text`, with carried state."""
-        ids = self.vocab.encode_array(normalise_newlines(text), unknown=unknown)
+    def evaluate(self, text: str | Sequence[str], unknown: str = "error") -> dict[str, float]:
+        """Loss (nats/char), bits/char and perplexity of `text`, with carried state. A list of
+        texts is one corpus of documents: no context crosses from one into the next, and the
+        prediction of a document's first character is left out, as training reads its splits."""
+        texts = [text] if isinstance(text, str) else list(text)
+        ids, starts = self.vocab.encode_documents(
+            [normalise_newlines(t) for t in texts], unknown=unknown
+        )
         if len(ids) < 2:
             raise UserError("the text to evaluate needs at least 2 known characters")
-        loss = evaluate_ids(self.model, ids, device=self.device)
+        streams = streams_for(len(ids), TrainConfig().eval_streams)  # as `charlstm evaluate RUN`
+        loss = evaluate_ids(self.model, ids, n_streams=streams, device=self.device, starts=starts)
         return {**loss_metrics(loss), "characters": len(ids)}
 
 
