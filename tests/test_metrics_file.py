@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from charlstm.runs.metrics import outcome
+from charlstm.runs.metrics import keep_records_up_to, outcome
 
 
 def _write(path, *records, torn: str = "") -> None:
@@ -48,3 +48,23 @@ def test_no_evaluation_is_an_error_not_a_figure(tmp_path):
         outcome(f)
     with pytest.raises(ValueError):
         outcome(tmp_path / "missing.jsonl")
+
+
+def test_a_resumed_run_drops_what_it_redoes_and_the_end_it_goes_past(tmp_path):
+    """Records after the checkpoint it resumes from, a torn line and the earlier final record go;
+    the evaluations up to the checkpoint stay, and nothing changes when nothing has to."""
+    f = tmp_path / "metrics.jsonl"
+    _write(
+        f,
+        {"step": 50, "val_loss": 2.0},
+        {"step": 60, "val_loss": 1.9, "best_val_loss": 1.8, "final": True},
+        {"step": 70, "val_loss": 1.85},  # after the checkpoint at 60: redone
+        torn='{"step": 80, "val',
+    )
+    keep_records_up_to(f, 60)
+    assert [json.loads(line) for line in f.read_text().splitlines()] == [
+        {"step": 50, "val_loss": 2.0}
+    ]
+    stamp = f.stat().st_mtime_ns
+    keep_records_up_to(f, 60)
+    assert f.stat().st_mtime_ns == stamp

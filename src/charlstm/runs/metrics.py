@@ -64,8 +64,10 @@ def keep_records_up_to(path: Path, step: int) -> None:
     """Keep the records a resumed run stands on: those of steps up to `step`.
 
     A run killed between two checkpoints leaves records of steps after its last checkpoint, which
-    the resumed run is about to redo and log again, and perhaps a torn last line. Both go; the file
-    is rewritten atomically, and only when something changes.
+    the resumed run is about to redo and log again, and perhaps a torn last line. Both go, and so
+    does the final record of a run that ended (or was stopped) before: the resumed run goes on past
+    that end and writes its own, so a curve never shows an end in its middle. The file is
+    rewritten atomically, and only when something changes.
     """
     if not path.is_file():
         return
@@ -73,7 +75,7 @@ def keep_records_up_to(path: Path, step: int) -> None:
     kept = [
         line + "\n"
         for line in old.splitlines()
-        if (r := _parse(line)) is not None and r["step"] <= step
+        if (r := _parse(line)) is not None and r["step"] <= step and not r.get("final")
     ]
     if "".join(kept) != old:
         atomic_write_text(path, "".join(kept))
