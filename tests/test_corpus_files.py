@@ -10,13 +10,14 @@ import torch
 
 from charlstm.config import ModelConfig, RunConfig, dataset_label
 from charlstm.data import prepared
+from charlstm.data.batching import make_batcher
 from charlstm.data.corpus import read_text
 from charlstm.data.loading import prepare_data
 from charlstm.data.sources import expand
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
 from charlstm.model import CharRNN
-from charlstm.model.evaluation import evaluate_ids, loss_sums
+from charlstm.model.evaluation import char_losses, evaluate_ids, loss_sums
 from charlstm.training.orchestrate import resume_config, train
 from tests.helpers import (
     CORPUS_TEXT,
@@ -241,6 +242,41 @@ def test_evaluation_carries_no_state_across_documents(window):
     assert count == len(ids) - len(starts)
 
 
+@pytest.mark.parametrize("streams", [1, 4])
+def test_per_character_losses_are_each_documents_own(streams):
+    """char_losses reads a text as loss_sums does: NaN exactly where a document starts, each
+    document's losses (one stream) those of the document alone, and their mean the loss."""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=13, hidden_size=16, embedding_size=8))
+    ids = np.random.default_rng(1).integers(0, 13, size=300)
+    starts = np.array([0, 50, 51, 120, 260])
+    losses = char_losses(model, ids, n_streams=streams, window=7, starts=starts)
+    assert losses.shape == (299,)
+    assert np.flatnonzero(np.isnan(losses)).tolist() == [49, 50, 119, 259]
+    assert np.nanmean(losses) == pytest.approx(
+        evaluate_ids(model, ids, n_streams=streams, window=7, starts=starts), rel=1e-5
+    )
+    if streams == 1:
+        alone = char_losses(model, ids[120:260], n_streams=1)
+        np.testing.assert_allclose(losses[120:259], alone, rtol=1e-5)
+
+
+def test_characters_seen_leave_out_the_padding(tmp_path):
+    """A document's last window is padded; the characters a run reports (and its chars/s)
+    count only the targets it trained on, those of the same batches drawn again."""
+    root = poem_folder(tmp_path / "poems")
+    cfg = tiny_config(root, max_steps=12, eval_interval=4, seq_len=24)
+    run = train(cfg, tmp_path / "run", progress=False, log=quiet)
+    seen = checkpoint(run, "last").meta["metrics"]["chars"]
+    data, d = prepare_data(cfg), cfg.data
+    batcher = make_batcher(
+        d.batching, data.train_ids, d.batch_size, d.seq_len, cfg.train.seed, data.train_starts
+    )
+    batches = [batcher.next() for _ in range(12)]
+    assert seen == sum(b.targets for b in batches)
+    assert seen < 12 * d.batch_size * d.seq_len  # some window was padded
+
+
 @pytest.mark.slow
 def test_training_on_a_folder_resumes_exactly(tmp_path):
     """A run on a folder trains (its batches inside documents), from memory and from a prepared
@@ -331,3 +367,18 @@ def test_the_reports_validation_loss_keeps_documents_apart(tmp_path):
     expected = split_metrics(model.model, cfg, "validation", model.vocab)["loss"]
     report = analyze_run(run, text="a line of text\n", which="last", device="cpu")
     assert report["validation"]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluate_reads_a_folder_or_glob_as_documents(tmp_path, trained_run, trained_model):
+    """`charlstm evaluate RUN --text` takes what training's --text takes; the files stay apart."""
+    root = poem_folder(tmp_path / "poems")
+    files = sorted(root.iterdir())
+    texts = [read_text(f) for f in files]
+    apart = trained_model.evaluate(texts)
+    assert apart["characters"] == sum(len(t) for t in texts)
+    assert apart["loss"] != pytest.approx(trained_model.evaluate("".join(texts))["loss"], rel=1e-6)
+    for spec in ([root], [str(root / "*.txt")], files):
+        args = [x for f in spec for x in ("--text", f)]
+        out = invoke("evaluate", trained_run, *args, "--json")
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.output)["loss"] == pytest.approx(apart["loss"], rel=1e-9)
