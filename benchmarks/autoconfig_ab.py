@@ -64,19 +64,23 @@ def _result(proc, log, out: Path) -> dict:
     }
 
 
-def run(name: str, source: str, budget: float, variants: list[str], pairs: bool) -> None:
+def run(
+    name: str, source: str, budget: float, variants: list[str], pairs: bool, keep: Path | None
+) -> None:
     parsed = [v.split("=", 1) for v in variants]
     from charlstm.training.autoconfig import RULES_VERSION
 
     base = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "text": name, "budget_s": budget}
     base["rules"] = RULES_VERSION
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = keep or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         step = 2 if pairs else 1
         for i in range(0, len(parsed), step):
             group = parsed[i : i + step]
             started = []
             for j, (label, flags) in enumerate(group):
-                out = Path(tmp) / f"{i + j}"
+                out = tmp / (label if keep else f"{i + j}")
                 core = j if pairs else None
                 started.append(
                     (
@@ -115,6 +119,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="LABEL=FLAGS (may be empty)")
     ap.add_argument("--pairs", action="store_true", help="two runs at a time, one per core")
     ap.add_argument("--summary", action="store_true", help="print the rows so far")
+    ap.add_argument("--keep", type=Path, help="keep the run folders here, named by variant")
     args = ap.parse_args()
     if args.summary:
         summary()
@@ -122,7 +127,7 @@ def main() -> None:
     if not (args.name and args.source and args.budget and args.variant):
         ap.error("--name, --source, --budget and at least one --variant are needed")
     os.environ.setdefault("CHARLSTM_DATA", str(ROOT.parent / "shared" / "data"))
-    run(args.name, args.source, args.budget, args.variant, args.pairs)
+    run(args.name, args.source, args.budget, args.variant, args.pairs, args.keep)
 
 
 if __name__ == "__main__":

@@ -176,11 +176,9 @@ def loss_sums(
     None) and their first `columns` columns (all if None; see `slice_columns`). Rows are
     independent, so processes that each take some rows can add their sums up.
 
-    With `starts` (where documents start in `ids`, more than one), no context crosses a
-    boundary: a window is run in pieces cut where some row's document starts, that row's state
-    is zeroed there, and the prediction of a document's first character from the previous
-    document is left out; each document of n characters counts n-1 predictions. The layout is
-    the same, so slices and rows mean what they mean for one text."""
+    With `starts` (where documents start in `ids`), no context crosses a boundary (see
+    `_predictions`): each document of n characters counts n-1 predictions. The layout is the
+    same, so slices and rows mean what they mean for one text."""
     total, count = 0.0, 0
     walk = _predictions(model, ids, n_streams, window, device, precision, rows, columns, starts)
     for _, losses, counted in walk:
