@@ -64,6 +64,7 @@ DEFAULTS = {
         "plateau_patience": 5,
         "warmup_steps": 0,
         "min_lr": 1e-5,
+        "decay_steps": None,
         "ema": 0.999,
     },
     "train": {

@@ -192,6 +192,12 @@ class OptimConfig:
         0, "Steps of linear warm-up from 0 to --lr; helps large models and batches start stably."
     )
     min_lr: float = _field(1e-5, "Lowest rate the plateau and cosine schedules go down to.")
+    decay_steps: int | None = _field(
+        None,
+        "With --schedule cosine: steps the rate decays over, so that a run with the same settings "
+        "and seed repeats (the clock counts only once a run is a tenth of --max-time behind "
+        "them); unset: over the budget (--max-steps, or --max-time by the clock).",
+    )
     ema: float = _field(
         0.999,
         "Decay of the weights' average used for evaluation; 0 disables it, 0.9998 for small texts.",
@@ -558,6 +564,7 @@ def validate(config: RunConfig) -> None:
         raise UserError(f"weight_decay must be >= 0, got {o.weight_decay}")
     if not 0 < o.plateau_factor < 1:
         raise UserError(f"plateau_factor must be in (0, 1), got {o.plateau_factor}")
+    _check_positive("decay_steps", o.decay_steps, allow_none=True)
     _check_positive("max_steps", t.max_steps, allow_none=True)
     _check_positive("max_time", t.max_time, allow_none=True)
     _check_positive("eval_interval", t.eval_interval)
