@@ -11,6 +11,7 @@ import torch
 from charlstm.config import RunConfig, load_toml
 from charlstm.training import autoconfig, calibration
 from charlstm.training.calibration import Calibration, Shape
+from charlstm.training.schedule import learning_rate
 from tests.helpers import invoke, read_metrics
 
 CPU = torch.device("cpu")
@@ -54,6 +55,11 @@ def _choose(n_train: int, budget: float | None, config: RunConfig | None = None,
         calibration=kw.pop("calibration", FakeCalibration()),
         single_thread=kw.pop("single_thread", None),
     )
+
+
+def _shape(c: RunConfig) -> Shape:
+    m, d = c.model, c.data
+    return Shape(m.cell, m.hidden_size, m.num_layers, m.embedding_size, 80, d.batch_size, d.seq_len)
 
 
 def test_a_small_text_gets_a_small_batch_and_heavy_regularisation():
@@ -138,6 +144,42 @@ def test_the_explanation_says_what_was_chosen_and_why():
     assert text.startswith("1.0 M characters, 100 s, 2 threads at ")
     assert f"{c.model.num_layers}×{c.model.hidden_size}" in text
     assert f"batch {c.data.batch_size}×{c.data.seq_len}" in text
+
+
+def test_a_time_budgets_cosine_decays_over_the_steps_it_expects():
+    """The rate must not follow the clock: the choice gives the cosine the steps the budget is
+    expected to hold, and says so; a step budget and an open-ended run need none."""
+    choice = _choose(1_000_000, 100.0)
+    c = choice.config
+    assert c.model.dropout == c.model.weight_drop == 0  # a few passes: unregularised
+    chars = autoconfig.DECAY_EFFICIENCY_PLAIN * 90.0 * FakeCalibration().speed(_shape(c))
+    assert c.optim.decay_steps == int(chars / (c.data.batch_size * c.data.seq_len))
+    # A regularised run is slower than its calibrated step (masks, DropConnect): fewer steps.
+    small = _choose(11_000, 100.0).config
+    chars = autoconfig.DECAY_EFFICIENCY * 90.0 * FakeCalibration().speed(_shape(small))
+    assert small.optim.decay_steps == int(chars / (small.data.batch_size * small.data.seq_len))
+    assert (
+        f"cosine to {c.optim.min_lr:.0e} over {c.optim.decay_steps:,} steps" in choice.explanation
+    )
+    steps_only = _choose(1_000_000, None, RunConfig().replace(max_steps=500)).config
+    assert steps_only.optim.schedule == "cosine" and steps_only.optim.decay_steps is None
+    assert _choose(1_000_000, None).config.optim.decay_steps is None  # plateau
+    given = RunConfig().replace(schedule="plateau")
+    assert _choose(1_000_000, 100.0, given, explicit={"schedule"}).config.optim.decay_steps is None
+
+
+def test_with_decay_steps_the_rate_follows_the_step_unless_the_clock_is_far_behind():
+    optim = RunConfig().replace(schedule="cosine", lr=1e-2, min_lr=1e-3, decay_steps=100).optim
+    for behind in (0.0, 0.05, 0.1):  # the clock up to a tenth of the budget ahead: no difference
+        assert learning_rate(0, behind, 1.0, optim) == pytest.approx(1e-2)
+        assert learning_rate(50, 0.5 + behind, 1.0, optim) == pytest.approx(5.5e-3)
+        assert learning_rate(100, 1.0, 1.0, optim) == pytest.approx(1e-3)
+    assert learning_rate(400, 0.2, 1.0, optim) == pytest.approx(1e-3)  # the floor after
+    # A machine far slower than measured: the clock takes over, and the run still anneals.
+    assert learning_rate(10, 0.6, 1.0, optim) == pytest.approx(5.5e-3)
+    assert learning_rate(10, 1.0, 1.0, optim) < learning_rate(10, 0.2, 1.0, optim)
+    by_clock = RunConfig().replace(schedule="cosine", lr=1e-2, min_lr=1e-3).optim
+    assert learning_rate(50, 1.0, 1.0, by_clock) == pytest.approx(1e-3)
 
 
 def test_explicit_fields_are_those_that_differ_from_the_defaults():
