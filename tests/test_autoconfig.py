@@ -225,6 +225,22 @@ def test_calibration_is_measured_once_then_read_from_the_cache(tmp_path, monkeyp
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("budget, timed", [(20.0, 0.125), (43.1, 0.2694), (600.0, 0.3)])
+def test_a_short_budget_times_each_shape_for_less(tmp_path, monkeypatch, budget, timed):
+    """About eight shapes, each timed for at most 0.3 s, stay within 5% of the budget."""
+    monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path))
+    asked = []
+
+    def fake_measure(shape, device, precision, **kw):
+        asked.append(kw["seconds"])
+        return 50_000.0
+
+    monkeypatch.setattr(calibration, "measure", fake_measure)
+    config = RunConfig().replace(max_time=budget)
+    autoconfig.choose(config, set(), 100_000, 10_000, 80, CPU, "fp32", 2)
+    assert asked and all(s == pytest.approx(timed, rel=1e-3) for s in asked)
+
+
 def test_a_damaged_cache_is_measured_again_not_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path))
     (tmp_path / "calibration.json").write_text("{not json")

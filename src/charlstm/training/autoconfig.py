@@ -32,7 +32,7 @@ import torch
 
 from charlstm.config import RunConfig
 from charlstm.model.evaluation import streams_for
-from charlstm.training.calibration import Calibration, Shape
+from charlstm.training.calibration import MEASURE_SECONDS, Calibration, Shape
 
 # ------------------------------------------------------------------------------- the fitted rules
 
@@ -209,14 +209,22 @@ def choose(
     m, d, t = config.model, config.data, config.train
     cell = m.cell
     embedding = m.embedding_size
-    if single_thread is None and calibration is None and device.type == "cpu" and threads > 1:
-        single_thread = Calibration(device, precision, 1)
-    if "threads" in explicit or threads == 1:
-        single_thread = None
-    calib = _Fastest(calibration or Calibration(device, precision, threads), threads, single_thread)
     budget = t.max_time if t.max_time else None
     if budget is None and not t.max_steps:
         budget = OPEN_ENDED_SECONDS
+    # A search measures up to about eight shapes; on a short budget each is timed for less, so
+    # that measuring stays within CALIBRATION_SHARE of it (a 20 s GRU run on a cold cache had
+    # spent 2.9 s on six shapes timed for 0.3 s each).
+    timed = (
+        MEASURE_SECONDS if budget is None else min(MEASURE_SECONDS, budget * CALIBRATION_SHARE / 8)
+    )
+    if single_thread is None and calibration is None and device.type == "cpu" and threads > 1:
+        single_thread = Calibration(device, precision, 1, timed)
+    if "threads" in explicit or threads == 1:
+        single_thread = None
+    calib = _Fastest(
+        calibration or Calibration(device, precision, threads, timed), threads, single_thread
+    )
     usable = budget * (1 - EVAL_SHARE) if budget else None
 
     def given(name: str) -> bool:

@@ -27,11 +27,14 @@ from charlstm.config import ModelConfig
 from charlstm.hardware import autocast
 
 CACHE_VERSION = 1
+# How long one shape is timed for at most (after a warm-up step); a short budget asks for less.
+MEASURE_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What the speed of a training step depends on (dropouts cost little and are left out)."""
+    """What the speed of a training step depends on. Dropouts and DropConnect are left out: a
+    regularised run reaches a lower share of the measured speed (autoconfig.DECAY_EFFICIENCY)."""
 
     cell: str
     hidden_size: int
@@ -108,7 +111,11 @@ def _write_cache(path: Path, machines: dict[str, dict[str, float]]) -> None:
 
 
 def measure(
-    shape: Shape, device: torch.device, precision: str, seconds: float = 0.3, steps: int = 10
+    shape: Shape,
+    device: torch.device,
+    precision: str,
+    seconds: float = MEASURE_SECONDS,
+    steps: int = 10,
 ) -> float:
     """Characters per second of real training steps of `shape`: one warm-up step, then steps
     until `seconds` have passed or `steps` were taken (at least two)."""
@@ -161,8 +168,11 @@ def measure(
 class Calibration:
     """Training speeds of shapes on one machine, measured on first use and cached on disk."""
 
-    def __init__(self, device: torch.device, precision: str, threads: int) -> None:
+    def __init__(
+        self, device: torch.device, precision: str, threads: int, seconds: float = MEASURE_SECONDS
+    ) -> None:
         self.device, self.precision, self.threads = device, precision, threads
+        self.measure_seconds = seconds  # how long one shape is timed for (a short budget: less)
         self.machine = machine_key(device, precision, threads)
         self.path = cache_path()
         self.measured: list[str] = []  # the shapes measured now (not from the cache)
@@ -179,7 +189,7 @@ class Calibration:
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # measured with the thread count it is cached under
         try:
-            value = measure(shape, self.device, self.precision)
+            value = measure(shape, self.device, self.precision, seconds=self.measure_seconds)
         finally:
             torch.set_num_threads(before)
         self.seconds += time.perf_counter() - start
