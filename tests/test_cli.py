@@ -247,6 +247,17 @@ def test_a_fixed_choice_is_checked_by_the_cli():
     assert "'transformer' is not one of 'lstm', 'gru', 'rnn'" in result.output
 
 
+def test_a_budget_takes_a_unit_as_the_readme_writes_it(corpus, tmp_path):
+    """`--max-time 10m` (the README's quick start) is ten minutes; a bad unit is a usage error."""
+    out = tmp_path / "run"
+    result = run("train", "--text", corpus, "--out", out, *tiny_flags(), "--max-time", "1m30s")
+    assert result.exit_code == 0, result.output
+    assert "max_time = 90.0" in (out / "config.toml").read_text(encoding="utf-8")
+    bad = run("train", "--text", corpus, "--max-time", "10x")
+    assert bad.exit_code == 2
+    assert "a duration looks like 90, 60s, 2m or 1h, got '10x'" in bad.output
+
+
 def test_train_help_shows_descriptions_and_defaults():
     result = run("train", "--help")
     assert result.exit_code == 0

@@ -77,6 +77,23 @@ METAVARS = {
 }
 
 
+DURATIONS = ("max_time", "pretrain_time")  # budgets: 90, 60s, 10m, 1.5h or 1m30s
+
+
+class Duration(click.ParamType):
+    """Seconds, given as a number or with a unit (`config.parse_duration`): `--max-time 10m`."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        from charlstm.config import parse_duration
+
+        try:
+            return parse_duration(value)
+        except UserError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class ConfigOption(click.Option):
     """A flag that overrides one configuration field (`section` is its TOML table). Its value is
     None unless given, so that a preset's value stays; the help shows `shown_default` instead."""
@@ -133,6 +150,8 @@ def _config_options(**command_defaults: Any):
                 )(func)
             else:
                 kind = click.Choice(spec.choices) if spec.choices else spec.kind
+                if spec.name in DURATIONS:
+                    kind = Duration()
                 metavar = METAVARS.get(spec.name)
                 func = click.option(flag, spec.name, type=kind, metavar=metavar, **common)(func)
         return func

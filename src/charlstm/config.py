@@ -217,7 +217,8 @@ class TrainConfig:
         None, "Stop after this many steps (summed over resumes); unset means no step limit."
     )
     max_time: float | None = _field(
-        300.0, "Seconds of training, summed over resumes: the main budget of a run."
+        300.0,
+        "Seconds of training (90, 60s, 10m or 1.5h), summed over resumes: the main budget.",
     )
     eval_interval: int = _field(
         50, "Steps between validation passes and checkpoints; lower it for short runs."
@@ -268,7 +269,7 @@ class TrainConfig:
         "OUT-pretrain), then fine-tune.",
     )
     pretrain_time: float = _field(
-        300.0, "Seconds of the pre-training phase (the run's own budget is --max-time)."
+        300.0, "Seconds of the pre-training phase, e.g. 300 or 5m (the run's budget is --max-time)."
     )
     pretrain_config: str | None = _field(
         None, "TOML preset overriding this run's settings for the pre-training phase."
