@@ -96,8 +96,9 @@ class Vocabulary:
         """(ids, where each document starts in them) of texts read as one corpus whose documents
         stay apart: under ``unknown="skip"`` each document shrinks on its own, so that its start
         stays true."""
-        if unknown == "error" or not self.unknown("".join(documents)):
-            ids = self.encode_array("".join(documents), unknown=unknown)
+        whole = "".join(documents)  # joined once: a split can be millions of characters
+        if unknown == "error" or not self.unknown(whole):
+            ids = self.encode_array(whole, unknown=unknown)
             lengths = [len(d) for d in documents]
         else:
             pieces = [self.encode_array(d, unknown=unknown) for d in documents]
