@@ -1,8 +1,14 @@
-"""Small text-layout helpers for the terminal."""
+"""Small text helpers: line ends, and layout for the terminal."""
 
 from __future__ import annotations
 
 import unicodedata
+
+
+def normalise_newlines(text: str) -> str:
+    """Strip a leading BOM and turn CRLF (and lone CR) line ends into LF."""
+    text = text.removeprefix("\ufeff")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def display_width(s: str) -> int:

@@ -21,17 +21,12 @@ import numpy as np
 
 from charlstm.data.sources import expand, label, no_text_error
 from charlstm.errors import UserError
+from charlstm.textutil import normalise_newlines
 
 # A text whose share of NUL characters exceeds this is treated as binary (or UTF-16 read as UTF-8):
 # real prose never has that many, and training on it would silently learn garbage.
 MAX_NUL_SHARE = 0.01
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def normalise_newlines(text: str) -> str:
-    """Strip a leading BOM and turn CRLF (and lone CR) line ends into LF."""
-    text = text.removeprefix("\ufeff")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def check_encoding(encoding: str) -> None:
@@ -224,6 +219,11 @@ def load_documents(
         return read_documents(text, encoding, skip_bad_files)
     if not dataset:
         raise UserError("no training text: give --text FILE or --dataset NAME")
+    from charlstm.data import basecorpus
+
+    if dataset in basecorpus.BASE_CORPORA:
+        text, starts = basecorpus.load(dataset, allow_download=allow_download)
+        return Corpus(text, starts, dataset)
     # The checked bytes themselves, not the file again: it could have changed since its check.
     data, path = datasets.read_dataset(dataset, allow_download=allow_download)
     return Corpus(decode_text(data, "utf-8", source=repr(str(path))), one_document(), dataset)

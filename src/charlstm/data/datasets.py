@@ -123,6 +123,12 @@ def _check(data: bytes, path: Path, ds: NamedDataset) -> bytes:
     return data
 
 
+def check_copy(path: Path, ds: NamedDataset) -> bytes:
+    """The bytes of the local copy `path` of `ds`, read once and checked (a `UserError` if it is
+    not the pinned file)."""
+    return _check(_read_capped(path, ds), path, ds)
+
+
 def _verified(path: Path, ds: NamedDataset) -> Path:
     _check(_read_capped(path, ds), path, ds)
     return path
