@@ -83,6 +83,8 @@ DEFAULTS = {
         "skip_nonfinite": 0,
         "eval_streams": 8,
         "eval_chars": 16384,
+        "base": "auto",
+        "base_sha256": None,
         "init_from": None,
         "freeze_layers": 0,
         "pretrain": None,

@@ -256,6 +256,18 @@ class TrainConfig:
         "Validation characters a scheduled evaluation reads (the same evenly spaced stretches each "
         "time); 0 reads it all. The final figures always read the whole split.",
     )
+    # A base model (training/bases.py): a network shipped in the package that already knows a
+    # language, fine-tuned on the text instead of training from scratch.
+    base: str = _field(
+        "auto",
+        "Start from a shipped base model: auto decides from the text and the budget (see "
+        "`charlstm bases`), none trains from scratch, a base's name or a run folder picks one.",
+    )
+    base_sha256: str | None = _field(
+        None,
+        "The sha256 of the base's weights, recorded when a run starts from one, so that "
+        "--config RUN/config.toml repeats it with the very same base; not a setting.",
+    )
     # Transfer (see training/transfer.py): start from another run's weights, or pre-train first.
     init_from: str | None = _field(
         None, "Run folder or checkpoint whose weights the model starts from (fine-tuning)."
@@ -583,6 +595,10 @@ def validate(config: RunConfig) -> None:
         raise UserError(
             "freeze_layers only makes sense with init_from or pretrain (frozen random "
             "weights learn nothing)"
+        )
+    if t.base not in ("auto", "none") and (t.init_from or t.pretrain):
+        raise UserError(
+            "give --base or --init-from/--pretrain, not both: each names what the run starts from"
         )
     if t.init_from and t.pretrain:
         raise UserError(
