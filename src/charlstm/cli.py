@@ -64,7 +64,7 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------- train
 
 
-NOT_FLAGS = ("vocab_size",)  # filled from the corpus, not a setting
+NOT_FLAGS = ("vocab_size", "base_sha256")  # filled when training starts, not settings
 REPEATABLE = ("text",)  # flags given many times: their values form a list
 METAVARS = {
     "dataset": "NAME",
@@ -544,10 +544,11 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["onnx", "web"]),
+    type=click.Choice(["onnx", "web", "base"]),
     required=True,
     help="onnx: one step of the model as an ONNX graph (model.onnx) with its vocabulary and "
-    "sampling defaults (model.json). web: a static page that generates in the browser.",
+    "sampling defaults (model.json). web: a static page that generates in the browser. base: a "
+    "run trained on a base corpus as a base model to ship (fp16 weights and a model card).",
 )
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Folder to write the export to."
@@ -560,14 +561,24 @@ def evaluate(run, text_path, dataset, encoding, unknown, which, as_json) -> None
     help="Checkpoint: the best on validation, or the weights training ended with.",
 )
 @click.option("--force", is_flag=True, help="Replace an earlier export of this format in --out.")
-def export(run, fmt, out, which, force) -> None:
-    """Export RUN to run without charlstm: an ONNX graph, or a web page.
+@click.option("--name", help="With --format base: the base's name (default: its language).")
+def export(run, fmt, out, which, force, name) -> None:
+    """Export RUN to run without charlstm: an ONNX graph, or a web page; or as a base model.
 
     --format onnx writes one step of the model (model.onnx) for ONNX Runtime and other ONNX tools,
     with its vocabulary in model.json; generate from it with `charlstm generate OUT --engine onnx`
     or examples/onnx_generate.py. --format web writes a static page that generates in the browser,
-    with no server and no network."""
-    if fmt == "onnx":
+    with no server and no network. --format base writes base.safetensors and card.md (a run
+    trained with configs/base-LANG.toml), for src/charlstm/bases/NAME/."""
+    if fmt == "base":
+        from charlstm.export.base import export_base
+
+        result = export_base(run, out, name=name, force=force)
+        click.echo(
+            f"wrote {result['path']} ({result['size']:,} bytes, sha256 {result['sha256']}) and "
+            f"its card; pin both in charlstm/runs/bases.py"
+        )
+    elif fmt == "onnx":
         from charlstm.export.onnx import export_onnx
 
         result = export_onnx(run, out, which=which, force=force)
@@ -588,16 +599,38 @@ def export(run, fmt, out, which, force) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (for scripts).")
 def datasets(as_json) -> None:
-    """List the named corpora and whether a verified local copy exists."""
+    """List the named corpora and whether a verified local copy exists: the single texts, the
+    collections the base corpora are built from (address, sha256, size, licence) and the base
+    corpora themselves."""
+    from charlstm.data import basecorpus
     from charlstm.data import datasets as ds
 
-    rows = ds.status()
+    rows = ds.status() + basecorpus.status()
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False))
         return
     for row in rows:
         state = row["local"] or "not cached (downloaded on first use)"
         click.echo(f"{row['name']:<16} {row['description']}\n{'':<16} {state}")
+        for key in ("url", "sha256", "size", "licence"):
+            if row.get(key) and row.get("kind") == "collection":
+                value = f"{row[key]:,} bytes" if key == "size" else row[key]
+                click.echo(f"{'':<16} {key}: {value}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (for scripts).")
+def bases(as_json) -> None:
+    """List the base models shipped in the package: language, corpus, validation loss, and
+    whether the file is intact (`charlstm train --base NAME`; the default, --base auto, decides)."""
+    from charlstm.runs import bases as shipped
+
+    rows = shipped.status()
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<6} {row['description']}\n{'':<6} {row['state']}")
 
 
 # ---------------------------------------------------------------------------------------- serve

@@ -418,3 +418,43 @@ def built_meta(name: str) -> dict | None:
     """What the cached build of `name` recorded (sha256, documents, what was cut), if any."""
     path = _cached_paths(name)[1]
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def status() -> list[dict[str, object]]:
+    """One row per collection and per base corpus, as `datasets.status` has one per dataset."""
+    rows: list[dict[str, object]] = []
+    for name in collection_names():
+        coll = collection(name)
+        first = coll.members[0]  # where it lies; every file is checked when a corpus is built
+        local = [
+            str(path)[: -len(first.path) - 1]
+            for path in datasets.candidate_paths(_member_dataset(coll, first))
+            if path.is_file()
+        ]
+        rows.append(
+            {
+                "name": coll.name,
+                "kind": "collection",
+                "description": f"{coll.description} ({len(coll.members)} files)",
+                "local": local[0] if local else None,
+                "url": f"https://github.com/{coll.repo}/tree/{coll.commit}",
+                "sha256": coll.sha256,
+                "size": coll.size,
+                "licence": coll.licence,
+            }
+        )
+    for base in BASE_CORPORA.values():
+        meta = built_meta(base.name)
+        rows.append(
+            {
+                "name": base.name,
+                "kind": "base corpus",
+                "description": f"{base.description}: {' + '.join(base.collections)}, cleaned, "
+                f"without {', '.join(base.excluded)}",
+                "local": f"{_cached_paths(base.name)[0]} ({meta['characters']:,} characters, "
+                f"sha256 {meta['sha256'][:12]}…)"
+                if meta
+                else None,
+            }
+        )
+    return rows

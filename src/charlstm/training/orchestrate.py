@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from charlstm.config import RunConfig, from_dict, load_toml, to_toml
+from charlstm.data.corpus import load_documents, split_points
 from charlstm.data.loading import prepare_data
 from charlstm.data.sources import is_glob
 from charlstm.errors import UserError
 from charlstm.hardware import pick_device, pick_precision, set_threads
 from charlstm.model import count_parameters
 from charlstm.runs.folder import RunFolder
-from charlstm.training import autoconfig, distributed, tensorboard, transfer
+from charlstm.training import autoconfig, bases, distributed, tensorboard, transfer
 from charlstm.training.loop import Run, fit
 
 # Adam moves each weight by about lr per step: far above 1 a run can only diverge, and from about
@@ -110,10 +111,22 @@ def train(
         folder.remove_stale_temps()
     last_ckpt = folder.read_checkpoint("last") if resume else None
     source = None
+    decision = None
     if config.train.init_from and last_ckpt is None:
         _refuse_prepared_fine_tuning(config)
         source = transfer.read_source(config.train.init_from)
         transfer.check_architecture(config, source)
+    elif last_ckpt is None:
+        keep = autoconfig.explicit_fields(config) if explicit is None else set(explicit)
+        decision = _base_decision(config, keep)
+        log(f"charlstm: base: {decision.reason}")
+        config = config.replace(
+            base=decision.name or (str(decision.path) if decision.path else "none"),
+            base_sha256=decision.sha256,
+        )
+        if decision.used:
+            source = transfer.read_source(decision.path)
+            config = transfer.adopt_architecture(config, source, keep)
     data = prepare_data(
         config,
         last_ckpt.vocab
@@ -128,6 +141,8 @@ def train(
         if source is not None:  # a fine-tuned model has its source's shape
             keep |= set(transfer.ARCHITECTURE)
         config, why, spent = _auto_choice(config, keep, data, ctx)
+        if decision is not None and decision.used:
+            config, why = _finetune_choice(config, keep, len(data.train_ids), why)
         log(f"charlstm: auto: {why}")
     run = (
         Run(config, folder, data, log, progress)
@@ -213,6 +228,49 @@ def _auto_choice(config: RunConfig, explicit: set[str], data, ctx) -> tuple[RunC
         found = distributed.broadcast_json(found, ctx)
     chosen, why, seconds = found
     return from_dict(chosen).replace(auto="off"), why, seconds
+
+
+def _base_decision(config: RunConfig, explicit: set[str]) -> bases.Decision:
+    """Whether the run starts from a base model, and which (training/bases.py). Under --base auto,
+    a run with --auto off, with an architecture the user set, or on a prepared corpus trains from
+    scratch."""
+    t, d = config.train, config.data
+    if t.base == "auto":
+        given = sorted(explicit & set(transfer.ARCHITECTURE))
+        if t.auto == "off":
+            return bases.Decision(None, None, None, "none: --auto off trains the settings as given")
+        if d.prepared:
+            why = "none: a prepared corpus is trained from scratch"
+            return bases.Decision(None, None, None, why)
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            return bases.Decision(None, None, None, f"none: {flags} given (a base has its shape)")
+    elif t.base != "none":
+        _refuse_prepared_fine_tuning(config)
+    if t.base == "none":
+        return bases.decide(config, "", 0)
+    corpus = load_documents(d.dataset, d.text, d.encoding, skip_bad_files=d.skip_bad_files)
+    n_train = split_points(len(corpus.text), d.val_fraction, d.test_fraction)[0]
+    decision = bases.decide(config, corpus.text, n_train)
+    bases.check_recorded(config, decision)
+    return decision
+
+
+def _finetune_choice(
+    config: RunConfig, explicit: set[str], n_train: int, why: str
+) -> tuple[RunConfig, str]:
+    """The automatic choice for a run from scratch of the base's shape, with the fine-tuning rate,
+    regularisation and weight average (bases.finetune_settings) where the user set none."""
+    d, o, t = config.data, config.optim, config.train
+    steps = o.decay_steps or t.max_steps
+    epochs = steps * d.batch_size * d.seq_len / max(n_train, 1) if steps else math.inf
+    settings = {k: v for k, v in bases.finetune_settings(epochs).items() if k not in explicit}
+    config = config.replace(**settings)
+    m, o = config.model, config.optim
+    regs = f"dropout {m.dropout:g}/{m.embedding_dropout:g}, weight drop {m.weight_drop:g}" + (
+        f", ema {o.ema:g}" if o.ema else ""
+    )
+    return config, f"{why}; fine-tuning: lr {o.lr:g} to {o.min_lr:g}, {regs}"
 
 
 def _refuse_prepared_fine_tuning(config: RunConfig) -> None:
