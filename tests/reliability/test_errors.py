@@ -415,8 +415,95 @@ def _cuda_missing(env: Env) -> str:
     return train_cli(env, "--device", "cuda")
 
 
+def _registered_base(env: Env, sha256: str | None = None):
+    """The tiny run's best weights registered as the shipped base `ru` (in a temporary folder),
+    pinned to their own sha256 unless `sha256` says otherwise."""
+    import dataclasses
+    import hashlib
+
+    from charlstm.runs import bases as shipped
+
+    folder = env.tmp / "base"
+    folder.mkdir(exist_ok=True)
+    data = checkpoint_path(env.run, "best").read_bytes()
+    (folder / shipped.WEIGHTS_FILE).write_bytes(data)
+    base = dataclasses.replace(
+        shipped.get_base("ru"),
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        location=folder,
+    )
+    env.monkeypatch.setitem(shipped.BASES, "ru", base)
+    return base
+
+
+def _base_recorded_other(env: Env) -> str:
+    _registered_base(env)
+    stored = toml(env, 'base = "ru"\nbase_sha256 = "' + "f" * 64 + '"')
+    return train_cli(env, "--config", stored)
+
+
+def _base_corpus_offline(env: Env) -> str:
+    from charlstm.data import basecorpus
+
+    coll = basecorpus.collection("ruslit")
+    env.monkeypatch.setenv("CHARLSTM_DATA", str(env.tmp / "empty"))
+    return lib(lambda: basecorpus.member_bytes(coll, coll.members[0], allow_download=False))
+
+
+def _export_base_exists(env: Env) -> str:
+    from charlstm.data import basecorpus
+    from charlstm.export.base import export_base
+    from charlstm.runs import bases as shipped
+
+    run = env.copy_run()
+    # a run that says it trained on a base corpus (the export checks the name before the folder)
+    env.monkeypatch.setitem(basecorpus.BASE_CORPORA, "fake", basecorpus.get_base_corpus("base-ru"))
+    env.monkeypatch.setattr(
+        "charlstm.runs.checkpoint.Checkpoint.run_config",
+        property(lambda self: RunConfig().replace(dataset="fake", text=None)),
+    )
+    out = env.tmp / "exported"
+    out.mkdir()
+    (out / shipped.WEIGHTS_FILE).write_bytes(b"earlier")
+    return lib(lambda: export_base(run, out))
+
+
+def _base_corpus_unknown(env: Env) -> str:
+    from charlstm.data import basecorpus
+
+    return lib(lambda: basecorpus.load("x"))
+
+
+def _base_export_not_base_corpus(env: Env) -> str:
+    from charlstm.export.base import export_base
+
+    return lib(lambda: export_base(env.run, env.tmp / "exported"))
+
+
 # id → (what provokes it, words the message must hold). The ids are the rows of docs/errors.md.
 CASES: dict[str, tuple[Callable[[Env], str], str]] = {
+    # -- base models ---------------------------------------------------------------------------
+    "base-unknown": (
+        lambda e: train_cli(e, "--base", "klingon"),
+        "unknown base 'klingon'; the bases are ru, en",
+    ),
+    "base-with-init-from": (
+        lambda e: train_cli(e, "--base", "ru", "--init-from", e.run),
+        "give --base or --init-from/--pretrain, not both",
+    ),
+    "base-damaged": (
+        lambda e: (_registered_base(e, sha256="0" * 64), train_cli(e, "--base", "ru"))[1],
+        "does not match its pinned sha256",
+    ),
+    "base-recorded-other": (_base_recorded_other, "the run was trained from base ru with sha256"),
+    "base-corpus-offline": (_base_corpus_offline, "of the collection ruslit"),
+    "base-corpus-unknown": (_base_corpus_unknown, "unknown base corpus 'x'"),
+    "export-base-exists": (_export_base_exists, "already holds a base export"),
+    "base-export-not-base-corpus": (
+        _base_export_not_base_corpus,
+        "was not trained on a base corpus",
+    ),
     # -- configuration ------------------------------------------------------------------------
     "config-key-empty": (
         lambda e: lib(lambda: RunConfig().replace(hidden_size=None)),
@@ -1247,6 +1334,10 @@ CORE = [
     "data/loading",
     "data/vocabulary",
     "export/onnx",
+    "export/base",
+    "runs/bases",
+    "training/bases",
+    "data/basecorpus",
 ]
 PENDING_FUNCTIONS = {  # module → functions whose errors are not listed yet
     "cli": {"bench_generate", "prepare", "_run_analysis", "compare", "tune", "_int_list"},

@@ -78,7 +78,10 @@ def export_base(
     )
     weights = out / WEIGHTS_FILE
     if weights.exists() and not force:
-        raise UserError(f"{weights} exists; pass --force to replace it")
+        raise UserError(
+            f"--out {out} already holds a base export ({WEIGHTS_FILE}); pass --force to replace "
+            "it, or give another --out"
+        )
     final = _final(run)
     built = basecorpus.built_meta(corpus) or {}
     steps = int(final.get("step", ck.meta["step"]))

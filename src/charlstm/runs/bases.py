@@ -89,7 +89,7 @@ def get_base(name: str) -> ShippedBase:
     except KeyError:
         raise UserError(
             f"unknown base {name!r}; the bases are {', '.join(BASES)} (see `charlstm bases`), "
-            "or give none, auto or a run folder"
+            "or give auto, none or a run folder"
         ) from None
 
 

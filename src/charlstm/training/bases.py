@@ -219,10 +219,8 @@ def _named(choice: str) -> Decision:
     path = Path(choice)
     if path.exists():
         return Decision(None, path, None, f"the run {choice} (--base {choice})")
-    raise UserError(
-        f"unknown base {choice!r}; the bases are {', '.join(shipped.BASES)} (see `charlstm "
-        "bases`), or give auto, none or a run folder"
-    )
+    shipped.get_base(choice)  # not a shipped base either: its error lists them
+    raise AssertionError("unreachable")
 
 
 def check_recorded(config: RunConfig, decision: Decision) -> None:
