@@ -337,3 +337,33 @@ def test_auto_off_or_a_given_shape_never_probes_a_base(registered, tiny_config_f
     assert not off.used and "--auto off" in off.reason
     shaped = _base_decision(tiny_config_factory(auto="on"), {"hidden_size"})
     assert not shaped.used and "--hidden-size" in shaped.reason
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_run_generates_analyses_serves_and_exports_as_any_run(
+    registered, corpus, tmp_path
+):
+    """A run started from a base is a run like any other: generation, analysis, the report, the
+    server and both exports read it."""
+    from fastapi.testclient import TestClient
+
+    import charlstm
+    from charlstm.analysis.report import analyze_run, report_run
+    from charlstm.export.onnx import export_onnx
+    from charlstm.export.web import export_web
+    from charlstm.serve.app import create_app
+
+    run = tmp_path / "run"
+    result = invoke("train", "--text", corpus, "--out", run, "--base", "tiny", *_base_flags())
+    assert result.exit_code == 0, result.output
+    model = charlstm.load(run, device="cpu")
+    text = model.generate(start_text="Мой ", length=40, temperature=0.5, seed=1)[0]
+    assert len(text) >= 40
+    analysis = analyze_run(run, samples=1, length=60, temperatures=[0.5])
+    assert analysis["results"][0]["temperature"] == 0.5
+    assert report_run(run, out=tmp_path / "report", samples=1, length=60)["html"].is_file()
+    with TestClient(create_app([model]), base_url="http://localhost") as client:
+        answer = client.post("/v1/generate", json={"start_text": "Мой ", "length": 20, "seed": 1})
+        assert answer.status_code == 200, answer.text
+    assert export_onnx(run, tmp_path / "onnx")["max_abs_diff"] < 1e-3
+    assert (tmp_path / "web" / "index.html") in export_web(run, tmp_path / "web")
