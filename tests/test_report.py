@@ -14,7 +14,17 @@ import re
 
 import pytest
 
-from charlstm.analysis.report import _md_sample, analyze_run, format_table, write_report
+from charlstm.analysis import report as report_module
+from charlstm.analysis.report import (
+    _base_of,
+    _md_sample,
+    analyze_run,
+    format_table,
+    render_markdown,
+    write_report,
+)
+from charlstm.config import RunConfig
+from charlstm.data import basecorpus
 from tests.helpers import (
     CORPUS_TEXT,
     TRAIN_CHARS,
@@ -26,6 +36,10 @@ from tests.helpers import (
 
 TRAIN_TEXT = CORPUS_TEXT[:TRAIN_CHARS]  # the training split of `trained_run`
 SMALL = {"samples": 2, "length": 150, "temperatures": (0.2, 1.0), "seed": 3}
+# A made-up base corpus: verse-shaped lines of another text, long enough to share 100 characters.
+BASE_TEXT = "".join(
+    f"Строка {n} чужого корпуса, которую модель прочла до своего текста.\n" for n in range(200)
+)
 
 
 @pytest.fixture
@@ -141,12 +155,19 @@ def test_cli_analyze_and_report(run_dir, planted, tmp_path):
     assert as_json.exit_code == 0, as_json.output
     doc = json.loads(as_json.output.splitlines()[-1])
     assert doc["results"][0]["memorisation"]["coverage"]["50"] == 1.0
+    words = doc["results"][0]["words"]
+    planted_words = planted.read_text(encoding="utf-8").split()
+    # Training words, all real but the two the excerpt cuts in half.
+    assert set(words["made_up"]) <= {planted_words[0].strip(","), planted_words[-1].strip(",")}
+    assert words["real"] >= words["words"] - 2
+    assert doc["words"]["measure"] == "training text"
     assert doc["checkpoint"]["which"] == "best"
     run = copy_run(run_dir, tmp_path / "run")  # the report goes into the run folder
     rep = invoke("report", run, "--samples", 1, "--length", 80, "--temperatures", "0.2,0.5,1")
     assert rep.exit_code == 0, rep.output
     assert (run / "report.html").is_file()
     assert (run / "report" / "temperature.png").is_file()
+    assert "real words" in (run / "report.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
@@ -192,3 +213,73 @@ def test_report_of_a_checkpoint_file_needs_out(run_dir, tmp_path):
     ok = invoke("report", ck, "--out", tmp_path / "rep", "--samples", 1, "--length", 50)
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "rep" / "report.html").is_file()
+
+
+@pytest.fixture
+def fake_base(monkeypatch):
+    """The tiny run as if it had started from the base "ru", whose corpus is BASE_TEXT."""
+    monkeypatch.setattr(report_module, "_base_of", lambda config: "ru")
+    meta = {"format_version": basecorpus.FORMAT_VERSION, "sha256": "0" * 64}
+    monkeypatch.setattr(basecorpus, "built_meta", lambda name: meta if name == "base-ru" else None)
+    monkeypatch.setattr(basecorpus, "load", lambda name, **kw: (BASE_TEXT, [0]))
+
+
+def test_real_words_next_to_the_memorisation_figures(run_dir):
+    """Each result has its real-word share; the tiny corpus mixes two languages, so the measure
+    falls back to the training text's words, and the training text's own words are all real."""
+    a = analyze_run(run_dir, **SMALL)
+    assert a["words"]["measure"] == "training text" and a["words"]["how"] == "unknown"
+    assert a["base"] is None
+    for r in a["results"]:
+        w = r["words"]
+        assert w["measure"] == "training text" and w["words"] > 0
+        assert 0 <= w["real_share"] <= 1 and w["real"] == round(w["real_share"] * w["words"])
+        assert r["base_copies"] is None
+        assert r["copied_any"] == r["memorisation"]["coverage"][50]  # no base: the training text
+    table = format_table(a)
+    assert "real words" in table and "occur in the training text" in table
+    shuffled = TRAIN_TEXT.split()
+    random.Random(0).shuffle(shuffled)
+    given = analyze_run(run_dir, text=" ".join(shuffled) + " Qzxw Wqxz", text_label="words")
+    w = given["results"][0]["words"]
+    assert w["words"] == len(shuffled) + 2 and w["real"] == len(shuffled)
+    assert w["made_up"] == ["Qzxw", "Wqxz"]
+
+
+def test_base_corpus_copies(run_dir, fake_base):
+    """With a base corpus at hand, a text made of 120 characters of it and 100 of the training
+    text has both copies measured, and one figure for characters copied from either."""
+    text = BASE_TEXT[300:420] + "§" + TRAIN_TEXT[500:600]  # "§" occurs in neither
+    a = analyze_run(run_dir, text=text, text_label="mixed")
+    assert a["words"]["measure"] == "ru" and a["words"]["how"] == "base"
+    assert a["base"]["measured"] and a["base"]["characters"] == len(BASE_TEXT)
+    (r,) = a["results"]
+    b = r["base_copies"]
+    assert b["longest_copy_length"] == 120 and b["longest_copy_text"] == BASE_TEXT[300:420]
+    assert b["coverage"][50] == pytest.approx(120 / 221)
+    assert r["memorisation"]["longest_copy_length"] == 100
+    assert r["copied_any"] == pytest.approx(220 / 221)
+    assert r["excerpt"]["base_copied_spans"] == [[0, 120]]
+    assert r["excerpt"]["copied_spans"] == [[121, 221]]
+    table = format_table(a)
+    assert "Against the base corpus base-ru" in table and "longest copy of the base" in table
+    md = render_markdown(a, [])
+    assert "Copies of the base corpus base-ru" in md and "220 of 221 characters copied" in md
+    json.dumps(a)
+
+
+def test_base_corpus_not_built_is_one_line_not_a_failure(run_dir, fake_base, monkeypatch):
+    """No base corpus: analyze says so and how to get it; the combined figure is unknown."""
+    monkeypatch.setattr(basecorpus, "built_meta", lambda name: None)
+    a = analyze_run(run_dir, text=TRAIN_TEXT[:300], text_label="excerpt")
+    assert not a["base"]["measured"] and "basecorpus.load('base-ru')" in a["base"]["note"]
+    assert a["results"][0]["base_copies"] is None and a["results"][0]["copied_any"] is None
+    assert a["base"]["note"] in format_table(a).splitlines()
+
+
+def test_base_of_a_run():
+    """Only a shipped base's name names a base corpus."""
+    assert _base_of(RunConfig().replace(base="ru")) == "ru"
+    assert _base_of(RunConfig().replace(base="en")) == "en"
+    for value in ("auto", "none", "runs/other"):
+        assert _base_of(RunConfig().replace(base=value)) is None

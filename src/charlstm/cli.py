@@ -968,7 +968,12 @@ def _run_analysis(run, samples, length, temperatures, text_path, seed, which, th
 @_analysis_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def analyze(run, samples, length, temperatures, text_path, seed, which, threads, as_json) -> None:
-    """Compare what RUN generates (or --text) with its training text: copies, novelty, structure."""
+    """Compare what RUN generates (or --text) with its training text: copies, real words, shape.
+
+    Copies and novelty against the training text, the share of real words of its language, and
+    the verse structure; for a run that started from a base model, the copies of the corpus the
+    base learned from too, when that corpus is built on this machine.
+    """
     from charlstm.analysis.report import format_table
 
     analysis = _run_analysis(run, samples, length, temperatures, text_path, seed, which, threads)

@@ -1,7 +1,9 @@
-"""Comparing generated text with training text: memorisation, novelty and verse structure.
+"""Comparing generated text with training text: memorisation, novelty, real words and verse
+structure.
 
-Pure text analysis (numpy and the standard library only), so that it runs on any sample file
-without loading a model.
+Pure text analysis (numpy, the standard library, and wordfreq's word lists for `words`), so that it
+runs on any sample file without loading a model. `largecorpus` finds copies of a corpus too large
+for `CorpusIndex`, such as a base model's.
 """
 
 from charlstm.analysis.memorisation import (

@@ -209,8 +209,9 @@ def matching_statistics(index: CorpusIndex, generated: str) -> np.ndarray:
     return index.matching_statistics(generated)
 
 
-def _covered(ms: np.ndarray, min_len: int) -> np.ndarray:
-    """Mask of positions inside some corpus substring of at least `min_len` characters."""
+def covered(ms: np.ndarray, min_len: int) -> np.ndarray:
+    """From matching statistics `ms` (of any corpus): a mask of the positions inside some corpus
+    substring of at least `min_len` characters."""
     starts = np.arange(len(ms))
     # Any copied substring containing c that is >= min_len long starts at some i <= c with
     # ms[i] >= its length, so c is covered iff the furthest such reach from the left passes c.
@@ -218,12 +219,33 @@ def _covered(ms: np.ndarray, min_len: int) -> np.ndarray:
     return np.maximum.accumulate(ends) > starts if len(ms) else np.zeros(0, dtype=bool)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+def mask_spans(mask: np.ndarray) -> list[tuple[int, int]]:
     """Maximal runs of True in `mask` as half-open (start, end) pairs."""
     edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
     starts = np.flatnonzero(edges == 1)
     ends = np.flatnonzero(edges == -1)
     return [(int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
+
+
+def longest_copy(ms: np.ndarray) -> tuple[int, int]:
+    """(start, length) of the longest copy given matching statistics `ms`: the first of the
+    longest, for a stable report; (0, 0) when nothing was copied."""
+    start = int(np.argmax(ms)) if len(ms) else 0
+    length = int(ms[start]) if len(ms) else 0
+    return (start if length else 0), length
+
+
+def copy_figures(ms: np.ndarray, generated: str, ks: Sequence[int]) -> dict[str, Any]:
+    """The longest copy (length, start, text) and the share of characters inside copies of at
+    least K characters, for each K of `ks`, from matching statistics `ms` of `generated` against
+    any corpus (a `CorpusIndex`'s, or `largecorpus.matching_statistics`)."""
+    start, length = longest_copy(ms)
+    return {
+        "longest_copy_length": length,
+        "longest_copy_start": start,
+        "longest_copy_text": generated[start : start + length],
+        "coverage": {int(k): (float(covered(ms, k).mean()) if len(ms) else None) for k in ks},
+    }
 
 
 def _check_min_len(min_len: int) -> None:
@@ -238,7 +260,7 @@ def copied_spans(index: CorpusIndex, generated: str, min_len: int) -> list[tuple
     highlight. A merged span need not itself occur in the corpus as a whole.
     """
     _check_min_len(min_len)
-    return _runs(_covered(index.matching_statistics(generated), min_len))
+    return mask_spans(covered(index.matching_statistics(generated), min_len))
 
 
 @dataclass(frozen=True)
@@ -313,26 +335,15 @@ def memorisation_report(
     for k in ks:
         _check_min_len(k)
     ms = index.matching_statistics(generated)
-    if len(ms):
-        start = int(np.argmax(ms))  # the first of the longest, for a stable report
-        length = int(ms[start])
-    else:
-        start = length = 0
-    if length == 0:
-        start = 0
-    coverage = {int(k): (float(_covered(ms, k).mean()) if len(ms) else None) for k in ks}
     span_min_len = int(max(ks))
     considered, reproduced = _reproduced_lines(index, generated, min_line_len)
     return MemorisationReport(
         n_chars=len(generated),
-        longest_copy_length=length,
-        longest_copy_start=start,
-        longest_copy_text=generated[start : start + length],
-        coverage=coverage,
+        **copy_figures(ms, generated, ks),
         novel_ngram_share={int(n): _novel_share(index, generated, n) for n in ngram_sizes},
         lines_considered=considered,
         lines_reproduced=reproduced,
         lines_reproduced_share=_share(reproduced, considered),
         span_min_len=span_min_len,
-        copied_spans=tuple(_runs(_covered(ms, span_min_len))),
+        copied_spans=tuple(mask_spans(covered(ms, span_min_len))),
     )

@@ -81,7 +81,8 @@ def learning_rate(analysis: dict[str, Any]) -> bytes | None:
 
 
 def temperature_sweep(analysis: dict[str, Any]) -> bytes | None:
-    """Copies and novelty (left), longest copy (middle), structure distance (right) against T."""
+    """Copies, novelty and real words (left), longest copy (middle), structure distance (right)
+    against T."""
     results = [r for r in analysis["results"] if r["temperature"] is not None]
     if not results:
         return None
@@ -99,9 +100,12 @@ def temperature_sweep(analysis: dict[str, Any]) -> bytes | None:
     for k in analysis["settings"]["copy_lengths"]:
         ax1.plot(temps, memo("coverage", k), marker="o", label=f"characters in copies ≥ {k}")
     ax1.plot(temps, memo("novel_ngram_share", 4), marker="s", label="novel word 4-grams")
+    if all("words" in r for r in results):  # analyses written before real words have none
+        real = [r["words"]["real_share"] for r in results]
+        ax1.plot(temps, real, marker="^", label="real words")
     ax1.set_ylim(-0.03, 1.03)
     ax1.set_ylabel("share")
-    ax1.set_title("copied and novel")
+    ax1.set_title("copied, novel and real")
     ax1.legend(fontsize="small")
     longest = [max(r["memorisation"]["longest_copy_length"], 1) for r in results]
     ax2.plot(temps, longest, marker="o")

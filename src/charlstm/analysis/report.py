@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from charlstm.analysis.largecorpus import MIN_LENGTH as BASE_MIN_LENGTH
 from charlstm.errors import UserError
 from charlstm.runs.folder import RunFolder, run_dir_of
 
@@ -71,21 +72,34 @@ def _check_settings(samples: int, length: int, temperatures: Sequence[float]) ->
             raise UserError(f"temperatures must be finite and >= 0, got {t!r}")
 
 
-def _analyse_text(index, train_stats, text: str, excerpt: str) -> dict[str, Any]:
-    """Memorisation and structure of one text against the corpus, and one excerpt to show."""
+def _analyse_text(
+    index, train_stats, lexicon, text: str, excerpt: str, base: dict | None, base_ms
+) -> dict[str, Any]:
+    """Memorisation, real words and structure of one text against the corpus (and against the
+    base corpus `base`, given its matching statistics `base_ms`), and one excerpt to show."""
+    import numpy as np
+
     from charlstm.analysis import (
         copied_spans,
         memorisation_report,
         structure_distance,
         structure_stats,
     )
+    from charlstm.analysis.memorisation import copy_figures, covered, mask_spans
+    from charlstm.analysis.words import real_words
 
-    memo = memorisation_report(index, text, COPY_LENGTHS).to_dict()
+    report = memorisation_report(index, text, COPY_LENGTHS)
+    memo = report.to_dict()
     memo.pop("copied_spans")  # spans of the joined samples: the excerpt carries its own below
     stats = structure_stats(text)
-    return {
+    result = {
         "chars": len(text),
         "memorisation": memo,
+        "words": real_words(text, lexicon).to_dict(),
+        "base_copies": None,
+        # characters in copies of >= HIGHLIGHT_LENGTH of the training text or the base corpus;
+        # unknown when the base corpus could not be read
+        "copied_any": memo["coverage"][HIGHLIGHT_LENGTH] if base is None else None,
         "structure": stats.to_dict(),
         "distance": structure_distance(stats, train_stats),
         "excerpt": {
@@ -93,6 +107,60 @@ def _analyse_text(index, train_stats, text: str, excerpt: str) -> dict[str, Any]
             "copied_spans": [list(span) for span in copied_spans(index, excerpt, HIGHLIGHT_LENGTH)],
         },
     }
+    if base_ms is not None:
+        result["base_copies"] = copy_figures(base_ms, text, COPY_LENGTHS)
+        copied = covered(base_ms, HIGHLIGHT_LENGTH)
+        for a, b in report.copied_spans:
+            copied[a:b] = True
+        result["copied_any"] = float(copied.mean()) if len(copied) else None
+        # The excerpt is where the text starts: its copies are those that end inside it.
+        n = len(excerpt)
+        inside = np.minimum(base_ms[:n], n - np.arange(n))
+        spans = mask_spans(covered(inside, HIGHLIGHT_LENGTH))
+        result["excerpt"]["base_copied_spans"] = [list(span) for span in spans]
+    return result
+
+
+def _base_of(config) -> str | None:
+    """The shipped base model the run started from ("ru"), or None: "auto", "none", or a run
+    folder, whose corpus the analysis does not know."""
+    from charlstm.data.basecorpus import BASE_CORPORA
+
+    base = config.train.base
+    return base if f"base-{base}" in BASE_CORPORA else None
+
+
+def _base_corpus(name: str) -> tuple[str | None, dict[str, Any]]:
+    """The text of the base corpus of base `name` when it is built on this machine (None when
+    not), and what the analysis records of it."""
+    from charlstm.data import basecorpus
+
+    corpus = f"base-{name}"
+    info: dict[str, Any] = {
+        "name": name,
+        "corpus": corpus,
+        "language": basecorpus.BASE_CORPORA[corpus].language,
+        "measured": False,
+        "characters": None,
+        "sha256": None,
+        "min_length": BASE_MIN_LENGTH,
+        "note": None,
+    }
+    meta = basecorpus.built_meta(corpus)
+    if meta is None or meta.get("format_version") != basecorpus.FORMAT_VERSION:
+        info["note"] = (
+            f"copies of the base corpus {corpus} not measured: it is not built on this machine; "
+            f'build it once (it downloads its collection) with python -c "from charlstm.data '
+            f"import basecorpus; basecorpus.load('{corpus}')\""
+        )
+        return None, info
+    try:
+        text, _ = basecorpus.load(corpus, allow_download=False)
+    except UserError as exc:
+        info["note"] = f"copies of the base corpus {corpus} not measured: {exc}"
+        return None, info
+    info.update(measured=True, characters=len(text), sha256=meta["sha256"])
+    return text, info
 
 
 def analyze_run(
@@ -117,7 +185,8 @@ def analyze_run(
     """
     import torch
 
-    from charlstm.analysis import CorpusIndex, structure_stats
+    from charlstm.analysis import CorpusIndex, largecorpus, structure_stats
+    from charlstm.analysis.words import Lexicon, describe
     from charlstm.config import from_dict
     from charlstm.data.loading import prepare_data
     from charlstm.generate.textmodel import load
@@ -151,35 +220,45 @@ def analyze_run(
     index = CorpusIndex(data.train_text)
     train_stats = structure_stats(data.train_text)
     clock["index"] = time.perf_counter()
+    base = _base_of(config)
+    base_text, base_info = _base_corpus(base) if base else (None, None)
+    lexicon = Lexicon.for_text(data.train_text, base_info["language"] if base_info else None)
+    log(describe(lexicon.to_dict()))
+    if base_info and base_info["note"]:
+        log(base_info["note"])
+    clock["words"] = time.perf_counter()
 
-    results = []
+    texts = []  # (temperature, source, text, excerpt): the excerpt is where the text starts
     generation_s = 0.0
     if text is not None:
-        results.append(
-            {
-                "temperature": None,
-                "source": text_label,
-                **_analyse_text(index, train_stats, text, text[:SAMPLE_CHARS]),
-            }
-        )
+        texts.append((None, text_label, text, text[:SAMPLE_CHARS]))
     else:
         start = "\n" if "\n" in model.vocab else model.vocab.chars[0]
         for t in temperatures:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                texts = model.generate(start, length, t, num_samples=samples, seed=seed)
+                samples_t = model.generate(start, length, t, num_samples=samples, seed=seed)
             generation_s += time.perf_counter() - t0
-            texts = [s[len(start) :] for s in texts]  # analyse what the model wrote, not the prompt
+            samples_t = [s[len(start) :] for s in samples_t]  # what the model wrote, not the prompt
             log(f"temperature {t:g}: {samples} × {length} characters generated")
-            results.append(
-                {
-                    "temperature": float(t),
-                    "source": "generated",
-                    **_analyse_text(
-                        index, train_stats, "\n\n".join(texts), texts[0][:SAMPLE_CHARS]
-                    ),
-                }
+            texts.append(
+                (float(t), "generated", "\n\n".join(samples_t), samples_t[0][:SAMPLE_CHARS])
             )
+    base_s = 0.0
+    base_ms = [None] * len(texts)
+    if base_text is not None:
+        t0 = time.perf_counter()
+        base_ms = largecorpus.matching_statistics(base_text, [t[2] for t in texts])
+        base_s = time.perf_counter() - t0
+        log(f"compared with the base corpus {base_info['corpus']} in {base_s:.1f} s")
+    results = [
+        {
+            "temperature": t,
+            "source": source,
+            **_analyse_text(index, train_stats, lexicon, joined, excerpt, base_info, ms),
+        }
+        for (t, source, joined, excerpt), ms in zip(texts, base_ms, strict=True)
+    ]
     end = time.perf_counter()
 
     records = RunFolder(run_dir).read_metrics() if run_dir else []
@@ -212,12 +291,16 @@ def analyze_run(
         },
         "config": model.meta["config"],
         "training_structure": train_stats.to_dict(),
+        "words": lexicon.to_dict(),
+        "base": base_info,
         "results": results,
         "seconds": {
             "validation": clock["validation"] - clock["start"],
             "index": clock["index"] - clock["validation"],
+            "words": clock["words"] - clock["index"],  # choosing the language, loading the base
             "generation": generation_s,
-            "analysis": end - clock["index"] - generation_s,
+            "base": base_s,
+            "analysis": end - clock["words"] - generation_s - base_s,
             "total": end - clock["start"],
         },
     }
@@ -255,11 +338,13 @@ def memorisation_table(analysis: dict[str, Any]) -> tuple[list[str], list[list[s
         "novel 3-grams",
         "novel 4-grams",
         "lines reproduced",
+        "real words",
         "structure distance",
     ]
     rows = []
     for r in analysis["results"]:
         m = r["memorisation"]
+        words = r.get("words") or {}  # absent from analyses written before real words
         rows.append(
             [
                 _label(r),
@@ -269,7 +354,49 @@ def memorisation_table(analysis: dict[str, Any]) -> tuple[list[str], list[list[s
                 _pct(_at(m["novel_ngram_share"], 3)),
                 _pct(_at(m["novel_ngram_share"], 4)),
                 f"{m['lines_reproduced']}/{m['lines_considered']}",
+                _pct(words.get("real_share")),
                 _num(r["distance"]["structure_distance"]),
+            ]
+        )
+    return header, rows
+
+
+def words_sentence(analysis: dict[str, Any]) -> str | None:
+    """What "real words" measured, and the training text's own figure beside it."""
+    from charlstm.analysis.words import describe
+
+    lexicon = analysis.get("words")
+    if lexicon is None:
+        return None
+    sentence = describe(lexicon)  # a detected language's sentence already gives the figure
+    if lexicon["how"] == "base" and lexicon["language_share"] is not None:
+        sentence += f" The training text itself: {_pct(lexicon['language_share'])}."
+    return sentence
+
+
+def base_table(analysis: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Header and rows: what each result shares with the base corpus; None when the run has no
+    base or its corpus was not read (`analysis["base"]["note"]` says why)."""
+    base = analysis.get("base")
+    if not base or not base["measured"]:
+        return None
+    ks = analysis["settings"]["copy_lengths"]
+    header = [
+        "text",
+        "longest copy of the base",
+        *(f"base copied ≥ {k}" for k in ks),
+        f"copied ≥ {HIGHLIGHT_LENGTH}, training or base",
+    ]
+    rows = []
+    for r in analysis["results"]:
+        b = r["base_copies"]
+        longest = b["longest_copy_length"]
+        rows.append(
+            [
+                _label(r),
+                f"{longest:,}" if longest else f"< {base['min_length']}",
+                *(_pct(_at(b["coverage"], k)) for k in ks),
+                _pct(r["copied_any"]),
             ]
         )
     return header, rows
@@ -379,9 +506,15 @@ def format_table(analysis: dict[str, Any]) -> str:
         ),
         "",
         _text_table(*memorisation_table(analysis)),
-        "",
-        _text_table(*structure_table(analysis)),
     ]
+    if sentence := words_sentence(analysis):
+        parts.append(sentence)
+    base = analysis.get("base")
+    if table := base_table(analysis):
+        parts += ["", f"Against the base corpus {base['corpus']}:", _text_table(*table)]
+    elif base:
+        parts += ["", base["note"]]
+    parts += ["", _text_table(*structure_table(analysis))]
     return "\n".join(parts)
 
 
@@ -395,7 +528,14 @@ DEFINITIONS = (
     "text. Copied ≥ K: the share of generated characters inside a substring of at least K "
     "characters found in the training text. Novel n-grams: the share of word n-grams that never "
     "occur in the training text. Lines reproduced: generated lines of ≥ 10 characters equal to a "
-    "training line. Structure distance: the mean total-variation distance between generated and "
+    "training line. Real words: the share of generated words (letters, joined by inner "
+    "apostrophes and hyphens; case ignored) that the word list of the language (the wordfreq "
+    "package) knows, or, for a language it does not know, that occur in the training text. "
+    "Copies of the base corpus, for a run that starts from a base model: the same copy figures "
+    "against the corpus the base model learned from (spans shorter than "
+    f"{BASE_MIN_LENGTH} characters are not measured), and the share of characters in copies of "
+    f"≥ {HIGHLIGHT_LENGTH} characters of either text. "
+    "Structure distance: the mean total-variation distance between generated and "
     "training histograms of line length (characters, words, syllables), lines per stanza and "
     "line-final punctuation; 0 is the training text's shape, 1 shares nothing with it. "
     "Samples at each temperature are generated from a newline and analysed together, one stanza "
@@ -425,15 +565,24 @@ def _blocks(analysis: dict[str, Any], images: Sequence[str]) -> list[tuple]:
         ),
         ("h", 2, "Validation"),
         ("table", ["", "loss (nats/char)", "bits/char", "perplexity"], validation_rows(analysis)),
-        ("h", 2, "Memorisation and novelty"),
+        ("h", 2, "Memorisation, novelty and real words"),
         ("table", *memorisation_table(analysis)),
+    ]
+    if sentence := words_sentence(analysis):
+        blocks.append(("p", sentence))
+    base = analysis.get("base")
+    if base:
+        blocks.append(("h", 2, f"Copies of the base corpus {base['corpus']}"))
+        table = base_table(analysis)
+        blocks.append(("table", *table) if table else ("p", base["note"]))
+    blocks += [
         ("h", 2, "Verse structure"),
         ("table", *structure_table(analysis)),
     ]
     captions = {
         "loss": "Training and validation loss against steps and against seconds of training.",
         "lr": "The learning rate.",
-        "temperature": "Novelty and structure against the sampling temperature.",
+        "temperature": "Copies, novelty, real words and structure against the temperature.",
         "lengths": "Line and stanza lengths, generated and training.",
     }
     if images:
@@ -441,14 +590,33 @@ def _blocks(analysis: dict[str, Any], images: Sequence[str]) -> list[tuple]:
         blocks += [("img", name, captions[name]) for name in images]
     shown = _shown_results(results)
     if shown:
-        blocks.append(("h", 2, f"Samples (copies of ≥ {HIGHLIGHT_LENGTH} characters highlighted)"))
+        against = "the training text or the base corpus" if base else "the training text"
+        blocks.append(
+            (
+                "h",
+                2,
+                f"Samples (copies of ≥ {HIGHLIGHT_LENGTH} characters of {against} highlighted)",
+            )
+        )
         for r in shown:
             e = r["excerpt"]
-            copied = sum(b - a for a, b in e["copied_spans"])
+            spans = _union(e["copied_spans"], e.get("base_copied_spans", []))
+            copied = sum(b - a for a, b in spans)
             title = f"{_label(r)}: {copied} of {len(e['text'])} characters copied"
-            blocks.append(("sample", title, e["text"], e["copied_spans"]))
+            blocks.append(("sample", title, e["text"], spans))
     blocks += [("h", 2, "How these are measured"), ("p", DEFINITIONS)]
     return blocks
+
+
+def _union(*span_lists: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The spans of several lists merged into sorted, disjoint spans."""
+    merged: list[list[int]] = []
+    for a, b in sorted(tuple(span) for spans in span_lists for span in spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
 
 
 def _shown_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
