@@ -1347,8 +1347,8 @@ PENDING_FUNCTIONS = {  # module → functions whose errors are not listed yet
         "step",
     },  # the engine's internal switches (compiled path, step size)
 }
-# config: transfer learning, and --base (the shipped base models, still being built: issue 22)
-PENDING = ("freeze_layers", "init_from or pretrain", "pretrain_config", "give --base or")
+# config: transfer learning
+PENDING = ("freeze_layers", "init_from or pretrain", "pretrain_config")
 
 
 def _doc_rows() -> dict[str, str]:
