@@ -591,9 +591,9 @@ def validate(config: RunConfig) -> None:
         raise UserError(
             f"freeze_layers must be in [0, num_layers={m.num_layers}], got {t.freeze_layers}"
         )
-    if t.freeze_layers and not (t.init_from or t.pretrain):
+    if t.freeze_layers and not (t.init_from or t.pretrain or t.base != "none"):
         raise UserError(
-            "freeze_layers only makes sense with init_from or pretrain (frozen random "
+            "freeze_layers only makes sense with init_from, pretrain or a base (frozen random "
             "weights learn nothing)"
         )
     if t.base not in ("auto", "none") and (t.init_from or t.pretrain):

@@ -91,13 +91,21 @@ class Collection:
 
 @dataclass(frozen=True)
 class BaseCorpus:
-    """A base corpus: which collections, in which language, which texts it must not contain."""
+    """A base corpus: which collections, in which language, which texts it must not contain.
+
+    A corpus `derived_from` another is a selection of that one's documents, for a second phase of
+    training: every document whose name starts with `select` and as many characters again of the
+    others, all taken from the part of the parent its base trains on (the tail it holds out,
+    `held_out`, stays held out of both phases)."""
 
     name: str
     language: str
     collections: tuple[str, ...]
     description: str
     excluded: tuple[str, ...] = EXCLUDED
+    derived_from: str | None = None
+    select: str | None = None
+    held_out: float = 0.05
 
 
 BASE_CORPORA: dict[str, BaseCorpus] = {
@@ -108,6 +116,14 @@ BASE_CORPORA: dict[str, BaseCorpus] = {
             "ru",
             ("ruslit",),
             "Russian prose and verse, 19th and early 20th centuries, for the Russian base model",
+        ),
+        BaseCorpus(
+            "base-ru-verse",
+            "ru",
+            ("ruslit",),
+            "the verse of base-ru and as much of its prose, for the Russian base's second phase",
+            derived_from="base-ru",
+            select="ruslit/poems/",
         ),
         BaseCorpus(
             "base-en",
@@ -343,6 +359,8 @@ def build(
 ) -> BuiltCorpus:
     """Build the base corpus `name` from its collections (see the module docstring)."""
     base = get_base_corpus(name)
+    if base.derived_from:
+        return _derive(base, allow_download, log)
     if forbidden is None:
         forbidden = Forbidden.of(excluded_texts(base, allow_download))
     docs: list[tuple[str, str]] = []
@@ -364,6 +382,31 @@ def build(
                 log(f"charlstm: {coll.name}: {i + 1}/{len(coll.members)} files")
     docs.sort(key=lambda d: hashlib.sha256(d[0].encode("utf-8")).hexdigest())
     return BuiltCorpus(name, [d for _, d in docs], [n for n, _ in docs], cut_total, dropped)
+
+
+def _derive(
+    base: BaseCorpus, allow_download: bool, log: Callable[[str], None] | None
+) -> BuiltCorpus:
+    """The selection `base` makes of its parent's documents (see `BaseCorpus`)."""
+    text, starts = load(base.derived_from, allow_download, log)
+    names = built_meta(base.derived_from)["documents"]
+    ends = [*starts[1:].tolist(), len(text)]
+    trained = len(text) - round(len(text) * base.held_out)  # the parent's held-out tail starts here
+    docs = [
+        (name, text[a:b])
+        for name, a, b in zip(names, starts.tolist(), ends, strict=True)
+        if b <= trained
+    ]
+    chosen = [d for d in docs if d[0].startswith(base.select)]
+    wanted = sum(len(d) for _, d in chosen)
+    for name, doc in docs:
+        if wanted <= 0:
+            break
+        if not name.startswith(base.select):
+            chosen.append((name, doc))
+            wanted -= len(doc)
+    chosen.sort(key=lambda d: hashlib.sha256(d[0].encode("utf-8")).hexdigest())
+    return BuiltCorpus(base.name, [d for _, d in chosen], [n for n, _ in chosen], 0, [])
 
 
 def corpus_dir() -> Path:

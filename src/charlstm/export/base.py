@@ -27,9 +27,13 @@ import torch
 
 from charlstm.atomic import atomic_write_text
 from charlstm.data import basecorpus
+from charlstm.data.corpus import part_starts
+from charlstm.data.loading import documents
 from charlstm.errors import UserError
+from charlstm.model import CharRNN
+from charlstm.model.evaluation import evaluate_ids, streams_for
 from charlstm.runs.bases import CARD_FILE, WEIGHTS_FILE
-from charlstm.runs.checkpoint import read_checkpoint, save_checkpoint
+from charlstm.runs.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from charlstm.runs.folder import RunFolder, find_checkpoint
 from charlstm.runs.metrics import read_records
 
@@ -52,6 +56,44 @@ def _final(run: Path) -> dict[str, Any]:
     return (finals or records or [{}])[-1]
 
 
+def _phases(run: Path) -> list[dict[str, Any]]:
+    """The run and the runs it was started from (`init_from`), first phase first: the corpus,
+    steps, characters seen and validation loss of each."""
+    phases = []
+    while run is not None and run.is_dir():
+        config = read_checkpoint(find_checkpoint(run, prefer="best")).run_config
+        final = _final(run)
+        steps = int(final.get("step", 0))
+        phases.append(
+            {
+                "corpus": config.data.dataset,
+                "steps": steps,
+                "batch": f"{config.data.batch_size} × {config.data.seq_len}",
+                "characters_seen": steps * config.data.batch_size * config.data.seq_len,
+                "val_loss": final.get("best_val_loss", final.get("val_loss")),
+                "full_pass": bool(final.get("final")),
+            }
+        )
+        run = Path(config.train.init_from) if config.train.init_from else None
+    return phases[::-1]
+
+
+def held_out_loss(ck: Checkpoint, corpus: str) -> tuple[float, int]:
+    """(loss in nats/char, characters) of the weights on the held-out tail of the base corpus
+    that the first phase split off (`BaseCorpus.held_out`, its validation split): text that no
+    phase trained on."""
+    spec = basecorpus.get_base_corpus(corpus)
+    root = basecorpus.get_base_corpus(spec.derived_from) if spec.derived_from else spec
+    text, starts = basecorpus.load(root.name)
+    cut = len(text) - round(len(text) * spec.held_out)
+    ids, rel = ck.vocab.encode_documents(documents(text[cut:], part_starts(starts, cut, len(text))))
+    model = CharRNN(ck.model_config)
+    model.load_state_dict({k: v.float() for k, v in ck.model_state().items()})
+    with torch.no_grad():
+        loss = evaluate_ids(model.eval(), ids, n_streams=streams_for(len(ids), 8), starts=rel)
+    return loss, len(ids)
+
+
 def export_base(
     run: str | Path,
     out: str | Path,
@@ -72,42 +114,39 @@ def export_base(
         )
     language = basecorpus.get_base_corpus(corpus).language
     name = name or language
-    recipe = (
-        f"charlstm train --config configs/base-{language}.toml --out runs/base-{language} && "
-        f"charlstm export runs/base-{language} --format base --out src/charlstm/bases/{name}"
-    )
     weights = out / WEIGHTS_FILE
     if weights.exists() and not force:
         raise UserError(
             f"--out {out} already holds a base export ({WEIGHTS_FILE}); pass --force to replace "
             "it, or give another --out"
         )
-    final = _final(run)
-    built = basecorpus.built_meta(corpus) or {}
-    steps = int(final.get("step", ck.meta["step"]))
-    chars_seen = steps * config.data.batch_size * config.data.seq_len
-    val = final.get("best_val_loss", final.get("val_loss"))
+    phases = _phases(run)
+    held, held_chars = held_out_loss(ck, corpus)
+    commands = [f"charlstm train --config configs/{p['corpus']}.toml" for p in phases]
+    folder = f"runs/base-{language}"  # the Makefile's names: base-ru-1, then base-ru
+    for i in range(1, len(commands)):
+        commands[i] += f" --init-from {folder}-{i}"
+    commands = [
+        c + (f" --out {folder}-{i + 1}" if i + 1 < len(commands) else f" --out {folder}")
+        for i, c in enumerate(commands)
+    ]
+    commands.append(f"charlstm export {folder} --format base --out src/charlstm/bases/{name}")
     card = {
         "name": name,
         "language": language,
         "corpus": corpus,
-        "corpus_sha256": built.get("sha256"),
-        "corpus_characters": built.get("characters"),
-        "documents": len(built.get("documents", [])),
-        "cut_lines_chars": built.get("cut_lines_chars"),
-        "dropped": built.get("dropped", []),
-        "steps": steps,
-        "characters_seen": chars_seen,
-        "val_loss": val,
-        "val_fraction": config.data.val_fraction,
-        "recipe": recipe,
+        "phases": [{**p, **_built(p["corpus"])} for p in phases],
+        "characters_seen": sum(p["characters_seen"] for p in phases),
+        "held_out_loss": held,
+        "held_out_characters": held_chars,
+        "recipe": f"make base-{language} (= {' && '.join(commands)})",
         "trained_on": f"{_cpu_name()}, {config.train.threads or 'all'} thread(s), CPU",
         "torch": torch.__version__,
         "date": date.today().isoformat(),
     }
     tensors = {k: v.to(torch.float16) for k, v in ck.tensors.items() if k.startswith("model.")}
     meta = {k: ck.meta[k] for k in ("model", "vocab", "config", "step", "source") if k in ck.meta}
-    meta["metrics"] = {"best_val_loss": val} if val is not None else {}
+    meta["metrics"] = {"best_val_loss": held}
     meta["base"] = card
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(weights, tensors, meta)
@@ -117,19 +156,40 @@ def export_base(
     return {"path": weights, **card}
 
 
+def _built(corpus: str) -> dict[str, Any]:
+    """What the build of `corpus` recorded, for the card."""
+    meta = basecorpus.built_meta(corpus) or {}
+    return {
+        "corpus_sha256": meta.get("sha256"),
+        "corpus_characters": meta.get("characters"),
+        "documents": len(meta.get("documents", [])),
+        "cut_lines_chars": meta.get("cut_lines_chars", 0),
+        "dropped": meta.get("dropped", []),
+    }
+
+
 def render_card(card: dict[str, Any], config) -> str:
     """The model card as Markdown."""
-    names = basecorpus.get_base_corpus(card["corpus"]).collections
-    coll = [basecorpus.collection(c) for c in names]
+    first = basecorpus.get_base_corpus(card["phases"][0]["corpus"])
+    coll = [basecorpus.collection(c) for c in first.collections]
     m = config.model
-    val = card["val_loss"]
-    val_text = f"{val:.4f} nats/char ({val / math.log(2):.3f} bits/char)" if val else "unknown"
+    held = card["held_out_loss"]
     sources = "\n".join(
         f"- `{c.name}`: {c.description}; {len(c.members)} files, {c.size:,} bytes, "
         f"github.com/{c.repo} at commit {c.commit}; licence: {c.licence}"
         for c in coll
     )
-    dropped = ", ".join(card["dropped"]) or "none"
+    phases = "\n".join(
+        f"| {i + 1} | `{p['corpus']}`: {p['corpus_characters'] or 0:,} characters, "
+        f"{p['documents']} documents, sha256 `{(p['corpus_sha256'] or '')[:16]}…` | "
+        f"{p['steps']:,} × {p['batch']} = {p['characters_seen']:,} | "
+        + (f"{p['val_loss']:.4f}" if p["val_loss"] is not None else "—")
+        + (" (full pass)" if p["full_pass"] else " (scheduled slice)")
+        + " |"
+        for i, p in enumerate(card["phases"])
+    )
+    cut = card["phases"][0]
+    dropped = ", ".join(cut["dropped"]) or "none"
     return f"""# charlstm base model `{card["name"]}` ({card["language"]})
 
 A {m.cell.upper()} of {m.num_layers} × {m.hidden_size} units (embedding {m.embedding_size},
@@ -137,20 +197,21 @@ vocabulary {m.vocab_size}) that has learnt its language from a public-domain cor
 that a run on a small text can start from it (`charlstm train --base {card["name"]}`, or `--base
 auto`, the default, which decides from the text and the budget).
 
-| | |
-|---|---|
-| corpus | `{card["corpus"]}`: {card["corpus_characters"] or 0:,} characters in \
-{card["documents"]} documents, sha256 `{card["corpus_sha256"]}` |
-| decontamination | lines sharing 50 characters with {", ".join(basecorpus.EXCLUDED)} cut \
-({card["cut_lines_chars"]:,} characters); documents left out whole: {dropped} |
-| training | {card["steps"]:,} steps of {config.data.batch_size} × {config.data.seq_len}: \
-{card["characters_seen"]:,} characters seen |
-| validation loss | {val_text} on the held-out last {card["val_fraction"]:.0%} of the corpus \
-(full pass) |
-| weights | fp16, {card.get("size", 0):,} bytes, sha256 `{card.get("sha256", "")}` |
-| trained on | {card["trained_on"]}, torch {card["torch"]}, {card["date"]} |
-| recipe | `{card["recipe"]}` |
-| licence | the corpus is public domain; these weights: MIT, as charlstm |
+**Held-out loss: {held:.4f} nats/char ({held / math.log(2):.3f} bits/char)** on the
+{card["held_out_characters"]:,} characters that the first phase held out of `{first.name}` (its
+validation split; no phase trained on them).
+
+| phase | corpus | steps × batch = characters seen | validation loss (the phase's split) |
+|---|---|---|---|
+{phases}
+
+- Decontamination: every line sharing 50 characters with {", ".join(first.excluded)} was cut from
+  `{first.name}` ({cut["cut_lines_chars"]:,} characters); documents left out whole: {dropped}.
+  `benchmarks/base_contamination.py` measures the longest span left in common (docs/benchmarks.md).
+- Weights: fp16, {card.get("size", 0):,} bytes, sha256 `{card.get("sha256", "")}`.
+- Trained on: {card["trained_on"]}, torch {card["torch"]}, {card["date"]}.
+- Recipe: `{card["recipe"]}`.
+- Licence: the corpus is public domain; these weights: MIT, as charlstm.
 
 ## Sources
 

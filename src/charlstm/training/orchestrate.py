@@ -127,6 +127,11 @@ def train(
         if decision.used:
             source = transfer.read_source(decision.path)
             config = transfer.adopt_architecture(config, source, keep)
+        elif config.train.freeze_layers:
+            raise UserError(
+                f"--freeze-layers freezes a base's layers, and this run starts from none "
+                f"({decision.reason}); leave it out, or name a base with --base"
+            )
     data = prepare_data(
         config,
         last_ckpt.vocab
