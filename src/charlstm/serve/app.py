@@ -95,7 +95,9 @@ class Server:
             name, k = m.name, 2
             while name in self.workers:  # two runs both called "run": run, run-2
                 name, k = f"{m.name}-{k}", k + 1
-            self.workers[name] = ModelWorker(m, name, max_batch, config.tick_seconds)
+            self.workers[name] = ModelWorker(
+                m, name, max_batch, config.tick_seconds, chunk_seconds=config.chunk_seconds
+            )
         self.default = next(iter(self.workers))
 
     def worker(self, name: str | None) -> ModelWorker:
@@ -318,14 +320,21 @@ async def _events(job: Job, model: str) -> AsyncIterator[str]:
             "seed": job.seed,
         },
     )
+    # The events of one hand-over go out as one piece (one write to the socket, one pass through
+    # the ASGI layers), the last text together with `done`.
+    done = None
     try:
         async for texts in job.chunks():
-            for i, text in sorted(texts.items()):
-                yield sse("chunk", {"index": i, "text": text})
+            events = [sse("chunk", {"index": i, "text": t}) for i, t in sorted(texts.items())]
+            if job.done and job.error is None:
+                done = sse("done", job.response(model).model_dump())
+                events.append(done)
+            yield "".join(events)
     except GenerationFailed as exc:
         yield sse("error", {"error": exc.kind, "message": exc.message})
         return
-    yield sse("done", job.response(model).model_dump())
+    if done is None:
+        yield sse("done", job.response(model).model_dump())
 
 
 def _field_name(loc: Sequence[Any]) -> str:

@@ -571,7 +571,7 @@ class Reply:
         if self.echo:
             for i in range(len(job.requests)):
                 yield self._piece(i, job.start_text, None)
-        told: set[int] = set()
+        told: set[int] | None = set()  # choices told their finish_reason; None once all were
         try:
             async for texts in job.chunks():
                 # Read before any await: a choice that has finished has all its text in `texts`
@@ -581,23 +581,37 @@ class Reply:
                     for i, r in enumerate(job.finish_reasons)
                     if r is not None and i not in told
                 }
+                pieces = []  # one hand-over's events, sent as one piece (as the native route)
                 for i, text in sorted(texts.items()):
                     reason = ended.pop(i, None)
-                    yield self._piece(i, text, reason)
+                    pieces.append(self._piece(i, text, reason))
                     if reason is not None:
                         told.add(i)
                 for i, reason in sorted(ended.items()):  # finished with no new text
-                    yield self._piece(i, "", reason)
+                    pieces.append(self._piece(i, "", reason))
                     told.add(i)
+                if job.done and job.error is None:  # the end goes with the last text
+                    pieces += self._end(told)
+                    told = None
+                yield "".join(pieces)
         except GenerationFailed as exc:
             yield _data(error_body(500, exc.message, code=exc.kind))
             return
-        for i, reason in enumerate(job.finish_reasons):
-            if i not in told:
-                yield self._piece(i, "", reason or "length")
+        if told is not None:
+            yield "".join(self._end(told))
+
+    def _end(self, told: set[int]) -> list[str]:
+        """The last events: each choice not yet told its finish_reason, the usage (with
+        include_usage), then [DONE]."""
+        job = self.job
+        end = [
+            self._piece(i, "", reason or "length")
+            for i, reason in enumerate(job.finish_reasons)
+            if i not in told
+        ]
         if self.include_usage:
-            yield self._event([], usage=True)
-        yield "data: [DONE]\n\n"
+            end.append(self._event([], usage=True))
+        return [*end, "data: [DONE]\n\n"]
 
 
 def _data(payload: Any) -> str:

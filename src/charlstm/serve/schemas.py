@@ -20,7 +20,10 @@ class ServerConfig:
     max_num_samples: int = 16
     max_body_bytes: int = 64 * 1024
     time_limit: float = 120.0  # seconds per generation, from admission to its last character
-    tick_seconds: float = 0.01  # longest run of engine steps between two hand-overs of text
+    tick_seconds: float = 0.01  # the engine's time per tick: a new request joins within it
+    chunk_seconds: float = (
+        0.05  # a stream's text waits this long at most to be sent (after its first)
+    )
     # Exposing the server (docs/security.md). Bearer tokens the API asks for; none: no key asked.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Host names served besides localhost, *.localhost and IP addresses: name, *.domain, or *.
@@ -41,8 +44,8 @@ class ServerConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch is not None and self.max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
-        if not (self.time_limit > 0 and self.tick_seconds > 0):
-            raise UserError("time_limit and tick_seconds must be > 0")
+        if not (self.time_limit > 0 and self.tick_seconds > 0 and self.chunk_seconds >= 0):
+            raise UserError("time_limit and tick_seconds must be > 0, chunk_seconds >= 0")
         if self.max_connections is not None and self.max_connections < 1:
             raise UserError(f"max_connections must be >= 1, got {self.max_connections}")
         if not (self.header_timeout > 0 and self.body_timeout > 0):
