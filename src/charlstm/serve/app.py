@@ -37,11 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from charlstm.data.corpus import normalise_newlines
 from charlstm.data.vocabulary import describe_char
@@ -65,10 +67,13 @@ from charlstm.serve.schemas import (
     ModelList,
     OpenAIModel,
     ServerConfig,
+    exact_integer_bounds,
     json_response,
+    model_choice,
     request_model,
     responses,
     stream_ok,
+    vocabulary_rules,
 )
 from charlstm.serve.security import Guard, is_loopback, protocol
 from charlstm.serve.worker import Job, ModelWorker
@@ -353,10 +358,13 @@ def _unprocessable(errors: list[ErrorDetail]) -> JSONResponse:
 # ---------------------------------------------------------------------------------------- the app
 
 
-def _document(app: FastAPIOffline, config: ServerConfig) -> None:
+def _document(app: FastAPIOffline, server: Server) -> None:
     """Complete the OpenAPI document FastAPI builds from the routes: the models that responses
-    name by reference (the stream's events among them) and, with API keys, the Bearer scheme the
-    API needs, so that /docs can send a key."""
+    name by reference (the stream's events among them); what the requests' schemas cannot say by
+    themselves: the served models by name and the start texts each one takes (its vocabulary),
+    integer bounds exact; and, with API keys, the Bearer scheme the API needs, so that /docs can
+    send a key. Every check the server makes on a request is then in the document."""
+    config = server.config
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -369,8 +377,31 @@ def _document(app: FastAPIOffline, config: ServerConfig) -> None:
             ref_template="#/components/schemas/{model}",
         )
         components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
         for name, definition in defs.get("$defs", {}).items():
-            components.setdefault("schemas", {}).setdefault(name, definition)
+            schemas.setdefault(name, definition)
+        vocabularies = {n: "".join(w.model.vocab.chars) for n, w in server.workers.items()}
+        native = schemas["GenerateRequest"]
+        native["properties"]["model"] = {"title": "Model", **model_choice(list(vocabularies))}
+        native.setdefault("allOf", []).append(vocabulary_rules(vocabularies, server.default))
+        openai_compat.document_vocabularies(schemas["CompletionRequest"], vocabularies)
+        # An example of each request (for /docs, and the first requests a fuzzer sends): a text
+        # of the default model's characters.
+        chars = vocabularies[server.default]
+        text = ("".join(c for c in chars if c.isprintable()) or chars)[: config.max_start_chars]
+        native["examples"] = [
+            {"start_text": text[:12], "length": min(100, config.max_length), "seed": 7}
+        ]
+        schemas["CompletionRequest"]["examples"] = [
+            {
+                "model": server.default,
+                "prompt": text[:12],
+                "max_tokens": min(16, config.max_length),
+                "temperature": 0.5,
+                "seed": 7,
+            }
+        ]
+        exact_integer_bounds(schema)
         if config.api_keys:
             components["securitySchemes"] = {
                 "apiKey": {
@@ -421,9 +452,10 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         api_keys=config.api_keys,
         allowed_hosts=config.allowed_hosts,
         body_timeout=config.body_timeout,
+        routes=app.router.routes,
     )
     openai_compat.install(app)  # outermost: OpenAI's error shape on its paths, the guard's too
-    _document(app, config)
+    _document(app, server)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -438,6 +470,14 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
                 for e in exc.errors()
             ]
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        allow = (exc.headers or {}).get("Allow", "")
+        reason = f"{request.method} is not a method of {request.url.path}; it takes {allow}"
+        return JSONResponse({"detail": reason}, status_code=405, headers=exc.headers)
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError) -> JSONResponse:

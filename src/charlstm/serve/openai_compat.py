@@ -48,7 +48,11 @@ from charlstm.serve.schemas import (
     ServerConfig,
     StopString,
     json_response,
+    json_text,
+    known_text,
     responses,
+    sse_event,
+    whole,
 )
 from charlstm.serve.worker import Job, ModelWorker
 
@@ -352,6 +356,9 @@ class CompletionRequest(BaseModel):
         if t is not None and 0 < t < MIN_TEMPERATURE:
             raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         return t
+
+    # JSON Schema's integers include 999.0 (`schemas.whole`), for every integer parameter.
+    _whole = field_validator("max_tokens", "n", "seed", "best_of", mode="before")(whole)
 
     @field_validator("best_of")
     @classmethod
@@ -704,6 +711,29 @@ def model_responses(config: ServerConfig) -> dict:
     return document(responses(config, extra={404: json_response("No model of that name.")}))
 
 
+def _sse_data() -> dict[str, Any]:
+    return {"anyOf": [_ref(CompletionChunk), _ref(OpenAIErrorResponse)]}
+
+
+def document_vocabularies(request: dict[str, Any], vocabularies: dict[str, str]) -> None:
+    """State in the completions request's schema (`request`, changed in place) which prompts each
+    served model takes: every character known to it (`to_native` refuses the others with 400). A
+    model the server does not have is a 404, whatever the prompt."""
+    branches: list[dict[str, Any]] = [
+        {"properties": {"model": {"not": {"enum": list(vocabularies)}}}}
+    ]
+    for name, chars in vocabularies.items():
+        every, _ = known_text(chars)
+        prompt = {
+            "anyOf": [
+                {"type": "string", "pattern": every},
+                {"type": "array", "items": {"pattern": every}},
+            ]
+        }
+        branches.append({"properties": {"model": {"const": name}, "prompt": prompt}})
+    request.setdefault("allOf", []).append({"anyOf": branches})
+
+
 def _completions_ok() -> dict[str, Any]:
     """The 200 answer of POST /v1/completions: the completion, or with `stream` its events."""
     return {
@@ -713,8 +743,14 @@ def _completions_ok() -> dict[str, Any]:
         "instead of [DONE].",
         "content": {
             "application/json": {"schema": _ref(Completion)},
-            "text/event-stream": {"schema": {"type": "string"}},
+            "text/event-stream": {
+                "schema": sse_event(
+                    {"message": {"anyOf": [json_text(_sse_data()), {"const": "[DONE]"}]}},
+                    "One event of the stream: a `data:` line (a CompletionChunk, an "
+                    "OpenAIErrorResponse, or the last one, [DONE]).",
+                )
+            },
         },
-        "x-sse-data": {"anyOf": [_ref(CompletionChunk), _ref(OpenAIErrorResponse)]},
+        "x-sse-data": _sse_data(),
         "x-sse-end": "[DONE]",
     }
