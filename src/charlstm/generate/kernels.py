@@ -1078,9 +1078,21 @@ def blas_steps(
 _THREAD_MIN_WORK = 1024  # characters per call below which one thread beats handing work off
 
 
+_THREADS: list[int] = []  # set_threads' count, if it was called
+
+
+def set_threads(n: int | None) -> None:
+    """Blocks of rows `LSTMRows.advance` runs at once (one worker thread each), apart from
+    PyTorch's own thread count; None: PyTorch's again. A server keeps PyTorch on one thread (the
+    reference path's tiny products only lose from more) and gives the kernels every core: their
+    workers never wait for each other inside a call, nor hold Python's lock."""
+    _THREADS[:] = [] if n is None else [max(1, n)]
+
+
 def _threads() -> int:
-    """Threads to use: PyTorch's setting (the user's --threads), so one knob governs both."""
-    return max(1, torch.get_num_threads())
+    """Threads to use: `set_threads`' count, else PyTorch's setting (the user's --threads), so
+    one knob governs both."""
+    return _THREADS[0] if _THREADS else max(1, torch.get_num_threads())
 
 
 def _load_function(folder: str, patterns: tuple[str, ...], name: str, restype):

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -81,6 +82,7 @@ from charlstm.serve.worker import Job, ModelWorker
 log = logging.getLogger("charlstm.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
+SWITCH_INTERVAL = 0.001  # seconds a thread may wait for Python's lock in `charlstm serve` (`serve`)
 
 
 # --------------------------------------------------------------------------------------- the server
@@ -647,7 +649,14 @@ def serve(
     import uvicorn
 
     from charlstm.generate.textmodel import load
-    from charlstm.hardware import set_threads
+    from charlstm.hardware import available_cores, set_threads
+
+    try:
+        from charlstm.generate.kernels import set_threads as kernel_threads
+    except ImportError:  # no numba: the reference path only
+
+        def kernel_threads(n: int | None) -> None:
+            pass
 
     config = config or ServerConfig()
     if not config.api_keys and not is_loopback(host):
@@ -657,9 +666,15 @@ def serve(
             "checks who calls (docs/security.md)",
             stacklevel=2,
         )
-    # One intra-op thread: a step is a few small matrix products, too small to gain from more
-    # threads, and the event loop needs a core of its own (two threads made steps 5-100× slower).
+    # PyTorch on `threads` (one by default): the reference path's steps (GRU, RNN) are a few small
+    # products, too small to gain from more threads (two made them 5-100x slower). The compiled
+    # LSTM kernels take every core: each worker steps its own rows, single-threaded, holding no
+    # Python lock, beside the event loop.
     set_threads(threads)
+    kernel_threads(available_cores())
+    # A thread that has run the model's part waits for Python's lock to hand its result back; the
+    # event loop, busy with many responses, would keep it up to the default 5 ms each time.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     models = [load(run) for run in runs]
     app = create_app(models, config)
     try:
