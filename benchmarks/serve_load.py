@@ -229,25 +229,35 @@ async def stream_once(
         writer.close()
 
 
-def start_text(args, index: int) -> str:
-    """The start text of a client's request: `--start-text`, or with `--distinct-starts` that
-    text rotated by the request's index, so that no two requests share one (nor its priming)."""
+def start_text(args, number: int) -> str:
+    """The start text of request `number`: `--start-text`, or with `--distinct-starts` that text
+    rotated by the number (reversed for every second round of rotations), so that no two of the
+    requests running at once share one, nor its priming, for up to twice its length of clients."""
     text = args.start_text
     if args.distinct_starts:
-        k = index % len(text)
+        k = number % len(text)
         text = text[k:] + text[:k]
+        if number // len(text) % 2:
+            text = text[::-1]
     return text
 
 
 async def client(
-    host: str, port: int, index: int, args, deadline: float, route="native", model=None
+    host: str,
+    port: int,
+    index: int,
+    clients: int,
+    args,
+    deadline: float,
+    route="native",
+    model=None,
 ) -> list[Result]:
     results = []
     for k in range(args.requests):
         if time.perf_counter() >= deadline:
             break
         body = {
-            "start_text": start_text(args, index * MAX_REQUESTS + k),
+            "start_text": start_text(args, k * clients + index),
             "length": args.length,
             "temperature": args.temperature,
             "seed": index * MAX_REQUESTS + k,
@@ -454,7 +464,7 @@ async def load(
         )
     side_tasks = [asyncio.ensure_future(s) for s in side]
     per_client = await asyncio.gather(
-        *(client(host, port, i, args, deadline, route, model) for i in range(clients))
+        *(client(host, port, i, clients, args, deadline, route, model) for i in range(clients))
     )
     elapsed = time.perf_counter() - start
     await asyncio.gather(*side_tasks)
