@@ -6,7 +6,6 @@ HTTP server, and checks each answer against it."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -22,6 +21,7 @@ import jsonschema
 import pytest
 
 from charlstm.serve.app import ServerConfig, create_app
+from tests.helpers import on_loopback
 from tests.test_openai_compat import openai_events
 
 KEY = "contract-test-key-0123456789"
@@ -460,36 +460,6 @@ def test_a_body_of_exactly_max_body_bytes_is_read_and_one_more_byte_is_413(live)
 FUZZ_EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "15"))
 
 
-@contextlib.contextmanager
-def listening(app) -> Iterator[str]:
-    """The app behind a real uvicorn on a free loopback port, as `charlstm serve` runs it (its
-    HTTP protocol with the header deadline); yields its base URL."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    from charlstm.serve.security import protocol
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    http = protocol(ServerConfig().header_timeout)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=http))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(1000):
-            if server.started:
-                break
-            time.sleep(0.01)
-        assert server.started
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.mark.slow  # about a thousand requests, some of them generating: about a minute
 def test_schemathesis_finds_no_answer_the_document_does_not_promise(
     trained_model, tmp_path
@@ -502,7 +472,8 @@ def test_schemathesis_finds_no_answer_the_document_does_not_promise(
     on both dialects, with the key and the server's small limits. It draws new cases each run: a
     failure prints the seed and a curl command that reproduces it."""
     app = create_app([trained_model], ServerConfig(**CONFIG, api_keys=(KEY,)))
-    with listening(app) as url:
+    with on_loopback(app) as (_, listener):
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         command = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json"]
         command += ["--checks", "all", "--phases", "examples,coverage,fuzzing,stateful"]
         command += ["--max-examples", str(FUZZ_EXAMPLES), "--generation-database", "none"]

@@ -15,7 +15,7 @@ import torch
 
 import charlstm
 from charlstm.serve.app import STATIC_DIR, ServerConfig, create_app
-from tests.helpers import invoke, make_run, one_line_error
+from tests.helpers import invoke, make_run, on_loopback, one_line_error
 
 # Every letter, the space, comma, full stop and newline: the characters the requests below use.
 PANGRAMS = (
@@ -879,31 +879,15 @@ def test_a_connection_whose_client_stops_reading_is_aborted_after_the_write_time
     graceful close would wait for ever to send what is buffered, and the connection would count
     against the connection limit for ever); its slots were free before that."""
     import socket
-    import threading
-
-    import uvicorn
 
     from charlstm.serve import app as app_module
-    from charlstm.serve import security
 
     monkeypatch.setattr(app_module, "WRITE_TIMEOUT", 60.0, raising=False)  # the protocol's turn
     config = ServerConfig()
     app = create_app([model], config)
-    listener = socket.socket()
-    # A small fixed send buffer (no autotuning, which lets loopback buffer megabytes): the stream
-    # below fills it and the transport's 64 KiB, and the server must wait for the client.
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    listener.bind(("127.0.0.1", 0))
-    http = security.protocol(config.header_timeout, write_timeout=0.3)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=http))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(1000):
-            if server.started:
-                break
-            time.sleep(0.01)
-        assert server.started
+    # A small fixed send buffer: the stream below fills it and the transport's 64 KiB, and the
+    # server must wait for the client.
+    with on_loopback(app, write_timeout=0.3, sndbuf=4096) as (server, listener):
         body = json.dumps({"start_text": "the ", "length": 4000, "num_samples": 8}).encode()
         with socket.socket() as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -928,9 +912,6 @@ def test_a_connection_whose_client_stops_reading_is_aborted_after_the_write_time
                 while chunk := client.recv(1 << 16):
                     data += chunk
             assert data.startswith(b"HTTP/1.1 200 ") and not data.endswith(b"0\r\n\r\n")
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 # ---------------------------------------------------------------------- many characters a tick
