@@ -1,14 +1,15 @@
 """The HTTP server: an API and a web page over trained models, with continuous batching.
 
 Each served model has one `ModelWorker`, a background asyncio task that owns a
-`generate.engine.Engine` and runs its steps in a worker thread, so that the event loop keeps
-answering while the model works. Requests do not queue behind each other: a new request's streams
-join the engine's batch between two steps and leave it when they finish, so that requests arriving
-together share every batched model step (continuous batching, as text-generation-inference and vLLM
-do). Each request reads its text from its own `Job`, which the worker fills after every tick (a few
-steps, at most `tick_seconds`). At start-up, before uvicorn listens, each worker warms its engine's
-compiled kernels at its model's shapes (`ModelWorker.warm_up`), so that the first request does not
-pay for loading them.
+`generate.engine.Engine` and runs the model's part of its steps in a thread, so that the event loop
+keeps answering while the model works. Requests do not queue behind each other: a new request's
+streams join the engine's batch between two ticks and leave it when they finish, so that requests
+arriving together share every batched model step (continuous batching, as text-generation-inference
+and vLLM do). Each tick draws many characters per stream in one engine call (about `tick_seconds`
+of work); each request reads its text from its own `Job`, in chunks. The document at /openapi.json
+states every check a request meets (`_document`). At start-up, before uvicorn listens, each worker
+warms its engine's compiled kernels at its model's shapes (`ModelWorker.warm_up`), so that the
+first request does not pay for loading them.
 
     app = create_app([charlstm.load("runs/byron")], ServerConfig(max_concurrency=32))
     uvicorn.run(app)                      # or, from a shell: charlstm serve runs/byron
