@@ -1,5 +1,8 @@
-"""Load-test the server on loopback: streaming clients, with or without hostile traffic.
+"""Load-test the server on loopback: streaming clients on both routes beside the engine alone, or
+with hostile traffic.
 
+    python benchmarks/serve_load.py RUN --clients 16,64,128 --routes native,openai --length 1000 \
+        --start-chars 100 --requests 1000 --duration 20          # issue 23's table
     python benchmarks/serve_load.py RUN [--clients 32] [--requests 4] [--length 600] [--max-batch N]
     python benchmarks/serve_load.py RUN --duration 60 --requests 1000 --silent 8 --hostile 50 \
         --server-sndbuf 4096 --compare
@@ -8,13 +11,23 @@
 With RUN it starts `charlstm serve RUN` on a free loopback port (and stops it afterwards); with
 --url it targets a server already running on this machine (loopback addresses only). Each client
 sends `--requests` streaming requests one after another, each for `--length` characters with no stop
-rule, so a complete text has exactly that many; no request starts after `--duration` seconds.
+rule, so a complete text has exactly that many; no request starts after `--duration` seconds. A
+route is `native` (POST /v1/generate/stream, charlstm's events) or `openai` (POST /v1/completions
+with stream: true, OpenAI's events): the same generation through either dialect.
 
-Prints requests/s, p50/p99 latency (request sent to stream end), p50/p99 time to the first `chunk`
-event (generated text, not the echoed start text), generated characters/s, the count of 5xx answers
-and of incomplete texts, and whether the target is met: zero 5xx, every text complete, p99 time to
-first chunk <= 250 ms. `--max-batch 1` makes the server step one stream at a time, which shows what
-continuous batching gains.
+For each number of clients (one after another against one server) it first times the engine
+alone in a process of its own, for as many streams of the same length, start text and temperature:
+`charlstm bench generate`'s measurement (`charlstm.bench.generation.library`, best of
+`--engine-repeats`). Then, per route: generated characters/s received by the clients, that over the
+engine's (the share of the engine the server delivers), the route against the native one,
+requests/s, p50/p99 latency (request sent to stream end), p50/p99 time to the first generated text
+(not the echoed start text), and the count of 5xx answers and of failed (incomplete or refused)
+requests; one JSON line per row, then a Markdown table and the verdict against issue 23's targets:
+server >= 60% of the engine, p99 time to first chunk <= 150 ms, OpenAI's route within 10% of the
+native one, nothing failed. The default start text is `--start-chars` characters of the model's
+vocabulary; `--distinct-starts` rotates it per request, so that no two requests share its priming.
+`--max-batch 1` makes the server step one stream at a time, which shows what continuous batching
+gains.
 
 Hostile traffic (issue 15, "safe to expose") runs beside those well-formed clients:
 
@@ -43,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -61,6 +75,11 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_CLIENTS, MAX_REQUESTS, MAX_DURATION = 256, 1000, 600.0
 TARGET_FIRST_CHUNK_MS = 250.0
 MAX_SLOWDOWN = 2.0  # p99 time to first chunk with hostile traffic / without, at most
+# Issue 23's targets for the sweep: the server's chars/s at least this share of the engine's for
+# the same streams, p99 time to the first chunk at most this, OpenAI's route within this of native.
+TARGET_SHARE = 0.6
+TARGET_SWEEP_FIRST_CHUNK_MS = 150.0
+ROUTE_GAP = 0.1
 
 
 @dataclass
@@ -93,12 +112,99 @@ def post(host: str, path: str, payload: bytes, *extra: bytes) -> bytes:
     )
 
 
-async def stream_once(host: str, port: int, body: dict) -> Result:
-    payload = json.dumps(body).encode()
+def sse_events(buffer: str) -> tuple[list[tuple[str | None, str]], str]:
+    """The complete server-sent events in `buffer` as (event name or None, data), and the rest."""
+    events = []
+    while "\n\n" in buffer:
+        block, buffer = buffer.split("\n\n", 1)
+        name, data = None, ""
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: "):
+                data = line[len("data: ") :]
+        events.append((name, data))
+    return events, buffer
+
+
+class NativeStream:
+    """POST /v1/generate/stream: `start`, `chunk` events, then `done` with the whole samples."""
+
+    path = "/v1/generate/stream"
+
+    def __init__(self, body: dict, model: str | None) -> None:
+        self.body, self.text, self.prompt, self.done = body, "", None, None
+
+    def payload(self) -> bytes:
+        return json.dumps(self.body).encode()
+
+    def read(self, name: str | None, data: str) -> int:
+        """Take one event; returns the characters of generated text it carried."""
+        if name == "chunk":
+            piece = json.loads(data)["text"]
+            self.text += piece
+            return len(piece)
+        if name == "start":
+            self.prompt = json.loads(data)["start_text"]
+        elif name == "done":
+            self.done = json.loads(data)
+        return 0
+
+    def complete(self) -> bool:
+        return (
+            self.done is not None
+            and len(self.text) == self.body["length"]
+            and self.done["samples"] == [self.prompt + self.text]
+        )
+
+
+class OpenAIStream:
+    """POST /v1/completions with stream: true: `data:` chunks of choice 0, then `data: [DONE]`."""
+
+    path = "/v1/completions"
+
+    def __init__(self, body: dict, model: str | None) -> None:
+        self.body = {
+            "model": model,
+            "prompt": body["start_text"],
+            "max_tokens": body["length"],
+            "temperature": body["temperature"],
+            "seed": body["seed"],
+            "stream": True,
+        }
+        self.text, self.reason, self.ended = "", None, False
+
+    def payload(self) -> bytes:
+        return json.dumps(self.body).encode()
+
+    def read(self, name: str | None, data: str) -> int:
+        if data == "[DONE]":
+            self.ended = True
+            return 0
+        chunk = json.loads(data)
+        if "error" in chunk:
+            return 0
+        choice = chunk["choices"][0]
+        self.text += choice["text"]
+        self.reason = choice["finish_reason"] or self.reason
+        return len(choice["text"])
+
+    def complete(self) -> bool:
+        return self.ended and self.reason == "length" and len(self.text) == self.body["max_tokens"]
+
+
+ROUTES = {"native": NativeStream, "openai": OpenAIStream}
+
+
+async def stream_once(
+    host: str, port: int, body: dict, route: str = "native", model=None
+) -> Result:
+    call = ROUTES[route](body, model)
+    payload = call.payload()
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(post(host, "/v1/generate/stream", payload))
+        writer.write(post(host, call.path, payload))
         status = int((await reader.readline()).split()[1])
         headers = {}
         while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -107,45 +213,56 @@ async def stream_once(host: str, port: int, body: dict) -> Result:
         result = Result(status)
         if status != 200 or headers.get("transfer-encoding") != "chunked":
             return result
-        buffer, text, done = "", "", None
+        buffer = ""
         async for piece in read_chunked(reader):
-            buffer += piece.decode()
-            while "\n\n" in buffer:
-                block, buffer = buffer.split("\n\n", 1)
-                event_line, data_line = block.split("\n", 1)
-                event, data = event_line[len("event: ") :], json.loads(data_line[len("data: ") :])
-                if event == "start":
-                    prompt = data["start_text"]
-                elif event == "chunk":
-                    if result.first_chunk is None:
-                        result.first_chunk = time.perf_counter() - start
-                    text += data["text"]
-                elif event == "done":
-                    done = data
+            events, buffer = sse_events(buffer + piece.decode())
+            for name, data in events:
+                if call.read(name, data) and result.first_chunk is None:
+                    result.first_chunk = time.perf_counter() - start
         result.latency = time.perf_counter() - start
-        result.characters = len(text)
-        result.complete = (
-            done is not None and len(text) == body["length"] and done["samples"] == [prompt + text]
-        )
+        result.characters = len(call.text)
+        result.complete = call.complete()
         return result
-    except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError, KeyError):
         return Result(status=0, latency=time.perf_counter() - start)
     finally:
         writer.close()
 
 
-async def client(host: str, port: int, index: int, args, deadline: float) -> list[Result]:
+def start_text(args, number: int) -> str:
+    """The start text of request `number`: `--start-text`, or with `--distinct-starts` that text
+    rotated by the number (reversed for every second round of rotations), so that no two of the
+    requests running at once share one, nor its priming, for up to twice its length of clients."""
+    text = args.start_text
+    if args.distinct_starts:
+        k = number % len(text)
+        text = text[k:] + text[:k]
+        if number // len(text) % 2:
+            text = text[::-1]
+    return text
+
+
+async def client(
+    host: str,
+    port: int,
+    index: int,
+    clients: int,
+    args,
+    deadline: float,
+    route="native",
+    model=None,
+) -> list[Result]:
     results = []
     for k in range(args.requests):
         if time.perf_counter() >= deadline:
             break
         body = {
-            "start_text": args.start_text,
+            "start_text": start_text(args, k * clients + index),
             "length": args.length,
             "temperature": args.temperature,
             "seed": index * MAX_REQUESTS + k,
         }
-        results.append(await stream_once(host, port, body))
+        results.append(await stream_once(host, port, body, route, model))
     return results
 
 
@@ -323,7 +440,16 @@ def get_json(host: str, port: int, path: str) -> dict:
         return json.load(r)
 
 
-async def load(host: str, port: int, args, hostile: bool = True) -> dict:
+async def load(
+    host: str,
+    port: int,
+    args,
+    hostile: bool = True,
+    clients: int | None = None,
+    route: str = "native",
+    model: str | None = None,
+) -> dict:
+    clients = clients or args.clients[0]
     start = time.perf_counter()
     deadline = start + args.duration
     silent, side = [], []
@@ -338,7 +464,7 @@ async def load(host: str, port: int, args, hostile: bool = True) -> dict:
         )
     side_tasks = [asyncio.ensure_future(s) for s in side]
     per_client = await asyncio.gather(
-        *(client(host, port, i, args, deadline) for i in range(args.clients))
+        *(client(host, port, i, clients, args, deadline, route, model) for i in range(clients))
     )
     elapsed = time.perf_counter() - start
     await asyncio.gather(*side_tasks)
@@ -358,7 +484,8 @@ async def load(host: str, port: int, args, hostile: bool = True) -> dict:
     firsts = [r.first_chunk for r in ok if r.first_chunk is not None]
     out = {
         "hostile": hostile and bool(args.silent or args.hostile),
-        "clients": args.clients,
+        "route": route,
+        "clients": clients,
         "requests": len(results),
         "length": args.length,
         "max_batch": args.max_batch,
@@ -438,12 +565,14 @@ def start_server(args, log) -> tuple[subprocess.Popen, int]:
         "--log-level",
         "warning",
         "--max-concurrency",
-        str(args.max_concurrency or max(64, args.clients)),
+        str(args.max_concurrency or max(64, *args.clients)),
         "--max-length",
         str(max(4000, args.length, args.silent_length)),
     ]
     if args.max_batch:
         cmd += ["--max-batch", str(args.max_batch)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
         if proc.poll() is not None:
@@ -467,23 +596,127 @@ def server_log_counts(text: str) -> dict:
     }
 
 
-def run_once(args, host: str, port: int | None, hostile: bool) -> dict:
-    """One load run; against a fresh server of RUN when `port` is None."""
+@contextlib.contextmanager
+def server(args, host: str, port: int | None):
+    """(port, log counts) of the server to load: the running one at `port`, or a fresh server of
+    RUN, stopped afterwards (then the counts of what it logged are filled in)."""
+    counts: dict = {}
     if port is not None:
-        return asyncio.run(load(host, port, args, hostile))
+        yield port, counts
+        return
     with tempfile.TemporaryFile("w+") as log:
         proc, port = start_server(args, log)
         try:
-            if args.start_text is None:
-                with urllib.request.urlopen(f"http://{host}:{port}/v1/model", timeout=5) as r:
-                    args.start_text = json.load(r)["vocabulary"][0]
-            out = asyncio.run(load(host, port, args, hostile))
+            yield port, counts
         finally:
             proc.terminate()
             proc.wait(30)
-        log.seek(0)
-        out |= server_log_counts(log.read())
-    return out
+            log.seek(0)
+            counts |= server_log_counts(log.read())
+
+
+def default_start_text(host: str, port: int, args) -> None:
+    """`--start-chars` characters of the model's vocabulary (its most frequent first), as the
+    start text, unless `--start-text` gave one."""
+    if args.start_text is None:
+        vocab = get_json(host, port, "/v1/model")["vocabulary"]
+        args.start_text = "".join(vocab[i % len(vocab)] for i in range(args.start_chars))
+
+
+def run_once(args, host: str, port: int | None, hostile: bool) -> dict:
+    """One load run; against a fresh server of RUN when `port` is None."""
+    with server(args, host, port) as (live, counts):
+        default_start_text(host, live, args)
+        out = asyncio.run(load(host, live, args, hostile))
+    return out | counts
+
+
+# The engine's own speed for N streams of LENGTH characters from START, in a process of its own:
+# `charlstm bench generate`'s measurement (charlstm.bench.generation.library), best of REPEATS.
+ENGINE = """
+import json, sys
+import charlstm
+from charlstm.bench.generation import library
+run, n, length, temperature, start, repeats = sys.argv[1:7]
+n, length, temperature, repeats = int(n), int(length), float(temperature), int(repeats)
+model = charlstm.load(run, device="cpu")
+library(model, n, 8, temperature, start=start)  # the kernels loaded and run once, not timed
+seconds = min(library(model, n, length, temperature, start=start)[0] for _ in range(repeats))
+print(json.dumps({"chars_per_s": n * length / seconds}))
+"""
+
+
+def engine_speed(args, streams: int) -> float:
+    cmd = [sys.executable, "-c", ENGINE, args.run, str(streams), str(args.length)]
+    cmd += [str(args.temperature), args.start_text, str(args.engine_repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])["chars_per_s"]
+
+
+def sweep(args, host: str, port: int | None) -> list[dict]:
+    """For each number of clients: the engine's speed for that many streams, then the server's
+    under that many streaming clients on each route, one after the other against one server."""
+    rows = []
+    with server(args, host, port) as (live, counts):
+        default_start_text(host, live, args)
+        model = get_json(host, live, "/v1/model")["name"]
+        for n in args.clients:
+            engine = engine_speed(args, n) if args.run and args.engine_repeats else None
+            for route in args.routes:
+                row = asyncio.run(load(host, live, args, False, n, route, model))
+                row["engine_chars_per_s"] = None if engine is None else round(engine)
+                row["server_vs_engine"] = (
+                    None if engine is None else round(row["chars_per_s"] / engine, 3)
+                )
+                rows.append(row)
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+    for row in rows:
+        row |= counts
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """The sweep as a Markdown table: per number of streams, the engine and each route."""
+    header = (
+        "| streams | engine chars/s | route | server chars/s | server / engine | route / native "
+        "| time to first chunk p50 / p99 | requests | failed | 5xx |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    native = {r["clients"]: r["chars_per_s"] for r in rows if r["route"] == "native"}
+    for r in rows:
+        engine, share = r["engine_chars_per_s"], r["server_vs_engine"]
+        base = native.get(r["clients"])
+        engine = "-" if engine is None else f"{engine:,}"
+        share = "-" if share is None else f"{share:.2f}"
+        vs_native = f"{r['chars_per_s'] / base:.2f}" if base else "-"
+        lines.append(
+            f"| {r['clients']} | {engine} | {r['route']} | {r['chars_per_s']:,} | {share} "
+            f"| {vs_native} | {r['first_chunk_ms_p50']} / {r['first_chunk_ms_p99']} ms "
+            f"| {r['requests']} | {r['failed']} | {r['errors_5xx']} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_verdict(rows: list[dict]) -> str:
+    """Issue 23's targets, row by row: server >= 60% of the engine, p99 time to first chunk
+    <= 150 ms, OpenAI's route within 10% of the native one, nothing failed."""
+    native = {r["clients"]: r["chars_per_s"] for r in rows if r["route"] == "native"}
+    out = []
+    for r in rows:
+        misses = []
+        if r["server_vs_engine"] is not None and r["server_vs_engine"] < TARGET_SHARE:
+            misses.append(f"server / engine {r['server_vs_engine']:.2f} < {TARGET_SHARE}")
+        p99 = r["first_chunk_ms_p99"]
+        if p99 is None or p99 > TARGET_SWEEP_FIRST_CHUNK_MS:
+            misses.append(f"p99 first chunk {p99} ms > {TARGET_SWEEP_FIRST_CHUNK_MS:g}")
+        base = native.get(r["clients"])
+        if r["route"] != "native" and base and r["chars_per_s"] < (1 - ROUTE_GAP) * base:
+            misses.append(f"{r['route']} / native {r['chars_per_s'] / base:.2f}")
+        if r["failed"] or r["errors_5xx"] or r.get("server_errors") or r.get("server_tracebacks"):
+            misses.append("failures")
+        verdict = "met" if not misses else "missed: " + "; ".join(misses)
+        out.append(f"{r['clients']} streams, {r['route']}: {verdict}")
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:
@@ -524,16 +757,46 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", nargs="?", help="run folder to serve (or give --url)")
     p.add_argument("--url", help="a server already running on loopback, e.g. http://127.0.0.1:8000")
-    p.add_argument("--clients", type=int, default=32)
+    p.add_argument(
+        "--clients",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=[32],
+        help="streaming clients at once; several, separated by commas, to sweep: 16,64,128",
+    )
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     p.add_argument("--length", type=int, default=600)
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--start-text", default=None, help="default: --start-chars of the vocabulary")
     p.add_argument(
-        "--start-text", default=None, help="default: the model's most frequent character"
+        "--start-chars",
+        type=int,
+        default=1,
+        help="length of the default start text: the model's characters in order (most frequent "
+        "first)",
+    )
+    p.add_argument(
+        "--distinct-starts",
+        action="store_true",
+        help="rotate the start text by the request's number, so that no two requests share one",
     )
     p.add_argument("--duration", type=float, default=120.0, help="no request starts after this")
+    p.add_argument(
+        "--routes",
+        type=lambda v: v.split(","),
+        default=["native"],
+        help="native (POST /v1/generate/stream), openai (POST /v1/completions, stream), or both: "
+        "native,openai; with several, or several --clients, it sweeps and prints a table",
+    )
+    p.add_argument(
+        "--engine-repeats",
+        type=int,
+        default=3,
+        help="the sweep times the engine alone (charlstm bench generate's measurement) for each "
+        "number of clients, best of this many; 0 leaves it out",
+    )
     p.add_argument("--max-batch", type=int, help="passed to the server it starts")
     p.add_argument("--max-concurrency", type=int, help="passed to the server it starts")
+    p.add_argument("--threads", type=int, help="passed to the server it starts")
     p.add_argument(
         "--server-sndbuf",
         type=int,
@@ -550,34 +813,48 @@ def main() -> None:
         "--compare", action="store_true", help="also run without the hostile traffic, first"
     )
     args = p.parse_args()
-    if not 1 <= args.clients <= MAX_CLIENTS or not 1 <= args.requests <= MAX_REQUESTS:
-        p.error(f"--clients must be in [1, {MAX_CLIENTS}] and --requests in [1, {MAX_REQUESTS}]")
+    if not all(1 <= n <= MAX_CLIENTS for n in args.clients):
+        p.error(f"--clients must be in [1, {MAX_CLIENTS}]")
+    if not 1 <= args.requests <= MAX_REQUESTS:
+        p.error(f"--requests must be in [1, {MAX_REQUESTS}]")
     if not 0 < args.duration <= MAX_DURATION:
         p.error(f"--duration must be in (0, {MAX_DURATION:g}]")
     if not 0 <= args.silent <= MAX_CLIENTS or not 0 <= args.hostile <= 1000:
         p.error(f"--silent must be in [0, {MAX_CLIENTS}] and --hostile in [0, 1000]")
     if args.silent and not args.silent_interval > 0:
         p.error("--silent-interval must be > 0")
+    if not set(args.routes) <= set(ROUTES) or not args.routes:
+        p.error(f"--routes takes {', '.join(ROUTES)}, separated by commas")
+    if args.start_chars < 1 or (args.start_text is not None and not args.start_text):
+        p.error("the start text must have at least one character")
+    hostile = args.compare or args.silent or args.hostile
+    if hostile and (len(args.clients) > 1 or args.routes != ["native"]):
+        p.error("the hostile runs take one --clients and the native route")
     if bool(args.run) == bool(args.url):
         p.error("give a RUN folder to serve or the --url of a running server, not both")
-    if args.url and (args.max_batch or args.max_concurrency or args.server_sndbuf):
-        p.error("--max-batch, --max-concurrency and --server-sndbuf apply to a server it starts")
+    if args.url and (args.max_batch or args.max_concurrency or args.server_sndbuf or args.threads):
+        p.error(
+            "--max-batch, --max-concurrency, --threads and --server-sndbuf apply to a server it "
+            "starts"
+        )
     host, port = "127.0.0.1", None
     if args.url:
         parts = urlsplit(args.url)
         if parts.hostname not in LOOPBACK:
             p.error("--url must be a loopback address (127.0.0.1, localhost, ::1)")
         host, port = parts.hostname, parts.port or 80
-        if args.start_text is None:
-            with urllib.request.urlopen(f"http://{host}:{port}/v1/model", timeout=5) as r:
-                args.start_text = json.load(r)["vocabulary"][0]
     elif not os.path.exists(args.run):
         p.error(f"no run folder {args.run!r}")
+    if not hostile and (len(args.clients) > 1 or len(args.routes) > 1 or args.engine_repeats):
+        rows = sweep(args, host, port)
+        print(sweep_table(rows))
+        print(sweep_verdict(rows))
+        return
     rows = []
-    for hostile in [False, True] if args.compare else [True]:
-        rows.append(run_once(args, host, port, hostile))
+    for with_hostile in [False, True] if args.compare else [True]:
+        rows.append(run_once(args, host, port, with_hostile))
         print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
-    if args.compare or args.silent or args.hostile:
+    if hostile:
         print(table(rows))
     if args.compare:
         base, loaded = rows[0]["first_chunk_ms_p99"], rows[1]["first_chunk_ms_p99"]

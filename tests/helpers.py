@@ -7,18 +7,23 @@ tests/conftest.py).
 - run folders made by charlstm's own training (`make_run`), and readers of what they hold;
 - the CLI through click's runner (`invoke`), and the check that an error is one line
   (`one_line_error`);
-- real `python -m charlstm` processes (`charlstm_cmd`, `subprocess_env`);
+- real `python -m charlstm` processes (`charlstm_cmd`, `subprocess_env`), and an app behind a real
+  uvicorn on a loopback port (`on_loopback`);
 - the reliability suite's tally of what it tried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,3 +260,35 @@ class Tally:
 
 
 TALLY = Tally()
+
+
+@contextlib.contextmanager
+def on_loopback(
+    app, *, header_timeout: float = 10.0, write_timeout: float | None = None, sndbuf: int = 0
+) -> Iterator[tuple[Any, socket.socket]]:
+    """`app` behind a real uvicorn on a free loopback port, with `charlstm serve`'s HTTP protocol
+    (its header and write deadlines); yields (the uvicorn server, its listening socket). `sndbuf`
+    fixes the send buffer of its sockets (no autotuning, which lets loopback buffer megabytes)."""
+    import uvicorn
+
+    from charlstm.serve import security
+
+    listener = socket.socket()
+    if sndbuf:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    listener.bind(("127.0.0.1", 0))
+    timeouts = {} if write_timeout is None else {"write_timeout": write_timeout}
+    http = security.protocol(header_timeout, **timeouts)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=http))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(1000):
+            if server.started:
+                break
+            time.sleep(0.01)
+        assert server.started
+        yield server, listener
+    finally:
+        server.should_exit = True
+        thread.join(10)

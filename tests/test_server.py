@@ -15,7 +15,7 @@ import torch
 
 import charlstm
 from charlstm.serve.app import STATIC_DIR, ServerConfig, create_app
-from tests.helpers import invoke, make_run, one_line_error
+from tests.helpers import invoke, make_run, on_loopback, one_line_error
 
 # Every letter, the space, comma, full stop and newline: the characters the requests below use.
 PANGRAMS = (
@@ -849,11 +849,10 @@ def test_priming_a_long_start_text_is_spread_over_ticks_between_steps(model, mon
             worker.prime_chars = 256
             real = worker._tick
 
-            def tick(*args):
-                before = sum(calls)
-                out = real(*args)
-                ticks.append((sum(calls) - before, len(out[-1])))
-                return out
+            async def tick():
+                primed, steps = sum(calls), worker.steps
+                await real()
+                ticks.append((sum(calls) - primed, worker.steps - steps))
 
             worker._tick = tick
             stream = RawStream(app, {"start_text": "the ", "length": HUGE})
@@ -880,31 +879,15 @@ def test_a_connection_whose_client_stops_reading_is_aborted_after_the_write_time
     graceful close would wait for ever to send what is buffered, and the connection would count
     against the connection limit for ever); its slots were free before that."""
     import socket
-    import threading
-
-    import uvicorn
 
     from charlstm.serve import app as app_module
-    from charlstm.serve import security
 
     monkeypatch.setattr(app_module, "WRITE_TIMEOUT", 60.0, raising=False)  # the protocol's turn
     config = ServerConfig()
     app = create_app([model], config)
-    listener = socket.socket()
-    # A small fixed send buffer (no autotuning, which lets loopback buffer megabytes): the stream
-    # below fills it and the transport's 64 KiB, and the server must wait for the client.
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    listener.bind(("127.0.0.1", 0))
-    http = security.protocol(config.header_timeout, write_timeout=0.3)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=http))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(1000):
-            if server.started:
-                break
-            time.sleep(0.01)
-        assert server.started
+    # A small fixed send buffer: the stream below fills it and the transport's 64 KiB, and the
+    # server must wait for the client.
+    with on_loopback(app, write_timeout=0.3, sndbuf=4096) as (server, listener):
         body = json.dumps({"start_text": "the ", "length": 4000, "num_samples": 8}).encode()
         with socket.socket() as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -929,6 +912,104 @@ def test_a_connection_whose_client_stops_reading_is_aborted_after_the_write_time
                 while chunk := client.recv(1 << 16):
                     data += chunk
             assert data.startswith(b"HTTP/1.1 200 ") and not data.endswith(b"0\r\n\r\n")
-    finally:
-        server.should_exit = True
-        thread.join(10)
+
+
+# ---------------------------------------------------------------------- many characters a tick
+
+
+@pytest.mark.slow  # a dozen streams of 400 characters and two runs of the command
+def test_streams_on_both_routes_are_what_charlstm_generate_writes(model, pangrams) -> None:
+    """Twelve streams at once, native and OpenAI's, share the batch (many characters per engine
+    call, handed out in chunks), and each one's text is, character for character, what `charlstm
+    generate` writes with the same seed and start text."""
+    run_folder = pangrams.parent / "run"
+    native = [
+        {"start_text": "the ", "length": 400, "temperature": 0.9, "seed": s} for s in range(8)
+    ]
+    openai = [
+        {"model": "run", "prompt": "the ", "max_tokens": 400, "temperature": 0.9, "seed": s}
+        for s in range(20, 24)
+    ]
+
+    async def go():
+        async with serving(model) as (app, client):
+
+            async def one_native(body):
+                r = await client.post("/v1/generate/stream", json=body)
+                chunks = [d["text"] for name, d in parse_sse(r.text) if name == "chunk"]
+                return "the " + "".join(chunks)
+
+            async def one_openai(body):
+                r = await client.post("/v1/completions", json={**body, "stream": True})
+                lines = [line[len("data: ") :] for line in r.text.split("\n") if line]
+                assert lines[-1] == "[DONE]"
+                return "the " + "".join(json.loads(d)["choices"][0]["text"] for d in lines[:-1])
+
+            texts = await asyncio.gather(
+                *(one_native(b) for b in native), *(one_openai(b) for b in openai)
+            )
+            worker = app.state.server.workers["run"]
+            assert worker.peak_active > 8  # one batch: the compiled kernels' batched path
+            assert worker.calls < worker.steps / 4  # many characters per engine call
+            return texts
+
+    texts = run(go())
+    seeds = [b["seed"] for b in native] + [b["seed"] for b in openai]
+    for text, seed in zip(texts, seeds):
+        assert [text] == model.generate("the ", 400, 0.9, seed=seed)
+    for text, seed in [(texts[0], 0), (texts[-1], 23)]:  # and through the command itself
+        args = ["generate", run_folder, "--start-text", "the ", "--length", 400]
+        result = invoke(*args, "--temperature", 0.9, "--seed", seed)
+        assert result.exit_code == 0 and result.output == text + "\n", result.output
+
+
+def test_a_client_gets_its_first_text_at_once_and_the_rest_in_chunks(paced) -> None:
+    """The first text of a stream goes out as soon as it is drawn; later text waits for the next
+    chunk (at most `chunk_seconds`), here longer than the generation: one more chunk, with done."""
+
+    async def go():
+        async with serving(paced, chunk_seconds=60.0) as (app, _):
+            stream = RawStream(app, {"start_text": "a", "length": 300})
+            assert await stream.status() == 200
+            first = await stream.until("chunk")
+            assert app.state.server.used == 1  # still generating
+            assert 0 < len(first["text"]) < 300
+            rest = await stream.event()
+            assert rest[0] == "chunk" and len(first["text"] + rest[1]["text"]) == 300
+            assert (await stream.event())[0] == "done"
+            await stream.leave()
+
+    run(go())
+
+
+def test_requests_with_the_same_start_text_share_its_priming(model, monkeypatch) -> None:
+    """A start text primed for one request is not primed again for the next one that has it."""
+    calls = count_primed(monkeypatch)
+    text = (PANGRAMS * 2)[:1500]
+
+    async def go():
+        async with serving(model) as (_, client):
+            bodies = [{"start_text": text, "length": 20, "seed": seed} for seed in (1, 2, 3)]
+            return [(await client.post("/v1/generate", json=b)).json()["samples"] for b in bodies]
+
+    samples = run(go())
+    assert sum(calls) == 1500
+    assert samples == [model.generate(text, 20, seed=seed) for seed in (1, 2, 3)]
+
+
+def test_the_pace_fits_a_tick_and_guesses_cautiously() -> None:
+    """`Pace` turns the measured time of a step into characters per call: as many as fit in the
+    time asked for, between 1 and its cap; a batch size not yet measured is guessed from the
+    nearest measured one, never as faster than a larger batch nor than its rows scaled."""
+    from charlstm.serve.worker import Pace
+
+    pace = Pace(max_chars=256)
+    assert pace.chars(64, 0.01) == 1  # nothing measured: one character, to measure
+    pace.record(64, 10, 0.002)  # 64 rows: 0.2 ms a step
+    assert pace.chars(64, 0.01) == 50
+    assert pace.chars(64, 10.0) == 256 and pace.chars(64, 0.0) == 1
+    assert pace.chars(40, 0.01) == 50  # the same bucket
+    assert pace.chars(8, 0.01) == 50  # fewer rows: no faster than 64 until measured
+    assert pace.chars(128, 0.01) == 25  # twice the rows: twice the time until measured
+    pace.record(128, 10, 0.003)
+    assert pace.chars(128, 0.01) == 33

@@ -10,6 +10,8 @@ sampling parameters and its own counter-based seed, so its text does not depend 
 `step(max_chars)` draws up to that many characters per stream in one call. That is what makes
 generation fast: an LSTM on the CPU then runs all of them inside compiled code (`kernels`), and the
 Python work per stream (decoding, stop rules) is paid once per step instead of once per character.
+A step is three parts, `begin_step`, `StepCall.run` (the model's work) and `finish_step`, so that a
+server can run the model's part in another thread while its event loop keeps serving.
 
 A start text is run through the model once per `Prefix`, a piece at a time if the caller wants
 (`prime(prefix, max_chars)`), and any number of streams start from its state (`add(request,
@@ -94,6 +96,29 @@ class StepOutput:
     finished: bool
     drawn: int = 1  # characters drawn for it in this step (`Engine.step(max_chars)` may draw more)
     error: Exception | None = None  # why this stream failed in this step (it is finished)
+
+
+@dataclass(eq=False)
+class StepCall:
+    """The model's part of one `Engine.step` (`Engine.begin_step` makes it): `run` draws every
+    stream's characters, in compiled code or module calls, and may run in another thread, since it
+    only reads and writes the engine's batch, which nothing else touches until `finish_step`."""
+
+    engine: Engine
+    max_chars: int
+    streams: list[_Stream]
+    limits: np.ndarray  # (N,) characters each row may draw
+    saved: Any  # the batch as it was, to step each row again alone if the batch fails
+    ids: np.ndarray | None = None  # (N, max_chars) the ids drawn, -1 past a row's limit
+    failed: dict[int, Exception] = field(default_factory=dict)  # row → why it failed alone
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        engine = self.engine
+        try:
+            self.ids = engine._advance(self.max_chars, self.limits)
+        except Exception:  # noqa: BLE001 - find the stream that fails: each row again, alone
+            self.ids, self.failed = engine._advance_alone(self.max_chars, self.limits, self.saved)
 
 
 def _stop_cut(s: _Stream, new: str) -> int | None:
@@ -347,31 +372,44 @@ class Engine:
             return self._codepoints[ids].tobytes().decode("utf-32-le")
         return self.decode(ids.tolist())
 
-    @torch.inference_mode()
     def step(self, max_chars: int = 1) -> dict[int, StepOutput]:
         """Advance every active stream by one character, or by up to `max_chars` in one call
         (far less overhead per character; a stream that stops early wastes the rest of its step).
 
         A stream that fails (its model step, its decoding or its stop rule) is finished with the
         exception in its `StepOutput.error`, and the others go on as if it had never been there:
-        when the batched step raises, every row is stepped again alone from where it was."""
-        if not self.ids:
+        when the batched step raises, every row is stepped again alone from where it was.
+
+        The same as `begin_step`, `StepCall.run` and `finish_step` one after the other: a caller
+        that runs the model's part in another thread (a server's event loop) calls those."""
+        call = self.begin_step(max_chars)
+        if call is None:
             return {}
+        call.run()
+        return self.finish_step(call)
+
+    def begin_step(self, max_chars: int = 1) -> StepCall | None:
+        """The first part of `step`: what each stream may draw; None when no stream is active.
+        Until `finish_step`, nothing but the returned call's `run` may use this engine."""
+        if not self.ids:
+            return None
         if max_chars < 1:
             raise UserError(f"max_chars must be >= 1, got {max_chars}")
         streams = [self.streams[sid] for sid in self.ids]
         limits = np.array([min(max_chars, s.request.length - s.drawn) for s in streams], np.int64)
-        saved = self._save()
-        failed: dict[int, Exception] = {}
-        try:
-            ids = self._advance(max_chars, limits)
-        except Exception:  # noqa: BLE001 - find the stream that fails: each row again, alone
-            ids, failed = self._advance_alone(max_chars, limits, saved)
+        return StepCall(self, max_chars, streams, limits, self._save())
+
+    def finish_step(self, call: StepCall) -> dict[int, StepOutput]:
+        """The last part of `step`: decode what `call.run` drew, apply the stop rules, drop the
+        streams that finished or failed, and return each stream's output."""
+        ids, failed, limits = call.ids, call.failed, call.limits
+        if ids is None:
+            raise ValueError("finish a step whose call has run")
         outputs: dict[int, StepOutput] = {}
         keep: list[int] = []
         k = ids.shape[1]
         block = self._decode_block(ids)  # every row's k characters, one after the other
-        for row, (sid, s) in enumerate(zip(self.ids, streams)):
+        for row, (sid, s) in enumerate(zip(self.ids, call.streams)):
             n = int(limits[row])
             try:
                 if row in failed:

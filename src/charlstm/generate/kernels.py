@@ -11,9 +11,13 @@ of arithmetic, while one PyTorch module call costs tens of µs. So generation ru
   feeds views of `S` straight to a matrix multiply with no copies.
 - Few streams (`advance_rows`): each row runs all its characters of a call inside one compiled
   call, matrix-vector products over weights that stay in cache (about 4.5 µs a character for the
-  lab model, ~50x a module call). Many streams (`_batched_steps`): one step of every row at a time,
-  one GEMM per layer (oneDNN, weights packed once) that reuses each weight across rows, the rest in
-  numba (~1.7 µs a character per core at 128 rows, 62% of it in the GEMMs).
+  lab model, ~50x a module call). Many streams (`blas_steps`): one step of every row at a time,
+  one GEMM per layer that reuses each weight across rows, all the call's steps in one compiled
+  call that never takes Python's lock (the GIL): the GEMMs go straight to the BLAS inside
+  PyTorch's library (MKL) through a function pointer. Where PyTorch has no such BLAS,
+  `_batched_steps` makes the same steps from Python, one GEMM call (oneDNN, weights packed once,
+  or numpy) and one kernel call at a time (~1.7 µs a character per core at 128 rows, 62% of it in
+  the GEMMs); a server's event loop then competes with it for the GIL at every step.
 - `LSTMRows.advance` splits the rows into blocks, one per thread; each worker runs single-threaded
   and never waits for another inside a call.
 
@@ -107,7 +111,11 @@ class LSTMWeights:
     w_fc: np.ndarray  # (H, V)
     b_fc: np.ndarray  # (V,)
     # The batched path's one product per layer: h_l @ [W_hh_l | W_ih_{l+1}] (W_fc above the top
-    # layer), (H, 4H + 4H or V); and for oneDNN the same matrices as nn.Linear keeps them (out, in).
+    # layer), (H, 4H + 4H or V): the layers below the top stacked in `fused_below` (L-1, H, 8H),
+    # the top's in `fused_top` (H, 4H + V); `fused` the same per layer (views); and for oneDNN the
+    # same matrices as nn.Linear keeps them (out, in).
+    fused_below: np.ndarray
+    fused_top: np.ndarray
     fused: tuple[np.ndarray, ...]
     fused_lin: tuple[torch.Tensor, ...]
 
@@ -147,7 +155,9 @@ class LSTMWeights:
         w_hh0, w_fc = f32(rnn.weight_hh_l0.T), f32(fc.weight.T)
         above = [getattr(rnn, f"weight_ih_l{l}") for l in range(1, L)] + [fc.weight]
         fused = [torch.cat([getattr(rnn, f"weight_hh_l{l}"), above[l]], 0).T for l in range(L)]
-        fused = tuple(f32(m) for m in fused)
+        below = f32(torch.stack(fused[:-1])) if L > 1 else np.zeros((0, H, 8 * H), np.float32)
+        top = f32(fused[-1])
+        fused = (*below, top)
 
         return cls(
             table=f32(table),
@@ -156,6 +166,8 @@ class LSTMWeights:
             b_up=f32(torch.stack(b_up)) if b_up else np.zeros((0, 4 * H), np.float32),
             w_fc=w_fc,
             b_fc=f32(fc.bias) if fc.bias is not None else np.zeros(fc.out_features, np.float32),
+            fused_below=below,
+            fused_top=top,
             fused=fused,
             fused_lin=tuple(_pack(torch.from_numpy(np.ascontiguousarray(m.T))) for m in fused),
         )
@@ -818,6 +830,20 @@ class LSTMRows:
         for name, arr in new.items():
             setattr(self, name, arr)
 
+    # The arrays of the rows' state and settings, in the order the kernels take them.
+    _ROW_ARRAYS = (
+        "S",
+        "C",
+        "logits",
+        "temperature",
+        "top_k",
+        "top_p",
+        "penalty",
+        "window",
+        "recent",
+        "seeds",
+        "counters",
+    )
     _STATE = ("S", "C", "logits", "recent", "counters")  # what `advance` changes in place
 
     def save(self) -> tuple[np.ndarray, ...]:
@@ -835,19 +861,7 @@ class LSTMRows:
     def keep(self, rows) -> None:
         """Keep only `rows` (indices, in order)."""
         index = np.asarray(rows, dtype=np.int64)
-        for name in (
-            "S",
-            "C",
-            "logits",
-            "temperature",
-            "top_k",
-            "top_p",
-            "penalty",
-            "window",
-            "recent",
-            "seeds",
-            "counters",
-        ):
+        for name in self._ROW_ARRAYS:
             setattr(self, name, np.ascontiguousarray(getattr(self, name)[index]))
 
     def advance(self, k: int, limits: np.ndarray) -> np.ndarray:
@@ -882,26 +896,13 @@ class LSTMRows:
 
     def _advance_block(self, a: int, b: int, k: int, limits: np.ndarray, out: np.ndarray) -> None:
         w = self.w
-        args = [
-            x[a:b]
-            for x in (
-                self.S,
-                self.C,
-                self.logits,
-                self.temperature,
-                self.top_k,
-                self.top_p,
-                self.penalty,
-                self.window,
-                self.recent,
-                self.seeds,
-                self.counters,
-                limits,
-                out,
-            )
-        ]
+        args = [x[a:b] for x in (*(getattr(self, n) for n in self._ROW_ARRAYS), limits, out)]
         if b - a >= self.batch_rows:
-            _batched_steps(w, k, *args)
+            sgemm = _blas_sgemm()
+            if sgemm is not None:
+                blas_steps(sgemm, k, w.table, w.fused_below, w.fused_top, w.b_up, w.b_fc, *args)
+            else:
+                _batched_steps(w, k, *args)
         else:
             advance_rows(w.table, w.w_hh0, w.w_up, w.b_up, w.w_fc, w.b_fc, *args)
 
@@ -964,6 +965,109 @@ def _batched_steps(
         logits[:] = lg[:, lg_off : lg_off + V]
 
 
+@nb.njit(error_model="numpy", cache=True, nogil=True)
+def _sgemm(sgemm, x, W, out, dims, scalars, op):
+    """out = x @ W through the Fortran `sgemm` (column-major, every argument by pointer): outᵀ =
+    Wᵀ xᵀ. x (M, K) may be a view with a row stride (its rows contiguous); W (K, N) and out (M, N)
+    are C-contiguous. dims (6,) int32, scalars (2,) float32 = (1, 0), op (1,) uint8 = 'N'."""
+    M, K = x.shape
+    N = W.shape[1]
+    dims[0], dims[1], dims[2] = N, M, K
+    dims[3], dims[4], dims[5] = N, x.strides[0] // 4, N
+    sgemm(
+        op.ctypes.data,
+        op.ctypes.data,
+        dims[0:].ctypes.data,
+        dims[1:].ctypes.data,
+        dims[2:].ctypes.data,
+        scalars[0:].ctypes.data,
+        W.ctypes.data,
+        dims[3:].ctypes.data,
+        x.ctypes.data,
+        dims[4:].ctypes.data,
+        scalars[1:].ctypes.data,
+        out.ctypes.data,
+        dims[5:].ctypes.data,
+    )
+
+
+@nb.njit(error_model="numpy", cache=True, nogil=True)
+def blas_steps(
+    sgemm,
+    k,
+    table,
+    below,
+    top,
+    b_up,
+    b_fc,
+    S,
+    C,
+    logits,
+    temperature,
+    top_k,
+    top_p,
+    penalty,
+    window,
+    recent,
+    seeds,
+    counters,
+    limits,
+    out,
+):
+    """`_batched_steps` in one compiled call: the same k steps, products and order, with each
+    product made by `sgemm` (a BLAS function pointer) instead of a PyTorch or numpy call, so that
+    the k steps never come back to Python, nor need its lock (the GIL) between two products.
+
+    below (L-1, H, 8H) and top (H, 4H + V) are `LSTMWeights.fused_below` and `fused_top`. The
+    product of layer l at each step goes into one of two buffers by the step's parity: the one
+    written at step t is read (as that layer's recurrent input) at step t + 1."""
+    N = S.shape[0]
+    L = below.shape[0] + 1
+    H = top.shape[0]
+    V = top.shape[1] - 4 * H
+    dims = np.empty(6, np.int32)
+    scalars = np.array([1.0, 0.0], np.float32)
+    op = np.array([ord("N")], np.uint8)
+    mid = np.empty((2, L - 1, N, 8 * H), np.float32)  # layers below the top, by parity
+    last = np.empty((2, N, 4 * H + V), np.float32)  # the top layer (its logits after 4H), by parity
+    # the recurrent products of the state the rows start from (logits are already known)
+    for l in range(L - 1):
+        _sgemm(sgemm, S[:, l * H : (l + 1) * H], below[l], mid[0, l], dims, scalars, op)
+    _sgemm(sgemm, S[:, (L - 1) * H :], top, last[0], dims, scalars, op)
+    for t in range(k):
+        now, nxt = t % 2, (t + 1) % 2
+        G0 = mid[now, 0] if L > 1 else last[now]
+        lg = logits if t == 0 else last[now]
+        sample_into_layer0(
+            G0,
+            table,
+            S,
+            C,
+            lg,
+            0 if t == 0 else 4 * H,
+            b_fc,
+            temperature,
+            top_k,
+            top_p,
+            penalty,
+            window,
+            recent,
+            seeds,
+            counters,
+            limits,
+            t,
+            out,
+        )
+        for l in range(L - 1):
+            new = mid[nxt, l]
+            _sgemm(sgemm, S[:, l * H : (l + 1) * H], below[l], new, dims, scalars, op)
+            own = mid[now, l + 1] if l + 1 < L - 1 else last[now]
+            lstm_cells(new, own, b_up[l], S, C, l + 1)
+        _sgemm(sgemm, S[:, (L - 1) * H :], top, last[nxt], dims, scalars, op)
+    if k > 0:
+        logits[:] = last[k % 2][:, 4 * H : 4 * H + V]
+
+
 # ---------------------------------------------------------------------------------------- threads
 #
 # Rows never interact, so `LSTMRows.advance` gives each worker thread a block of rows and every
@@ -974,9 +1078,21 @@ def _batched_steps(
 _THREAD_MIN_WORK = 1024  # characters per call below which one thread beats handing work off
 
 
+_THREADS: list[int] = []  # set_threads' count, if it was called
+
+
+def set_threads(n: int | None) -> None:
+    """Blocks of rows `LSTMRows.advance` runs at once (one worker thread each), apart from
+    PyTorch's own thread count; None: PyTorch's again. A server keeps PyTorch on one thread (the
+    reference path's tiny products only lose from more) and gives the kernels every core: their
+    workers never wait for each other inside a call, nor hold Python's lock."""
+    _THREADS[:] = [] if n is None else [max(1, n)]
+
+
 def _threads() -> int:
-    """Threads to use: PyTorch's setting (the user's --threads), so one knob governs both."""
-    return max(1, torch.get_num_threads())
+    """Threads to use: `set_threads`' count, else PyTorch's setting (the user's --threads), so
+    one knob governs both."""
+    return _THREADS[0] if _THREADS else max(1, torch.get_num_threads())
 
 
 def _load_function(folder: str, patterns: tuple[str, ...], name: str, restype):
@@ -1052,6 +1168,50 @@ def _onednn_works() -> bool:
     return np.array_equal(y.numpy(), x @ W)
 
 
+@functools.cache
+def _blas_sgemm():
+    """The Fortran `sgemm` of the BLAS inside PyTorch's CPU library (MKL on x86), as a ctypes
+    function that `blas_steps` calls from compiled code without the GIL; None where the library
+    has none, or its product is wrong (then the batched step calls PyTorch or numpy per product).
+    Every row of its product does the same arithmetic whatever the number of rows (from 2 on;
+    checked on this machine), so a stream's text does not depend on the size of its batch."""
+    import ctypes
+
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        fn = ctypes.CDLL(path).sgemm
+    except (OSError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = None, [ctypes.c_void_p] * 13
+    rng = np.random.default_rng(0)
+    S = rng.standard_normal((5, 14)).astype(np.float32)
+    W, out = rng.standard_normal((7, 9)).astype(np.float32), np.empty((5, 9), np.float32)
+    try:
+        _sgemm(
+            fn,
+            S[:, 3:10],
+            W,
+            out,
+            np.empty(6, np.int32),
+            np.array([1, 0], np.float32),
+            np.array([ord("N")], np.uint8),
+        )
+    except Exception:  # noqa: BLE001 - any failure means: not this way
+        return None
+    return fn if np.allclose(out, S[:, 3:10] @ W, rtol=1e-5, atol=1e-5) else None
+
+
+def _mkl_single_thread() -> None:
+    """One thread for MKL's products in the calling thread, if PyTorch's library has MKL."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        lib.MKL_Set_Num_Threads_Local(ctypes.c_int(1))
+    except (OSError, AttributeError):
+        pass
+
+
 class _Workers:
     """A few daemon threads for `LSTMRows.advance` (the kernels release the GIL)."""
 
@@ -1081,6 +1241,7 @@ class _Workers:
         torch.ones(1 << 16).sum()  # PyTorch sets each thread's OpenMP count once, at its first op
         if self._omp is not None:
             self._omp(1)
+        _mkl_single_thread()
         if self._blas is not None:
             self._blas(1)
 
@@ -1136,4 +1297,10 @@ def warm_up(weights: LSTMWeights | None = None) -> float:
         while len(rows) < n:
             rows.add(prompt, params, 7)
         rows.advance(2, np.full(n, 2))
+    # The batched step without the BLAS pointer as well (what runs where PyTorch has none), so
+    # that what a server has loaded does not depend on the machine.
+    args = [getattr(rows, name) for name in LSTMRows._ROW_ARRAYS]
+    _batched_steps(
+        weights, 1, *args, np.ones(len(rows), np.int64), np.empty((len(rows), 1), np.int64)
+    )
     return time.perf_counter() - t0

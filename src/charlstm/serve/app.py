@@ -1,14 +1,15 @@
 """The HTTP server: an API and a web page over trained models, with continuous batching.
 
 Each served model has one `ModelWorker`, a background asyncio task that owns a
-`generate.engine.Engine` and runs its steps in a worker thread, so that the event loop keeps
-answering while the model works. Requests do not queue behind each other: a new request's streams
-join the engine's batch between two steps and leave it when they finish, so that requests arriving
-together share every batched model step (continuous batching, as text-generation-inference and vLLM
-do). Each request reads its text from its own `Job`, which the worker fills after every tick (a few
-steps, at most `tick_seconds`). At start-up, before uvicorn listens, each worker warms its engine's
-compiled kernels at its model's shapes (`ModelWorker.warm_up`), so that the first request does not
-pay for loading them.
+`generate.engine.Engine` and runs the model's part of its steps in a thread, so that the event loop
+keeps answering while the model works. Requests do not queue behind each other: a new request's
+streams join the engine's batch between two ticks and leave it when they finish, so that requests
+arriving together share every batched model step (continuous batching, as text-generation-inference
+and vLLM do). Each tick draws many characters per stream in one engine call (about `tick_seconds`
+of work); each request reads its text from its own `Job`, in chunks. The document at /openapi.json
+states every check a request meets (`_document`). At start-up, before uvicorn listens, each worker
+warms its engine's compiled kernels at its model's shapes (`ModelWorker.warm_up`), so that the
+first request does not pay for loading them.
 
     app = create_app([charlstm.load("runs/byron")], ServerConfig(max_concurrency=32))
     uvicorn.run(app)                      # or, from a shell: charlstm serve runs/byron
@@ -31,17 +32,20 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from charlstm.data.corpus import normalise_newlines
 from charlstm.data.vocabulary import describe_char
@@ -65,10 +69,13 @@ from charlstm.serve.schemas import (
     ModelList,
     OpenAIModel,
     ServerConfig,
+    exact_integer_bounds,
     json_response,
+    model_choice,
     request_model,
     responses,
     stream_ok,
+    vocabulary_rules,
 )
 from charlstm.serve.security import Guard, is_loopback, protocol
 from charlstm.serve.worker import Job, ModelWorker
@@ -76,6 +83,7 @@ from charlstm.serve.worker import Job, ModelWorker
 log = logging.getLogger("charlstm.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
+SWITCH_INTERVAL = 0.001  # seconds a thread may wait for Python's lock in `charlstm serve` (`serve`)
 
 
 # --------------------------------------------------------------------------------------- the server
@@ -95,7 +103,9 @@ class Server:
             name, k = m.name, 2
             while name in self.workers:  # two runs both called "run": run, run-2
                 name, k = f"{m.name}-{k}", k + 1
-            self.workers[name] = ModelWorker(m, name, max_batch, config.tick_seconds)
+            self.workers[name] = ModelWorker(
+                m, name, max_batch, config.tick_seconds, chunk_seconds=config.chunk_seconds
+            )
         self.default = next(iter(self.workers))
 
     def worker(self, name: str | None) -> ModelWorker:
@@ -318,14 +328,21 @@ async def _events(job: Job, model: str) -> AsyncIterator[str]:
             "seed": job.seed,
         },
     )
+    # The events of one hand-over go out as one piece (one write to the socket, one pass through
+    # the ASGI layers), the last text together with `done`.
+    done = None
     try:
         async for texts in job.chunks():
-            for i, text in sorted(texts.items()):
-                yield sse("chunk", {"index": i, "text": text})
+            events = [sse("chunk", {"index": i, "text": t}) for i, t in sorted(texts.items())]
+            if job.done and job.error is None:
+                done = sse("done", job.response(model).model_dump())
+                events.append(done)
+            yield "".join(events)
     except GenerationFailed as exc:
         yield sse("error", {"error": exc.kind, "message": exc.message})
         return
-    yield sse("done", job.response(model).model_dump())
+    if done is None:
+        yield sse("done", job.response(model).model_dump())
 
 
 def _field_name(loc: Sequence[Any]) -> str:
@@ -344,10 +361,13 @@ def _unprocessable(errors: list[ErrorDetail]) -> JSONResponse:
 # ---------------------------------------------------------------------------------------- the app
 
 
-def _document(app: FastAPIOffline, config: ServerConfig) -> None:
+def _document(app: FastAPIOffline, server: Server) -> None:
     """Complete the OpenAPI document FastAPI builds from the routes: the models that responses
-    name by reference (the stream's events among them) and, with API keys, the Bearer scheme the
-    API needs, so that /docs can send a key."""
+    name by reference (the stream's events among them); what the requests' schemas cannot say by
+    themselves: the served models by name and the start texts each one takes (its vocabulary),
+    integer bounds exact; and, with API keys, the Bearer scheme the API needs, so that /docs can
+    send a key. Every check the server makes on a request is then in the document."""
+    config = server.config
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -360,8 +380,31 @@ def _document(app: FastAPIOffline, config: ServerConfig) -> None:
             ref_template="#/components/schemas/{model}",
         )
         components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
         for name, definition in defs.get("$defs", {}).items():
-            components.setdefault("schemas", {}).setdefault(name, definition)
+            schemas.setdefault(name, definition)
+        vocabularies = {n: "".join(w.model.vocab.chars) for n, w in server.workers.items()}
+        native = schemas["GenerateRequest"]
+        native["properties"]["model"] = {"title": "Model", **model_choice(list(vocabularies))}
+        native.setdefault("allOf", []).append(vocabulary_rules(vocabularies, server.default))
+        openai_compat.document_vocabularies(schemas["CompletionRequest"], vocabularies)
+        # An example of each request (for /docs, and the first requests a fuzzer sends): a text
+        # of the default model's characters.
+        chars = vocabularies[server.default]
+        text = ("".join(c for c in chars if c.isprintable()) or chars)[: config.max_start_chars]
+        native["examples"] = [
+            {"start_text": text[:12], "length": min(100, config.max_length), "seed": 7}
+        ]
+        schemas["CompletionRequest"]["examples"] = [
+            {
+                "model": server.default,
+                "prompt": text[:12],
+                "max_tokens": min(16, config.max_length),
+                "temperature": 0.5,
+                "seed": 7,
+            }
+        ]
+        exact_integer_bounds(schema)
         if config.api_keys:
             components["securitySchemes"] = {
                 "apiKey": {
@@ -412,9 +455,10 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
         api_keys=config.api_keys,
         allowed_hosts=config.allowed_hosts,
         body_timeout=config.body_timeout,
+        routes=app.router.routes,
     )
     openai_compat.install(app)  # outermost: OpenAI's error shape on its paths, the guard's too
-    _document(app, config)
+    _document(app, server)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -429,6 +473,14 @@ def create_app(models: Sequence[TextModel], config: ServerConfig | None = None) 
                 for e in exc.errors()
             ]
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        allow = (exc.headers or {}).get("Allow", "")
+        reason = f"{request.method} is not a method of {request.url.path}; it takes {allow}"
+        return JSONResponse({"detail": reason}, status_code=405, headers=exc.headers)
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError) -> JSONResponse:
@@ -598,7 +650,14 @@ def serve(
     import uvicorn
 
     from charlstm.generate.textmodel import load
-    from charlstm.hardware import set_threads
+    from charlstm.hardware import available_cores, set_threads
+
+    try:
+        from charlstm.generate.kernels import set_threads as kernel_threads
+    except ImportError:  # no numba: the reference path only
+
+        def kernel_threads(n: int | None) -> None:
+            pass
 
     config = config or ServerConfig()
     if not config.api_keys and not is_loopback(host):
@@ -608,9 +667,15 @@ def serve(
             "checks who calls (docs/security.md)",
             stacklevel=2,
         )
-    # One intra-op thread: a step is a few small matrix products, too small to gain from more
-    # threads, and the event loop needs a core of its own (two threads made steps 5-100× slower).
+    # PyTorch on `threads` (one by default): the reference path's steps (GRU, RNN) are a few small
+    # products, too small to gain from more threads (two made them 5-100x slower). The compiled
+    # LSTM kernels take every core: each worker steps its own rows, single-threaded, holding no
+    # Python lock, beside the event loop.
     set_threads(threads)
+    kernel_threads(available_cores())
+    # A thread that has run the model's part waits for Python's lock to hand its result back; the
+    # event loop, busy with many responses, would keep it up to the default 5 ms each time.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     models = [load(run) for run in runs]
     app = create_app(models, config)
     try:

@@ -48,7 +48,11 @@ from charlstm.serve.schemas import (
     ServerConfig,
     StopString,
     json_response,
+    json_text,
+    known_text,
     responses,
+    sse_event,
+    whole,
 )
 from charlstm.serve.worker import Job, ModelWorker
 
@@ -353,6 +357,9 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         return t
 
+    # JSON Schema's integers include 999.0 (`schemas.whole`), for every integer parameter.
+    _whole = field_validator("max_tokens", "n", "seed", "best_of", mode="before")(whole)
+
     @field_validator("best_of")
     @classmethod
     def _one_candidate(cls, v: int | None) -> int | None:
@@ -571,7 +578,7 @@ class Reply:
         if self.echo:
             for i in range(len(job.requests)):
                 yield self._piece(i, job.start_text, None)
-        told: set[int] = set()
+        told: set[int] | None = set()  # choices told their finish_reason; None once all were
         try:
             async for texts in job.chunks():
                 # Read before any await: a choice that has finished has all its text in `texts`
@@ -581,23 +588,37 @@ class Reply:
                     for i, r in enumerate(job.finish_reasons)
                     if r is not None and i not in told
                 }
+                pieces = []  # one hand-over's events, sent as one piece (as the native route)
                 for i, text in sorted(texts.items()):
                     reason = ended.pop(i, None)
-                    yield self._piece(i, text, reason)
+                    pieces.append(self._piece(i, text, reason))
                     if reason is not None:
                         told.add(i)
                 for i, reason in sorted(ended.items()):  # finished with no new text
-                    yield self._piece(i, "", reason)
+                    pieces.append(self._piece(i, "", reason))
                     told.add(i)
+                if job.done and job.error is None:  # the end goes with the last text
+                    pieces += self._end(told)
+                    told = None
+                yield "".join(pieces)
         except GenerationFailed as exc:
             yield _data(error_body(500, exc.message, code=exc.kind))
             return
-        for i, reason in enumerate(job.finish_reasons):
-            if i not in told:
-                yield self._piece(i, "", reason or "length")
+        if told is not None:
+            yield "".join(self._end(told))
+
+    def _end(self, told: set[int]) -> list[str]:
+        """The last events: each choice not yet told its finish_reason, the usage (with
+        include_usage), then [DONE]."""
+        job = self.job
+        end = [
+            self._piece(i, "", reason or "length")
+            for i, reason in enumerate(job.finish_reasons)
+            if i not in told
+        ]
         if self.include_usage:
-            yield self._event([], usage=True)
-        yield "data: [DONE]\n\n"
+            end.append(self._event([], usage=True))
+        return [*end, "data: [DONE]\n\n"]
 
 
 def _data(payload: Any) -> str:
@@ -690,6 +711,29 @@ def model_responses(config: ServerConfig) -> dict:
     return document(responses(config, extra={404: json_response("No model of that name.")}))
 
 
+def _sse_data() -> dict[str, Any]:
+    return {"anyOf": [_ref(CompletionChunk), _ref(OpenAIErrorResponse)]}
+
+
+def document_vocabularies(request: dict[str, Any], vocabularies: dict[str, str]) -> None:
+    """State in the completions request's schema (`request`, changed in place) which prompts each
+    served model takes: every character known to it (`to_native` refuses the others with 400). A
+    model the server does not have is a 404, whatever the prompt."""
+    branches: list[dict[str, Any]] = [
+        {"properties": {"model": {"not": {"enum": list(vocabularies)}}}}
+    ]
+    for name, chars in vocabularies.items():
+        every, _ = known_text(chars)
+        prompt = {
+            "anyOf": [
+                {"type": "string", "pattern": every},
+                {"type": "array", "items": {"pattern": every}},
+            ]
+        }
+        branches.append({"properties": {"model": {"const": name}, "prompt": prompt}})
+    request.setdefault("allOf", []).append({"anyOf": branches})
+
+
 def _completions_ok() -> dict[str, Any]:
     """The 200 answer of POST /v1/completions: the completion, or with `stream` its events."""
     return {
@@ -699,8 +743,14 @@ def _completions_ok() -> dict[str, Any]:
         "instead of [DONE].",
         "content": {
             "application/json": {"schema": _ref(Completion)},
-            "text/event-stream": {"schema": {"type": "string"}},
+            "text/event-stream": {
+                "schema": sse_event(
+                    {"message": {"anyOf": [json_text(_sse_data()), {"const": "[DONE]"}]}},
+                    "One event of the stream: a `data:` line (a CompletionChunk, an "
+                    "OpenAIErrorResponse, or the last one, [DONE]).",
+                )
+            },
         },
-        "x-sse-data": {"anyOf": [_ref(CompletionChunk), _ref(OpenAIErrorResponse)]},
+        "x-sse-data": _sse_data(),
         "x-sse-end": "[DONE]",
     }

@@ -1,6 +1,7 @@
 """The server's configuration and its request, response and error shapes (its OpenAPI contract)."""
 
 # No `from __future__ import annotations`: FastAPI and pydantic read these annotations at run time.
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -20,7 +21,10 @@ class ServerConfig:
     max_num_samples: int = 16
     max_body_bytes: int = 64 * 1024
     time_limit: float = 120.0  # seconds per generation, from admission to its last character
-    tick_seconds: float = 0.01  # longest run of engine steps between two hand-overs of text
+    tick_seconds: float = 0.01  # the engine's time per tick: a new request joins within it
+    chunk_seconds: float = (
+        0.05  # a stream's text waits this long at most to be sent (after its first)
+    )
     # Exposing the server (docs/security.md). Bearer tokens the API asks for; none: no key asked.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Host names served besides localhost, *.localhost and IP addresses: name, *.domain, or *.
@@ -41,8 +45,8 @@ class ServerConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch is not None and self.max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
-        if not (self.time_limit > 0 and self.tick_seconds > 0):
-            raise UserError("time_limit and tick_seconds must be > 0")
+        if not (self.time_limit > 0 and self.tick_seconds > 0 and self.chunk_seconds >= 0):
+            raise UserError("time_limit and tick_seconds must be > 0, chunk_seconds >= 0")
         if self.max_connections is not None and self.max_connections < 1:
             raise UserError(f"max_connections must be >= 1, got {self.max_connections}")
         if not (self.header_timeout > 0 and self.body_timeout > 0):
@@ -61,6 +65,17 @@ class ServerConfig:
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=100)]
+
+
+def whole(value: Any) -> Any:
+    """An integral float as the integer it is (999.0 → 999): JSON Schema counts it as an integer,
+    so the document allows it, while strict validation refuses every float. Anything else is
+    left to the field's own validation (a bool stays a bool, and is refused)."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
 # No vocabulary of characters is larger than Unicode: a bound for top_k before the models are known.
 MAX_TOP_K = 0x110000
 
@@ -107,6 +122,11 @@ class GenerateRequest(BaseModel):
     )
     model: str | None = Field(None, description="Which served model; the first one by default.")
 
+    # JSON Schema's integers include 999.0 (see `whole`), for every integer field of the request.
+    _whole = field_validator(
+        "length", "top_k", "num_samples", "seed", "max_lines", "max_stanzas", mode="before"
+    )(whole)
+
     @field_validator("temperature")
     @classmethod
     def _greedy_or_warm(cls, t: float) -> float:
@@ -151,7 +171,10 @@ def request_model(config: ServerConfig, vocab_size: int = MAX_TOP_K) -> type[Gen
                 description="Characters to generate per sample.",
             ),
         ),
-        num_samples=(int, Field(1, ge=1, le=min(config.max_num_samples, config.max_concurrency))),
+        num_samples=(
+            int,
+            Field(1, ge=1, le=min(config.max_num_samples, config.max_concurrency)),
+        ),
     )
 
 
@@ -366,8 +389,129 @@ def stream_ok() -> dict[str, Any]:
         "of JSON: `start` (StreamStart), one `chunk` per piece of text (StreamChunk), then `done` "
         "(the same object as POST /v1/generate returns) or `error` (StreamError, e.g. "
         "error=time_limit).",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "text/event-stream": {
+                "schema": sse_event(
+                    {name: json_text(_ref(model)) for name, model in SSE_EVENTS.items()},
+                    "One event of the stream (start, chunks, then done or error).",
+                )
+            }
+        },
         "x-sse-events": {name: _ref(model) for name, model in SSE_EVENTS.items()},
+    }
+
+
+# ------------------------------------------------------------------------------ the document
+
+
+def exact_integer_bounds(node: Any) -> None:
+    """Every bound of an integer schema in `node` (a document or a part of one, changed in place)
+    stated as an inclusive integer: FastAPI writes them as floats, and 2**64 as a float is not the
+    bound the server checks to a reader who compares exactly (a fuzzer drew 2**64 + 382 as a valid
+    seed). exclusiveMaximum 2**64 becomes maximum 2**64 - 1."""
+    if isinstance(node, list):
+        for item in node:
+            exact_integer_bounds(item)
+        return
+    if not isinstance(node, dict):
+        return
+    if node.get("type") == "integer":
+        for key in ("minimum", "maximum"):
+            if isinstance(node.get(key), float) and node[key].is_integer():
+                node[key] = int(node[key])
+        if isinstance(node.get("exclusiveMinimum"), int | float):
+            node["minimum"] = math.floor(node.pop("exclusiveMinimum")) + 1
+        if isinstance(node.get("exclusiveMaximum"), int | float):
+            node["maximum"] = math.ceil(node.pop("exclusiveMaximum")) - 1
+    for value in node.values():
+        exact_integer_bounds(value)
+
+
+def _char_class(chars: str) -> str:
+    """A regular-expression class of exactly `chars`, the same in ECMA-262 (JSON Schema's dialect)
+    and Python's `re`: special characters escaped, control characters as \\u escapes."""
+    out = []
+    for ch in sorted(set(chars)):
+        if ch in "\\]^-[":
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ch in "\x7f\ufeff" or 0xD800 <= ord(ch) < 0xE000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "[" + "".join(out) + "]"
+
+
+def known_text(chars: str) -> tuple[str, str]:
+    """(every, some): patterns of a start text whose characters the model knows, all of them or at
+    least one, as `Server.admit` reads a text: a leading byte-order mark is dropped, and CR is a
+    newline when the model knows LF (`normalise_newlines`)."""
+    known = chars + ("\r" if "\n" in chars else "")
+    cls = _char_class(known)
+    return f"^\\ufeff?{cls}+$", cls
+
+
+def vocabulary_rules(vocabularies: dict[str, str], default: str) -> dict[str, Any]:
+    """The part of a native request's schema that says which start texts each served model takes
+    (`Server.admit` refuses the others with 422): every character known, or with unknown "skip"
+    at least one. With several models, one branch per model, chosen by `model` (the first one's
+    also when `model` is absent, null or empty)."""
+    branches = []
+    for name, chars in vocabularies.items():
+        every, some = known_text(chars)
+        need = ["start_text"] if " " not in chars else []  # its default, " ", is not known
+        rule: dict[str, Any] = {
+            "anyOf": [
+                {"properties": {"start_text": {"pattern": every}}, "required": need},
+                {
+                    "properties": {"unknown": {"const": "skip"}, "start_text": {"pattern": some}},
+                    "required": ["unknown", *need],
+                },
+            ]
+        }
+        if len(vocabularies) > 1:
+            which: dict[str, Any] = {
+                "properties": {"model": {"const": name}},
+                "required": ["model"],
+            }
+            if name == default:
+                which = {
+                    "anyOf": [
+                        which,
+                        {"not": {"required": ["model"]}},
+                        {"properties": {"model": {"enum": [None, ""]}}},
+                    ]
+                }
+            rule = {"allOf": [which, rule]}
+        branches.append(rule)
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+def model_choice(names: list[str]) -> dict[str, Any]:
+    """A native request's `model`: a served model's name, or null or empty for the first one."""
+    return {
+        "anyOf": [{"type": "string", "enum": [*names, ""]}, {"type": "null"}],
+        "description": "Which served model; the first one when null, empty or left out.",
+    }
+
+
+def json_text(schema: dict[str, Any]) -> dict[str, Any]:
+    """A string that is JSON text of `schema` (an event's `data:`)."""
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
+
+
+def sse_event(events: dict[str, dict[str, Any]], description: str) -> dict[str, Any]:
+    """The schema of one server-sent event, as a reader of the stream parses it: `event`, the
+    event's name ("message" when the stream names none), and `data`, its text; `events` maps each
+    name to the schema of its data (`json_text` for JSON)."""
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["event", "data"],
+        "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+        "anyOf": [
+            {"properties": {"event": {"const": name}, "data": data}}
+            for name, data in events.items()
+        ],
     }
 
 

@@ -11,9 +11,10 @@ this order and answers the first failure itself with a JSON `{"detail": ...}`:
 2. with API keys set, every path but the page, its assets, the API docs and /healthz needs
    `Authorization: Bearer KEY`; else 401 with `WWW-Authenticate: Bearer` (RFC 6750). The token is
    compared with every key in constant time (through SHA-256, so that its length leaks nothing);
-3. a POST must say `Content-Type: application/json` (or `application/*+json`); else 415. A web page
-   can send another site a cross-site POST without asking first only as text/plain or a form, so
-   the API never parses one (older FastAPI releases parsed them as JSON);
+3. a POST to a path that takes one must say `Content-Type: application/json` (or
+   `application/*+json`); else 415 (a method or a path the API does not have is the app's 405 or
+   404). A web page can send another site a cross-site POST without asking first only as text/plain
+   or a form, so the API never parses one (older FastAPI releases parsed them as JSON);
 4. the request body must arrive within `body_timeout` seconds; else 408.
 
 Every response, the errors above included, carries `X-Content-Type-Options: nosniff`, a
@@ -170,8 +171,10 @@ class Guard:
         api_keys: Sequence[str] = (),
         allowed_hosts: Sequence[str] = (),
         body_timeout: float = 10.0,
+        routes: Sequence[Any] | None = None,
     ) -> None:
         self.app = app
+        self.routes = routes  # the app's routes (Starlette's), read when a request comes
         self.keys = [hashlib.sha256(k.encode()).digest() for k in check_api_keys(api_keys)]
         hosts = (*LOCAL_HOSTS, *check_allowed_hosts(allowed_hosts))
         self.any_host = "*" in hosts
@@ -193,6 +196,16 @@ class Guard:
         for key in self.keys:  # every key, whichever matches: the time says nothing about which
             accepted |= hmac.compare_digest(digest, key)
         return accepted
+
+    def _takes(self, scope: dict) -> bool:
+        """Whether a route of the app takes this method on this path: only then is the content
+        type the request's fault. A method the path does not have is the app's to answer (405
+        with Allow), and a path it does not have (404), whatever the body."""
+        if self.routes is None:
+            return True
+        from starlette.routing import Match
+
+        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
 
     def refusal(self, scope: dict) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
         """The status, reason and extra headers of the first check `scope` fails; None if none."""
@@ -235,7 +248,7 @@ class Guard:
                     )
                     challenge = b'Bearer realm="charlstm", error="invalid_token"'
                 return 401, reason, [(b"www-authenticate", challenge)]
-        if scope.get("method") in BODY_METHODS:
+        if scope.get("method") in BODY_METHODS and self._takes(scope):
             media_type = headers.get("content-type", "").split(";")[0].strip().lower()
             main, _, sub = media_type.partition("/")
             if not (main == "application" and (sub == "json" or sub.endswith("+json"))):
