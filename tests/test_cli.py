@@ -103,9 +103,24 @@ def test_resume_continues(trained):
 
 
 def test_datasets_lists_named_corpora():
+    """The single texts, then the collections the base corpora are built from (each with its
+    address, sha256, size and licence), then the base corpora."""
     result = run("datasets", "--json")
-    names = [r["name"] for r in json.loads(result.output)]
-    assert names == ["byron-ru", "onegin-ru", "tinyshakespeare"]
+    rows = json.loads(result.output)
+    names = [r["name"] for r in rows]
+    assert names == [
+        "byron-ru",
+        "onegin-ru",
+        "tinyshakespeare",
+        "gutenberg-en",
+        "ruslit",
+        "base-ru",
+        "base-ru-verse",
+        "base-en",
+    ]
+    for row in rows[3:5]:
+        assert row["url"].startswith("https://github.com/") and len(row["sha256"]) == 64
+        assert row["size"] > 10_000_000 and "public domain" in row["licence"]
 
 
 # -- bad input: one line naming the problem and the fix, exit code 2, nothing damaged --------------

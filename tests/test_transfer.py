@@ -10,7 +10,7 @@ from charlstm.errors import UserError
 from charlstm.model import CharRNN
 from charlstm.training import transfer
 from charlstm.training.orchestrate import resume_config, train
-from tests.helpers import checkpoint, invoke, make_run, tiny_config, tiny_flags
+from tests.helpers import checkpoint, invoke, make_run, quiet, tiny_config, tiny_flags
 
 OTHER = "Мой дядя самых честных правил,\nКогда не в шутку занемог,\nОн уважать себя заставил\n" * 30
 
@@ -92,9 +92,13 @@ def test_architecture_must_match(pretrained, corpus, tmp_path):
         train(config, tmp_path / "x", progress=False)
 
 
-def test_freeze_needs_a_source(corpus):
+def test_freeze_needs_a_source(corpus, tmp_path):
+    """Frozen layers must come from somewhere: a run (--init-from, --pretrain) or a base. With
+    --base none that is known at once; with --base auto, once the run has declined every base."""
     with pytest.raises(UserError, match="freeze_layers"):
-        tiny_config(corpus, freeze_layers=1)
+        tiny_config(corpus, freeze_layers=1, base="none")
+    with pytest.raises(UserError, match="freeze_layers only makes sense"):
+        train(tiny_config(corpus, freeze_layers=1), tmp_path / "r", log=quiet, progress=False)
 
 
 # The tiny model's training flags without its shape: with --init-from the shape is the source's.

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from charlstm.config import RunConfig
+from charlstm.data import basecorpus
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
 from charlstm.model import CharRNN
@@ -118,8 +119,12 @@ def model_of(ck: Checkpoint) -> CharRNN:
 
 
 def base_loss(ck: Checkpoint, text: str) -> float:
-    """The base's loss (nats/char) on `text`, leaving out the characters it lacks."""
-    ids = ck.vocab.encode_array(text, unknown="skip")
+    """The base's loss (nats/char) on `text` laid out as the base's corpus is (`basecorpus.clean`:
+    no indentation, one blank line between paragraphs), leaving out the characters it lacks. The
+    question is whether the text is in the base's language, and an edition's layout is not
+    language: Onegin's tab-indented verse read at 3.35 as it is and 1.9 laid out."""
+    known = "".join(c for c in basecorpus.clean(text) if c in ck.vocab.char_to_idx)
+    ids = ck.vocab.encode_array(known)
     if len(ids) < 2:
         return math.inf
     with torch.no_grad():

@@ -119,7 +119,8 @@ def train(
     elif last_ckpt is None:
         keep = autoconfig.explicit_fields(config) if explicit is None else set(explicit)
         decision = _base_decision(config, keep)
-        log(f"charlstm: base: {decision.reason}")
+        if decision.used or decision.probes:  # silent when no base was even considered
+            log(f"charlstm: base: {decision.reason}")
         config = config.replace(
             base=decision.name or (str(decision.path) if decision.path else "none"),
             base_sha256=decision.sha256,
@@ -127,11 +128,6 @@ def train(
         if decision.used:
             source = transfer.read_source(decision.path)
             config = transfer.adopt_architecture(config, source, keep)
-        elif config.train.freeze_layers:
-            raise UserError(
-                f"--freeze-layers freezes a base's layers, and this run starts from none "
-                f"({decision.reason}); leave it out, or name a base with --base"
-            )
     data = prepare_data(
         config,
         last_ckpt.vocab
