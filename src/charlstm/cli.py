@@ -573,7 +573,7 @@ def export(run, fmt, out, which, force, name) -> None:
     if fmt == "base":
         from charlstm.export.base import export_base
 
-        result = export_base(run, out, name=name, force=force)
+        result = export_base(run, out, name=name, which=which, force=force)
         click.echo(
             f"wrote {result['path']} ({result['size']:,} bytes, sha256 {result['sha256']}) and "
             f"its card; pin both in charlstm/runs/bases.py"

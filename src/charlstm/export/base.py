@@ -70,7 +70,9 @@ def _phases(run: Path) -> list[dict[str, Any]]:
                 "steps": steps,
                 "batch": f"{config.data.batch_size} × {config.data.seq_len}",
                 "characters_seen": steps * config.data.batch_size * config.data.seq_len,
-                "val_loss": final.get("best_val_loss", final.get("val_loss")),
+                "val_loss": final.get("val_loss"),  # at the last step
+                "best_val_loss": final.get("best_val_loss"),
+                "best_step": final.get("best_step"),
                 "full_pass": bool(final.get("final")),
             }
         )
@@ -99,12 +101,14 @@ def export_base(
     out: str | Path,
     *,
     name: str | None = None,
+    which: str = "best",
     force: bool = False,
 ) -> dict[str, Any]:
-    """Write `run`'s best weights as a shippable base named `name` (default: the corpus's
-    language) into `out`; returns the file's path, sha256, size and the card's figures."""
+    """Write `run`'s `which` weights (best/ or last/) as a shippable base named `name` (default:
+    the corpus's language) into `out`; returns the file's path, sha256, size and the card's
+    figures."""
     run, out = Path(run), Path(out)
-    ck = read_checkpoint(find_checkpoint(run, prefer="best"))
+    ck = read_checkpoint(find_checkpoint(run, prefer=which))
     config = ck.run_config
     corpus = config.data.dataset
     if corpus not in basecorpus.BASE_CORPORA or config.data.text or config.data.prepared:
@@ -130,7 +134,9 @@ def export_base(
         c + (f" --out {folder}-{i + 1}" if i + 1 < len(commands) else f" --out {folder}")
         for i, c in enumerate(commands)
     ]
-    commands.append(f"charlstm export {folder} --format base --out src/charlstm/bases/{name}")
+    commands.append(
+        f"charlstm export {folder} --format base --which {which} --out src/charlstm/bases/{name}"
+    )
     card = {
         "name": name,
         "language": language,
@@ -139,6 +145,7 @@ def export_base(
         "characters_seen": sum(p["characters_seen"] for p in phases),
         "held_out_loss": held,
         "held_out_characters": held_chars,
+        "weights": f"{which}/ of the last phase (step {ck.meta['step']:,})",
         "recipe": f"make base-{language} (= {' && '.join(commands)})",
         "trained_on": f"{_cpu_name()}, {config.train.threads or 'all'} thread(s), CPU",
         "torch": torch.__version__,
@@ -170,7 +177,7 @@ def _built(corpus: str) -> dict[str, Any]:
 
 def render_card(card: dict[str, Any], config) -> str:
     """The model card as Markdown."""
-    first = basecorpus.get_base_corpus(card["phases"][0]["corpus"])
+    first = basecorpus.get_base_corpus(card["phases"][0]["corpus"])  # the corpus it started on
     coll = [basecorpus.collection(c) for c in first.collections]
     m = config.model
     held = card["held_out_loss"]
@@ -183,8 +190,13 @@ def render_card(card: dict[str, Any], config) -> str:
         f"| {i + 1} | `{p['corpus']}`: {p['corpus_characters'] or 0:,} characters, "
         f"{p['documents']} documents, sha256 `{(p['corpus_sha256'] or '')[:16]}…` | "
         f"{p['steps']:,} × {p['batch']} = {p['characters_seen']:,} | "
-        + (f"{p['val_loss']:.4f}" if p["val_loss"] is not None else "—")
-        + (" (full pass)" if p["full_pass"] else " (scheduled slice)")
+        + (f"{p['val_loss']:.4f} at the last step" if p["val_loss"] is not None else "—")
+        + (
+            f", best {p['best_val_loss']:.4f} at step {p['best_step']:,}"
+            if p["best_val_loss"] is not None and p["best_step"] != p["steps"]
+            else ""
+        )
+        + (" (full passes)" if p["full_pass"] else " (scheduled slice)")
         + " |"
         for i, p in enumerate(card["phases"])
     )
@@ -208,7 +220,8 @@ validation split; no phase trained on them).
 - Decontamination: every line sharing 50 characters with {", ".join(first.excluded)} was cut from
   `{first.name}` ({cut["cut_lines_chars"]:,} characters); documents left out whole: {dropped}.
   `benchmarks/base_contamination.py` measures the longest span left in common (docs/benchmarks.md).
-- Weights: fp16, {card.get("size", 0):,} bytes, sha256 `{card.get("sha256", "")}`.
+- Weights: {card["weights"]}, fp16, {card.get("size", 0):,} bytes, sha256
+  `{card.get("sha256", "")}`.
 - Trained on: {card["trained_on"]}, torch {card["torch"]}, {card["date"]}.
 - Recipe: `{card["recipe"]}`.
 - Licence: the corpus is public domain; these weights: MIT, as charlstm.

@@ -65,8 +65,8 @@ register(
         "ru",
         "ru",
         "base-ru",
-        "0" * 64,
-        0,
+        "9ad588275bc6d2ffe9211cae85db46c8a82534ec7e3838919d47344fb0cccce7",
+        6_900_658,
         "Russian: 19th- and early 20th-century prose and verse (RusLit), 2 × 512 LSTM",
     )
 )
@@ -75,8 +75,8 @@ register(
         "en",
         "en",
         "base-en",
-        "0" * 64,
-        0,
+        "f823361a3d0d48d75d2aeecd326abaaaf0e86b58c898803205b4b034eebb115b",
+        6_864_004,
         "English: Project Gutenberg books of 40 authors who died before 1947, 2 × 512 LSTM",
     )
 )
