@@ -5,7 +5,9 @@ For each row it runs, one after the other:
 
 - ``auto``: ``charlstm train --dataset NAME --max-time B`` (or ``--text FILE``), nothing else: the
   run decides whether to start from a base (training/bases.py);
-- ``none``: the same with ``--base none``: from scratch, the automatic configuration as before,
+- ``none``: the same with ``--base none``: from scratch, the automatic configuration as before;
+- ``forced`` (rows that name a base, where the rule may decline it): the same with ``--base NAME``,
+  to see what the declined base would have reached,
 
 each as its own ``charlstm`` process, and records the full-pass validation loss of best/, the base
 decision line, the wall time, the time until the first training step (start-up: reading the text,
@@ -43,12 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).with_name("data") / "base_vs_scratch.jsonl"
 CORPORA = Path(os.environ.get("CHARLSTM_CORPORA", "/work/corpora"))
 
-# name → (source flags, reference budget in s, what the issue asks of the row)
-ROWS: dict[str, tuple[list[str], float, str]] = {
+# name → (source flags, reference budget in s, what the issue asks of the row[, a base to force])
+ROWS: dict[str, tuple] = {
     "byron-ru": (["--dataset", "byron-ru"], 120, "validation ≤ 1.75"),
     "onegin-ru": (["--dataset", "onegin-ru"], 300, "≥ 10% below --base none"),
     "gpl-3": (["--text", "/usr/share/common-licenses/GPL-3"], 120, "≥ 10% below --base none"),
-    "tinyshakespeare": (["--dataset", "tinyshakespeare"], 600, "not worse than --base none"),
+    "tinyshakespeare": (["--dataset", "tinyshakespeare"], 600, "not worse than --base none", "en"),
     # Two small texts in languages with no base (docs/benchmarks.md says how to get them): German
     # in the Latin script the English base reads, and Slovak, whose letters it mostly lacks.
     "de-infodrom": (["--text", str(CORPORA / "de-infodrom.txt")], 120, "within 1%, no slower"),
@@ -58,8 +60,8 @@ ROWS: dict[str, tuple[list[str], float, str]] = {
         "within 1%, no slower",
     ),
     # The sweep the rule was read from (not targets): sizes and budgets around the crossover.
-    "tinyshakespeare-100": (["--dataset", "tinyshakespeare"], 100, "sweep"),
-    "tinyshakespeare-300": (["--dataset", "tinyshakespeare"], 300, "sweep"),
+    "tinyshakespeare-100": (["--dataset", "tinyshakespeare"], 100, "sweep", "en"),
+    "tinyshakespeare-300": (["--dataset", "tinyshakespeare"], 300, "sweep", "en"),
     "byron-ru-60": (["--dataset", "byron-ru"], 60, "sweep"),
     "onegin-ru-60": (["--dataset", "onegin-ru"], 60, "sweep"),
 }
@@ -124,7 +126,7 @@ def run_rows(names: list[str], scale: float | None, samples: bool, keep: Path | 
     print(json.dumps(machine), flush=True)
     DATA.parent.mkdir(exist_ok=True)
     for name in names:
-        source, ref_budget, target = ROWS[name]
+        source, ref_budget, target, *forced = ROWS[name]
         budget = round(ref_budget * factor, 1)
         row = {
             "date": time.strftime("%Y-%m-%d"),
@@ -140,6 +142,8 @@ def run_rows(names: list[str], scale: float | None, samples: bool, keep: Path | 
             plain = [*source, "--max-time", str(budget)]
             row["auto"] = run_train(plain, folder / "auto")
             row["none"] = run_train([*plain, "--base", "none"], folder / "none")
+            if forced:
+                row["forced"] = run_train([*plain, "--base", forced[0]], folder / "forced")
             if samples:
                 row["auto"]["analysis"] = analyse(folder / "auto")
         with DATA.open("a", encoding="utf-8") as fh:
