@@ -112,8 +112,10 @@ def run_train(args: list[str], out: Path) -> dict:
 
 
 def analyse(run: Path) -> dict:
-    """What the run generates at T = 0.5: `charlstm analyze`'s figures as JSON."""
-    cmd = [sys.executable, "-m", "charlstm", "analyze", str(run), "--temperature", "0.5"]
+    """What the run generates at T = 0.5 from best/ (what `charlstm generate` samples from):
+    `charlstm analyze`'s figures as JSON."""
+    cmd = [sys.executable, "-m", "charlstm", "analyze", str(run), "--temperatures", "0.5"]
+    cmd += ["--which", "best"]
     cmd += ["--samples", "8", "--length", "1000", "--json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout)
@@ -144,8 +146,11 @@ def run_rows(names: list[str], scale: float | None, samples: bool, keep: Path | 
             row["none"] = run_train([*plain, "--base", "none"], folder / "none")
             if forced:
                 row["forced"] = run_train([*plain, "--base", forced[0]], folder / "forced")
-            if samples:
-                row["auto"]["analysis"] = analyse(folder / "auto")
+            if samples:  # a failed analysis must not lose the runs' figures
+                try:
+                    row["auto"]["analysis"] = analyse(folder / "auto")
+                except subprocess.CalledProcessError as exc:
+                    row["auto"]["analysis"] = {"error": exc.stderr[-500:]}
         with DATA.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(json.dumps(row, ensure_ascii=False), flush=True)
