@@ -5,6 +5,7 @@ run records its base so that its config.toml repeats it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import hashlib
 import json
 from pathlib import Path
@@ -367,3 +368,15 @@ def test_a_fine_tuned_run_generates_analyses_serves_and_exports_as_any_run(
         assert answer.status_code == 200, answer.text
     assert export_onnx(run, tmp_path / "onnx")["max_abs_diff"] < 1e-3
     assert (tmp_path / "web" / "index.html") in export_web(run, tmp_path / "web")
+
+
+def test_the_fine_tuning_rate_falls_with_the_passes():
+    """1e-3 for a text seen a few times, 1e-4 for one seen dozens of times, in between on a log
+    scale (what onegin-ru and byron-ru measured), rounded to two digits."""
+    assert bases.finetune_lr(1.0) == bases.finetune_lr(bases.FAST_PASSES) == 1e-3
+    assert bases.finetune_lr(500.0) == bases.finetune_lr(bases.SLOW_PASSES) == 1e-4
+    middle = bases.finetune_lr(math.sqrt(bases.FAST_PASSES * bases.SLOW_PASSES))
+    assert middle == pytest.approx(math.sqrt(1e-3 * 1e-4), rel=0.02)
+    rates = [bases.finetune_lr(p) for p in (5, 10, 20, 30)]
+    assert rates == sorted(rates, reverse=True)
+    assert bases.finetune_settings(10.0)["min_lr"] == pytest.approx(bases.finetune_lr(10.0) / 10)

@@ -269,7 +269,7 @@ def finetune_lr(epochs: float) -> float:
     if epochs >= SLOW_PASSES:
         return slow
     share = math.log(epochs / FAST_PASSES) / math.log(SLOW_PASSES / FAST_PASSES)
-    return fast * (slow / fast) ** share
+    return float(f"{fast * (slow / fast) ** share:.2g}")  # two digits: config.toml stays readable
 
 
 def finetune_settings(epochs: float) -> dict[str, Any]:

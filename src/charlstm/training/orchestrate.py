@@ -141,9 +141,16 @@ def train(
         keep = autoconfig.explicit_fields(config) if explicit is None else set(explicit)
         if source is not None:  # a fine-tuned model has its source's shape
             keep |= set(transfer.ARCHITECTURE)
-        config, why, spent = _auto_choice(config, keep, data, ctx)
+        chosen, why, spent = _auto_choice(config, keep, data, ctx)
         if decision is not None and decision.used:
-            config, why = _finetune_choice(config, keep, len(data.train_ids), why)
+            # The fine-tuning settings depend on the passes the first choice expects; chosen
+            # again around them (the speeds are cached by then), the choice and its line agree.
+            settings = _finetune_settings(chosen, keep, len(data.train_ids))
+            tuned = config.replace(**settings)
+            chosen, why, more = _auto_choice(tuned, keep | set(settings), data, ctx)
+            spent += more
+            why += f"; fine-tuning the base at lr {chosen.optim.lr:.2g}"
+        config = chosen
         log(f"charlstm: auto: {why}")
     run = (
         Run(config, folder, data, log, progress)
@@ -257,21 +264,13 @@ def _base_decision(config: RunConfig, explicit: set[str]) -> bases.Decision:
     return decision
 
 
-def _finetune_choice(
-    config: RunConfig, explicit: set[str], n_train: int, why: str
-) -> tuple[RunConfig, str]:
-    """The automatic choice for a run from scratch of the base's shape, with the fine-tuning rate,
-    regularisation and weight average (bases.finetune_settings) where the user set none."""
+def _finetune_settings(config: RunConfig, explicit: set[str], n_train: int) -> dict[str, Any]:
+    """The fine-tuning rate, regularisation and weight average (bases.finetune_settings) for the
+    passes over the text that `config` (an automatic choice) expects, where the user set none."""
     d, o, t = config.data, config.optim, config.train
     steps = o.decay_steps or t.max_steps
     epochs = steps * d.batch_size * d.seq_len / max(n_train, 1) if steps else math.inf
-    settings = {k: v for k, v in bases.finetune_settings(epochs).items() if k not in explicit}
-    config = config.replace(**settings)
-    m, o = config.model, config.optim
-    regs = f"dropout {m.dropout:g}/{m.embedding_dropout:g}, weight drop {m.weight_drop:g}" + (
-        f", ema {o.ema:g}" if o.ema else ""
-    )
-    return config, f"{why}; fine-tuning: lr {o.lr:g} to {o.min_lr:g}, {regs}"
+    return {k: v for k, v in bases.finetune_settings(epochs).items() if k not in explicit}
 
 
 def _refuse_prepared_fine_tuning(config: RunConfig) -> None:
