@@ -5,9 +5,9 @@ run records its base so that its config.toml repeats it."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
