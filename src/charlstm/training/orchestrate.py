@@ -169,9 +169,10 @@ def train(
         distributed.finish()
     final = run.final_record or {}  # the full-pass figures (slice figures if there were none)
     best = final.get("best_val_loss", run.state.best.best_saved_val)
+    scope = "full pass" if final or run.val_scope == "full" else "validation slice"
     log(
         f"charlstm: stopped ({reason}) at step {run.state.progress.step}; best validation loss "
-        f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char) at step "
+        f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char, {scope}) at step "
         f"{final.get('best_step', run.state.best.best_step)}; run folder {out}"
     )
     if "test_loss" in final:  # the held-out test split, measured once with best/'s weights
