@@ -2,6 +2,7 @@
 the validation slice and the final full pass."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -118,6 +119,28 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(corpus, tmp_path):
 def test_resume_refuses_model_changes(trained_run):
     with pytest.raises(UserError, match="hidden_size"):
         resume_config(trained_run, {"hidden_size": 32})
+
+
+def test_a_run_resumed_with_more_time_decays_over_its_new_budget(corpus, tmp_path):
+    """The cosine's decay_steps follow --max-time on resume: twice the time, twice the steps, so
+    a run that ended at the floor rate goes on from the middle of its cosine instead of idling
+    there; --decay-steps given again wins, and the same budget changes nothing."""
+    config = tiny_config(
+        corpus, schedule="cosine", lr=1e-2, min_lr=1e-3, decay_steps=8, max_time=1000.0
+    )
+    run = train(config.replace(max_steps=10), tmp_path / "run", progress=False)
+    assert read_metrics(run)[-1]["lr"] == pytest.approx(1e-3)  # its last steps at the floor
+    assert resume_config(run, {"max_steps": 20}).optim.decay_steps == 8
+    assert resume_config(run, {"max_time": 500.0}).optim.decay_steps == 4
+    assert resume_config(run, {"max_time": 2000.0, "decay_steps": 12}).optim.decay_steps == 12
+    assert resume_config(run, {"max_time": 1e6, "max_steps": 30}).optim.decay_steps == 30
+    resumed = resume_config(run, {"max_time": 2000.0, "max_steps": 20})
+    assert resumed.optim.decay_steps == 16
+    train(resumed, run, resume=True, progress=False)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run) if not r.get("final")}
+    assert lrs[15] == pytest.approx(1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * 14 / 16)))
+    assert lrs[15] > 1.1e-3 and lrs[20] == pytest.approx(1e-3)
+    assert checkpoint(run, "last").meta["config"]["optim"]["decay_steps"] == 16
 
 
 def test_save_load_gives_identical_logits(trained_run):

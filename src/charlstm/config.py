@@ -196,7 +196,8 @@ class OptimConfig:
         None,
         "With --schedule cosine: steps the rate decays over, so that a run with the same settings "
         "and seed repeats (the clock counts only once a run is a tenth of --max-time behind "
-        "them); unset: over the budget (--max-steps, or --max-time by the clock).",
+        "them; --resume with another --max-time scales them); unset: over the budget "
+        "(--max-steps, or --max-time by the clock).",
     )
     ema: float = _field(
         0.999,

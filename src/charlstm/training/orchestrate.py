@@ -26,6 +26,7 @@ from charlstm.model import count_parameters
 from charlstm.runs.folder import RunFolder
 from charlstm.training import autoconfig, distributed, tensorboard, transfer
 from charlstm.training.loop import Run, fit
+from charlstm.training.schedule import resumed_decay_steps
 
 # Adam moves each weight by about lr per step: far above 1 a run can only diverge, and from about
 # 3e37 Adam's own step overflows float32 (a RuntimeError deep inside torch).
@@ -41,7 +42,9 @@ def _quiet(message: str) -> None:
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
-    """The stored configuration of `run_dir`, with budget-like overrides applied."""
+    """The stored configuration of `run_dir`, with budget-like overrides applied; a new
+    ``max_time`` stretches the cosine's ``decay_steps`` with it (`resumed_decay_steps`) unless
+    ``decay_steps`` is among the overrides."""
     ck = RunFolder(Path(run_dir)).resume_checkpoint()
     config = from_dict(ck.meta["config"])
     changed_model = {
@@ -54,7 +57,10 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
             f"cannot change the model's {', '.join(sorted(changed_model))} when resuming; "
             "train a new run or fine-tune with --init-from"
         )
-    return config.replace(**overrides)
+    resumed = config.replace(**overrides)
+    if "decay_steps" in overrides:  # given again: as given
+        return resumed
+    return resumed.replace(decay_steps=resumed_decay_steps(config, resumed))
 
 
 def train(
