@@ -3,7 +3,9 @@ win, that the choice is written so that it repeats, and that calibration is cach
 
 from __future__ import annotations
 
+import math
 import tomllib
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -19,13 +21,21 @@ CPU = torch.device("cpu")
 
 class FakeCalibration:
     """Speeds from a formula instead of measurements: a fixed FLOP rate, plus a per-step cost
-    that makes small batches slower per character, as on a real machine."""
+    that makes small batches slower per character, as on a real machine; a regularised step
+    (dropouts, DropConnect, the weight average) trains at `regularised` of its plain speed.
+    Nothing is cached and measuring costs nothing."""
 
-    def __init__(self, flops_per_s: float = 3e11) -> None:
+    measure_seconds = 0.0
+
+    def __init__(self, flops_per_s: float = 3e11, regularised: float = 0.7) -> None:
         self.flops_per_s = flops_per_s
+        self.regularised = regularised
         self.asked: list[Shape] = []
         self.measured: list[str] = []
         self.seconds = 0.0
+
+    def cached(self, shape: Shape) -> float | None:
+        return None
 
     def speed(self, shape: Shape) -> float:
         self.asked.append(shape)
@@ -38,7 +48,7 @@ class FakeCalibration:
         )
         chars = shape.batch_size * shape.seq_len
         step_seconds = 2e-3 + 6 * params * chars / self.flops_per_s
-        return chars / step_seconds
+        return chars / step_seconds * (self.regularised if shape.regularised else 1.0)
 
 
 def _choose(n_train: int, budget: float | None, config: RunConfig | None = None, **kw):
@@ -60,6 +70,13 @@ def _choose(n_train: int, budget: float | None, config: RunConfig | None = None,
 def _shape(c: RunConfig) -> Shape:
     m, d = c.model, c.data
     return Shape(m.cell, m.hidden_size, m.num_layers, m.embedding_size, 80, d.batch_size, d.seq_len)
+
+
+def _own_shape(c: RunConfig) -> Shape:
+    """The chosen configuration's own step: its shape with its regularisation."""
+    m = c.model
+    regs = (m.dropout, m.embedding_dropout, m.weight_drop, m.locked_dropout, c.optim.ema)
+    return Shape(*astuple(_shape(c))[:7], *regs)
 
 
 def test_a_small_text_gets_a_small_batch_and_heavy_regularisation():
@@ -154,9 +171,13 @@ def test_a_time_budgets_cosine_decays_over_the_steps_it_expects():
     assert c.model.dropout == c.model.weight_drop == 0  # a few passes: unregularised
     chars = autoconfig.DECAY_EFFICIENCY_PLAIN * 90.0 * FakeCalibration().speed(_shape(c))
     assert c.optim.decay_steps == int(chars / (c.data.batch_size * c.data.seq_len))
-    # A regularised run is slower than its calibrated step (masks, DropConnect): fewer steps.
-    small = _choose(11_000, 100.0).config
-    chars = autoconfig.DECAY_EFFICIENCY * 90.0 * FakeCalibration().speed(_shape(small))
+    # A regularised run's steps come from its own step, timed with its masks, DropConnect and
+    # weight average: slower than the plain step the width was chosen by.
+    fake = FakeCalibration()
+    small = _choose(11_000, 100.0, calibration=fake).config
+    own = _own_shape(small)
+    assert own.regularised and own in fake.asked
+    chars = autoconfig.DECAY_EFFICIENCY_OWN * 90.0 * FakeCalibration().speed(own)
     assert small.optim.decay_steps == int(chars / (small.data.batch_size * small.data.seq_len))
     assert (
         f"cosine to {c.optim.min_lr:.0e} over {c.optim.decay_steps:,} steps" in choice.explanation
@@ -401,3 +422,83 @@ def test_a_large_validation_split_is_read_as_many_streams():
     small = _choose(1_000_000, 100.0).config.train
     defaults = RunConfig().train
     assert (small.eval_streams, small.eval_chars) == (defaults.eval_streams, defaults.eval_chars)
+
+
+class Timed(FakeCalibration):
+    """A FakeCalibration whose measurements cost time as real ones do: the time each is given,
+    and a warm-up step and a timed one at the shape's speed. Read twice, a shape costs nothing
+    the second time (the cache)."""
+
+    def __init__(self, flops_per_s: float = 3e11, measure_seconds: float = 0.3) -> None:
+        super().__init__(flops_per_s)
+        self.measure_seconds = measure_seconds
+
+    def cached(self, shape: Shape) -> float | None:
+        return super().speed(shape) if shape.key() in self.measured else None
+
+    def speed(self, shape: Shape) -> float:
+        value = super().speed(shape)
+        if shape.key() not in self.measured:
+            self.measured.append(shape.key())
+            self.seconds += self.measure_seconds + 2 * shape.batch_size * shape.seq_len / value
+        return value
+
+
+@pytest.mark.parametrize("n_train, budget", [(1_000_000, 90.0), (5_000_000, 30.0), (11_000, 20.0)])
+def test_a_cold_cache_is_measured_within_its_share_of_the_budget(n_train, budget):
+    """Both thread counts of every shape the search asks for, the refined batch and the
+    regularised step: what measuring costs stays within CALIBRATION_SHARE of the budget."""
+    pair, single = Timed(flops_per_s=2e11), Timed(flops_per_s=3e11)
+    choice = _choose(n_train, budget, calibration=pair, single_thread=single)
+    assert choice.seconds == pair.seconds + single.seconds > 0
+    assert choice.seconds <= autoconfig.CALIBRATION_SHARE * budget
+
+
+def test_widths_that_cannot_fit_at_a_narrower_ones_speed_are_not_measured(monkeypatch):
+    """A wider layer is never faster per character: the search skips measuring the widths a
+    narrower one's speed already rules out, and chooses what measuring them would choose."""
+    lazy = Timed()
+    chosen = _choose(5_000_000, 300.0, calibration=lazy).config.model.hidden_size
+    monkeypatch.setattr(autoconfig, "SPEED_NOISE", math.inf)  # every width measured
+    eager = Timed()
+    assert _choose(5_000_000, 300.0, calibration=eager).config.model.hidden_size == chosen
+    assert set(lazy.measured) < set(eager.measured)
+    assert lazy.seconds < eager.seconds
+
+
+def test_all_threads_are_not_timed_for_a_step_smaller_than_one_where_one_thread_won():
+    """One thread beat all at the first width the search asked for: no narrower width, and no
+    smaller batch of it, is timed on all threads again."""
+    pair, single = Timed(flops_per_s=1e11), Timed(flops_per_s=3e11)
+    choice = _choose(1_000_000, 90.0, calibration=pair, single_thread=single)
+    assert choice.config.train.threads == 1
+    first = pair.asked[0]
+    assert len(single.measured) > 1
+    assert all(not autoconfig._within(s, first) or s == first for s in pair.asked)
+
+
+def test_the_own_step_stands_in_for_the_plain_one_only_if_measuring_has_time_for_it():
+    """The regularised step is the last measurement; with no time left for it, the plain step's
+    speed stands in at the share small regularised runs reached of it (DECAY_EFFICIENCY)."""
+    costly = Timed(measure_seconds=2.0)  # a 100 s budget allows 5 s: two measurements
+    c = _choose(11_000, 100.0, calibration=costly).config
+    assert c.model.dropout > 0 and len(costly.measured) == 2
+    assert not any(s.regularised for s in costly.asked)  # the own step was not timed
+    chars = autoconfig.DECAY_EFFICIENCY * 90.0 * FakeCalibration().speed(_shape(c))
+    assert c.optim.decay_steps == int(chars / (c.data.batch_size * c.data.seq_len))
+
+
+def test_a_plain_step_keeps_its_cache_key_and_a_regularised_one_has_its_own():
+    """Caches written before rules v8 stay valid for the plain shapes; the own step is apart."""
+    plain = Shape("lstm", 32, 1, 8, 20, 4, 16)
+    assert plain.key() == "lstm-1x32-e8-v20-b4x16" and not plain.regularised
+    heavy = Shape("lstm", 32, 1, 8, 20, 4, 16, 0.5, 0.2, 0.6, False, 0.9998)
+    light = Shape("lstm", 32, 1, 8, 20, 4, 16, 0.2, 0.05, 0.1, True)
+    assert len({plain.key(), heavy.key(), light.key()}) == 3
+    assert heavy.plain() == light.plain() == plain
+
+
+def test_a_regularised_step_is_measured_with_its_masks_and_average():
+    """A real measurement of a step with dropouts, DropConnect and the weight average."""
+    shape = Shape("lstm", 16, 2, 8, 20, 4, 16, 0.5, 0.2, 0.6, True, 0.999)
+    assert calibration.measure(shape, CPU, "fp32", seconds=0.01) > 0

@@ -2,12 +2,13 @@
 
 The automatic configuration (autoconfig.py) sizes the model to what the time budget lets it see, so
 it needs the training speed of each shape it considers, on this machine, with this thread count and
-number type. A measurement is a few real training steps (forward, backward, Adam) on random ids; it
-takes a fraction of a second to a second or two per shape. Measurements are cached per machine and
-shape in ``$XDG_CACHE_HOME/charlstm/calibration.json`` (``CHARLSTM_CACHE`` overrides the folder), so
-the second run on a machine spends nothing on it, and two runs with the same config and seed choose
-the same model: the choice depends on the cached figure, not on how busy the machine was the second
-time.
+number type, and, for the steps its cosine decays over, the speed of the configuration it chose
+with its dropouts, DropConnect and weight average. A measurement is a few real training steps
+(forward, backward, Adam) on random ids; it takes a fraction of a second to a second or two.
+Measurements are cached per machine and shape in ``$XDG_CACHE_HOME/charlstm/calibration.json``
+(``CHARLSTM_CACHE`` overrides the folder), so the second run on a machine spends nothing on it, and
+two runs with the same config and seed choose the same model: the choice depends on the cached
+figure, not on how busy the machine was the second time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,8 +34,10 @@ MEASURE_SECONDS = 0.3
 
 @dataclass(frozen=True)
 class Shape:
-    """What the speed of a training step depends on. Dropouts and DropConnect are left out: a
-    regularised run reaches a lower share of the measured speed (autoconfig.DECAY_EFFICIENCY)."""
+    """What the speed of a training step depends on. The search over widths times plain steps;
+    the regularisation (dropouts, DropConnect, the weight average's decay) is set only to time
+    the chosen configuration's own step: a wide model loses a few percent of its speed to it, a
+    small one a third."""
 
     cell: str
     hidden_size: int
@@ -43,12 +46,31 @@ class Shape:
     vocab_size: int
     batch_size: int
     seq_len: int
+    dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    weight_drop: float = 0.0
+    locked_dropout: bool = False
+    ema: float = 0.0
+
+    @property
+    def regularised(self) -> bool:
+        return bool(self.dropout or self.embedding_dropout or self.weight_drop or self.ema)
+
+    def plain(self) -> Shape:
+        """The same step without regularisation."""
+        return replace(
+            self, dropout=0.0, embedding_dropout=0.0, weight_drop=0.0, locked_dropout=False, ema=0.0
+        )
 
     def key(self) -> str:
-        return (
+        key = (
             f"{self.cell}-{self.num_layers}x{self.hidden_size}-e{self.embedding_size}"
             f"-v{self.vocab_size}-b{self.batch_size}x{self.seq_len}"
         )
+        if self.regularised:  # a plain step keeps the key caches have always had
+            key += f"-d{self.dropout:g}/{self.embedding_dropout:g}/{self.weight_drop:g}"
+            key += ("l" if self.locked_dropout else "") + (f"-ema{self.ema:g}" if self.ema else "")
+        return key
 
 
 def _cpu_name() -> str:
@@ -118,16 +140,18 @@ def measure(
     steps: int = 10,
 ) -> float:
     """Characters per second of real training steps of `shape`: one warm-up step, then steps
-    until `seconds` have passed or `steps` were taken (at least two)."""
+    until `seconds` have passed or `steps` were taken (at least one: a wide shape's step can
+    take longer than `seconds`, and the warm-up has already paid for its first)."""
     cfg = ModelConfig(
         cell=shape.cell,
         hidden_size=shape.hidden_size,
         num_layers=shape.num_layers,
         embedding_size=shape.embedding_size,
         vocab_size=shape.vocab_size,
-        dropout=0.0,
-        embedding_dropout=0.0,
-        weight_drop=0.0,
+        dropout=shape.dropout,
+        embedding_dropout=shape.embedding_dropout,
+        weight_drop=shape.weight_drop,
+        locked_dropout=shape.locked_dropout,
     )
     from charlstm.model import CharRNN, detach_hidden
 
@@ -140,6 +164,8 @@ def measure(
         y = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), generator=gen)
         x, y = x.to(device), y.to(device)
         hidden = None
+        # The weight average as the loop keeps it (a lerp of every weight a step), from a copy.
+        average = [p.detach().clone() for p in model.parameters()] if shape.ema else None
 
         def step() -> None:
             nonlocal hidden
@@ -150,13 +176,16 @@ def measure(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if average is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(average, list(model.parameters()), 1.0 - shape.ema)
             hidden = detach_hidden(hidden)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
         step()
         done, start = 0, time.perf_counter()
-        while done < 2 or (done < steps and time.perf_counter() - start < seconds):
+        while done < 1 or (done < steps and time.perf_counter() - start < seconds):
             step()
             done += 1
         elapsed = time.perf_counter() - start
@@ -178,13 +207,16 @@ class Calibration:
         self.measured: list[str] = []  # the shapes measured now (not from the cache)
         self.seconds = 0.0  # time spent measuring
 
+    def cached(self, shape: Shape) -> float | None:
+        """The speed of `shape` if it is known without measuring it."""
+        value = _read_cache(self.path).get(self.machine, {}).get(shape.key())
+        return float(value) if isinstance(value, int | float) and value > 0 else None
+
     def speed(self, shape: Shape) -> float:
         """Characters per second of training `shape` here."""
-        machines = _read_cache(self.path)
-        mine = machines.get(self.machine, {})
-        cached = mine.get(shape.key())
-        if isinstance(cached, int | float) and cached > 0:
-            return float(cached)
+        cached = self.cached(shape)
+        if cached is not None:
+            return cached
         start = time.perf_counter()
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # measured with the thread count it is cached under
