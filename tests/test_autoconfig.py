@@ -37,7 +37,10 @@ class FakeCalibration:
     def cached(self, shape: Shape) -> float | None:
         return None
 
-    def speed(self, shape: Shape) -> float:
+    def stalls(self, shape: Shape) -> bool:
+        return False
+
+    def speed(self, shape: Shape, seconds_left: float | None = None) -> float:
         self.asked.append(shape)
         params = autoconfig.parameters(
             shape.cell,
@@ -253,13 +256,38 @@ def test_a_short_budget_times_each_shape_for_less(tmp_path, monkeypatch, budget,
     asked = []
 
     def fake_measure(shape, device, precision, **kw):
-        asked.append(kw["seconds"])
+        if shape.seq_len != calibration.PROBE_WINDOW:  # the probe of all threads is one step
+            asked.append(kw["seconds"])
         return 50_000.0
 
     monkeypatch.setattr(calibration, "measure", fake_measure)
     config = RunConfig().replace(max_time=budget)
     autoconfig.choose(config, set(), 100_000, 10_000, 80, CPU, "fp32", 2)
     assert asked and all(s == pytest.approx(timed, rel=1e-3) for s in asked)
+
+
+def test_all_threads_are_not_timed_where_a_probe_finds_them_waiting(tmp_path, monkeypatch):
+    """A busy machine: all threads train a short probe ten times slower than one. No step of
+    theirs is timed, and the run takes one thread; on a quiet machine they are timed."""
+    monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path))
+    timed = []
+
+    def fake_measure(shape, device, precision, **kw):
+        threads = torch.get_num_threads()
+        if shape.seq_len != calibration.PROBE_WINDOW:
+            timed.append(threads)
+        return 50_000.0 / (10 if threads > 1 and busy else 1)
+
+    monkeypatch.setattr(calibration, "measure", fake_measure)
+    config = RunConfig().replace(max_time=100.0)
+    busy = True
+    choice = autoconfig.choose(config, set(), 100_000, 10_000, 80, CPU, "fp32", 2)
+    assert timed and set(timed) == {1} and choice.config.train.threads == 1
+    busy = False
+    timed.clear()
+    monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path / "quiet"))
+    autoconfig.choose(config, set(), 100_000, 10_000, 80, CPU, "fp32", 2)
+    assert 2 in timed
 
 
 def test_a_damaged_cache_is_measured_again_not_an_error(tmp_path, monkeypatch):
@@ -372,7 +400,7 @@ def test_measuring_stops_before_it_eats_a_short_budget():
     """On a machine seen for the first time, a 3 s run measures for at most about 5% of it."""
 
     class Slow(FakeCalibration):
-        def speed(self, shape):
+        def speed(self, shape, seconds_left=None):
             if shape.key() not in self.measured:  # measured once, then cached
                 self.seconds += 0.1  # each measurement costs a tenth of a second
                 self.measured.append(shape.key())
@@ -436,7 +464,7 @@ class Timed(FakeCalibration):
     def cached(self, shape: Shape) -> float | None:
         return super().speed(shape) if shape.key() in self.measured else None
 
-    def speed(self, shape: Shape) -> float:
+    def speed(self, shape: Shape, seconds_left: float | None = None) -> float:
         value = super().speed(shape)
         if shape.key() not in self.measured:
             self.measured.append(shape.key())
@@ -502,3 +530,44 @@ def test_a_regularised_step_is_measured_with_its_masks_and_average():
     """A real measurement of a step with dropouts, DropConnect and the weight average."""
     shape = Shape("lstm", 16, 2, 8, 20, 4, 16, 0.5, 0.2, 0.6, True, 0.999)
     assert calibration.measure(shape, CPU, "fp32", seconds=0.01) > 0
+
+
+def test_a_measurement_takes_no_step_after_its_deadline(monkeypatch):
+    """A warm-up that ends past the deadline is the whole measurement (its own speed); without a
+    deadline the warm-up is followed by timed steps."""
+    import time
+
+    from charlstm.model.network import CharRNN
+
+    calls = []
+    forward = CharRNN.forward
+    monkeypatch.setattr(CharRNN, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    shape = Shape("lstm", 16, 1, 8, 20, 4, 16)
+    assert calibration.measure(shape, CPU, "fp32", seconds=0.01, deadline=time.perf_counter()) > 0
+    assert len(calls) == 1
+    calls.clear()
+    calibration.measure(shape, CPU, "fp32", seconds=0.01)
+    assert len(calls) >= 2
+
+
+def test_each_measurement_is_told_the_time_measuring_has_left():
+    """The allowance less what measuring has spent, so that a step that runs long (all threads on
+    a busy machine) ends the measurement; the shape the run trains is measured in full."""
+
+    class Told(Timed):
+        def __init__(self) -> None:
+            super().__init__(measure_seconds=0.3)
+            self.told: list[tuple[float | None, float]] = []
+
+        def speed(self, shape: Shape, seconds_left: float | None = None) -> float:
+            if shape.key() not in self.measured:
+                self.told.append((seconds_left, self.seconds))
+            return super().speed(shape, seconds_left)
+
+    told = Told()
+    _choose(1_000_000, 90.0, calibration=told)
+    allowance = autoconfig.CALIBRATION_SHARE * 90.0
+    assert told.told and all(
+        left is None or left == pytest.approx(allowance - spent) for left, spent in told.told
+    )
+    assert any(left is not None for left, _ in told.told)

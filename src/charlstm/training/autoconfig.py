@@ -131,16 +131,19 @@ class _Speeds:
     import, wakes the second thread for every small operation). So a shape is measured both ways,
     and the run takes the faster thread count for the shape it trains. Measuring costs time the
     run would train in, so: a shape no larger than one where one thread was faster is not timed
-    on all (a larger step shares better, never worse); a shape whose measurement would take
+    on all (a larger step shares better, never worse), nor is any where a probe finds all threads
+    waiting on each other (a busy machine); a shape whose measurement would take
     measuring past `allowance` seconds (its step predicted from a shape already read) is not
-    measured at all (`speed` gives None); and `bound` tells the search which widths cannot fit
-    before they are measured."""
+    measured at all (`speed` gives None), and one that runs past it all the same (all threads
+    of a busy machine can be ten times slower than one, which nothing read predicts) stops after
+    its step; and `bound` tells the search which widths cannot fit before they are measured."""
 
     def __init__(self, calib, threads: int, single, allowance: float | None) -> None:
         self.calib, self.threads, self.single = calib, threads, single
         self.allowance = allowance
         self.read: dict[str, tuple[Shape, float]] = {}  # what this choice read, by calib and key
         self.losers: list[Shape] = []  # shapes where one thread beat all
+        self.stalled: bool | None = None  # all threads wait on each other (probed once)
 
     def _get(self, calib, shape: Shape, name: str, required: bool = False) -> float | None:
         key = f"{name}:{shape.key()}"
@@ -150,7 +153,8 @@ class _Speeds:
         if value is None:
             if not required and not self._affordable(calib, shape, name):
                 return None
-            value = calib.speed(shape)
+            left = None if required or self.allowance is None else self.allowance - self.seconds
+            value = calib.speed(shape, left)
         self.read[key] = (shape, value)
         return value
 
@@ -175,14 +179,24 @@ class _Speeds:
         one = self._get(self.single, shape, "one", required) if self.single is not None else None
         if self.single is not None and one is None:
             return None
-        losing = any(_within(shape, loser) for loser in self.losers)
-        if one is not None and losing and f"all:{shape.key()}" not in self.read:
+        # Not timed on all threads: a step within one where one thread won, or a busy machine.
+        skip = one is not None and f"all:{shape.key()}" not in self.read
+        if skip and (
+            any(_within(shape, loser) for loser in self.losers)
+            or (self.calib.cached(shape) is None and self._stalls(shape))
+        ):
             return one
         many = self._get(self.calib, shape, "all", required and one is None)
         if one is not None and (many is None or one > many):
             self.losers.append(shape)
             return one
         return many
+
+    def _stalls(self, shape: Shape) -> bool:
+        """Whether all threads are too slow to time now (`Calibration.stalls`, probed once)."""
+        if self.stalled is None:
+            self.stalled = self.calib.stalls(shape)
+        return self.stalled
 
     def threads_for(self, shape: Shape) -> int:
         """The faster thread count for `shape`, which `speed` has read: one thread where it was

@@ -30,6 +30,12 @@ from charlstm.hardware import autocast
 CACHE_VERSION = 1
 # How long one shape is timed for at most (after a warm-up step); a short budget asks for less.
 MEASURE_SECONDS = 0.3
+# Before all threads are timed, a step of PROBE_WINDOW time steps on them and on one thread: where
+# all are STALL times slower, they wait on each other (another process holds a core), and a whole
+# step of theirs is not timed. On the 2-core Xeon, busy with other jobs, one warm-up step of a
+# 2×256 LSTM on both threads took 12.3 s (167 characters/s, against 10 k on one thread).
+PROBE_WINDOW = 4
+STALL = 2.0
 
 
 @dataclass(frozen=True)
@@ -138,10 +144,14 @@ def measure(
     precision: str,
     seconds: float = MEASURE_SECONDS,
     steps: int = 10,
+    deadline: float | None = None,
 ) -> float:
     """Characters per second of real training steps of `shape`: one warm-up step, then steps
     until `seconds` have passed or `steps` were taken (at least one: a wide shape's step can
-    take longer than `seconds`, and the warm-up has already paid for its first)."""
+    take longer than `seconds`, and the warm-up has already paid for its first). No step starts
+    after `deadline` (a `time.perf_counter()` value): a warm-up that ends past it gives its own
+    speed, a low figure (it pays for first-call set-up), which is what a machine that busy or
+    that slow earns."""
     cfg = ModelConfig(
         cell=shape.cell,
         hidden_size=shape.hidden_size,
@@ -183,11 +193,16 @@ def measure(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
+        warm = time.perf_counter()
         step()
         done, start = 0, time.perf_counter()
-        while done < 1 or (done < steps and time.perf_counter() - start < seconds):
+        late = deadline is not None and start >= deadline
+        if late:  # the warm-up's own speed
+            done, start = 1, warm
+        while not late and (done < 1 or (done < steps and time.perf_counter() - start < seconds)):
             step()
             done += 1
+            late = deadline is not None and time.perf_counter() >= deadline
         elapsed = time.perf_counter() - start
     finally:
         torch.set_rng_state(rng_state)
@@ -207,21 +222,44 @@ class Calibration:
         self.measured: list[str] = []  # the shapes measured now (not from the cache)
         self.seconds = 0.0  # time spent measuring
 
+    def stalls(self, shape: Shape) -> bool:
+        """Whether this calibration's threads train `shape` STALL times slower than one thread
+        does right now, from a probe of PROBE_WINDOW time steps (a few milliseconds; never
+        cached: it is the machine's state, not its speed)."""
+        if self.threads == 1:
+            return False
+        start = time.perf_counter()
+        probe = replace(shape.plain(), seq_len=PROBE_WINDOW)
+        before = torch.get_num_threads()
+        try:
+            speeds = []
+            for threads in (1, self.threads):
+                torch.set_num_threads(threads)
+                speeds.append(measure(probe, self.device, self.precision, seconds=0.0, steps=1))
+        finally:
+            torch.set_num_threads(before)
+            self.seconds += time.perf_counter() - start
+        return speeds[1] * STALL < speeds[0]
+
     def cached(self, shape: Shape) -> float | None:
         """The speed of `shape` if it is known without measuring it."""
         value = _read_cache(self.path).get(self.machine, {}).get(shape.key())
         return float(value) if isinstance(value, int | float) and value > 0 else None
 
-    def speed(self, shape: Shape) -> float:
-        """Characters per second of training `shape` here."""
+    def speed(self, shape: Shape, seconds_left: float | None = None) -> float:
+        """Characters per second of training `shape` here; a measurement stops within about a
+        step of `seconds_left` (see `measure`)."""
         cached = self.cached(shape)
         if cached is not None:
             return cached
+        deadline = None if seconds_left is None else time.perf_counter() + seconds_left
         start = time.perf_counter()
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # measured with the thread count it is cached under
         try:
-            value = measure(shape, self.device, self.precision, seconds=self.measure_seconds)
+            value = measure(
+                shape, self.device, self.precision, seconds=self.measure_seconds, deadline=deadline
+            )
         finally:
             torch.set_num_threads(before)
         self.seconds += time.perf_counter() - start
