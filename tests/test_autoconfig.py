@@ -40,6 +40,9 @@ class FakeCalibration:
     def stalls(self, shape: Shape) -> bool:
         return False
 
+    def start_up(self) -> float:
+        return 0.0
+
     def speed(self, shape: Shape, seconds_left: float | None = None) -> float:
         self.asked.append(shape)
         params = autoconfig.parameters(
@@ -256,8 +259,7 @@ def test_a_short_budget_times_each_shape_for_less(tmp_path, monkeypatch, budget,
     asked = []
 
     def fake_measure(shape, device, precision, **kw):
-        if shape.seq_len != calibration.PROBE_WINDOW:  # the probe of all threads is one step
-            asked.append(kw["seconds"])
+        asked.append(kw["seconds"])
         return 50_000.0
 
     monkeypatch.setattr(calibration, "measure", fake_measure)
@@ -267,18 +269,21 @@ def test_a_short_budget_times_each_shape_for_less(tmp_path, monkeypatch, budget,
 
 
 def test_all_threads_are_not_timed_where_a_probe_finds_them_waiting(tmp_path, monkeypatch):
-    """A busy machine: all threads train a short probe ten times slower than one. No step of
-    theirs is timed, and the run takes one thread; on a quiet machine they are timed."""
+    """A busy machine: all threads compute the probe's products ten times slower than one. No
+    step of theirs is timed, and the run takes one thread; on a quiet machine they are timed."""
     monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path))
     timed = []
 
     def fake_measure(shape, device, precision, **kw):
-        threads = torch.get_num_threads()
-        if shape.seq_len != calibration.PROBE_WINDOW:
-            timed.append(threads)
-        return 50_000.0 / (10 if threads > 1 and busy else 1)
+        timed.append(torch.get_num_threads())
+        return 50_000.0
+
+    def fake_products(h, w, device, limit):
+        many = torch.get_num_threads() > 1
+        return min(limit, 1e-3 * (10 if many and busy else 1)) + (1e-9 if many and busy else 0)
 
     monkeypatch.setattr(calibration, "measure", fake_measure)
+    monkeypatch.setattr(calibration, "_time_products", fake_products)
     config = RunConfig().replace(max_time=100.0)
     busy = True
     choice = autoconfig.choose(config, set(), 100_000, 10_000, 80, CPU, "fp32", 2)
@@ -288,6 +293,32 @@ def test_all_threads_are_not_timed_where_a_probe_finds_them_waiting(tmp_path, mo
     monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path / "quiet"))
     autoconfig.choose(config, set(), 100_000, 10_000, 80, CPU, "fp32", 2)
     assert 2 in timed
+
+
+def test_the_probe_tells_a_busy_machine_from_a_quiet_one(monkeypatch):
+    """The real probe: products that take as long on all threads as on one do not stall; ten
+    times as long do, and the probe stops at twice."""
+    import time
+
+    calls = []
+
+    def fake_products(h, w, device, limit):
+        calls.append(limit)
+        return 1e-3 if torch.get_num_threads() == 1 else min(limit, ratio * 1e-3) + 1e-9
+
+    monkeypatch.setattr(calibration, "_time_products", fake_products)
+    calib = Calibration(CPU, "fp32", 2)
+    shape = Shape("lstm", 32, 1, 8, 20, 4, 16)
+    ratio = 1.0
+    assert not calib.stalls(shape)
+    ratio = 10.0
+    assert calib.stalls(shape)
+    assert calls[-1] == pytest.approx(calibration.STALL * 1e-3)
+    assert not Calibration(CPU, "fp32", 1).stalls(shape)  # one thread has nothing to wait for
+    start = time.perf_counter()
+    monkeypatch.undo()
+    Calibration(CPU, "fp32", 2).stalls(shape)  # and for real, in well under a second
+    assert time.perf_counter() - start < 1.0
 
 
 def test_a_damaged_cache_is_measured_again_not_an_error(tmp_path, monkeypatch):
@@ -571,3 +602,22 @@ def test_each_measurement_is_told_the_time_measuring_has_left():
         left is None or left == pytest.approx(allowance - spent) for left, spent in told.told
     )
     assert any(left is not None for left, _ in told.told)
+
+
+def test_starting_torch_is_counted_against_the_budget_but_not_as_measuring():
+    """Adam's first step in a process imports torch._dynamo (seconds): a run pays it whether it
+    measures or not, so it is said apart, counted in the time the choice took, and leaves the
+    allowance to the measurements."""
+
+    class Starting(Timed):
+        def start_up(self) -> float:
+            self.started = getattr(self, "started", 0) + 1
+            return 3.0 if self.started == 1 else 0.0
+
+    plain, starting = Timed(), Starting()
+    a = _choose(1_000_000, 90.0, calibration=plain)
+    b = _choose(1_000_000, 90.0, calibration=starting)
+    assert starting.measured == plain.measured  # the same measurements, within the same share
+    assert b.seconds == pytest.approx(a.seconds + 3.0)
+    assert "after 3.0 s of starting torch)" in b.explanation
+    assert "starting torch" not in a.explanation

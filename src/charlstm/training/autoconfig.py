@@ -119,7 +119,7 @@ class Choice:
 
     config: RunConfig
     explanation: str
-    seconds: float  # spent measuring (counted against the budget)
+    seconds: float  # spent measuring and starting torch up (counted against the budget)
 
 
 class _Speeds:
@@ -144,6 +144,7 @@ class _Speeds:
         self.read: dict[str, tuple[Shape, float]] = {}  # what this choice read, by calib and key
         self.losers: list[Shape] = []  # shapes where one thread beat all
         self.stalled: bool | None = None  # all threads wait on each other (probed once)
+        self.start_up = 0.0  # torch's first training step in this process, before measuring
 
     def _get(self, calib, shape: Shape, name: str, required: bool = False) -> float | None:
         key = f"{name}:{shape.key()}"
@@ -153,6 +154,8 @@ class _Speeds:
         if value is None:
             if not required and not self._affordable(calib, shape, name):
                 return None
+            if not self.measured:
+                self.start_up += calib.start_up()
             left = None if required or self.allowance is None else self.allowance - self.seconds
             value = calib.speed(shape, left)
         self.read[key] = (shape, value)
@@ -507,5 +510,8 @@ def choose(
         + f", {sched}, eval every {new.train.eval_interval}"
     )
     if speeds.measured:
-        explanation += f" (calibrated {len(speeds.measured)} shapes in {speeds.seconds:.1f} s)"
-    return Choice(new, explanation, speeds.seconds)
+        explanation += f" (calibrated {len(speeds.measured)} shapes in {speeds.seconds:.1f} s"
+        if speeds.start_up >= 0.05:
+            explanation += f", after {speeds.start_up:.1f} s of starting torch"
+        explanation += ")"
+    return Choice(new, explanation, speeds.seconds + speeds.start_up)

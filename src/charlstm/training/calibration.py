@@ -14,6 +14,7 @@ figure, not on how busy the machine was the second time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -30,11 +31,13 @@ from charlstm.hardware import autocast
 CACHE_VERSION = 1
 # How long one shape is timed for at most (after a warm-up step); a short budget asks for less.
 MEASURE_SECONDS = 0.3
-# Before all threads are timed, a step of PROBE_WINDOW time steps on them and on one thread: where
-# all are STALL times slower, they wait on each other (another process holds a core), and a whole
-# step of theirs is not timed. On the 2-core Xeon, busy with other jobs, one warm-up step of a
-# 2×256 LSTM on both threads took 12.3 s (167 characters/s, against 10 k on one thread).
-PROBE_WINDOW = 4
+# Before all threads are timed, PROBE_PRODUCTS of the recurrent layer's product for one time step
+# ((batch, hidden) × (hidden, 4·hidden) for an LSTM) on one thread, then on all: where all take
+# STALL times as long, they wait on each other (another process holds a core, or the step is too
+# small to share), and no step of theirs is timed. On the 2-core Xeon, busy with other jobs, one
+# warm-up step of a 2×256 LSTM on both threads took 12.3 s (167 characters/s, against 10 k on
+# one thread).
+PROBE_PRODUCTS = 20
 STALL = 2.0
 
 
@@ -152,6 +155,18 @@ def measure(
     after `deadline` (a `time.perf_counter()` value): a warm-up that ends past it gives its own
     speed, a low figure (it pays for first-call set-up), which is what a machine that busy or
     that slow earns."""
+    return _train_steps(shape, device, precision, seconds, steps, deadline)
+
+
+def _train_steps(
+    shape: Shape,
+    device: torch.device,
+    precision: str,
+    seconds: float,
+    steps: int,
+    deadline: float | None,
+) -> float:
+    """`measure`'s work (tests replace `measure`; `start_up` must take a real step)."""
     cfg = ModelConfig(
         cell=shape.cell,
         hidden_size=shape.hidden_size,
@@ -209,6 +224,41 @@ def measure(
     return done * shape.batch_size * shape.seq_len / max(elapsed, 1e-9)
 
 
+_started = False  # whether this process has taken a training step (see `start_up`)
+
+
+def start_up(device: torch.device, precision: str) -> float:
+    """Take this process's first training step, on a tiny model, and return its seconds (0 when
+    one was taken before). Adam's first step imports torch._dynamo, 1.5-9 s on the 2-core Xeon
+    depending on how busy it is: a cost of starting torch that the run's own first step pays
+    when nothing is measured, and that is no shape's speed."""
+    global _started
+    if _started:
+        return 0.0
+    start = time.perf_counter()
+    _train_steps(Shape("lstm", 8, 1, 4, 8, 1, 2), device, precision, 0.0, 1, None)
+    _started = True
+    return time.perf_counter() - start
+
+
+def _time_products(h: torch.Tensor, w: torch.Tensor, device: torch.device, limit: float) -> float:
+    """Seconds for PROBE_PRODUCTS products h @ w after one untimed one, or the time taken so far
+    once it passes `limit`."""
+
+    def product() -> None:
+        h @ w
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    product()
+    start = time.perf_counter()
+    for _ in range(PROBE_PRODUCTS):
+        product()
+        if time.perf_counter() - start > limit:
+            break
+    return time.perf_counter() - start
+
+
 class Calibration:
     """Training speeds of shapes on one machine, measured on first use and cached on disk."""
 
@@ -222,24 +272,32 @@ class Calibration:
         self.measured: list[str] = []  # the shapes measured now (not from the cache)
         self.seconds = 0.0  # time spent measuring
 
+    def start_up(self) -> float:
+        """`start_up` on this calibration's device: torch's first training step in the process."""
+        return start_up(self.device, self.precision)
+
     def stalls(self, shape: Shape) -> bool:
-        """Whether this calibration's threads train `shape` STALL times slower than one thread
-        does right now, from a probe of PROBE_WINDOW time steps (a few milliseconds; never
-        cached: it is the machine's state, not its speed)."""
+        """Whether this calibration's threads compute `shape`'s recurrent product STALL times
+        slower than one thread does right now (never cached: it is the machine's state, not its
+        speed). The probe on all threads stops as soon as it is that slow, so a busy machine
+        costs it a few of its products, a quiet one well under a millisecond."""
         if self.threads == 1:
             return False
         start = time.perf_counter()
-        probe = replace(shape.plain(), seq_len=PROBE_WINDOW)
+        gates = {"lstm": 4, "gru": 3, "rnn": 1}.get(shape.cell, 4) * shape.hidden_size
+        h = torch.randn(shape.batch_size, shape.hidden_size, device=self.device)
+        w = torch.randn(shape.hidden_size, gates, device=self.device)
         before = torch.get_num_threads()
         try:
-            speeds = []
-            for threads in (1, self.threads):
-                torch.set_num_threads(threads)
-                speeds.append(measure(probe, self.device, self.precision, seconds=0.0, steps=1))
+            with torch.no_grad(), autocast(self.device, self.precision):
+                torch.set_num_threads(1)
+                one = _time_products(h, w, self.device, math.inf)
+                torch.set_num_threads(self.threads)
+                many = _time_products(h, w, self.device, STALL * one)
         finally:
             torch.set_num_threads(before)
             self.seconds += time.perf_counter() - start
-        return speeds[1] * STALL < speeds[0]
+        return many > STALL * one
 
     def cached(self, shape: Shape) -> float | None:
         """The speed of `shape` if it is known without measuring it."""
