@@ -43,6 +43,9 @@ class FakeCalibration:
     def start_up(self) -> float:
         return 0.0
 
+    def own_speed(self, shape: Shape, seconds_left: float | None = None) -> float:
+        return self.speed(shape, seconds_left)
+
     def speed(self, shape: Shape, seconds_left: float | None = None) -> float:
         self.asked.append(shape)
         params = autoconfig.parameters(
@@ -558,9 +561,32 @@ def test_a_plain_step_keeps_its_cache_key_and_a_regularised_one_has_its_own():
 
 
 def test_a_regularised_step_is_measured_with_its_masks_and_average():
-    """A real measurement of a step with dropouts, DropConnect and the weight average."""
+    """A real measurement of a step with dropouts, DropConnect and the weight average, alone and
+    against its plain step in turn; neither changes the random stream."""
     shape = Shape("lstm", 16, 2, 8, 20, 4, 16, 0.5, 0.2, 0.6, True, 0.999)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
     assert calibration.measure(shape, CPU, "fp32", seconds=0.01) > 0
+    assert 0 < calibration.measure_relative(shape, CPU, "fp32", seconds=0.01)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_own_step_is_its_plain_speed_times_how_much_slower_it_ran_beside_it(
+    tmp_path, monkeypatch
+):
+    """The plain speed comes from the cache when it is there; the ratio is timed now, the two
+    steps in turn; the product is cached under the regularised step's own key."""
+    monkeypatch.setenv("CHARLSTM_CACHE", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(calibration, "measure", lambda s, *a, **k: measured.append(s) or 1000.0)
+    monkeypatch.setattr(calibration, "measure_relative", lambda s, *a, **k: 0.8)
+    own = Shape("lstm", 32, 1, 8, 20, 4, 16, 0.2, 0.05, 0.1, True)
+    calib = Calibration(CPU, "fp32", 1)
+    assert calib.own_speed(own) == pytest.approx(800.0)
+    assert measured == [own.plain()] and calib.measured == [own.plain().key(), own.key()]
+    again = Calibration(CPU, "fp32", 1)
+    assert again.own_speed(own) == 800.0 and again.measured == []  # both cached
 
 
 def test_a_measurement_takes_no_step_after_its_deadline(monkeypatch):

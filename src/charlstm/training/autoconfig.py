@@ -161,9 +161,10 @@ class _Speeds:
         self.read[key] = (shape, value)
         return value
 
-    def _affordable(self, calib, shape: Shape, name: str) -> bool:
-        """Whether measuring `shape` should end within the allowance: a warm-up step and at most
-        two more (a slow step is timed once), besides the time each measurement is given."""
+    def _affordable(self, calib, shape: Shape, name: str, times: int = 1) -> bool:
+        """Whether measuring `shape` (`times` steps a round) should end within the allowance: a
+        warm-up step and at most two more (a slow step is timed once), besides the time each
+        measurement is given."""
         if self.allowance is None:
             return True
         known = [  # shapes already read with the same thread count, the one thread's otherwise
@@ -173,7 +174,7 @@ class _Speeds:
         if known:
             ref, ref_speed = min(known, key=lambda sv: abs(sv[0].hidden_size - shape.hidden_size))
             step = _step_work(shape) / _step_work(ref) * _chars(ref) / ref_speed
-        return self.seconds + calib.measure_seconds + 3 * step <= self.allowance
+        return self.seconds + calib.measure_seconds + 3 * times * step <= self.allowance
 
     def speed(self, shape: Shape, required: bool = False) -> float | None:
         """Characters per second of `shape` on the faster thread count; None where it would have
@@ -223,9 +224,21 @@ class _Speeds:
 
     def own(self, shape: Shape, threads: int) -> float | None:
         """The speed of the chosen configuration's own step (`shape` with its regularisation) on
-        `threads`; None where the allowance leaves no time to measure it."""
+        `threads` (`Calibration.own_speed`); None where the allowance leaves no time for it."""
         one = threads == 1 and self.single is not None
-        return self._get(self.single if one else self.calib, shape, "one" if one else "all")
+        calib, name = (self.single, "one") if one else (self.calib, "all")
+        key = f"{name}:{shape.key()}"
+        if key in self.read:
+            return self.read[key][1]
+        value = calib.cached(shape)
+        if value is None:
+            # Its own and its plain step, in turn: about twice a plain measurement.
+            if not self._affordable(calib, shape, name, 2):
+                return None
+            left = None if self.allowance is None else self.allowance - self.seconds
+            value = calib.own_speed(shape, left)
+        self.read[key] = (shape, value)
+        return value
 
     @property
     def seconds(self) -> float:

@@ -18,6 +18,8 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -158,15 +160,9 @@ def measure(
     return _train_steps(shape, device, precision, seconds, steps, deadline)
 
 
-def _train_steps(
-    shape: Shape,
-    device: torch.device,
-    precision: str,
-    seconds: float,
-    steps: int,
-    deadline: float | None,
-) -> float:
-    """`measure`'s work (tests replace `measure`; `start_up` must take a real step)."""
+def _trainer(shape: Shape, device: torch.device, precision: str) -> Callable[[], None]:
+    """One real training step of `shape` (forward, backward, clipping, Adam, the weight average)
+    on random ids, as a function to call repeatedly."""
     cfg = ModelConfig(
         cell=shape.cell,
         hidden_size=shape.hidden_size,
@@ -180,48 +176,101 @@ def _train_steps(
     )
     from charlstm.model import CharRNN, detach_hidden
 
-    rng_state = torch.get_rng_state()  # measuring must not change the run's random stream
-    try:
-        gen = torch.Generator().manual_seed(0)
-        model = CharRNN(cfg).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        x = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), generator=gen)
-        y = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), generator=gen)
-        x, y = x.to(device), y.to(device)
-        hidden = None
-        # The weight average as the loop keeps it (a lerp of every weight a step), from a copy.
-        average = [p.detach().clone() for p in model.parameters()] if shape.ema else None
+    gen = torch.Generator().manual_seed(0)
+    model = CharRNN(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), generator=gen)
+    y = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), generator=gen)
+    x, y = x.to(device), y.to(device)
+    hidden = None
+    # The weight average as the loop keeps it (a lerp of every weight a step), from a copy.
+    average = [p.detach().clone() for p in model.parameters()] if shape.ema else None
 
-        def step() -> None:
-            nonlocal hidden
-            with autocast(device, precision):
-                logits, hidden = model(x, hidden)
-            loss = F.cross_entropy(logits.float().reshape(-1, shape.vocab_size), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if average is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(average, list(model.parameters()), 1.0 - shape.ema)
-            hidden = detach_hidden(hidden)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+    def step() -> None:
+        nonlocal hidden
+        with autocast(device, precision):
+            logits, hidden = model(x, hidden)
+        loss = F.cross_entropy(logits.float().reshape(-1, shape.vocab_size), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if average is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(average, list(model.parameters()), 1.0 - shape.ema)
+        hidden = detach_hidden(hidden)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-        warm = time.perf_counter()
+    return step
+
+
+def _timed_steps(
+    steps_of: list[Callable[[], None]], seconds: float, steps: int, deadline: float | None
+) -> list[float]:
+    """Seconds each of `steps_of` took over the same rounds: a warm-up step of each, then rounds
+    of one step of each in turn until `seconds` have passed or `steps` rounds were taken (at
+    least one), none started after `deadline` (a warm-up that ends past it is the timing)."""
+    warm = []
+    for step in steps_of:
+        start = time.perf_counter()
         step()
-        done, start = 0, time.perf_counter()
-        late = deadline is not None and start >= deadline
-        if late:  # the warm-up's own speed
-            done, start = 1, warm
-        while not late and (done < 1 or (done < steps and time.perf_counter() - start < seconds)):
+        warm.append(time.perf_counter() - start)
+    if deadline is not None and time.perf_counter() >= deadline:
+        return warm
+    spent, done = [0.0] * len(steps_of), 0
+    while done < 1 or (done < steps and sum(spent) < seconds):
+        for i, step in enumerate(steps_of):
+            start = time.perf_counter()
             step()
-            done += 1
-            late = deadline is not None and time.perf_counter() >= deadline
-        elapsed = time.perf_counter() - start
+            spent[i] += time.perf_counter() - start
+        done += 1
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
+    return [t / done for t in spent]
+
+
+@contextmanager
+def _rng_kept() -> Iterator[None]:
+    """Measuring must not change the run's random stream (weights drawn, masks, ids)."""
+    state = torch.get_rng_state()
+    try:
+        yield
     finally:
-        torch.set_rng_state(rng_state)
-    return done * shape.batch_size * shape.seq_len / max(elapsed, 1e-9)
+        torch.set_rng_state(state)
+
+
+def _train_steps(
+    shape: Shape,
+    device: torch.device,
+    precision: str,
+    seconds: float,
+    steps: int,
+    deadline: float | None,
+) -> float:
+    """`measure`'s work (tests replace `measure`; `start_up` must take a real step)."""
+    with _rng_kept():
+        step = _trainer(shape, device, precision)
+        (step_seconds,) = _timed_steps([step], seconds, steps, deadline)
+    return shape.batch_size * shape.seq_len / max(step_seconds, 1e-9)
+
+
+def measure_relative(
+    shape: Shape,
+    device: torch.device,
+    precision: str,
+    seconds: float = MEASURE_SECONDS,
+    steps: int = 10,
+    deadline: float | None = None,
+) -> float:
+    """How fast `shape` (with its regularisation) trains relative to its plain step (below 1:
+    slower), their steps timed in turn, so that a machine whose load changes between two
+    measurements does not skew it: on the busy Xeon a 1×768 step with its dropouts, timed a
+    minute after the plain one, read 0.42 of it, and 0.93-1.0 when the two were timed together."""
+    with _rng_kept():
+        both = [_trainer(s, device, precision) for s in (shape, shape.plain())]
+        own, plain = _timed_steps(both, seconds, steps, deadline)
+    return plain / max(own, 1e-9)
 
 
 _started = False  # whether this process has taken a training step (see `start_up`)
@@ -299,6 +348,24 @@ class Calibration:
             self.seconds += time.perf_counter() - start
         return many > STALL * one
 
+    def own_speed(self, shape: Shape, seconds_left: float | None = None) -> float:
+        """Characters per second of `shape` with its regularisation: its plain step's speed
+        (`speed`, usually cached) times `measure_relative`, cached under its own key."""
+        cached = self.cached(shape)
+        if cached is not None:
+            return cached
+        spent = self.seconds
+        plain = self.speed(shape.plain(), seconds_left)
+        left = None if seconds_left is None else seconds_left - (self.seconds - spent)
+
+        def relative(deadline: float | None) -> float:
+            ratio = measure_relative(
+                shape, self.device, self.precision, self.measure_seconds, deadline=deadline
+            )
+            return plain * ratio
+
+        return self._timed(shape, left, relative)
+
     def cached(self, shape: Shape) -> float | None:
         """The speed of `shape` if it is known without measuring it."""
         value = _read_cache(self.path).get(self.machine, {}).get(shape.key())
@@ -310,14 +377,25 @@ class Calibration:
         cached = self.cached(shape)
         if cached is not None:
             return cached
+
+        def plain(deadline: float | None) -> float:
+            return measure(
+                shape, self.device, self.precision, seconds=self.measure_seconds, deadline=deadline
+            )
+
+        return self._timed(shape, seconds_left, plain)
+
+    def _timed(
+        self, shape: Shape, seconds_left: float | None, how: Callable[[float | None], float]
+    ) -> float:
+        """`how(deadline)`'s figure for `shape`, measured on this calibration's thread count,
+        counted in `seconds` and `measured`, and cached."""
         deadline = None if seconds_left is None else time.perf_counter() + seconds_left
         start = time.perf_counter()
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # measured with the thread count it is cached under
         try:
-            value = measure(
-                shape, self.device, self.precision, seconds=self.measure_seconds, deadline=deadline
-            )
+            value = how(deadline)
         finally:
             torch.set_num_threads(before)
         self.seconds += time.perf_counter() - start
