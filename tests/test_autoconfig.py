@@ -647,3 +647,16 @@ def test_starting_torch_is_counted_against_the_budget_but_not_as_measuring():
     assert b.seconds == pytest.approx(a.seconds + 3.0)
     assert "after 3.0 s of starting torch)" in b.explanation
     assert "starting torch" not in a.explanation
+
+
+def test_the_own_steps_ratio_is_timed_over_several_rounds_of_both_steps():
+    """A warm-up of each, then RELATIVE_ROUNDS rounds of one step of each in turn, however short
+    the time given: the ratio is one figure, and one step of a wide model is noise."""
+    calls: list[str] = []
+    steps = [lambda: calls.append("own"), lambda: calls.append("plain")]
+    timed = calibration._timed_steps(steps, 0.0, 10, None, least=calibration.RELATIVE_ROUNDS)
+    assert len(timed) == 2
+    assert calls == ["own", "plain"] * (1 + calibration.RELATIVE_ROUNDS)
+    calls.clear()
+    calibration._timed_steps(steps, 0.0, 10, 0.0, least=calibration.RELATIVE_ROUNDS)
+    assert calls == ["own", "plain"]  # past the deadline: the warm-ups are the timing

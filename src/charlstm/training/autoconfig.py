@@ -99,7 +99,13 @@ WIDE_FROM = 512
 # speed stands in at DECAY_EFFICIENCY, the share small regularised runs reached of it (0.66-0.78).
 DECAY_EFFICIENCY = 0.65
 DECAY_EFFICIENCY_PLAIN = 0.95
-DECAY_EFFICIENCY_OWN = 0.9
+# Rules v8, on the busy 2-core Xeon: regularised runs took 0.94-1.44 of their own step's timed
+# speed over the time left after evaluations (onegin-ru 0.94, byron-ru 1.18, a 1×768 run 1.41 and
+# 1.44, whose short timing had read its own step at 0.73-0.77 of the plain one against 0.89 over
+# twelve steps). So the own step gets the plain step's share: a run reaches its own step's speed,
+# regularised or not, and the rate idling at its floor costs more than a cosine a few percent
+# short of its end at the deadline (the clock takes over a tenth of the budget behind).
+DECAY_EFFICIENCY_OWN = 0.95
 EVAL_SHARE = 0.1  # the most of the time scheduled evaluations may take
 # The most of a budget that measuring may take on a machine seen for the first time: a shape whose
 # measurement would go past it is not measured (the search stops at the widest width known to
