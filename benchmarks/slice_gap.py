@@ -10,7 +10,11 @@ For each run folder this prints:
   of each stream), and how much a slice of each shape moves with where its stretches sit: the
   standard deviation of its figure over 200 random shifts of its evenly spaced stretches, read
   off the full pass's per-character losses (so without the warm-up, whose effect the first
-  figures include).
+  figures include);
+- how much a stretch read after W characters of warm-up reads above the full pass's figure for
+  the same characters, for W from 0 to 128 (`warmup_bias`);
+- with ``--timing``, the seconds each slice takes on these weights, the two in turn, medians of 7
+  (a ratio, since a busy machine moves both).
 
     python benchmarks/slice_gap.py RUN [RUN ...]
 """
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +52,37 @@ def placement_spread(losses: np.ndarray, stretches: int, length: int, rng) -> fl
     return float(np.std(means))
 
 
-def measure(run: str) -> dict:
+def warmup_bias(model, ids, starts, precision, losses: np.ndarray, chars: int) -> dict:
+    """For each warm-up W: the spread slice read after W characters, less the full pass's figure
+    for the same scored characters (the context a fresh state lacks)."""
+    kept = evaluation.SLICE_WARMUP
+    bias = {}
+    try:
+        for warmup in (0, 16, 32, 64, 128):
+            evaluation.SLICE_WARMUP = warmup
+            reading = evaluation.spread_slice(len(ids), chars)
+            if reading is None:
+                continue
+            scored = reading.starts[:, None] + np.arange(warmup, reading.length)[None, :]
+            figure = evaluate_ids(model, ids, reading=reading, starts=starts, precision=precision)
+            bias[warmup] = figure - float(np.nanmean(losses[scored]))
+    finally:
+        evaluation.SLICE_WARMUP = kept
+    return bias
+
+
+def slice_seconds(model, ids, starts, precision, readings: dict) -> dict:
+    """Median seconds of each reading, the readings in turn, 7 rounds."""
+    times: dict[str, list[float]] = {name: [] for name in readings}
+    for _ in range(7):
+        for name, reading in readings.items():
+            start = time.perf_counter()
+            evaluate_ids(model, ids, reading=reading, starts=starts, precision=precision)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure(run: str, timing: bool = False) -> dict:
     """One run's row: its records' figures, and the slices' figures on its best/ weights."""
     records = read_records(Path(run) / "metrics.jsonl")
     final = records[-1]
@@ -67,7 +103,7 @@ def measure(run: str) -> dict:
     heads = evaluation.stream_heads(len(ids), streams, chars)
     losses = char_losses(model.model, ids, n_streams=streams, starts=starts, precision=precision)
     rng = np.random.default_rng(0)
-    return {
+    row = {
         "run": run,
         "split": len(ids),
         "last_scheduled": {
@@ -89,16 +125,22 @@ def measure(run: str) -> dict:
             if heads is None
             else placement_spread(losses, len(heads.starts), heads.length, rng),
         },
+        "warmup_bias": warmup_bias(model.model, ids, starts, precision, losses, chars),
     }
+    if timing and spread is not None and heads is not None:
+        readings = {"spread": spread, "heads": heads}
+        row["seconds"] = slice_seconds(model.model, ids, starts, precision, readings)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders")
+    ap.add_argument("--timing", action="store_true", help="also time the two slices, in turn")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for run in args.runs:
-        print(json.dumps(measure(run)))
+        print(json.dumps(measure(run, args.timing)))
 
 
 if __name__ == "__main__":
