@@ -21,24 +21,28 @@ def test_the_last_final_record_decides(tmp_path):
         {"step": 100, "val_loss": 1.75, "best_val_loss": 1.6, "final": True},
         torn='{"step": 110, "val',
     )
-    assert outcome(f) == {"best_val_loss": 1.6, "steps": 100}
+    assert outcome(f) == {"best_val_loss": 1.6, "steps": 100, "val_scope": "full"}
 
 
 def test_a_final_record_without_a_best_gives_its_own_loss(tmp_path):
     f = tmp_path / "metrics.jsonl"
     _write(f, {"step": 10, "val_loss": 2.5}, {"step": 20, "val_loss": 2.25, "final": True})
-    assert outcome(f) == {"best_val_loss": 2.25, "steps": 20}
+    assert outcome(f) == {"best_val_loss": 2.25, "steps": 20, "val_scope": "full"}
 
 
-def test_a_run_stopped_before_its_end_gives_its_best_evaluation(tmp_path):
+def test_a_run_stopped_before_its_end_gives_its_best_evaluation_and_what_it_read(tmp_path):
+    """Before its end a run has only scheduled figures: the best one, and whether it was of a
+    slice (unknown for records older than the key)."""
     f = tmp_path / "metrics.jsonl"
     _write(
         f,
-        {"step": 25, "val_loss": 3.0},
-        {"step": 50, "val_loss": 2.5},
-        {"step": 75, "val_loss": 2.75},
+        {"step": 25, "val_loss": 3.0, "val_scope": "slice"},
+        {"step": 50, "val_loss": 2.5, "val_scope": "slice"},
+        {"step": 75, "val_loss": 2.75, "val_scope": "slice"},
     )
-    assert outcome(f) == {"best_val_loss": 2.5, "steps": 75}
+    assert outcome(f) == {"best_val_loss": 2.5, "steps": 75, "val_scope": "slice"}
+    _write(f, {"step": 25, "val_loss": 3.0}, {"step": 50, "val_loss": 2.5})
+    assert outcome(f) == {"best_val_loss": 2.5, "steps": 50, "val_scope": None}
 
 
 def test_no_evaluation_is_an_error_not_a_figure(tmp_path):

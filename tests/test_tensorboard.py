@@ -101,6 +101,29 @@ def test_event_files_hold_the_metrics_and_the_samples(tmp_path, corpus) -> None:
     assert texts(board) == [(s, tensorboard.as_markdown(text)) for s, text in samples]
 
 
+def test_slice_figures_are_drawn_apart_from_the_full_pass(tmp_path, corpus, monkeypatch) -> None:
+    """Scheduled evaluations that read a slice of the split draw their own curves
+    (loss/validation_slice); loss/validation holds full passes only: here the final one, at the
+    step of the last scheduled evaluation, which the other curves do not draw twice."""
+    from charlstm.model import evaluation
+
+    monkeypatch.setattr(evaluation, "SLICE_STRETCH", 8)
+    monkeypatch.setattr(evaluation, "SLICE_WARMUP", 4)
+    run = make_run(tmp_path / "poems", corpus, eval_chars=32, tensorboard=str(tmp_path / "tb"))
+    board = read_board(tmp_path / "tb" / "poems")
+    records = read_metrics(run)
+    scheduled, final = records[:-1], records[-1]
+    assert {r["val_scope"] for r in scheduled} == {"slice"} and final["val_scope"] == "full"
+    slice_tags = {"loss/validation_slice", "bits_per_char/validation_slice"}
+    assert set(board.Tags()["scalars"]) == SCALAR_TAGS | slice_tags
+    assert_close(
+        scalars(board, "loss/validation_slice"), [(r["step"], r["val_loss"]) for r in scheduled]
+    )
+    assert_close(scalars(board, "loss/validation"), [(20, final["val_loss"])])
+    assert_close(scalars(board, "bits_per_char/validation"), [(20, final["val_bpc"])])
+    assert [s for s, _ in scalars(board, "optim/learning_rate")] == [5, 10, 15, 20]
+
+
 @pytest.mark.slow
 def test_a_resumed_run_shows_each_evaluation_once_and_trains_as_if_uninterrupted(
     tmp_path, corpus

@@ -2,6 +2,7 @@
 the validation slice and the final full pass."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,13 @@ from charlstm.config import ModelConfig
 from charlstm.data.batching import stream_layout
 from charlstm.errors import NonFiniteLoss, UserError
 from charlstm.model import CharRNN, evaluation
-from charlstm.model.evaluation import loss_sums, slice_columns, streams_for
+from charlstm.model.evaluation import (
+    Stretches,
+    loss_sums,
+    spread_slice,
+    stream_heads,
+    streams_for,
+)
 from charlstm.training.orchestrate import resume_config, train
 from tests.helpers import (
     CORPUS_TEXT,
@@ -114,6 +121,28 @@ def test_resume_refuses_model_changes(trained_run):
         resume_config(trained_run, {"hidden_size": 32})
 
 
+def test_a_run_resumed_with_more_time_decays_over_its_new_budget(corpus, tmp_path):
+    """The cosine's decay_steps follow --max-time on resume: twice the time, twice the steps, so
+    a run that ended at the floor rate goes on from the middle of its cosine instead of idling
+    there; --decay-steps given again wins, and the same budget changes nothing."""
+    config = tiny_config(
+        corpus, schedule="cosine", lr=1e-2, min_lr=1e-3, decay_steps=8, max_time=1000.0
+    )
+    run = train(config.replace(max_steps=10), tmp_path / "run", progress=False)
+    assert read_metrics(run)[-1]["lr"] == pytest.approx(1e-3)  # its last steps at the floor
+    assert resume_config(run, {"max_steps": 20}).optim.decay_steps == 8
+    assert resume_config(run, {"max_time": 500.0}).optim.decay_steps == 4
+    assert resume_config(run, {"max_time": 2000.0, "decay_steps": 12}).optim.decay_steps == 12
+    assert resume_config(run, {"max_time": 1e6, "max_steps": 30}).optim.decay_steps == 30
+    resumed = resume_config(run, {"max_time": 2000.0, "max_steps": 20})
+    assert resumed.optim.decay_steps == 16
+    train(resumed, run, resume=True, progress=False)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run) if not r.get("final")}
+    assert lrs[15] == pytest.approx(1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * 14 / 16)))
+    assert lrs[15] > 1.1e-3 and lrs[20] == pytest.approx(1e-3)
+    assert checkpoint(run, "last").meta["config"]["optim"]["decay_steps"] == 16
+
+
 def test_save_load_gives_identical_logits(trained_run):
     model = load(trained_run, which="last")
     ck = checkpoint(trained_run, "last")
@@ -155,15 +184,40 @@ def test_quality_per_time_reports_the_roofline_against_the_peak_it_measured(corp
 # ------------------------------------------------------------------- the slice and the full pass
 
 
-def test_slice_columns_reads_about_n_chars_or_everything():
-    """The slice is ceil(n/S) columns of each of the S streams; 0, or a slice as large as the
+@pytest.fixture
+def short_stretches(monkeypatch):
+    """Slices of stretches short enough for the tiny corpus's 221 validation predictions: 8
+    scored characters after 4 of warm-up."""
+    monkeypatch.setattr(evaluation, "SLICE_STRETCH", 8)
+    monkeypatch.setattr(evaluation, "SLICE_WARMUP", 4)
+
+
+def test_the_slice_is_short_stretches_spread_over_the_whole_text():
+    """ceil(n / 128) stretches of 128 scored characters after 64 of warm-up, one in the middle
+    of each of as many equal parts of the text; 0, or a slice that would read as much as the
     text, means the whole text (None)."""
+    reading = spread_slice(100_001, 16_384)
+    K = 16_384 // 128
+    assert (len(reading.starts), reading.length, reading.warmup) == (K, 192, 64)
+    spacing = 100_000 / K
+    assert np.allclose(reading.starts, np.arange(K) * spacing + (spacing - 192) / 2, atol=1)
+    assert reading.starts[0] > 0 and reading.starts[-1] + 192 < 100_000  # the middle of each part
+    assert len(spread_slice(100_001, 16_385).starts) == K + 1  # at least n scored
+    assert spread_slice(100_001, 0) is None
+    assert spread_slice(24_577, 16_384) is None  # 128 × 192 = 24,576: all of it, or more
+    assert spread_slice(24_578, 16_384) is not None
+
+
+def test_the_heads_of_the_streams_are_about_n_chars_or_everything():
+    """The slice of older runs: ceil(n/S) columns of each of the S streams; 0, or a slice as
+    large as the text, means the whole text (None)."""
     S, L = stream_layout(10_001, 8)
     assert (S, L) == (8, 1250)
-    assert slice_columns(10_001, 8, 800) == 100
-    assert slice_columns(10_001, 8, 801) == 101
-    assert slice_columns(10_001, 8, 0) is None
-    assert slice_columns(10_001, 8, 10_000) is None
+    assert stream_heads(10_001, 8, 800).length == 100
+    assert stream_heads(10_001, 8, 801).length == 101
+    assert list(stream_heads(10_001, 8, 800).starts) == [r * L for r in range(S)]
+    assert stream_heads(10_001, 8, 0) is None
+    assert stream_heads(10_001, 8, 10_000) is None
 
 
 def test_a_long_split_is_read_in_more_streams_and_a_short_one_as_configured():
@@ -204,27 +258,49 @@ def test_every_reader_of_a_long_split_reads_it_in_the_same_streams(corpus, tmp_p
     assert report["validation"]["loss"] == pytest.approx(many, rel=1e-6)
 
 
-def test_a_slice_is_the_start_of_every_stream_read_as_the_full_pass_reads_it():
-    """The slice's sums are, row by row, those of a full pass over each row's first columns: S
-    evenly spaced stretches of the text, each from a fresh state."""
+def test_the_heads_of_the_streams_are_read_as_the_full_pass_reads_them():
+    """The older slice's sums are, row by row, those of a full pass over each row's first
+    columns: S evenly spaced stretches of the text, each from a fresh state."""
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=11, embedding_size=4, hidden_size=8, num_layers=1))
     ids = np.random.default_rng(0).integers(0, 11, 1001)
     S, L = stream_layout(len(ids), 4)
-    total, count = loss_sums(model, ids, n_streams=4, window=16, columns=37)
+    heads = stream_heads(len(ids), 4, 37 * S)
+    total, count = loss_sums(model, ids, window=16, reading=heads)
     assert count == S * 37
     parts = [loss_sums(model, ids[r * L : r * L + 38], n_streams=1) for r in range(S)]
     assert total == pytest.approx(sum(t for t, _ in parts), rel=1e-5)
     assert count == sum(c for _, c in parts)
 
 
-def test_scheduled_evaluations_read_the_slice_and_the_end_reads_the_whole_split(corpus, tmp_path):
+def test_a_stretch_scores_only_what_comes_after_its_warm_up():
+    """Each stretch is read from a fresh state; its first `warmup` predictions build the state
+    up and are not scored: its sum is that of the whole stretch less that of its warm-up."""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=11, embedding_size=4, hidden_size=8, num_layers=1))
+    ids = np.random.default_rng(0).integers(0, 11, 1001)
+    reading = Stretches(np.array([3, 250, 600, 807]), length=45, warmup=12)
+    total, count = loss_sums(model, ids, window=16, reading=reading)
+    assert count == 4 * (45 - 12)
+    whole = [loss_sums(model, ids[s : s + 46], n_streams=1)[0] for s in reading.starts]
+    warm = [loss_sums(model, ids[s : s + 13], n_streams=1)[0] for s in reading.starts]
+    assert total == pytest.approx(sum(whole) - sum(warm), rel=1e-5)
+    halves = [loss_sums(model, ids, reading=reading.rows(slice(r, None, 2))) for r in (0, 1)]
+    assert sum(t for t, _ in halves) == pytest.approx(total, rel=1e-6)  # rows add up
+
+
+def test_scheduled_evaluations_read_the_slice_and_the_end_reads_the_whole_split(
+    corpus, tmp_path, short_stretches
+):
     """With a slice smaller than the split, scheduled records carry slice figures; the final record
-    and best/ carry full-pass figures of the final and best weights."""
-    run = train(tiny_config(corpus, eval_chars=30), tmp_path / "run", progress=False)
+    and best/ carry full-pass figures of the final and best weights, and every record says
+    which it carries."""
+    run = train(tiny_config(corpus, eval_chars=32), tmp_path / "run", progress=False)
     lines = read_metrics(run)
     final, last_scheduled = lines[-1], lines[-2]
     assert final["final"] and final["step"] == last_scheduled["step"] == 20
+    assert [x["val_scope"] for x in lines] == ["slice"] * 4 + ["full"]
+    assert checkpoint(run, "best").meta["metrics"]["val_scope"] == "full"
     full_last = load(run, which="last").evaluate(VAL_TEXT)["loss"]
     assert final["val_loss"] == pytest.approx(full_last, rel=1e-6)
     assert last_scheduled["val_loss"] != pytest.approx(full_last, rel=1e-3)  # the slice's figure
@@ -234,6 +310,16 @@ def test_scheduled_evaluations_read_the_slice_and_the_end_reads_the_whole_split(
     assert final["best_val_loss"] == pytest.approx(full_best, rel=1e-6)
     assert final["best_step"] == best["step"]
     assert full_best <= full_last
+
+
+def test_a_split_no_larger_than_the_slice_is_read_whole_and_says_so(corpus, tmp_path):
+    """The default slice (16,384 characters) covers the tiny corpus's split: every figure is a
+    full pass, the final record's included."""
+    run = train(tiny_config(corpus), tmp_path / "run", progress=False)
+    lines = read_metrics(run)
+    assert [x["val_scope"] for x in lines] == ["full"] * 5
+    full_last = load(run, which="last").evaluate(VAL_TEXT)["loss"]
+    assert lines[-2]["val_loss"] == pytest.approx(full_last, rel=1e-6)
 
 
 def test_the_full_pass_replaces_a_best_the_slice_chose_when_the_final_weights_read_better(
@@ -363,3 +449,35 @@ def test_the_progress_bar_runs_with_and_without_a_budget(corpus, tmp_path):
             on_eval=stop_at_10,
         )
     assert checkpoint(tmp_path / "none").meta["step"] == 10
+
+
+def test_a_run_resumes_with_the_slice_it_began_with(corpus, tmp_path, short_stretches):
+    """last/ records which slice scheduled evaluations read; a last/ that records none was
+    written before the spread slice and keeps reading the heads of the streams, so that early
+    stopping and best/ go on comparing figures of the same characters."""
+    from charlstm.data.loading import prepare_data
+    from charlstm.errors import CheckpointError
+    from charlstm.runs.folder import RunFolder
+    from charlstm.training.loop import Run
+    from tests.helpers import quiet
+
+    config = tiny_config(corpus, eval_chars=32, max_steps=10)
+    run_dir = train(config, tmp_path / "r", progress=False)
+    ck = checkpoint(run_dir, "last")
+    assert ck.meta["resume"]["slice"] == "spread"
+    config = resume_config(run_dir, {"max_steps": 20})
+    data = prepare_data(config, ck.vocab)
+    run = Run(config, RunFolder(run_dir), data, quiet, False)
+    run.restore(ck)
+    n = len(data.val_ids)
+    assert run.eval_slice() == spread_slice(n, 32) and run.val_scope == "slice"
+    del ck.meta["resume"]["slice"]  # as a run folder written before it
+    run.restore(ck)
+    heads = stream_heads(n, run.val_streams, 32)
+    assert run.slice == "heads" and run.eval_slice() == heads
+    assert run.evaluate() == pytest.approx(
+        evaluation.evaluate_ids(run.eval_model, data.val_ids, reading=heads), rel=1e-6
+    )
+    ck.meta["resume"]["slice"] = "middle"
+    with pytest.raises(CheckpointError, match="damaged training state"):
+        run.restore(ck)

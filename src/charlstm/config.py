@@ -196,7 +196,8 @@ class OptimConfig:
         None,
         "With --schedule cosine: steps the rate decays over, so that a run with the same settings "
         "and seed repeats (the clock counts only once a run is a tenth of --max-time behind "
-        "them); unset: over the budget (--max-steps, or --max-time by the clock).",
+        "them; --resume with another --max-time scales them); unset: over the budget "
+        "(--max-steps, or --max-time by the clock).",
     )
     ema: float = _field(
         0.999,
@@ -253,8 +254,8 @@ class TrainConfig:
     )
     eval_chars: int = _field(
         16384,
-        "Validation characters a scheduled evaluation reads (the same evenly spaced stretches each "
-        "time); 0 reads it all. The final figures always read the whole split.",
+        "Validation characters a scheduled evaluation scores: stretches of 128 spread over the "
+        "split, the same each time; 0 reads it all. The final figures always read the whole split.",
     )
     # A base model (training/bases.py): a network shipped in the package that already knows a
     # language, fine-tuned on the text instead of training from scratch.

@@ -1,5 +1,12 @@
 """`metrics.jsonl`: one JSON object per line, appended as training goes.
 
+A scheduled evaluation appends a record with the training loss, the validation loss, the rate and
+the speed; the end of a run appends the final record (``"final": true``) with the full-pass figures
+of the final and best weights. ``val_scope`` says what a record's ``val_loss`` was measured on:
+``"slice"`` (the fixed slice scheduled evaluations read of a split larger than it: its figure reads
+above or below the full pass) or ``"full"`` (the whole validation split). Records written before
+the key existed have none; their scheduled figures may be either.
+
 Appending a line is not atomic: a run killed in the middle of a write leaves a torn last line. Every
 reader goes through `read_records`, which skips a line that is not a JSON object with an integer
 ``step``, so a torn line (or any other damaged one) never stops a report, a comparison or a resume.
@@ -43,7 +50,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def outcome(path: Path) -> dict[str, Any]:
-    """How a run ended, from its metrics file: ``best_val_loss`` and ``steps``. The final record
+    """How a run ended, from its metrics file: ``best_val_loss``, ``steps`` and ``val_scope``
+    (what the loss was measured on, None where an older record does not say). The final record
     (the full-pass figures written at the end) decides; a run without one (stopped before its end)
     gives its best scheduled evaluation. A `ValueError` when the file holds no evaluation."""
     records = read_records(path)
@@ -53,11 +61,17 @@ def outcome(path: Path) -> dict[str, Any]:
         return {
             "best_val_loss": float(last.get("best_val_loss", last["val_loss"])),
             "steps": last["step"],
+            "val_scope": "full",
         }
     vals = [r for r in records if isinstance(r.get("val_loss"), int | float)]
     if not vals:
         raise ValueError(f"{path} holds no evaluation")
-    return {"best_val_loss": float(min(r["val_loss"] for r in vals)), "steps": records[-1]["step"]}
+    best = min(vals, key=lambda r: r["val_loss"])
+    return {
+        "best_val_loss": float(best["val_loss"]),
+        "steps": records[-1]["step"],
+        "val_scope": best.get("val_scope"),
+    }
 
 
 def keep_records_up_to(path: Path, step: int) -> None:

@@ -25,13 +25,13 @@ around it is made with it (a given --hidden-size still gets its batch and dropou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from charlstm.config import RunConfig
-from charlstm.model.evaluation import streams_for
+from charlstm.model.evaluation import spread_slice, streams_for
 from charlstm.training.calibration import MEASURE_SECONDS, Calibration, Shape
 
 # ------------------------------------------------------------------------------- the fitted rules
@@ -39,7 +39,13 @@ from charlstm.training.calibration import MEASURE_SECONDS, Calibration, Shape
 # Bumped whenever a constant below changes, and recorded with every sweep row, so that the rows
 # each version was judged by stay apart (benchmarks/data/autoconfig_sweep.jsonl).
 # Version 7 made a time budget's cosine decay over the expected steps (`decay_steps`).
-RULES_VERSION = 7
+# Version 8 expects those steps from the chosen configuration's own step, timed with its dropouts,
+# DropConnect and weight average (DECAY_EFFICIENCY_OWN): a regularised run's share of the plain
+# step's speed (DECAY_EFFICIENCY) was fitted on small models (0.66-0.78), and a wide regularised
+# one reached about 0.96, so its cosine ended at 70% of the README's ten-minute run and the rate
+# idled at its floor after. It also spaces evaluations by what the slice reads now (its warm-ups
+# too, `evaluation.spread_slice`), and keeps measuring within CALIBRATION_SHARE (`_Speeds`).
+RULES_VERSION = 8
 
 # Widths the choice moves between (one layer above TWO_LAYERS_BELOW characters, two below).
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024, 1536)
@@ -87,14 +93,28 @@ WIDE_FROM = 512
 # What share of the calibrated speed (over the time left after evaluations) a run reaches, for the
 # steps a time budget's cosine decays over (`decay_steps`): lower than its real share, so that the
 # decay is done by the deadline, not far lower, since the rate idles at its floor after it. In
-# the benchmark's runs (defaults_vs_presets) a regularised run reached 0.66-0.78 of it (its
-# DropConnect and masks are not in the calibrated step) and an unregularised one 1.00-1.17.
+# the benchmark's runs (defaults_vs_presets) an unregularised run reached 1.00-1.17 of its step's
+# speed (DECAY_EFFICIENCY_PLAIN). A regularised run's own step (DECAY_EFFICIENCY_OWN) is timed
+# once its configuration is chosen; where measuring has no time left for it, its plain step's
+# speed stands in at DECAY_EFFICIENCY, the share small regularised runs reached of it (0.66-0.78).
 DECAY_EFFICIENCY = 0.65
 DECAY_EFFICIENCY_PLAIN = 0.95
+# Rules v8, on the busy 2-core Xeon: regularised runs took 0.94-1.44 of their own step's timed
+# speed over the time left after evaluations (onegin-ru 0.94, byron-ru 1.18, a 1×768 run 1.41 and
+# 1.44, whose short timing had read its own step at 0.73-0.77 of the plain one against 0.89 over
+# twelve steps). So the own step gets the plain step's share: a run reaches its own step's speed,
+# regularised or not, and the rate idling at its floor costs more than a cosine a few percent
+# short of its end at the deadline (the clock takes over a tenth of the budget behind).
+DECAY_EFFICIENCY_OWN = 0.95
 EVAL_SHARE = 0.1  # the most of the time scheduled evaluations may take
-# The most of a budget that measuring may take on a machine seen for the first time: past it, the
-# search stops at the widest width known to fit (a 3 s run must still train).
+# The most of a budget that measuring may take on a machine seen for the first time: a shape whose
+# measurement would go past it is not measured (the search stops at the widest width known to
+# fit; a 3 s run must still train). A 90 s run on a cold cache once spent 6.6 s (7%) measuring.
 CALIBRATION_SHARE = 0.05
+# A wider layer never trains faster per character than a narrower one at the same batch: a width
+# that would not fit even at the speed of a narrower one (times this, for measurement noise) is
+# not measured. Nor are all threads for a shape no larger than one where one thread was faster.
+SPEED_NOISE = 1.15
 # An open-ended run (no --max-time, no --max-steps) is sized as if it had an hour.
 OPEN_ENDED_SECONDS = 3600.0
 
@@ -105,28 +125,126 @@ class Choice:
 
     config: RunConfig
     explanation: str
-    seconds: float  # spent measuring (counted against the budget)
+    seconds: float  # spent measuring and starting torch up (counted against the budget)
 
 
-class _Fastest:
-    """The speed of a shape on all cores or on one thread, whichever is faster (and which).
+class _Speeds:
+    """The speeds the choice reads: of a shape on all cores or on one thread, whichever is faster
+    (and which), measured within the time measuring may take.
 
     A small model's step is too short to share between cores: on a 2-core Xeon a 2×128 LSTM at
     16×64 trained at 13 k chars/s on two threads and 175 k on one (OpenMP's passive waiting, set on
-    import, wakes the second thread for every small operation). So every shape is measured both
-    ways, once, and the run takes the faster thread count for the shape it trains."""
+    import, wakes the second thread for every small operation). So a shape is measured both ways,
+    and the run takes the faster thread count for the shape it trains. Measuring costs time the
+    run would train in, so: a shape no larger than one where one thread was faster is not timed
+    on all (a larger step shares better, never worse), nor is any where a probe finds all threads
+    waiting on each other (a busy machine); a shape whose measurement would take
+    measuring past `allowance` seconds (its step predicted from a shape already read) is not
+    measured at all (`speed` gives None), and one that runs past it all the same (all threads
+    of a busy machine can be ten times slower than one, which nothing read predicts) stops after
+    its step; and `bound` tells the search which widths cannot fit before they are measured."""
 
-    def __init__(self, calib, threads: int, single) -> None:
+    def __init__(self, calib, threads: int, single, allowance: float | None) -> None:
         self.calib, self.threads, self.single = calib, threads, single
+        self.allowance = allowance
+        self.read: dict[str, tuple[Shape, float]] = {}  # what this choice read, by calib and key
+        self.losers: list[Shape] = []  # shapes where one thread beat all
+        self.stalled: bool | None = None  # all threads wait on each other (probed once)
+        self.start_up = 0.0  # torch's first training step in this process, before measuring
 
-    def speed(self, shape: Shape) -> float:
-        many = self.calib.speed(shape)
-        return max(many, self.single.speed(shape)) if self.single is not None else many
+    def _get(self, calib, shape: Shape, name: str, required: bool = False) -> float | None:
+        key = f"{name}:{shape.key()}"
+        if key in self.read:
+            return self.read[key][1]
+        value = calib.cached(shape)
+        if value is None:
+            if not required and not self._affordable(calib, shape, name):
+                return None
+            if not self.measured:
+                self.start_up += calib.start_up()
+            left = None if required or self.allowance is None else self.allowance - self.seconds
+            value = calib.speed(shape, left)
+        self.read[key] = (shape, value)
+        return value
+
+    def _affordable(self, calib, shape: Shape, name: str, times: int = 1) -> bool:
+        """Whether measuring `shape` (`times` steps a round) should end within the allowance: a
+        warm-up step and at most two more (a slow step is timed once), besides the time each
+        measurement is given."""
+        if self.allowance is None:
+            return True
+        known = [  # shapes already read with the same thread count, the one thread's otherwise
+            (s, v) for key, (s, v) in self.read.items() if key.startswith(name + ":")
+        ] or [(s, v) for key, (s, v) in self.read.items() if key.startswith("one:")]
+        step = 0.0
+        if known:
+            ref, ref_speed = min(known, key=lambda sv: abs(sv[0].hidden_size - shape.hidden_size))
+            step = _step_work(shape) / _step_work(ref) * _chars(ref) / ref_speed
+        return self.seconds + calib.measure_seconds + 3 * times * step <= self.allowance
+
+    def speed(self, shape: Shape, required: bool = False) -> float | None:
+        """Characters per second of `shape` on the faster thread count; None where it would have
+        to be measured and the allowance does not leave time for it (unless `required`: the
+        shape the run trains must have a speed)."""
+        one = self._get(self.single, shape, "one", required) if self.single is not None else None
+        if self.single is not None and one is None:
+            return None
+        # Not timed on all threads: a step within one where one thread won, or a busy machine.
+        skip = one is not None and f"all:{shape.key()}" not in self.read
+        if skip and (
+            any(_within(shape, loser) for loser in self.losers)
+            or (self.calib.cached(shape) is None and self._stalls(shape))
+        ):
+            return one
+        many = self._get(self.calib, shape, "all", required and one is None)
+        if one is not None and (many is None or one > many):
+            self.losers.append(shape)
+            return one
+        return many
+
+    def _stalls(self, shape: Shape) -> bool:
+        """Whether all threads are too slow to time now (`Calibration.stalls`, probed once)."""
+        if self.stalled is None:
+            self.stalled = self.calib.stalls(shape)
+        return self.stalled
 
     def threads_for(self, shape: Shape) -> int:
-        if self.single is not None and self.single.speed(shape) > self.calib.speed(shape):
+        """The faster thread count for `shape`, which `speed` has read: one thread where it was
+        faster, or where all were not timed (a step within one where one thread won)."""
+        if self.single is None:
+            return self.threads
+        one, many = (self.read.get(f"{name}:{shape.key()}") for name in ("one", "all"))
+        if many is None or (one is not None and one[1] > many[1]):
             return 1
         return self.threads
+
+    def bound(self, shape: Shape) -> float | None:
+        """The most `shape` can train at: the speed of a narrower layer read so far at the same
+        batch (None: none was read)."""
+        speeds = [
+            v
+            for s, v in self.read.values()
+            if s.hidden_size < shape.hidden_size and s == replace(shape, hidden_size=s.hidden_size)
+        ]
+        return max(speeds) if speeds else None
+
+    def own(self, shape: Shape, threads: int) -> float | None:
+        """The speed of the chosen configuration's own step (`shape` with its regularisation) on
+        `threads` (`Calibration.own_speed`); None where the allowance leaves no time for it."""
+        one = threads == 1 and self.single is not None
+        calib, name = (self.single, "one") if one else (self.calib, "all")
+        key = f"{name}:{shape.key()}"
+        if key in self.read:
+            return self.read[key][1]
+        value = calib.cached(shape)
+        if value is None:
+            # Its own and its plain step, in turn: about twice a plain measurement.
+            if not self._affordable(calib, shape, name, 2):
+                return None
+            left = None if self.allowance is None else self.allowance - self.seconds
+            value = calib.own_speed(shape, left)
+        self.read[key] = (shape, value)
+        return value
 
     @property
     def seconds(self) -> float:
@@ -135,6 +253,34 @@ class _Fastest:
     @property
     def measured(self) -> list[str]:
         return self.calib.measured + (self.single.measured if self.single is not None else [])
+
+
+def _chars(shape: Shape) -> int:
+    return shape.batch_size * shape.seq_len
+
+
+def _step_work(shape: Shape) -> float:
+    """What a step's time grows with: its characters times the parameters each passes through."""
+    cell, h, n, e, v = (
+        shape.cell,
+        shape.hidden_size,
+        shape.num_layers,
+        shape.embedding_size,
+        shape.vocab_size,
+    )
+    return _chars(shape) * parameters(cell, h, n, e, v)
+
+
+def _within(shape: Shape, larger: Shape) -> bool:
+    """Whether `shape` is `larger` or a smaller step of the same kind (width, batch, window)."""
+    return (
+        shape.plain() == shape
+        and (shape.cell, shape.num_layers, shape.embedding_size, shape.vocab_size)
+        == (larger.cell, larger.num_layers, larger.embedding_size, larger.vocab_size)
+        and shape.hidden_size <= larger.hidden_size
+        and shape.batch_size <= larger.batch_size
+        and shape.seq_len <= larger.seq_len
+    )
 
 
 def explicit_fields(config: RunConfig) -> set[str]:
@@ -222,8 +368,11 @@ def choose(
         single_thread = Calibration(device, precision, 1, timed)
     if "threads" in explicit or threads == 1:
         single_thread = None
-    calib = _Fastest(
-        calibration or Calibration(device, precision, threads, timed), threads, single_thread
+    speeds = _Speeds(
+        calibration or Calibration(device, precision, threads, timed),
+        threads,
+        single_thread,
+        None if budget is None else CALIBRATION_SHARE * budget,
     )
     usable = budget * (1 - EVAL_SHARE) if budget else None
 
@@ -246,9 +395,9 @@ def choose(
             seq = d.seq_len
         return Shape(cell, width, layers, embedding, vocab_size, batch, seq)
 
-    def chars_in_budget(shape: Shape) -> float:
+    def chars_in_budget(shape: Shape, speed: float) -> float:
         if usable is not None:
-            seen = calib.speed(shape) * EFFICIENCY * usable
+            seen = speed * EFFICIENCY * usable
             if t.max_steps:
                 seen = min(seen, t.max_steps * shape.batch_size * shape.seq_len)
             return seen
@@ -257,11 +406,17 @@ def choose(
     def fits(width: int) -> bool:
         """Whether the budget feeds `width` enough characters, measured at the step the text
         alone would get (the budget may shrink the step below; that costs one more measurement,
-        of the chosen width only)."""
-        if budget is not None and calib.seconds > CALIBRATION_SHARE * budget:
+        of the chosen width only). A width that cannot fit even at a narrower one's speed, or
+        whose measurement the allowance has no time for, does not."""
+        shape = step_shape(width, _step_chars(n_train, None))
+        need = CHARS_PER_PARAM * parameters(cell, width, layers, embedding, vocab_size)
+        if usable is None:  # a step budget alone: no speed is needed
+            return chars_in_budget(shape, 0.0) >= need
+        bound = speeds.bound(shape)
+        if bound is not None and chars_in_budget(shape, bound * SPEED_NOISE) < need:
             return False
-        seen = chars_in_budget(step_shape(width, _step_chars(n_train, None)))
-        return seen >= CHARS_PER_PARAM * parameters(cell, width, layers, embedding, vocab_size)
+        speed = speeds.speed(shape)
+        return speed is not None and chars_in_budget(shape, speed) >= need
 
     # The largest width that fits; fitting shrinks as width grows, so a binary search measures
     # only about log2(len(widths)) shapes.
@@ -274,22 +429,28 @@ def choose(
             hi = mid - 1
     width = widths[lo]
     shape = step_shape(width, _step_chars(n_train, None))
-    refined = step_shape(width, _step_chars(n_train, chars_in_budget(shape)))
-    shape, seen = refined, chars_in_budget(refined)
-    chosen_threads = calib.threads_for(shape)
+    step_speed = speeds.speed(shape, required=True)
+    assert step_speed is not None  # required: measured whatever the allowance says
+    refined = step_shape(width, _step_chars(n_train, chars_in_budget(shape, step_speed)))
+    if refined != shape and (refined_speed := speeds.speed(refined)) is not None:
+        shape, step_speed = refined, refined_speed
+    seen = chars_in_budget(shape, step_speed)
+    chosen_threads = speeds.threads_for(shape)
     epochs = seen / max(n_train, 1)
     dropout, emb_dropout, weight_drop, locked, ema = _regularisation(epochs, n_train)
     step_chars = shape.batch_size * shape.seq_len
-    speed = seen / usable if usable else calib.speed(shape) * EFFICIENCY
+    speed = seen / usable if usable else step_speed * EFFICIENCY
     steps = seen / step_chars
-    # Evaluation: a scheduled pass reads the validation slice (up to eval_chars) at about three
-    # times the training speed (forward only); space them so that they take at most EVAL_SHARE.
-    # A large split is read in more streams (`streams_for`, as every reader reads it); the slice
-    # then gives each of them 512 characters, not 64.
+    # Evaluation: a scheduled pass reads the validation slice (`spread_slice`: eval_chars scored,
+    # and the warm-ups before them) at about three times the training speed (forward only); space
+    # them so that they take at most EVAL_SHARE. A large split is read in more streams
+    # (`streams_for`, as every reader reads it) and is as varied as it is long: its slice holds
+    # 512 characters for each of them.
     streams, slice_chars = streams_for(n_val, t.eval_streams), t.eval_chars
     if streams != t.eval_streams:
         slice_chars = max(t.eval_chars, streams * 512)
-    eval_chars = min(n_val, slice_chars or n_val)
+    reading = spread_slice(n_val, slice_chars) if n_val > 1 else None
+    eval_chars = n_val if reading is None else len(reading.starts) * reading.length
     eval_seconds = eval_chars / (3 * speed)
     step_seconds = step_chars / speed
     interval = max(25, math.ceil(eval_seconds / (EVAL_SHARE * step_seconds)))
@@ -300,14 +461,26 @@ def choose(
     # A time budget's cosine decays over the steps the budget is expected to hold, not by the
     # clock (schedule.py): two runs with the same settings and seed then take the same steps (a
     # clock-driven rate made the same settings and seed end 2% apart on a 15 k-character text).
-    # The expectation is at DECAY_EFFICIENCY, which the runs measured beat, by a little.
+    # The steps are expected from the run's own step, its regularisation included (one more
+    # measurement, cached as the others), at a share the runs measured beat, by a little.
     schedule = config.optim.schedule if given("schedule") else "cosine" if cosine else "plateau"
     decay_steps = None
     if t.max_time and schedule == "cosine":
-        regs = {"dropout": dropout, "embedding_dropout": emb_dropout, "weight_drop": weight_drop}
-        plain = not any(getattr(m, k) if given(k) else v for k, v in regs.items())
-        share = DECAY_EFFICIENCY_PLAIN if plain else DECAY_EFFICIENCY
-        expected = calib.speed(shape) * share * t.max_time * (1 - EVAL_SHARE) / step_chars
+        regs = {
+            "dropout": dropout,
+            "embedding_dropout": emb_dropout,
+            "weight_drop": weight_drop,
+            "locked_dropout": locked,
+            "ema": ema,
+        }
+        given_regs = {k: getattr(config.optim if k == "ema" else m, k) for k in regs if given(k)}
+        own = replace(shape, **{**regs, **given_regs})
+        rate, share = step_speed, DECAY_EFFICIENCY_PLAIN
+        if own.regularised:
+            own_speed = speeds.own(own, chosen_threads)
+            rate = own_speed if own_speed is not None else step_speed
+            share = DECAY_EFFICIENCY_OWN if own_speed is not None else DECAY_EFFICIENCY
+        expected = rate * share * t.max_time * (1 - EVAL_SHARE) / step_chars
         decay_steps = max(1, int(min(expected, t.max_steps or math.inf)))
     chosen: dict[str, Any] = {
         "hidden_size": width,
@@ -355,6 +528,9 @@ def choose(
         + (f", ema {no.ema:g}" if no.ema else "")
         + f", {sched}, eval every {new.train.eval_interval}"
     )
-    if calib.measured:
-        explanation += f" (calibrated {len(calib.measured)} shapes in {calib.seconds:.1f} s)"
-    return Choice(new, explanation, calib.seconds)
+    if speeds.measured:
+        explanation += f" (calibrated {len(speeds.measured)} shapes in {speeds.seconds:.1f} s"
+        if speeds.start_up >= 0.05:
+            explanation += f", after {speeds.start_up:.1f} s of starting torch"
+        explanation += ")"
+    return Choice(new, explanation, speeds.seconds + speeds.start_up)

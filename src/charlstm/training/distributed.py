@@ -56,11 +56,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from charlstm.data.batching import Batch, stream_layout
+from charlstm.data.batching import Batch
 from charlstm.errors import UserError
 from charlstm.hardware import available_cores, pick_device, set_threads
 from charlstm.model import hidden_from_tensors, hidden_tensors
@@ -364,17 +363,13 @@ class DistributedRun(Run):
     # -- evaluation ------------------------------------------------------------------------------
 
     def evaluate(self, model: torch.nn.Module | None = None, *, full: bool = False) -> float:
-        ids = self.data.val_ids
-        S, _ = stream_layout(len(ids), self.val_streams)
-        rows = np.arange(S)[self.ctx.rank :: self.ctx.world_size]
+        mine = slice(self.ctx.rank, None, self.ctx.world_size)  # every N-th row from its rank on
         total, count = loss_sums(
             self.eval_model if model is None else model,
-            ids,
-            n_streams=self.val_streams,
+            self.data.val_ids,
             device=self.device,
             precision=self.precision,
-            rows=rows,
-            columns=self.eval_columns(full),
+            reading=self.eval_reading(full).rows(mine),
             starts=self.data.val_starts,
         )
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.ctx.device)

@@ -2,11 +2,13 @@
 
 `fit` runs Adam on the cross-entropy of next-character prediction until a budget (steps or seconds),
 early stopping, a signal or a numerical fault ends it. Every `eval_interval` steps it measures the
-validation loss on a fixed slice of the split (`eval_chars`: the same characters every time, so
-the figures compare, and cheap on any corpus), feeds the plateau schedule and early stopping, keeps
-the best weights in ``best/`` and everything needed to resume in ``last/``. When training ends,
-the final weights and best/'s are measured on the whole split, best/ keeps whichever is better,
-and the final metrics record and best/ carry those full-pass figures.
+validation loss on a fixed slice of the split (`eval_chars` characters in short stretches spread
+over it, `evaluation.spread_slice`: the same characters every time, so the figures compare, and
+cheap on any corpus), feeds the plateau schedule and early stopping, keeps the best weights in
+``best/`` and everything needed to resume in ``last/``. When training ends, the final weights and
+best/'s are measured on the whole split, best/ keeps whichever is better, and the final metrics
+record and best/ carry those full-pass figures. Every record says which it carries
+(``val_scope``: "slice" or "full").
 
 Exact resume: the ``last/`` checkpoint holds the weights, Adam's moments, the schedule, the torch
 RNG, the batcher's position and RNG, the carried hidden state and the parts of `state.RunState`. A
@@ -42,7 +44,15 @@ from charlstm.generate.engine import generate_stream
 from charlstm.generate.sampling import SamplingParams, stream_seeds
 from charlstm.hardware import autocast, pick_device, pick_precision, set_threads
 from charlstm.model import CharRNN, detach_hidden, hidden_from_tensors, hidden_tensors
-from charlstm.model.evaluation import evaluate_ids, reset_rows, slice_columns, streams_for
+from charlstm.model.evaluation import (
+    Stretches,
+    evaluate_ids,
+    full_pass,
+    reset_rows,
+    spread_slice,
+    stream_heads,
+    streams_for,
+)
 from charlstm.runs.checkpoint import Checkpoint
 from charlstm.runs.folder import RunFolder
 from charlstm.training.optimizer_state import load_optimizer, optimizer_tensors
@@ -51,6 +61,12 @@ from charlstm.training.signals import SignalGuard
 from charlstm.training.state import RunState, is_number
 from charlstm.training.tensorboard import BoardWriter
 
+# What a run's scheduled evaluations read when the split is larger than their slice: "spread", short
+# stretches over the whole split (`spread_slice`), or "heads", the first columns of every stream
+# (`stream_heads`), the slice of run folders written before it. last/ records it (a last/ that
+# names none is such an older run), and a resumed run keeps its own, so that early stopping and
+# best/ compare its new figures with figures of the same characters.
+SLICES = ("spread", "heads")
 # ---------------------------------------------------------------------------------------- the run
 
 
@@ -99,6 +115,7 @@ class Run:
             d.batching, data.train_ids, d.batch_size, d.seq_len, t.seed, data.train_starts
         )
         self.val_streams = streams_for(len(data.val_ids), t.eval_streams)  # the split's layout
+        self.slice = SLICES[0]  # what scheduled evaluations read (a resumed run: what it read)
         self.hidden = None
         self.state = RunState()
         self.loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -158,7 +175,8 @@ class Run:
         self.best_tensors = _cpu_copy(model)
         self.best_kind = self.weights_kind(model)
         if write:
-            self.write_best(self.best_tensors, self.state.progress.step, {"val_loss": val_loss})
+            metrics = {"val_loss": val_loss, "val_scope": self.val_scope}
+            self.write_best(self.best_tensors, self.state.progress.step, metrics)
 
     def best_weights(self) -> dict[str, torch.Tensor] | None:
         """best/'s weights: the copy kept when they were saved, or (a resumed run that has not
@@ -205,6 +223,7 @@ class Run:
             "plateau": self.plateau.state_dict(),
             "batcher": self.batcher.state_dict(),
             "threads": self.threads,
+            "slice": self.slice,
         }
         return tensors, meta
 
@@ -242,6 +261,10 @@ class Run:
             raise ValueError("the plateau schedule's state is malformed")
         self.plateau.load_state_dict(plateau)
         self.batcher.load_state_dict(info["batcher"])  # checks the position against the text
+        kind = info.get("slice", "heads")  # older run folders record none: they read the heads
+        if kind not in SLICES:
+            raise ValueError(f"the validation slice {kind!r} is none of {', '.join(SLICES)}")
+        self.slice = kind
         state = RunState()
         state.load_state_dict(info["counters"])  # checks the keys and their types
         self.state = state
@@ -291,12 +314,23 @@ class Run:
         """More state for last/ (a distributed run adds every process's random generators)."""
         return {}
 
-    def eval_columns(self, full: bool) -> int | None:
-        """The columns of the validation streams an evaluation reads (None: all of them)."""
-        t = self.config.train
-        return (
-            None if full else slice_columns(len(self.data.val_ids), self.val_streams, t.eval_chars)
-        )
+    def eval_slice(self) -> Stretches | None:
+        """What a scheduled evaluation reads of the validation split; None: the whole split (a
+        split no larger than the slice, or ``eval_chars`` 0), so its figures are full passes."""
+        n, chars = len(self.data.val_ids), self.config.train.eval_chars
+        if self.slice == "heads":
+            return stream_heads(n, self.val_streams, chars)
+        return spread_slice(n, chars)
+
+    @property
+    def val_scope(self) -> str:
+        """What a scheduled evaluation's figure is of: "slice" or "full" (the whole split)."""
+        return "full" if self.eval_slice() is None else "slice"
+
+    def eval_reading(self, full: bool) -> Stretches:
+        """The stretches an evaluation reads: the slice, or with `full` (or no slice) all of it."""
+        part = None if full else self.eval_slice()
+        return full_pass(len(self.data.val_ids), self.val_streams) if part is None else part
 
     def evaluate(self, model: torch.nn.Module | None = None, *, full: bool = False) -> float:
         """The validation loss of `model` (default: the evaluated weights) on the slice scheduled
@@ -304,10 +338,9 @@ class Run:
         return evaluate_ids(
             self.eval_model if model is None else model,
             self.data.val_ids,
-            n_streams=self.val_streams,
             device=self.device,
             precision=self.precision,
-            columns=self.eval_columns(full),
+            reading=self.eval_reading(full),
             starts=self.data.val_starts,
         )
 
@@ -537,6 +570,7 @@ def _scheduled_evaluation(
         "train_loss": float(np.mean(window.losses)),
         "val_loss": val,
         "val_bpc": val / math.log(2),
+        "val_scope": run.val_scope,
         "lr": run.opt.param_groups[0]["lr"],
         "chars_per_s": round(speed, 1),
     }
@@ -551,7 +585,8 @@ def _scheduled_evaluation(
         run.save_best(val)
     run.save_last()
     eta.status = (
-        f"train {record['train_loss']:.3f} val {val:.3f} ({val / math.log(2):.2f} bpc) "
+        f"train {record['train_loss']:.3f} val{' (slice)' * (run.val_scope == 'slice')} "
+        f"{val:.3f} ({val / math.log(2):.2f} bpc) "
         f"lr {record['lr']:.2e} {speed / 1000:.1f}k ch/s"
     )
     bar.set_postfix_str(eta.postfix(None), refresh=False)
@@ -583,9 +618,11 @@ def _final_figures(run: Run, to_board: bool) -> None:
     The slice chose best/ during the run; the whole split has the last word, so a final iterate
     that the slice ranked lower but the full pass ranks higher replaces it. The figures a resumed
     run compares against stay slice figures (`state.best`), so the units never mix. TensorBoard
-    gets the record only `to_board` (a step no scheduled record has drawn): one point a step."""
+    draws slice figures apart from full ones (`tensorboard.SCALARS`); it gets the whole record
+    only `to_board` (a step no scheduled record has drawn), else its full-pass figure alone, and
+    that only where the scheduled figures were slices: one point a step on each curve."""
     p, best = run.state.progress, run.state.best
-    whole = run.eval_columns(full=False) is None  # the slice is the whole split: figures are full
+    whole = run.eval_slice() is None  # the slice is the whole split: figures are full
     final_val = run.evaluate(full=True)
     candidates = []  # (full-pass loss, order, what, step, tensors-or-None for the final weights)
     kept = run.best_weights()
@@ -617,7 +654,8 @@ def _final_figures(run: Run, to_board: bool) -> None:
         run.save_best(slice_val, model, write=False)
         tensors = run.best_tensors
     test = run.test_figures(tensors)  # {} without a test split; nothing above ever reads it
-    metrics = {"val_loss": chosen_val, "best_val_loss": chosen_val, "best_step": chosen_step}
+    metrics = {"val_loss": chosen_val, "val_scope": "full"}
+    metrics.update({"best_val_loss": chosen_val, "best_step": chosen_step})
     metrics.update(test)
     run.write_best(tensors, chosen_step, metrics)
     record = {
@@ -625,6 +663,7 @@ def _final_figures(run: Run, to_board: bool) -> None:
         "time": round(p.elapsed, 3),
         "val_loss": final_val,
         "val_bpc": final_val / math.log(2),
+        "val_scope": "full",
         "best_val_loss": chosen_val,
         "best_step": chosen_step,
         "weights": run.best_kind,
@@ -638,6 +677,10 @@ def _final_figures(run: Run, to_board: bool) -> None:
         run.folder.append_metrics(record)
         if run.tensorboard is not None and to_board:
             run.tensorboard.record(record)
+        elif run.tensorboard is not None and not whole:
+            run.tensorboard.record(
+                {k: record[k] for k in ("step", "val_loss", "val_bpc", "val_scope")}
+            )
 
 
 def ema_decay(ema: float, n: int) -> float:

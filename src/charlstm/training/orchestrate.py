@@ -27,6 +27,7 @@ from charlstm.model import count_parameters
 from charlstm.runs.folder import RunFolder
 from charlstm.training import autoconfig, bases, distributed, tensorboard, transfer
 from charlstm.training.loop import Run, fit
+from charlstm.training.schedule import resumed_decay_steps
 
 # Adam moves each weight by about lr per step: far above 1 a run can only diverge, and from about
 # 3e37 Adam's own step overflows float32 (a RuntimeError deep inside torch).
@@ -42,7 +43,9 @@ def _quiet(message: str) -> None:
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
-    """The stored configuration of `run_dir`, with budget-like overrides applied."""
+    """The stored configuration of `run_dir`, with budget-like overrides applied; a new
+    ``max_time`` stretches the cosine's ``decay_steps`` with it (`resumed_decay_steps`) unless
+    ``decay_steps`` is among the overrides."""
     ck = RunFolder(Path(run_dir)).resume_checkpoint()
     config = from_dict(ck.meta["config"])
     changed_model = {
@@ -55,7 +58,10 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
             f"cannot change the model's {', '.join(sorted(changed_model))} when resuming; "
             "train a new run or fine-tune with --init-from"
         )
-    return config.replace(**overrides)
+    resumed = config.replace(**overrides)
+    if "decay_steps" in overrides:  # given again: as given
+        return resumed
+    return resumed.replace(decay_steps=resumed_decay_steps(config, resumed))
 
 
 def train(
@@ -192,9 +198,10 @@ def train(
         distributed.finish()
     final = run.final_record or {}  # the full-pass figures (slice figures if there were none)
     best = final.get("best_val_loss", run.state.best.best_saved_val)
+    scope = "full pass" if final or run.val_scope == "full" else "validation slice"
     log(
         f"charlstm: stopped ({reason}) at step {run.state.progress.step}; best validation loss "
-        f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char) at step "
+        f"{best:.4f} nats/char ({best / math.log(2):.3f} bits/char, {scope}) at step "
         f"{final.get('best_step', run.state.best.best_step)}; run folder {out}"
     )
     if "test_loss" in final:  # the held-out test split, measured once with best/'s weights

@@ -10,8 +10,9 @@ budget to hold, an expectation runs meet or beat) the cosine decays over those s
 clock counts only when the run falls more than ``CLOCK_SLACK`` of its budget behind them (a
 machine much slower than measured), so that it still anneals by the deadline. Two runs with the
 same settings and seed then take the same steps. Past ``decay_steps`` the rate stays at
-``min_lr``. ``constant`` keeps the base rate. All three share a linear warm-up over
-``warmup_steps``.
+``min_lr``, so a run resumed with a larger ``--max-time`` gets them in proportion to its new
+budget (`resumed_decay_steps`). ``constant`` keeps the base rate. All three share a linear
+warm-up over ``warmup_steps``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from charlstm.config import OptimConfig, TrainConfig
+from charlstm.config import OptimConfig, RunConfig, TrainConfig
 
 # How far behind `decay_steps` (as a share of the budget) the clock lets a run fall before it
 # decides the cosine's progress instead of the step.
@@ -64,6 +65,21 @@ def budget_progress(step: int, elapsed: float, train: TrainConfig) -> float:
     if train.max_time:
         fractions.append(elapsed / train.max_time)
     return min(1.0, max(fractions)) if fractions else 0.0
+
+
+def resumed_decay_steps(stored: RunConfig, resumed: RunConfig) -> int | None:
+    """The steps a resumed run's cosine decays over: the stored ones, times the new time budget
+    over the old one when the resumed run is given another ``--max-time``. The automatic choice
+    expects steps in proportion to the budget, so these are what it would have given the new
+    budget; kept as they were, a run resumed with twice the time would spend its second half at
+    the floor rate. The step the run goes on from is then earlier in its decay: the rate rises to
+    where the new budget puts it, as a clock-driven cosine's would. Capped by ``--max-steps``."""
+    old, new = stored.train.max_time, resumed.train.max_time
+    steps = resumed.optim.decay_steps
+    if steps is None or not old or not new or old == new:
+        return steps
+    scaled = max(1, round(steps * new / old))
+    return min(scaled, resumed.train.max_steps) if resumed.train.max_steps else scaled
 
 
 def learning_rate(step: int, progress: float, plateau_scale: float, optim: OptimConfig) -> float:

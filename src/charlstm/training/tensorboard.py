@@ -3,10 +3,13 @@
 The loop hands each metrics record (the one appended to ``metrics.jsonl``) and each training sample
 to a `BoardWriter`, which writes them as scalars and text into ``DIR/NAME``, NAME being the run
 folder's name, so that ``tensorboard --logdir DIR`` shows every run written there side by side (a
-pre-training phase is ``NAME-pretrain``). What is written:
+pre-training phase is ``NAME-pretrain``). ``loss/validation`` is always a full pass over the split;
+the figures of a slice of it read above or below that, and are drawn apart. What is written:
 
     loss/train, loss/validation                 nats/char (as in metrics.jsonl)
     bits_per_char/train, bits_per_char/validation
+    loss/validation_slice,                      the scheduled evaluations' figures where they read
+      bits_per_char/validation_slice              a slice of the split (``val_scope`` "slice")
     optim/learning_rate                         the rate of the step evaluated
     speed/chars_per_second                      training characters per second since the last one
     samples                                     the samples of samples.txt, as text
@@ -44,6 +47,7 @@ SCALARS = {
     "chars_per_s": "speed/chars_per_second",
 }
 TRAIN_BPC = "bits_per_char/train"
+SLICE_SUFFIX = "_slice"  # on the validation tags of a record whose ``val_scope`` is "slice"
 
 
 def board_dir(tensorboard: str | Path, out: str | Path) -> Path:
@@ -112,7 +116,12 @@ class BoardWriter:
         """Write a metrics record's numbers at its step, and flush so that TensorBoard shows them
         now (one record per evaluation: cheap)."""
         step = record["step"]
-        values = {tag: record[key] for key, tag in SCALARS.items() if key in record}
+        part = SLICE_SUFFIX if record.get("val_scope") == "slice" else ""
+        values = {
+            tag + part * key.startswith("val_"): record[key]
+            for key, tag in SCALARS.items()
+            if key in record
+        }
         if "train_loss" in record:
             values[TRAIN_BPC] = record["train_loss"] / math.log(2)
         with self._writing():
