@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from charlstm.config import ModelConfig
-from charlstm.model import CharRNN, Dropout, dropout
+from charlstm.model import CharRNN, Dropout, dropout, parameter_shapes
 
 
 def test_logits_match_a_batch_first_lstm_with_the_same_weights():
@@ -69,3 +69,15 @@ def test_locked_dropout_shares_one_mask_along_time():
     y = Dropout(0.5, locked=True).train()(torch.ones(9, 40, 30))
     assert torch.equal(y, y[:1].expand_as(y))
     assert 0.4 < (y[0] == 0).float().mean().item() < 0.6
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_parameter_shapes_are_the_modules_state(cell, layers):
+    """Checkpoints are checked against parameter_shapes, never a built model: it must name every
+    tensor of the real module, in its shape."""
+    config = ModelConfig(
+        cell=cell, vocab_size=37, embedding_size=11, hidden_size=13, num_layers=layers
+    )
+    real = {k: tuple(v.shape) for k, v in CharRNN(config).state_dict().items()}
+    assert parameter_shapes(config) == real

@@ -11,6 +11,7 @@ from charlstm.model.network import (
     detach_hidden,
     hidden_from_tensors,
     hidden_tensors,
+    parameter_shapes,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "dropout",
     "hidden_from_tensors",
     "hidden_tensors",
+    "parameter_shapes",
 ]

@@ -71,6 +71,32 @@ class CharRNN(nn.Module):
         return logits.transpose(0, 1), hidden
 
 
+# Gates a cell's weights stack: input, forget, cell and output for an LSTM; reset, update and new
+# for a GRU; one for a plain RNN (PyTorch's layout).
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in `CharRNN(config)`'s state, by arithmetic.
+
+    A checkpoint's header is checked against these before anything is built. Building the model
+    on PyTorch's meta device would allocate nothing either, but its first use imports
+    torch._dynamo (about a second on a 2-core machine) in every command that opens a checkpoint;
+    building it for real would let a header that claims a huge width take the memory it claims.
+    `tests/test_model.py` holds this to the real module's state for every cell."""
+    v, e, h = config.vocab_size, config.embedding_size, config.hidden_size
+    gates = _GATES[config.cell] * h
+    shapes: dict[str, tuple[int, ...]] = {"encoder.weight": (v, e)}
+    for layer in range(config.num_layers):
+        shapes[f"rnn.weight_ih_l{layer}"] = (gates, e if layer == 0 else h)
+        shapes[f"rnn.weight_hh_l{layer}"] = (gates, h)
+        shapes[f"rnn.bias_ih_l{layer}"] = (gates,)
+        shapes[f"rnn.bias_hh_l{layer}"] = (gates,)
+    shapes["fc.weight"] = (v, h)
+    shapes["fc.bias"] = (v,)
+    return shapes
+
+
 def detach_hidden(hidden: Hidden | None) -> Hidden | None:
     """Cut the graph between windows: without it, backward would run through every window since the
     start of the epoch, and memory and time would grow without bound."""

@@ -123,8 +123,9 @@ def base_loss(ck: Checkpoint, text: str) -> float:
     no indentation, one blank line between paragraphs), leaving out the characters it lacks. The
     question is whether the text is in the base's language, and an edition's layout is not
     language: Onegin's tab-indented verse read at 3.35 as it is and 1.9 laid out."""
-    known = "".join(c for c in basecorpus.clean(text) if c in ck.vocab.char_to_idx)
-    ids = ck.vocab.encode_array(known)
+    vocab = ck.vocab  # built anew on each access: once here, not once a character
+    known = "".join(c for c in basecorpus.clean(text) if c in vocab.char_to_idx)
+    ids = vocab.encode_array(known)
     if len(ids) < 2:
         return math.inf
     with torch.no_grad():
