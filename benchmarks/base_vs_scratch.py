@@ -138,6 +138,7 @@ def run_rows(names: list[str], scale: float | None, samples: bool, keep: Path | 
             "budget_ref_s": ref_budget,
             "budget_s": budget,
             "rules": RULES_VERSION,
+            "commit": _commit(),
         }
         with tempfile.TemporaryDirectory() as tmp:
             folder = keep / name if keep else Path(tmp)
@@ -156,6 +157,18 @@ def run_rows(names: list[str], scale: float | None, samples: bool, keep: Path | 
         print(json.dumps(row, ensure_ascii=False), flush=True)
 
 
+def _commit() -> str:
+    """The code measured: the checkout's commit, marked when it has changes of its own."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "src"], check=False, capture_output=True, text=True
+    )
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def table() -> None:
     latest: dict[str, dict] = {}
     for line in DATA.read_text(encoding="utf-8").splitlines():
@@ -164,17 +177,20 @@ def table() -> None:
             latest[record["row"]] = record
     print(
         "| text | budget (reference → here) | plain command | --base none | change | target | "
-        "base chosen | wall (plain / none) | start-up (plain / none) |"
+        "base chosen | base forced | wall (plain / none) | start-up (plain / none) | code |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in latest.values():
         a, n = r["auto"], r["none"]
         change = 100 * (a["best_val_loss"] / n["best_val_loss"] - 1)
         chosen = (a["base"] or "").split(":")[0].split(" (")[0]
+        f = r.get("forced")
+        forced = f"{f['best_val_loss']:.4f} ({f['base'].split(' (')[0]})" if f else "-"
         print(
             f"| {r['row']} | {r['budget_ref_s']} → {r['budget_s']} s | {a['best_val_loss']:.4f} | "
-            f"{n['best_val_loss']:.4f} | {change:+.1f}% | {r['target']} | {chosen} | "
-            f"{a['wall_s']:.0f} / {n['wall_s']:.0f} s | {a['startup_s']} / {n['startup_s']} s |"
+            f"{n['best_val_loss']:.4f} | {change:+.1f}% | {r['target']} | {chosen} | {forced} | "
+            f"{a['wall_s']:.0f} / {n['wall_s']:.0f} s | {a['startup_s']} / {n['startup_s']} s | "
+            f"{r.get('commit', '5cbd0f7')} |"
         )
 
 
