@@ -70,7 +70,15 @@ ENGLISH_AUTHORS = (
 )
 PER_AUTHOR = 700_000  # bytes, about as many characters in English
 # Titles that are indexes, picture books, magazine volumes or adaptations, not the author's prose.
-SKIP_WORDS = ("Index", "Drawings", "Illustrat", "Miscellany", "Water Colours", "Complete")
+SKIP_WORDS = (
+    "Index",
+    "Drawings",
+    "Illustrat",
+    "Miscellany",
+    "Water Colours",
+    "Complete",
+    "Shakespeare",  # retellings and quotations: Shakespeare's lines (tinyshakespeare is a benchmark)
+)
 
 COLLECTIONS = {
     "ruslit": {
