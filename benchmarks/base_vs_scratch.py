@@ -6,7 +6,7 @@ For each row it runs, one after the other:
 - ``auto``: ``charlstm train --dataset NAME --max-time B`` (or ``--text FILE``), nothing else: the
   run decides whether to start from a base (training/bases.py);
 - ``none``: the same with ``--base none``: from scratch, the automatic configuration as before;
-- ``forced`` (rows that name a base, where the rule may decline it): the same with ``--base NAME``,
+- ``forced`` (rows that name a base, when the rule declined it): the same with ``--base NAME``,
   to see what the declined base would have reached,
 
 each as its own ``charlstm`` process, and records the full-pass validation loss of best/, the base
@@ -145,7 +145,8 @@ def run_rows(names: list[str], scale: float | None, samples: bool, keep: Path | 
             plain = [*source, "--max-time", str(budget)]
             row["auto"] = run_train(plain, folder / "auto")
             row["none"] = run_train([*plain, "--base", "none"], folder / "none")
-            if forced:
+            took = (row["auto"]["base"] or "").split(" (")[0]
+            if forced and took != forced[0]:  # declined: what the base would have given
                 row["forced"] = run_train([*plain, "--base", forced[0]], folder / "forced")
             if samples:  # a failed analysis must not lose the runs' figures
                 try:
