@@ -77,7 +77,7 @@ SKIP_WORDS = (
     "Miscellany",
     "Water Colours",
     "Complete",
-    "Shakespeare",  # retellings and quotations: Shakespeare's lines (tinyshakespeare is a benchmark)
+    "Shakespeare",  # retellings and quotations hold his lines (tinyshakespeare is a benchmark)
 )
 
 COLLECTIONS = {
