@@ -62,7 +62,7 @@ PROBE_CHARS = 8192
 PROBE_STRETCH = 1024
 # Above this loss on the probe the text is not in the base's language.
 LANGUAGE_LOSS = 2.6
-# The first look: on 2,048 characters (8 streams of 256, a quarter of the full probe's time) a
+# The first look: on 2,048 characters (in streams of 256, as the whole probe: a third of its time) a
 # text in another language read at 3.30-4.55 (English and German under ru), one in the base's own
 # at 1.70-2.05 (benchmarks/base_probe.py): above LANGUAGE_LOSS + FIRST_MARGIN the rest of the
 # probe is not read.
@@ -137,8 +137,8 @@ def base_loss(ck: Checkpoint, text: str) -> float:
     ids = vocab.encode_array(known)
     if len(ids) < 2:
         return math.inf
-    with torch.no_grad():
-        return evaluate_ids(model_of(ck), ids, n_streams=max(1, min(8, len(ids) // 256)))
+    with torch.no_grad():  # streams of 256: the time goes with a stream's length, not their number
+        return evaluate_ids(model_of(ck), ids, n_streams=max(1, len(ids) // 256))
 
 
 def probe(name: str, text: str) -> Probe:
