@@ -75,8 +75,8 @@ register(
         "en",
         "en",
         "base-en",
-        "f823361a3d0d48d75d2aeecd326abaaaf0e86b58c898803205b4b034eebb115b",
-        6_864_004,
+        "dec17298d6fa72fe66f304f4ce5d396085712d46978c174ce489397b7feaf58d",
+        6_864_044,
         "English: Project Gutenberg books of 40 authors who died before 1947, 2 × 512 LSTM",
     )
 )
