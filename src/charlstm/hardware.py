@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 
 import torch
 
@@ -72,3 +73,16 @@ def set_threads(threads: int | None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), as calibration keys its speeds and model cards say
+    where a base trained; what the platform reports where there is no /proc."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

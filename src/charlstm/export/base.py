@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import platform
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -30,23 +29,13 @@ from charlstm.data import basecorpus
 from charlstm.data.corpus import part_starts
 from charlstm.data.loading import documents
 from charlstm.errors import UserError
+from charlstm.hardware import cpu_name
 from charlstm.model import CharRNN
 from charlstm.model.evaluation import evaluate_ids, streams_for
 from charlstm.runs.bases import CARD_FILE, WEIGHTS_FILE
 from charlstm.runs.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from charlstm.runs.folder import RunFolder, find_checkpoint
 from charlstm.runs.metrics import read_records
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _final(run: Path) -> dict[str, Any]:
@@ -147,7 +136,7 @@ def export_base(
         "held_out_characters": held_chars,
         "weights": f"{which}/ of the last phase (step {ck.meta['step']:,})",
         "recipe": f"make base-{language} (= {' && '.join(commands)})",
-        "trained_on": f"{_cpu_name()}, {config.train.threads or 'all'} thread(s), CPU",
+        "trained_on": f"{cpu_name()}, {config.train.threads or 'all'} thread(s), CPU",
         "torch": torch.__version__,
         "date": date.today().isoformat(),
     }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 from charlstm.atomic import atomic_write_text
 from charlstm.config import ModelConfig
-from charlstm.hardware import autocast
+from charlstm.hardware import autocast, cpu_name
 
 CACHE_VERSION = 1
 # How long one shape is timed for at most (after a warm-up step); a short budget asks for less.
@@ -87,17 +86,6 @@ class Shape:
         return key
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _openmp_waiting() -> str:
     """How OpenMP's idle threads wait, where it is not charlstm's passive default (set on import):
     spinning threads make several threads a different machine, 1.5 times faster on a quiet one
@@ -111,7 +99,7 @@ def _openmp_waiting() -> str:
 def machine_key(device: torch.device, precision: str, threads: int) -> str:
     """The machine part of a cache key: the processor, the thread count (and, for several CPU
     threads, how they wait when it is not the default), the number type, torch."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     waiting = _openmp_waiting() if device.type == "cpu" and threads > 1 else ""
     return f"{device.type}:{name}|{threads}t{waiting}|{precision}|torch {torch.__version__}"
 
