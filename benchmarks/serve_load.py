@@ -489,6 +489,8 @@ async def load(
         "requests": len(results),
         "length": args.length,
         "max_batch": args.max_batch,
+        "tick_seconds": args.tick_seconds,
+        "chunk_seconds": args.chunk_seconds,
         "duration_s": round(elapsed, 2),
         "requests_per_s": round(len(ok) / elapsed, 2),
         "latency_ms_p50": ms(percentile([r.latency for r in ok], 50)),
@@ -573,6 +575,9 @@ def start_server(args, log) -> tuple[subprocess.Popen, int]:
         cmd += ["--max-batch", str(args.max_batch)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    for flag in ("tick_seconds", "chunk_seconds"):
+        if getattr(args, flag) is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
         if proc.poll() is not None:
@@ -797,6 +802,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, help="passed to the server it starts")
     p.add_argument("--max-concurrency", type=int, help="passed to the server it starts")
     p.add_argument("--threads", type=int, help="passed to the server it starts")
+    p.add_argument("--tick-seconds", type=float, help="passed to the server it starts")
+    p.add_argument("--chunk-seconds", type=float, help="passed to the server it starts")
     p.add_argument(
         "--server-sndbuf",
         type=int,
@@ -832,9 +839,17 @@ def main() -> None:
         p.error("the hostile runs take one --clients and the native route")
     if bool(args.run) == bool(args.url):
         p.error("give a RUN folder to serve or the --url of a running server, not both")
-    if args.url and (args.max_batch or args.max_concurrency or args.server_sndbuf or args.threads):
+    if args.url and (
+        args.max_batch
+        or args.max_concurrency
+        or args.server_sndbuf
+        or args.threads
+        or args.tick_seconds is not None
+        or args.chunk_seconds is not None
+    ):
         p.error(
-            "--max-batch, --max-concurrency, --threads and --server-sndbuf apply to a server it "
+            "--max-batch, --max-concurrency, --threads, --tick-seconds, --chunk-seconds and "
+            "--server-sndbuf apply to a server it "
             "starts"
         )
     host, port = "127.0.0.1", None

@@ -542,14 +542,14 @@ def test_start_up_warms_each_models_kernels_before_its_worker_starts(model, monk
     real = kernels.warm_up
 
     def spy(weights=None):
-        calls.append((weights, [w._task is not None for w in workers]))
+        calls.append((weights, [w.shards[0].thread is not None for w in workers]))
         return real(weights)
 
     monkeypatch.setattr(kernels, "warm_up", spy)
 
     async def go():
         async with app.router.lifespan_context(app):
-            return [w._task is not None for w in workers]
+            return [w.shards[0].thread is not None for w in workers]
 
     started_after = run(go())
     assert len(calls) == 2 and started_after == [True, True]
@@ -844,17 +844,18 @@ def test_priming_a_long_start_text_is_spread_over_ticks_between_steps(model, mon
     ticks = []  # per tick: characters primed, steps taken
 
     async def go():
-        async with serving(model, max_length=HUGE) as (app, client):
+        async with serving(model, max_length=HUGE, engine_threads=1) as (app, client):
             worker = app.state.server.workers["run"]
             worker.prime_chars = 256
-            real = worker._tick
+            (shard,) = worker.shards
+            real = shard.tick
 
-            async def tick():
+            def tick():  # in the engine thread
                 primed, steps = sum(calls), worker.steps
-                await real()
+                real()
                 ticks.append((sum(calls) - primed, worker.steps - steps))
 
-            worker._tick = tick
+            shard.tick = tick
             stream = RawStream(app, {"start_text": "the ", "length": HUGE})
             await stream.until("chunk")
             body = {"start_text": (PANGRAMS * 2)[:2000], "length": 5, "num_samples": 16}
@@ -918,10 +919,14 @@ def test_a_connection_whose_client_stops_reading_is_aborted_after_the_write_time
 
 
 @pytest.mark.slow  # a dozen streams of 400 characters and two runs of the command
-def test_streams_on_both_routes_are_what_charlstm_generate_writes(model, pangrams) -> None:
+@pytest.mark.parametrize("engine_threads", [1, 2])
+def test_streams_on_both_routes_are_what_charlstm_generate_writes(
+    model, pangrams, engine_threads
+) -> None:
     """Twelve streams at once, native and OpenAI's, share the batch (many characters per engine
     call, handed out in chunks), and each one's text is, character for character, what `charlstm
-    generate` writes with the same seed and start text."""
+    generate` writes with the same seed and start text: with one engine, and with two that each
+    step their share of the streams in a thread of their own."""
     run_folder = pangrams.parent / "run"
     native = [
         {"start_text": "the ", "length": 400, "temperature": 0.9, "seed": s} for s in range(8)
@@ -932,7 +937,7 @@ def test_streams_on_both_routes_are_what_charlstm_generate_writes(model, pangram
     ]
 
     async def go():
-        async with serving(model) as (app, client):
+        async with serving(model, engine_threads=engine_threads) as (app, client):
 
             async def one_native(body):
                 r = await client.post("/v1/generate/stream", json=body)
@@ -949,7 +954,11 @@ def test_streams_on_both_routes_are_what_charlstm_generate_writes(model, pangram
                 *(one_native(b) for b in native), *(one_openai(b) for b in openai)
             )
             worker = app.state.server.workers["run"]
-            assert worker.peak_active > 8  # one batch: the compiled kernels' batched path
+            assert len(worker.shards) == engine_threads
+            if engine_threads == 1:
+                assert worker.peak_active > 8  # one batch: the compiled kernels' batched path
+            else:
+                assert all(shard.steps > 0 for shard in worker.shards)  # both took streams
             assert worker.calls < worker.steps / 4  # many characters per engine call
             return texts
 

@@ -701,6 +701,21 @@ def bases(as_json) -> None:
     "lose from more; an LSTM's compiled kernels step their rows on every core.",
 )
 @click.option(
+    "--tick-seconds",
+    type=float,
+    help="About how long one engine call draws characters for every running stream; a new "
+    "request joins the batch between calls. Longer ticks pay the call's fixed cost less often "
+    "(throughput), shorter ones let requests join sooner (time to the first text). "
+    "Default: the server's (docs/guide.md).",
+)
+@click.option(
+    "--chunk-seconds",
+    type=float,
+    help="How long a stream's text may wait to be sent after its first piece: fewer, larger "
+    "events cost the server less; 0 sends every engine call's text at once. Default: the "
+    "server's (docs/guide.md).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -719,6 +734,8 @@ def serve(
     api_keys,
     allowed_hosts,
     threads,
+    tick_seconds,
+    chunk_seconds,
     log_level,
 ) -> None:
     """Serve RUNS over HTTP: a JSON and streaming API, its docs at /docs, and a page at /.
@@ -736,6 +753,11 @@ def serve(
         max_connections=max_connections,
         api_keys=tuple(split_list(api_keys)),
         allowed_hosts=tuple(split_list(allowed_hosts)),
+        **{
+            name: value
+            for name, value in (("tick_seconds", tick_seconds), ("chunk_seconds", chunk_seconds))
+            if value is not None
+        },
     )
     server.serve(runs, host=host, port=port, config=config, threads=threads, log_level=log_level)
 

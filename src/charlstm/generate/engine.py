@@ -209,6 +209,7 @@ class Engine:
         device: torch.device | str = "cpu",
         *,
         fast: bool | None = None,
+        threads: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.decode = decode
@@ -222,6 +223,8 @@ class Engine:
         self._rows = _compiled_rows(model, self.device) if fast is not False else None
         if fast and self._rows is None:
             raise UserError("the compiled generator needs numba and an LSTM on the CPU")
+        if self._rows is not None:
+            self._rows.threads = threads  # threads a call uses at most; None: the kernels' own
         fc = getattr(model, "fc", None)
         self.vocab_size: int | None = getattr(fc, "out_features", None)  # else known once primed
         self._codepoints = _codepoints(decode, self.vocab_size)

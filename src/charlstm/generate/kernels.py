@@ -761,6 +761,7 @@ class LSTMRows:
     batched 22 k at 4, 34 k at 8."""
 
     batch_rows = 8
+    threads: int | None = None  # blocks at most; None: `set_threads`' count (`_threads`)
 
     def __init__(self, weights: LSTMWeights) -> None:
         self.w = weights
@@ -873,7 +874,7 @@ class LSTMRows:
         N = len(self)
         out = np.empty((N, k), np.int64)
         limits = np.ascontiguousarray(limits, dtype=np.int64)
-        threads = _threads()
+        threads = self.threads or _threads()
         if N >= self.batch_rows:  # batched blocks, each of at least batch_rows rows
             T = max(1, min(threads, N // self.batch_rows))
         else:  # per-row blocks: worth a thread hop only for enough characters
@@ -885,7 +886,9 @@ class LSTMRows:
         ]
         batched = N >= self.batch_rows
         workers = _workers() if T > 1 or batched else None
-        if workers is not None and (workers.usable or not batched):
+        if T == 1 and getattr(_LOCAL, "single", False):
+            tasks[0]()  # this thread's products are single-threaded (`single_threaded`)
+        elif workers is not None and (workers.usable or not batched):
             # GEMMs run in the workers, single-threaded: a threaded GEMM from the caller's thread
             # spins at a barrier three times a step, which collapses when the cores are busy
             workers.run(tasks)
@@ -1259,6 +1262,21 @@ class _Workers:
 
 
 _WORKERS: list[_Workers] = []
+_LOCAL = threading.local()  # `single_threaded`'s mark on a thread
+
+
+def single_threaded() -> bool:
+    """Make the calling thread's products single-threaded (PyTorch's OpenMP, MKL, OpenBLAS), as
+    in the workers' threads, so that `LSTMRows.advance` runs a call of one block right here
+    instead of handing it to a worker and waiting: a thread that steps its own rows (a server's
+    engine thread, one per core) then needs no other thread, and no hand-over of Python's lock,
+    per call. Returns False, changing nothing, where a thread cannot be made single-threaded."""
+    workers = _workers()
+    if not workers.usable:
+        return False
+    workers._init_thread()
+    _LOCAL.single = True
+    return True
 
 
 def _workers() -> _Workers:

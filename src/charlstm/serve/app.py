@@ -53,6 +53,7 @@ from charlstm.errors import UserError
 from charlstm.generate.engine import Request as EngineRequest
 from charlstm.generate.sampling import SamplingParams, StopRule, stream_seeds
 from charlstm.generate.textmodel import TextModel
+from charlstm.hardware import available_cores
 from charlstm.model import count_parameters
 from charlstm.serve import openai_compat
 from charlstm.serve.schemas import (
@@ -104,7 +105,12 @@ class Server:
             while name in self.workers:  # two runs both called "run": run, run-2
                 name, k = f"{m.name}-{k}", k + 1
             self.workers[name] = ModelWorker(
-                m, name, max_batch, config.tick_seconds, chunk_seconds=config.chunk_seconds
+                m,
+                name,
+                max_batch,
+                config.tick_seconds,
+                chunk_seconds=config.chunk_seconds,
+                shards=config.engine_threads or available_cores(),
             )
         self.default = next(iter(self.workers))
 
@@ -650,7 +656,7 @@ def serve(
     import uvicorn
 
     from charlstm.generate.textmodel import load
-    from charlstm.hardware import available_cores, set_threads
+    from charlstm.hardware import set_threads
 
     try:
         from charlstm.generate.kernels import set_threads as kernel_threads

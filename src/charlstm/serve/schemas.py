@@ -25,6 +25,9 @@ class ServerConfig:
     chunk_seconds: float = (
         0.05  # a stream's text waits this long at most to be sent (after its first)
     )
+    # Engines per model, each stepping its share of the streams in a thread of its own (where the
+    # compiled kernels run); None: one per core (`worker.ModelWorker`).
+    engine_threads: int | None = None
     # Exposing the server (docs/security.md). Bearer tokens the API asks for; none: no key asked.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Host names served besides localhost, *.localhost and IP addresses: name, *.domain, or *.
@@ -43,6 +46,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.engine_threads is not None and self.engine_threads < 1:
+            raise UserError(f"engine_threads must be >= 1, got {self.engine_threads}")
         if self.max_batch is not None and self.max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
         if not (self.time_limit > 0 and self.tick_seconds > 0 and self.chunk_seconds >= 0):

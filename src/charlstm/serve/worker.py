@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
@@ -210,11 +211,207 @@ class Job:
 # ---------------------------------------------------------------------------------------- workers
 
 
-class ModelWorker:
-    """Runs one model's engine: streams join between ticks, text goes back to each `Job`.
+class Shard:
+    """One engine and the thread that steps it: its own rows of the model's batch.
 
-    Everything runs on the event loop but the model's work in `_tick`, which the loop awaits
-    without touching the engine meanwhile, so no lock is needed."""
+    The thread owns the engine and `running`; the event loop appends streams to `inbox` (a deque:
+    its appends and pops are atomic) and wakes the thread; the thread reads whether a job is
+    `done` (a job that failed, timed out or lost its client leaves before the next call) and
+    hands each call's text, and any request's failure, to its `ModelWorker` on the loop."""
+
+    def __init__(self, worker: "ModelWorker", index: int, threads: int | None) -> None:
+        self.worker = worker
+        self.index = index
+        self.threads = threads  # for `Engine`: 1 where the worker has one shard per core
+        self.engine = self._new_engine()
+        self.pace = Pace(worker.max_chars)
+        self.inbox: deque[tuple[Job, int]] = deque()  # streams not yet in the engine
+        self.running: dict[int, tuple[Job, int]] = {}  # engine stream id → (job, sample index)
+        self.prefixes: OrderedDict[bytes, Prefix] = OrderedDict()  # the loop's: primed starts
+        self.max_batch = worker.max_batch
+        self.peak_active = 0
+        self.steps = 0
+        self.calls = 0
+        self.step_seconds = 1e-3  # moving average of one step's time, for Retry-After
+        self.fewest_left = 1  # characters left to the running stream nearest its end
+        self.work = threading.Event()  # set when the thread has something new to look at
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    def _new_engine(self) -> Engine:
+        m = self.worker.model
+        return Engine(m.model, m.vocab.decode, m.device, threads=self.threads)
+
+    @property
+    def load(self) -> int:
+        """Streams running or waiting: a new request goes to the shard with the fewest."""
+        return len(self.running) + len(self.inbox)
+
+    def start(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.stopping = False
+            name = f"charlstm-engine-{self.worker.name}-{self.index}"
+            self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (after the call under way) and start over with an empty engine."""
+        thread, self.thread = self.thread, None
+        if thread is not None:
+            self.stopping = True
+            self.work.set()
+            thread.join()
+        self.inbox.clear()
+        self.running.clear()
+        self.engine = self._new_engine()
+
+    def prefix(self, prefix: Prefix) -> Prefix:
+        """On the loop: this shard's `Prefix` of this start text: one already primed (or being
+        primed) for an earlier request, else `prefix`, kept for later ones (the least recently
+        used go)."""
+        key = prefix.prompt.tobytes()
+        known = self.prefixes.pop(key, None)
+        if known is not None and (known.owner in (None, self.engine)):
+            prefix = known
+        self.prefixes[key] = prefix
+        while len(self.prefixes) > PREFIX_CACHE:
+            self.prefixes.popitem(last=False)
+        return prefix
+
+    def forget(self, prefix: Prefix) -> None:
+        """On the loop: a start text failed to prime; the next request with it starts over."""
+        key = prefix.prompt.tobytes()
+        if self.prefixes.get(key) is prefix:
+            del self.prefixes[key]
+
+    def _run(self) -> None:
+        if self.threads == 1 and self.engine.compiled:
+            kernels_single_threaded()
+        while True:
+            self.work.clear()
+            if self.stopping:
+                return
+            if not (self.inbox or self.running):
+                self.work.wait()
+                continue
+            try:
+                self.tick()
+            except Exception:  # the engine itself failed (one request's failure ends alone)
+                log.exception(
+                    "engine of model %s failed; its requests end with an error", self.worker.name
+                )
+                self.inbox.clear()
+                self.running.clear()
+                self.engine = self._new_engine()
+                self.worker.post(self.worker.fail_shard, self, "internal", FAILED)
+
+    def tick(self) -> None:
+        """One tick, in the shard's thread: drop the streams of jobs that are done, prime the
+        joining streams' start texts (oldest request first, at most `prime_chars` characters and
+        half a tick's time), add the streams whose start text is primed, then one engine call of
+        as many characters per stream as fit in a tick (`Pace`), and before the earliest deadline
+        of a running request where that leaves one or more; then hand the text to the loop.
+
+        The compiled kernels hold no Python lock while they run, so the loop and the other shards
+        go on meanwhile; the rest of the tick (the batch's bookkeeping, decoding, stop rules)
+        takes Python's lock in turn with them."""
+        worker, engine = self.worker, self.engine
+        for sid, (job, _) in list(self.running.items()):
+            if job.done:  # failed, timed out or closed: its streams leave now
+                del self.running[sid]
+                engine.cancel(sid)
+        joining: list[tuple[Job, int, Prefix]] = []
+        room = self.max_batch - len(self.running)
+        while room > len(joining) and self.inbox:
+            job, i = self.inbox.popleft()
+            prefix = job.prefix
+            if not job.done and prefix is not None:  # else it ended while it waited
+                joining.append((job, i, prefix))
+        start = time.perf_counter()
+        prefixes = list({id(p): p for _, _, p in joining}.values())
+        failed: dict[int, Exception] = {}  # id(prefix) → why priming it failed
+        if any(not _primed(p, engine) for p in prefixes):
+            failed = self._prime(engine, prefixes)
+        priming = time.perf_counter() - start
+        later: list[tuple[Job, int]] = []
+        gone: set[Job] = set()  # jobs that failed to join in this tick
+        for job, i, prefix in joining:
+            if job in gone:
+                continue
+            try:
+                if id(prefix) in failed:
+                    raise failed[id(prefix)]
+                if not _primed(prefix, engine):
+                    later.append((job, i))
+                    continue
+                sid = engine.add(job.requests[i], prefix)
+            except Exception as exc:  # noqa: BLE001 - this request's own failure ends it alone
+                gone.add(job)
+                worker.post(worker.fail_alone, job, "could not add a stream of", exc)
+                continue
+            self.running[sid] = (job, i)
+        for prefix in (p for p in prefixes if id(p) in failed):
+            worker.post(self.forget, prefix)
+        self.inbox.extendleft(reversed(later))
+        if not engine.active:
+            return
+        # Start texts that wait for the next tick get as much time as this one's priming took.
+        budget = min(priming, worker.tick_seconds) if later else worker.tick_seconds
+        deadline = min((job.deadline for job, _ in self.running.values()), default=math.inf)
+        rows = engine.active
+        self.peak_active = max(self.peak_active, rows)
+        now = time.perf_counter()
+        call = engine.begin_step(self.pace.chars(rows, min(budget, deadline - now)))
+        call.run()
+        seconds = time.perf_counter() - now
+        outputs = engine.finish_step(call)
+        drawn = max((o.drawn for o in outputs.values()), default=0)
+        self.pace.record(rows, drawn, seconds)
+        self.calls += 1
+        self.steps += drawn
+        if drawn:
+            self.step_seconds = 0.9 * self.step_seconds + 0.1 * seconds / drawn
+        delivered = []
+        for sid, out in outputs.items():
+            entry = self.running.get(sid)
+            if entry is None:
+                continue
+            if out.finished:
+                del self.running[sid]
+            delivered.append((*entry, out))
+        left = [engine.streams[sid] for sid in self.running if sid in engine.streams]
+        self.fewest_left = min((s.request.length - s.drawn for s in left), default=1)
+        worker.post(worker.deliver, delivered)
+
+    def _prime(self, engine: Engine, prefixes: list[Prefix]) -> dict[int, Exception]:
+        """Run the start texts through the model, in order, a piece at a time, until
+        `prime_chars` characters or half a tick's time are spent; returns {id(prefix): the
+        exception} for those that failed."""
+        start = time.perf_counter()
+        budget = self.worker.prime_chars
+        failed: dict[int, Exception] = {}
+        for prefix in prefixes:
+            try:
+                while not _primed(prefix, engine) and budget > 0:
+                    if time.perf_counter() - start >= self.worker.tick_seconds / 2:
+                        return failed
+                    budget -= engine.prime(prefix, min(budget, PRIME_PIECE))
+            except Exception as exc:  # noqa: BLE001 - the requests of this start text end alone
+                failed[id(prefix)] = exc
+        return failed
+
+
+class ModelWorker:
+    """Runs one model: requests in, text out to each `Job`, on the event loop; the model's
+    steps in `Shard`s, each an engine with a thread of its own.
+
+    The shards step their engines while the loop sends the text already drawn, and a call never
+    waits for the loop to get round to it. A server has one shard per core where the compiled
+    kernels run (`charlstm serve`): each steps its own rows in its own thread, so that no call
+    waits for another thread's block of rows (a call split over threads ends with its slowest
+    block, and hands Python's lock back and forth to start and end each one: at 64 streams of the
+    lab model, the threads of a split call were idle for half of it while the event loop ran).
+    A request's streams all go to one shard, the one with the fewest streams."""
 
     def __init__(
         self,
@@ -225,27 +422,47 @@ class ModelWorker:
         prime_chars: int = PRIME_CHARS,
         max_chars: int = MAX_CHARS,
         chunk_seconds: float = CHUNK_SECONDS,
+        shards: int = 1,
     ) -> None:
         self.model = model
         self.name = name
-        self.max_batch = max_batch
-        self.tick_seconds = tick_seconds  # the engine's time per tick, about (see `Pace`)
+        self.tick_seconds = tick_seconds  # the engine's time per call, about (see `Pace`)
         self.prime_chars = prime_chars  # start-text characters primed per tick, at most
+        self.max_chars = max_chars
         self.chunk_seconds = chunk_seconds  # text waits this long at most to go out (`Job.publish`)
-        self.pace = Pace(max_chars)
-        self.engine = Engine(model.model, model.vocab.decode, model.device)
+        self.max_batch = max_batch
+        self.shards = [Shard(self, 0, None)]
+        n = max(1, min(shards, max_batch)) if self.engine.compiled else 1
+        if n > 1:  # one engine per shard, each single-threaded, sharing the rows
+            self.max_batch = -(-max_batch // n)
+            self.shards = [Shard(self, i, 1) for i in range(n)]
         self.jobs: set[Job] = set()
-        self.waiting: deque[tuple[Job, int]] = deque()  # streams not yet in the engine
-        self.running: dict[int, tuple[Job, int]] = {}  # engine stream id → (job, sample index)
-        self.to_cancel: list[int] = []
-        self.prefixes: OrderedDict[bytes, Prefix] = OrderedDict()  # start text → its primed state
-        self.peak_active = 0  # the largest batch a step has seen (shows that requests share it)
-        self.steps = 0  # engine steps (characters per running stream) so far
-        self.calls = 0  # engine calls so far
-        self.step_seconds = 1e-3  # moving average of one step's time, for Retry-After
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._timers: dict[Job, asyncio.TimerHandle] = {}  # each job's time limit
+        self._homes: dict[Job, Shard] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.warm_up_seconds: float | None = None  # set by `warm_up` (the server's start-up)
+
+    # What the shards did, all together (the server's health figures and the tests read them).
+    @property
+    def engine(self) -> Engine:
+        """The first shard's engine (the only one, unless the worker has one shard per core)."""
+        return self.shards[0].engine
+
+    @property
+    def active(self) -> int:
+        return sum(s.engine.active for s in self.shards)
+
+    @property
+    def peak_active(self) -> int:
+        return max(s.peak_active for s in self.shards)
+
+    @property
+    def steps(self) -> int:
+        return sum(s.steps for s in self.shards)
+
+    @property
+    def calls(self) -> int:
+        return sum(s.calls for s in self.shards)
 
     def warm_up(self) -> None:
         """Load the engine's compiled kernels and run them once on this model, before the worker
@@ -263,191 +480,74 @@ class ModelWorker:
             )
 
     def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"engine {self.name}"
-            )
+        """Start the shards' threads (on the event loop that will receive their text)."""
+        self._loop = asyncio.get_running_loop()
+        for shard in self.shards:
+            shard.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._reset("shutdown", "the server is shutting down")
+        for shard in self.shards:
+            await asyncio.to_thread(shard.stop)  # waits for the call under way, at most
+        self._fail_all(self.jobs, "shutdown", "the server is shutting down")
 
     def submit(self, job: Job) -> None:
         self.start()
-        job.prefix = self._prefix(job.prefix)
+        assert self._loop is not None
+        shard = min(self.shards, key=lambda s: s.load)
+        job.prefix = shard.prefix(job.prefix)
         self.jobs.add(job)
-        self.waiting.extend((job, i) for i in range(len(job.requests)))
-        self._poke()
-
-    def _prefix(self, prefix: Prefix) -> Prefix:
-        """The worker's own `Prefix` of this start text: one already primed (or being primed) for
-        an earlier request, else `prefix`, kept for later ones (the least recently used go)."""
-        key = prefix.prompt.tobytes()
-        known = self.prefixes.pop(key, None)
-        if known is not None and (known.owner in (None, self.engine)):
-            prefix = known
-        self.prefixes[key] = prefix
-        while len(self.prefixes) > PREFIX_CACHE:
-            self.prefixes.popitem(last=False)
-        return prefix
+        self._homes[job] = shard
+        self._timers[job] = self._loop.call_later(
+            max(0.0, job.deadline - time.perf_counter()), self._time_out, job
+        )
+        shard.inbox.extend((job, i) for i in range(len(job.requests)))
+        shard.work.set()
 
     def drop(self, job: Job) -> None:
-        """Take a job's streams out of the batch at the next tick."""
+        """The job is done: its streams leave the batch before its shard's next call (the thread
+        sees `job.done`), and its waiting ones are skipped."""
         self.jobs.discard(job)
-        if any(j is job for j, _ in self.waiting):
-            self.waiting = deque(e for e in self.waiting if e[0] is not job)
-        for sid in job.sids:
-            if self.running.pop(sid, None) is not None:
-                self.to_cancel.append(sid)
-        self._poke()
+        timer = self._timers.pop(job, None)
+        if timer is not None:
+            timer.cancel()
+        shard = self._homes.pop(job, None)
+        if shard is not None:
+            shard.work.set()
 
     def seconds_until_free(self) -> float:
         """A guess at when the first running stream ends, for Retry-After."""
-        remaining = [job.requests[i].length - job.drawn[i] for job, i in self.running.values()]
-        return (min(remaining) if remaining else 1) * self.step_seconds
+        return min(s.fewest_left * s.step_seconds for s in self.shards)
 
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _expire(self) -> None:
-        now = time.perf_counter()
-        for job in [j for j in self.jobs if now > j.deadline]:
-            self._time_out(job)
-
-    def _time_out(self, job: Job) -> None:
-        limit = job.deadline - job.started
-        job.fail(
-            "time_limit",
-            f"the generation ran past its time limit of {limit:g} s; "
-            "ask for fewer characters or try again when the server is less busy",
-        )
-        self.drop(job)
-
-    async def _run(self) -> None:
-        assert self._wake is not None
-        while True:
-            if not (self.waiting or self.running or self.to_cancel):
-                self._wake.clear()
-                await self._wake.wait()
-            self._expire()
-            try:
-                await self._tick()
-            except Exception:  # the engine itself failed (one request's failure ends alone)
-                log.exception(
-                    "engine of model %s failed; its requests end with an error", self.name
-                )
-                self._reset("internal", FAILED)
-
-    async def _tick(self) -> None:
-        """One tick, on the event loop: apply leaves, prime the joining streams' start texts
-        (oldest request first, at most `prime_chars` characters and half a tick's time), add the
-        streams whose start text is primed, then one engine call of as many characters per
-        stream as fit in a tick (`Pace`), and before the earliest deadline of a running request
-        where that leaves one or more; then hand each stream's text to its job.
-
-        The model's work (priming, the call's compiled kernels) runs in a thread, outside
-        Python's lock where the kernels allow it, while the event loop goes on serving; the rest
-        (the batch's bookkeeping, decoding, stop rules) runs here, so that no other thread runs
-        Python beside the event loop. Meanwhile nothing else touches the engine: leaves and new
-        requests wait in `to_cancel` and `waiting` for the next tick."""
-        engine = self.engine
-        cancels, self.to_cancel = self.to_cancel, []
-        for sid in cancels:
-            engine.cancel(sid)
-        room = self.max_batch - len(self.running)
-        joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-        start = time.perf_counter()
-        failed: dict[int, Exception] = {}  # id(prefix) → why priming it failed
-        prefixes = list({id(j.prefix): j.prefix for j, _ in joining if j.prefix}.values())
-        if any(not _primed(p, engine) for p in prefixes):
-            failed = await asyncio.to_thread(self._prime, engine, prefixes)
-        priming = time.perf_counter() - start
-        later = []
-        for job, i in joining:
-            if job not in self.jobs or job.prefix is None:  # it ended while it waited
-                continue
-            try:
-                if id(job.prefix) in failed:
-                    raise failed[id(job.prefix)]
-                if not _primed(job.prefix, engine):
-                    later.append((job, i))
-                    continue
-                sid = engine.add(job.requests[i], job.prefix)
-            except Exception as exc:  # noqa: BLE001 - this request's own failure ends it alone
-                self._fail_alone(job, "could not add a stream of", exc)
-                continue
-            self.running[sid] = (job, i)
-            job.sids.append(sid)
-        for prefix in (p for p in prefixes if id(p) in failed):
-            self.prefixes.pop(prefix.prompt.tobytes(), None)
-        self.waiting.extendleft(reversed(later))
-        if not engine.active:
+    def post(self, callback: Callable, *args) -> None:
+        """From a shard's thread: run `callback(*args)` on the event loop."""
+        loop = self._loop
+        if loop is None:
             return
-        # Start texts that wait for the next tick get as much time as this one's priming took.
-        budget = min(priming, self.tick_seconds) if later else self.tick_seconds
-        deadline = min((job.deadline for job, _ in self.running.values()), default=math.inf)
-        rows = engine.active
-        self.peak_active = max(self.peak_active, rows)
-        now = time.perf_counter()
-        call = engine.begin_step(self.pace.chars(rows, min(budget, deadline - now)))
-        await asyncio.to_thread(call.run)
-        seconds = time.perf_counter() - now
-        outputs = engine.finish_step(call)
-        drawn = max((o.drawn for o in outputs.values()), default=0)
-        self.pace.record(rows, drawn, seconds)
-        self.calls += 1
-        self.steps += drawn
-        if drawn:
-            self.step_seconds = 0.9 * self.step_seconds + 0.1 * seconds / drawn
-        self._deliver(outputs)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone
+            loop.call_soon_threadsafe(callback, *args)
 
-    def _prime(self, engine: Engine, prefixes: list[Prefix]) -> dict[int, Exception]:
-        """In a thread: run the start texts through the model, in order, a piece at a time, until
-        `prime_chars` characters or half a tick's time are spent; returns {id(prefix): the
-        exception} for those that failed."""
-        start = time.perf_counter()
-        budget = self.prime_chars
-        failed: dict[int, Exception] = {}
-        for prefix in prefixes:
-            try:
-                while not _primed(prefix, engine) and budget > 0:
-                    if time.perf_counter() - start >= self.tick_seconds / 2:
-                        return failed
-                    budget -= engine.prime(prefix, min(budget, PRIME_PIECE))
-            except Exception as exc:  # noqa: BLE001 - the requests of this start text end alone
-                failed[id(prefix)] = exc
-        return failed
+    # On the event loop, from here on.
 
-    def _deliver(self, outputs: dict[int, StepOutput]) -> None:
+    def deliver(self, delivered: list[tuple[Job, int, StepOutput]]) -> None:
         """Hand each stream's text to its job (fail the request of a stream that failed, and the
         requests past their deadline: text drawn after it is not theirs to send), then wake the
         clients whose text should go out (`Job.publish`)."""
         now = time.perf_counter()
         fed = {}  # the jobs that got text, once each, in order
-        for sid, out in outputs.items():
-            entry = self.running.get(sid)
-            if entry is None:  # its request ended during the call
+        for job, i, out in delivered:
+            if job.done:  # it ended while the engine drew this
                 continue
-            job, i = entry
-            if out.finished:
-                del self.running[sid]
             if now > job.deadline:
                 self._time_out(job)
             elif out.error is None:
                 job.feed(i, out.text, out.finished, out.drawn)
                 fed[job] = None
             else:
-                self._fail_alone(job, "failed on a stream of", out.error)
+                self.fail_alone(job, "failed on a stream of", out.error)
         for job in fed:
             job.publish(self.chunk_seconds)
 
-    def _fail_alone(self, job: Job, what: str, error: Exception) -> None:
+    def fail_alone(self, job: Job, what: str, error: Exception) -> None:
         """End one request with an error (its other streams leave the batch: `drop`)."""
         if not job.done:
             log.error(
@@ -458,16 +558,33 @@ class ModelWorker:
             )
         job.fail("internal", FAILED)
 
-    def _reset(self, kind: str, message: str) -> None:
-        """Fail every request and start again with an empty engine."""
-        for job in list(self.jobs):
+    def fail_shard(self, shard: Shard, kind: str, message: str) -> None:
+        """A shard's engine failed: fail its requests (its thread has started over)."""
+        shard.prefixes.clear()
+        self._fail_all([j for j, home in self._homes.items() if home is shard], kind, message)
+
+    def _fail_all(self, jobs, kind: str, message: str) -> None:
+        for job in list(jobs):
             job.fail(kind, message)
-        self.jobs.clear()
-        self.waiting.clear()
-        self.running.clear()
-        self.to_cancel.clear()
-        self.prefixes.clear()
-        self.engine = Engine(self.model.model, self.model.vocab.decode, self.model.device)
+            self.drop(job)
+
+    def _time_out(self, job: Job) -> None:
+        if job.done:
+            return
+        limit = job.deadline - job.started
+        job.fail(
+            "time_limit",
+            f"the generation ran past its time limit of {limit:g} s; "
+            "ask for fewer characters or try again when the server is less busy",
+        )
+        self.drop(job)
+
+
+def kernels_single_threaded() -> None:
+    """`kernels.single_threaded` for the calling thread (a shard's, which steps its rows itself)."""
+    from charlstm.generate.kernels import single_threaded
+
+    single_threaded()
 
 
 def _primed(prefix: Prefix, engine: Engine) -> bool:
