@@ -365,8 +365,9 @@ def test_a_body_that_does_not_arrive_in_time_is_408(trained_model) -> None:
 
 
 @contextlib.contextmanager
-def real_server(app, config: ServerConfig):
-    """`app` behind uvicorn on a free loopback port, with the HTTP settings `serve` gives it."""
+def real_server(app, config: ServerConfig, parser: str = "httptools"):
+    """`app` behind uvicorn on a free loopback port, with the HTTP settings `serve` gives it (or
+    the same deadlines over the h11 parser)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(
@@ -374,7 +375,7 @@ def real_server(app, config: ServerConfig):
             app,
             log_level="warning",
             limit_concurrency=config.connection_limit,
-            http=security.protocol(config.header_timeout),
+            http=security.protocol(config.header_timeout, parser=parser),
         )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -400,15 +401,17 @@ def _read_until_closed(conn: socket.socket) -> bytes:
 
 
 @pytest.mark.slow  # a real uvicorn on a loopback port
-def test_slow_headers_are_cut_off_and_the_connection_limit_holds(trained_model) -> None:
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_slow_headers_are_cut_off_and_the_connection_limit_holds(trained_model, parser) -> None:
     """uvicorn waits for ever on half a request line; with `serve`'s protocol a connection whose
     headers are not complete within `header_timeout` is answered 408 and closed, whether it sent
     nothing, half a request, or half of its second request. Connections past `max_connections`
-    are answered 503 by the HTTP server. A whole request is served as usual."""
+    are answered 503 by the HTTP server. A whole request is served as usual. The same over both
+    of uvicorn's parsers."""
     config = ServerConfig(header_timeout=0.3, max_connections=3)
     app = create_app([trained_model], config)
     request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
-    with real_server(app, config) as address:
+    with real_server(app, config, parser) as address:
         with socket.create_connection(address) as idle:
             assert _read_until_closed(idle).startswith(b"HTTP/1.1 408 ")
         with socket.create_connection(address) as half:
@@ -449,7 +452,7 @@ def test_serve_gives_uvicorn_the_connection_limit_and_the_header_deadline(
     app_module.serve([trained_run], config=config)
     (kw,) = no_listen
     assert kw["limit_concurrency"] == config.connection_limit == 2 * 10 + 64
-    assert issubclass(kw["http"], security.HeaderDeadline) and kw["http"].header_timeout == 2.5
+    assert issubclass(kw["http"], security.HttpToolsDeadline) and kw["http"].header_timeout == 2.5
     assert kw["host"] == "127.0.0.1"
 
 

@@ -695,6 +695,9 @@ def serve(
             # request's headers must arrive in time (uvicorn's own protocol waits for ever).
             limit_concurrency=config.connection_limit,
             http=protocol(config.header_timeout),
+            # asyncio's own loop, not uvloop where it happens to be installed: the protocol's
+            # deadlines and the load benchmark's figures (docs/benchmarks.md) are measured on it
+            loop="asyncio",
         )
     except SystemExit as exc:
         # uvicorn exits with 3 when it cannot listen (its reason is logged just before); that is
