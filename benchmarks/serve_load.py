@@ -491,6 +491,7 @@ async def load(
         "max_batch": args.max_batch,
         "tick_seconds": args.tick_seconds,
         "chunk_seconds": args.chunk_seconds,
+        "engine_threads": args.engine_threads,
         "duration_s": round(elapsed, 2),
         "requests_per_s": round(len(ok) / elapsed, 2),
         "latency_ms_p50": ms(percentile([r.latency for r in ok], 50)),
@@ -575,7 +576,7 @@ def start_server(args, log) -> tuple[subprocess.Popen, int]:
         cmd += ["--max-batch", str(args.max_batch)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    for flag in ("tick_seconds", "chunk_seconds"):
+    for flag in ("tick_seconds", "chunk_seconds", "engine_threads"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -804,6 +805,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="passed to the server it starts")
     p.add_argument("--tick-seconds", type=float, help="passed to the server it starts")
     p.add_argument("--chunk-seconds", type=float, help="passed to the server it starts")
+    p.add_argument("--engine-threads", type=int, help="passed to the server it starts")
     p.add_argument(
         "--server-sndbuf",
         type=int,
@@ -846,9 +848,11 @@ def main() -> None:
         or args.threads
         or args.tick_seconds is not None
         or args.chunk_seconds is not None
+        or args.engine_threads is not None
     ):
         p.error(
-            "--max-batch, --max-concurrency, --threads, --tick-seconds, --chunk-seconds and "
+            "--max-batch, --max-concurrency, --threads, --tick-seconds, --chunk-seconds, "
+            "--engine-threads and "
             "--server-sndbuf apply to a server it "
             "starts"
         )

@@ -837,6 +837,25 @@ def test_a_request_primes_its_start_text_once_for_all_its_samples(model, monkeyp
     assert samples == model.generate(text, 20, temperature=1.0, num_samples=16, seed=5)
 
 
+def test_a_request_too_large_for_one_engine_is_spread_over_them(model) -> None:
+    """With two engines of four rows each, six samples of one request run three in each (its start
+    text primed in each), and every sample is what it is alone; both engines' rows are free
+    after."""
+    body = {"start_text": "the ", "length": 300, "num_samples": 6, "seed": 9, "temperature": 1.0}
+
+    async def go():
+        async with serving(model, max_concurrency=8, engine_threads=2) as (app, client):
+            worker = app.state.server.workers["run"]
+            r = await client.post("/v1/generate", json=body)
+            assert r.status_code == 200
+            assert [shard.peak_active for shard in worker.shards] == [3, 3]
+            assert [shard.assigned for shard in worker.shards] == [0, 0]
+            return r.json()["samples"]
+
+    samples = run(go())
+    assert samples == model.generate("the ", 300, temperature=1.0, num_samples=6, seed=9)
+
+
 def test_priming_a_long_start_text_is_spread_over_ticks_between_steps(model, monkeypatch) -> None:
     """A long start text is primed a bounded piece per tick, and the streams already running take
     their steps in every one of those ticks (they used to wait for all of it)."""

@@ -709,6 +709,12 @@ def bases(as_json) -> None:
     "Default: the server's (docs/guide.md).",
 )
 @click.option(
+    "--engine-threads",
+    type=int,
+    help="Engines per model, each stepping its share of the streams in a thread of its own, "
+    "where the compiled kernels run (an LSTM on the CPU). Default: one per core.",
+)
+@click.option(
     "--chunk-seconds",
     type=float,
     help="How long a stream's text may wait to be sent after its first piece: fewer, larger "
@@ -735,6 +741,7 @@ def serve(
     allowed_hosts,
     threads,
     tick_seconds,
+    engine_threads,
     chunk_seconds,
     log_level,
 ) -> None:
@@ -755,7 +762,11 @@ def serve(
         allowed_hosts=tuple(split_list(allowed_hosts)),
         **{
             name: value
-            for name, value in (("tick_seconds", tick_seconds), ("chunk_seconds", chunk_seconds))
+            for name, value in (
+                ("tick_seconds", tick_seconds),
+                ("engine_threads", engine_threads),
+                ("chunk_seconds", chunk_seconds),
+            )
             if value is not None
         },
     )

@@ -118,6 +118,7 @@ class Job:
         self.error: GenerationFailed | None = None
         self.sids: list[int] = []
         self.prefix: Prefix | None = Prefix(requests[0].prompt)  # the samples' one start text
+        self.prefixes: dict[int, Prefix] = {}  # per shard index: that shard's primed start text
         self.closed = False
         self.released = False
         self.changed = asyncio.Event()
@@ -171,7 +172,7 @@ class Job:
     def _settle(self) -> None:
         if self.done and not self.released:
             self.released = True
-            self.prefix = None  # its primed state is not needed any more
+            self.prefix, self.prefixes = None, {}  # its primed state is not needed any more
             self._on_close(self)
 
     async def chunks(self) -> AsyncIterator[dict[int, str]]:
@@ -228,6 +229,7 @@ class Shard:
         self.inbox: deque[tuple[Job, int]] = deque()  # streams not yet in the engine
         self.running: dict[int, tuple[Job, int]] = {}  # engine stream id → (job, sample index)
         self.prefixes: OrderedDict[bytes, Prefix] = OrderedDict()  # the loop's: primed starts
+        self.assigned = 0  # the loop's: streams given to this shard that have not left it
         self.max_batch = worker.max_batch
         self.peak_active = 0
         self.steps = 0
@@ -241,11 +243,6 @@ class Shard:
     def _new_engine(self) -> Engine:
         m = self.worker.model
         return Engine(m.model, m.vocab.decode, m.device, threads=self.threads)
-
-    @property
-    def load(self) -> int:
-        """Streams running or waiting: a new request goes to the shard with the fewest."""
-        return len(self.running) + len(self.inbox)
 
     def start(self) -> None:
         if self.thread is None or not self.thread.is_alive():
@@ -324,7 +321,7 @@ class Shard:
         room = self.max_batch - len(self.running)
         while room > len(joining) and self.inbox:
             job, i = self.inbox.popleft()
-            prefix = job.prefix
+            prefix = job.prefixes.get(self.index)
             if not job.done and prefix is not None:  # else it ended while it waited
                 joining.append((job, i, prefix))
         start = time.perf_counter()
@@ -411,7 +408,9 @@ class ModelWorker:
     waits for another thread's block of rows (a call split over threads ends with its slowest
     block, and hands Python's lock back and forth to start and end each one: at 64 streams of the
     lab model, the threads of a split call were idle for half of it while the event loop ran).
-    A request's streams all go to one shard, the one with the fewest streams."""
+    A request goes to the shard with the fewest streams (`Shard.assigned`, counted on the loop: a
+    shard's own `running` and `inbox` change under the loop's feet while its thread adds
+    streams), its samples spread over several only when it does not fit in that one."""
 
     def __init__(
         self,
@@ -438,7 +437,7 @@ class ModelWorker:
             self.shards = [Shard(self, i, 1) for i in range(n)]
         self.jobs: set[Job] = set()
         self._timers: dict[Job, asyncio.TimerHandle] = {}  # each job's time limit
-        self._homes: dict[Job, Shard] = {}
+        self._homes: dict[Job, list[Shard | None]] = {}  # each stream's shard, until it leaves
         self._loop: asyncio.AbstractEventLoop | None = None
         self.warm_up_seconds: float | None = None  # set by `warm_up` (the server's start-up)
 
@@ -493,26 +492,50 @@ class ModelWorker:
     def submit(self, job: Job) -> None:
         self.start()
         assert self._loop is not None
-        shard = min(self.shards, key=lambda s: s.load)
-        job.prefix = shard.prefix(job.prefix)
+        n = len(job.requests)
+        fewest = min(self.shards, key=lambda s: s.assigned)
+        if fewest.assigned + n <= self.max_batch:  # it fits in one: its start text primed once
+            homes = [fewest] * n
+        else:  # spread its streams, each to the shard with the fewest
+            homes = []
+            for _ in job.requests:
+                homes.append(min(self.shards, key=lambda s: s.assigned + homes.count(s)))
+        for shard in homes:
+            shard.assigned += 1
+        assert job.prefix is not None
+        for shard in dict.fromkeys(homes):
+            job.prefixes[shard.index] = shard.prefix(job.prefix)
         self.jobs.add(job)
-        self._homes[job] = shard
+        self._homes[job] = list(homes)
         self._timers[job] = self._loop.call_later(
             max(0.0, job.deadline - time.perf_counter()), self._time_out, job
         )
-        shard.inbox.extend((job, i) for i in range(len(job.requests)))
-        shard.work.set()
+        for i, shard in enumerate(homes):
+            shard.inbox.append((job, i))
+        for shard in dict.fromkeys(homes):
+            shard.work.set()
 
     def drop(self, job: Job) -> None:
-        """The job is done: its streams leave the batch before its shard's next call (the thread
-        sees `job.done`), and its waiting ones are skipped."""
+        """The job is done: its streams leave the batch before their shards' next call (each
+        thread sees `job.done`), and its waiting ones are skipped."""
         self.jobs.discard(job)
         timer = self._timers.pop(job, None)
         if timer is not None:
             timer.cancel()
-        shard = self._homes.pop(job, None)
+        for i in range(len(self._homes.get(job, ()))):
+            shard = self._leave(job, i)
+            if shard is not None:
+                shard.work.set()
+        self._homes.pop(job, None)
+
+    def _leave(self, job: Job, i: int) -> "Shard | None":
+        """Stream i of `job` has left its shard (finished, or its job is done): one fewer there."""
+        homes = self._homes.get(job)
+        shard = homes[i] if homes else None
         if shard is not None:
-            shard.work.set()
+            shard.assigned -= 1
+            homes[i] = None
+        return shard
 
     def seconds_until_free(self) -> float:
         """A guess at when the first running stream ends, for Retry-After."""
@@ -535,6 +558,8 @@ class ModelWorker:
         now = time.perf_counter()
         fed = {}  # the jobs that got text, once each, in order
         for job, i, out in delivered:
+            if out.finished:
+                self._leave(job, i)
             if job.done:  # it ended while the engine drew this
                 continue
             if now > job.deadline:
@@ -561,7 +586,7 @@ class ModelWorker:
     def fail_shard(self, shard: Shard, kind: str, message: str) -> None:
         """A shard's engine failed: fail its requests (its thread has started over)."""
         shard.prefixes.clear()
-        self._fail_all([j for j, home in self._homes.items() if home is shard], kind, message)
+        self._fail_all([j for j, homes in self._homes.items() if shard in homes], kind, message)
 
     def _fail_all(self, jobs, kind: str, message: str) -> None:
         for job in list(jobs):
