@@ -456,6 +456,21 @@ def test_serve_gives_uvicorn_the_connection_limit_and_the_header_deadline(
     assert kw["host"] == "127.0.0.1"
 
 
+def test_serve_freezes_what_it_loaded_out_of_the_garbage_collectors_way(
+    trained_run, no_listen
+) -> None:
+    """`serve` leaves the models, libraries and app it loaded out of Python's full collections
+    (each walked 200,000 objects, the p99 time to the first text at 64 streams)."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        app_module.serve([trained_run], config=ServerConfig())
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize(
     ("host", "keys", "warns"),
     [("0.0.0.0", (), True), ("192.168.1.5", (), True), ("0.0.0.0", (KEY,), False)]

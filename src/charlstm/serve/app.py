@@ -28,6 +28,7 @@ past `time_limit` ends with an error, and a client that goes away frees its slot
 # the request model is built inside `create_app` from the server's limits.
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -684,6 +685,13 @@ def serve(
     sys.setswitchinterval(SWITCH_INTERVAL)
     models = [load(run) for run in runs]
     app = create_app(models, config)
+    # Python's full garbage collection walks every object the process holds: with PyTorch, numba,
+    # FastAPI and pydantic loaded that is 200,000 objects and 60 ms on an idle core, over 140 ms
+    # under load, in which no stream and no response moves (it was the p99 time to the first text
+    # at 64 streams). What is alive now lives as long as the server: freezing it leaves the
+    # collector only what requests allocate (docs/benchmarks.md, issue 23).
+    gc.collect()
+    gc.freeze()
     try:
         uvicorn.run(
             app,
