@@ -434,6 +434,41 @@ def test_slow_headers_are_cut_off_and_the_connection_limit_holds(trained_model, 
             assert _read_until_closed(again).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow  # a real uvicorn on a loopback port, and a stream of half a second
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_request_half_sent_behind_a_stream_waits_for_it_to_end(
+    trained_model, parser, monkeypatch
+) -> None:
+    """httptools parses a pipelined request while the response before it is still streaming: the
+    half-sent second request's header deadline starts only once that response is complete, so
+    the stream, longer than the deadline, arrives whole, and then the half request gets its 408."""
+    from charlstm.serve.worker import Pace, Shard
+
+    monkeypatch.setattr(Pace, "chars", lambda self, rows, seconds: 2)
+    real_tick = Shard.tick
+
+    def slow_tick(self):  # 2 characters every 40 ms: 60 characters take 1.2 s
+        time.sleep(0.04)
+        real_tick(self)
+
+    monkeypatch.setattr(Shard, "tick", slow_tick)
+    config = ServerConfig(header_timeout=0.3)
+    app = create_app([trained_model], config)
+    body = json.dumps({"start_text": "the ", "length": 60}).encode()
+    stream = (
+        b"POST /v1/generate/stream HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    with real_server(app, config, parser) as address, socket.create_connection(address) as conn:
+        conn.sendall(stream + b"GET /healthz HTTP/1.1\r\n")  # the second, half sent
+        time.sleep(0.1)
+        conn.sendall(b"Host: loc")  # more of it, while the stream goes on
+        data = _read_until_closed(conn)
+    assert data.startswith(b"HTTP/1.1 200 ")
+    done = data.index(b"event: done")
+    assert data.count(b"HTTP/1.1 408 ") == 1 and data.index(b"HTTP/1.1 408 ") > done
+
+
 # ---------------------------------------------------------------------------- serve and its CLI
 
 
