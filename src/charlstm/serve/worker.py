@@ -283,7 +283,12 @@ class Shard:
 
     def _run(self) -> None:
         if self.threads == 1 and self.engine.compiled:
-            kernels_single_threaded()
+            try:
+                kernels_single_threaded()
+            except Exception:  # its calls then go through the kernels' worker threads: slower
+                log.exception(
+                    "model %s: an engine thread could not run single-threaded", self.worker.name
+                )
         while True:
             self.work.clear()
             if self.stopping:
