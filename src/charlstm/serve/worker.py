@@ -1,21 +1,23 @@
-"""One model's engine worker: every request's streams in one batch, many characters a tick.
+"""One model's worker: its requests' streams stepped by engines in threads of their own, many
+characters a tick.
 
-A request is a `Job`: its streams (one per sample) share one start text, primed once
+A request is a `Job`: its streams (one per sample) share one start text, primed once per engine
 (`engine.Prefix`) and a bounded piece per tick, so that a long start text never holds up the
 streams already running; requests with the same start text share its primed state too (a small
-cache per worker). A request that fails, while its streams are added or stepped, ends alone with
+cache per engine). A request that fails, while its streams are added or stepped, ends alone with
 its own error; the others go on in the same engine. A job's slots are released as soon as its
 generation ends, however it ends, whether or not its client has read the text yet.
 
-Each tick makes one engine call that draws many characters for every running stream, as many
-as fit in `tick_seconds` at the speed measured for a batch of that size (`Pace`), so that a new
-request still joins within a tick while what surrounds a call (the hand-over, the stop rules, the
-events) is paid once per tick instead of once per character. The call's model work runs in a
-thread (the compiled kernels hold no Python lock while they run), everything else on the event
-loop, which keeps admitting and answering requests meanwhile. A client is woken for its text at
-once for its first, then at most every `chunk_seconds` (`Job.publish`): an event costs a write to
-the socket and a pass through the ASGI layers, so fewer, larger chunks leave more of the machine
-to the model.
+The streams are shared among `Shard`s, one per core where the compiled kernels run: each is an
+engine and a thread that steps it. Each tick makes one engine call that draws many characters for
+every stream of the shard, as many as fit in `tick_seconds` at the speed measured for a batch of
+that size (`Pace`), so that a new request still joins within a tick while what surrounds a call
+(adding streams, the stop rules, decoding) is paid once per tick instead of once per character.
+The compiled kernels hold no Python lock while they run; the shard hands each call's text to the
+event loop, which feeds the jobs and keeps admitting and answering requests meanwhile. A client
+is woken for its text at once for its first, then at most every `chunk_seconds`
+(`Job.publish`): an event costs a write to the socket and a pass through the ASGI layers, so
+fewer, larger chunks leave more of the machine to the model.
 """
 
 # No `from __future__ import annotations`: FastAPI and pydantic read these annotations at run time.
@@ -230,10 +232,10 @@ class Shard:
         self.running: dict[int, tuple[Job, int]] = {}  # engine stream id → (job, sample index)
         self.prefixes: OrderedDict[bytes, Prefix] = OrderedDict()  # the loop's: primed starts
         self.assigned = 0  # the loop's: streams given to this shard that have not left it
-        self.max_batch = worker.max_batch
-        self.peak_active = 0
-        self.steps = 0
-        self.calls = 0
+        self.max_batch = worker.max_batch  # rows at most
+        self.peak_active = 0  # the largest batch a step has seen (shows that requests share it)
+        self.steps = 0  # engine steps (characters per running stream) so far
+        self.calls = 0  # engine calls so far
         self.step_seconds = 1e-3  # moving average of one step's time, for Retry-After
         self.fewest_left = 1  # characters left to the running stream nearest its end
         self.work = threading.Event()  # set when the thread has something new to look at
