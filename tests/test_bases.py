@@ -301,13 +301,24 @@ def _base_flags() -> list[str]:
 
 @pytest.mark.slow
 def test_train_with_a_named_base_records_it_and_repeats_from_its_config(
-    registered, corpus, tmp_path
+    registered, corpus, tmp_path, monkeypatch
 ):
-    """`--base tiny` fine-tunes from the base (its weights, its shape); config.toml records its
-    name and sha256, and `--config RUN/config.toml` trains the same run again."""
+    """`--base tiny` fine-tunes from the base (its weights, its shape), reading the text once for
+    the base's probe and the run; config.toml records its name and sha256, and `--config
+    RUN/config.toml` trains the same run again."""
+    from charlstm.data import corpus as corpus_module
+
+    reads, real_read = [], corpus_module.read_documents
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_module, "read_documents", counted)
     out = tmp_path / "run"
     result = invoke("train", "--text", corpus, "--out", out, "--base", "tiny", *_base_flags())
     assert result.exit_code == 0, result.output
+    assert len(reads) == 1
     assert "base: tiny" in result.output
     stored = (out / "config.toml").read_text(encoding="utf-8")
     assert 'base = "tiny"' in stored and registered.sha256 in stored
@@ -357,10 +368,10 @@ def test_auto_off_or_a_given_shape_never_probes_a_base(registered, tiny_config_f
     from charlstm.training.orchestrate import _base_decision
 
     assert RunConfig().train.base == "auto"
-    off = _base_decision(tiny_config_factory(auto="off"), set())
-    assert not off.used and "--auto off" in off.reason
-    shaped = _base_decision(tiny_config_factory(auto="on"), {"hidden_size"})
-    assert not shaped.used and "--hidden-size" in shaped.reason
+    off, read = _base_decision(tiny_config_factory(auto="off"), set())
+    assert not off.used and "--auto off" in off.reason and read is None
+    shaped, read = _base_decision(tiny_config_factory(auto="on"), {"hidden_size"})
+    assert not shaped.used and "--hidden-size" in shaped.reason and read is None
 
 
 @pytest.mark.slow

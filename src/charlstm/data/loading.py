@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from charlstm.config import RunConfig
-from charlstm.data.corpus import load_documents, one_document, part_starts, split_points
+from charlstm.data.corpus import Corpus, load_documents, one_document, part_starts, split_points
 from charlstm.data.vocabulary import Vocabulary
 from charlstm.errors import UserError
 
@@ -51,9 +51,12 @@ class PreparedData:
         return self.val_ids, self.val_starts
 
 
-def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> PreparedData:
-    """Read the corpus, split it, and encode it with `vocab` (built from the whole text if None).
-    A prepared corpus (`data.prepared`) is memory-mapped instead: no string of it is ever built.
+def prepare_data(
+    config: RunConfig, vocab: Vocabulary | None = None, loaded: Corpus | None = None
+) -> PreparedData:
+    """Read the corpus (or take `loaded`, `load_documents`' reading of it already made), split it,
+    and encode it with `vocab` (built from the whole text if None). A prepared corpus
+    (`data.prepared`) is memory-mapped instead: no string of it is ever built.
 
     The last `test_fraction` of the characters is the test split, the `val_fraction` before it
     validation, the rest training; a cut may fall inside a document, whose two pieces then belong
@@ -73,7 +76,8 @@ def prepare_data(config: RunConfig, vocab: Vocabulary | None = None) -> Prepared
         source, train_text = f"{corpus.meta['source']} (prepared in {d.prepared})", None
         cut, val_end = split_points(len(ids), d.val_fraction, d.test_fraction)
     else:
-        loaded = load_documents(d.dataset, d.text, d.encoding, skip_bad_files=d.skip_bad_files)
+        if loaded is None:
+            loaded = load_documents(d.dataset, d.text, d.encoding, skip_bad_files=d.skip_bad_files)
         text, starts, source = loaded.text, loaded.starts, loaded.source
         if vocab is None:
             vocab = Vocabulary.from_text(text)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from charlstm.config import RunConfig, from_dict, load_toml, to_toml
-from charlstm.data.corpus import load_documents, split_points
+from charlstm.data.corpus import Corpus, load_documents, split_points
 from charlstm.data.loading import prepare_data
 from charlstm.data.sources import is_glob
 from charlstm.errors import UserError
@@ -118,13 +118,14 @@ def train(
     last_ckpt = folder.read_checkpoint("last") if resume else None
     source = None
     decision = None
+    corpus = None  # the text as the base's probe read it, for `prepare_data` to take
     if config.train.init_from and last_ckpt is None:
         _refuse_prepared_fine_tuning(config)
         source = transfer.read_source(config.train.init_from)
         transfer.check_architecture(config, source)
     elif last_ckpt is None:
         keep = autoconfig.explicit_fields(config) if explicit is None else set(explicit)
-        decision = _base_decision(config, keep)
+        decision, corpus = _base_decision(config, keep)
         if decision.used or decision.probes:  # silent when no base was even considered
             log(f"charlstm: base: {decision.reason}")
         config = config.replace(
@@ -138,9 +139,10 @@ def train(
         config,
         last_ckpt.vocab
         if last_ckpt
-        else transfer.union_vocabulary(config, source)
+        else transfer.union_vocabulary(config, source, corpus.text if corpus else None)
         if source
         else None,
+        corpus,
     )
     spent, why = 0.0, None
     if config.train.auto == "on" and last_ckpt is None:
@@ -245,30 +247,33 @@ def _auto_choice(config: RunConfig, explicit: set[str], data, ctx) -> tuple[RunC
     return from_dict(chosen).replace(auto="off"), why, seconds
 
 
-def _base_decision(config: RunConfig, explicit: set[str]) -> bases.Decision:
-    """Whether the run starts from a base model, and which (training/bases.py). Under --base auto,
-    a run with --auto off, with an architecture the user set, or on a prepared corpus trains from
-    scratch."""
+def _base_decision(config: RunConfig, explicit: set[str]) -> tuple[bases.Decision, Corpus | None]:
+    """Whether the run starts from a base model, and which (training/bases.py), with the text
+    where the decision read it (the run then takes it rather than reading it again). Under --base
+    auto, a run with --auto off, with an architecture the user set, or on a prepared corpus trains
+    from scratch."""
     t, d = config.train, config.data
     if t.base == "auto":
         given = sorted(explicit & set(transfer.ARCHITECTURE))
         if t.auto == "off":
-            return bases.Decision(None, None, None, "none: --auto off trains the settings as given")
+            why = "none: --auto off trains the settings as given"
+            return bases.Decision(None, None, None, why), None
         if d.prepared:
             why = "none: a prepared corpus is trained from scratch"
-            return bases.Decision(None, None, None, why)
+            return bases.Decision(None, None, None, why), None
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            return bases.Decision(None, None, None, f"none: {flags} given (a base has its shape)")
+            why = f"none: {flags} given (a base has its shape)"
+            return bases.Decision(None, None, None, why), None
     elif t.base != "none":
         _refuse_prepared_fine_tuning(config)
     if t.base == "none":
-        return bases.decide(config, "", 0)
+        return bases.decide(config, "", 0), None
     corpus = load_documents(d.dataset, d.text, d.encoding, skip_bad_files=d.skip_bad_files)
     n_train = split_points(len(corpus.text), d.val_fraction, d.test_fraction)[0]
     decision = bases.decide(config, corpus.text, n_train)
     bases.check_recorded(config, decision)
-    return decision
+    return decision, corpus
 
 
 def _finetune_settings(config: RunConfig, explicit: set[str], n_train: int) -> dict[str, Any]:

@@ -83,10 +83,12 @@ def check_architecture(config: RunConfig, source: Source) -> None:
         )
 
 
-def union_vocabulary(config: RunConfig, source: Source) -> Vocabulary:
-    """The pre-trained vocabulary followed by the characters only the new text has."""
-    d = config.data
-    text = load_documents(d.dataset, d.text, d.encoding, skip_bad_files=d.skip_bad_files).text
+def union_vocabulary(config: RunConfig, source: Source, text: str | None = None) -> Vocabulary:
+    """The pre-trained vocabulary followed by the characters only the new text has (`text`, or
+    the run's text read now)."""
+    if text is None:
+        d = config.data
+        text = load_documents(d.dataset, d.text, d.encoding, skip_bad_files=d.skip_bad_files).text
     return source.vocab.union(Vocabulary.from_text(text))
 
 
