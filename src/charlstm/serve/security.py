@@ -22,12 +22,13 @@ Content-Security-Policy that lets a page load this origin's files only, with fra
 (the API docs' inline script is allowed by its hash, computed from the page as it is sent), and
 the other headers in `HEADERS`.
 
-`HeaderDeadline` is uvicorn's HTTP/1.1 protocol with a deadline for each request's headers, which
-uvicorn lacks: a client that opens connections and sends half a request line would otherwise hold
-each one for ever (slowloris). It also aborts a connection whose client stops reading: once the
-bytes buffered for it have not moved for `WRITE_TIMEOUT` seconds (uvicorn's send would wait for
-ever, and its graceful close waits for the buffer to drain, so the connection would stay open and
-count against the limit). `charlstm serve` also sets uvicorn's `limit_concurrency` (503 past it).
+`HeaderDeadline` adds to uvicorn's HTTP/1.1 protocols (httptools', which `charlstm serve` runs, and
+h11's) a deadline for each request's headers, which uvicorn lacks: a client that opens connections
+and sends half a request line would otherwise hold each one for ever (slowloris). It also aborts a
+connection whose client stops reading: once the bytes buffered for it have not moved for
+`WRITE_TIMEOUT` seconds (uvicorn's send would wait for ever, and its graceful close waits for the
+buffer to drain, so the connection would stay open and count against the limit). `charlstm serve`
+also sets uvicorn's `limit_concurrency` (503 past it).
 docs/security.md says what this guarantees and how to expose the server.
 """
 
@@ -446,7 +447,8 @@ class HeaderDeadline:
 
 
 class H11Deadline(HeaderDeadline, H11Protocol):
-    """`HeaderDeadline` over uvicorn's pure-Python protocol (h11), where httptools is missing."""
+    """`HeaderDeadline` over uvicorn's pure-Python protocol (h11): the same checks, tested beside
+    the httptools one that `charlstm serve` runs."""
 
     def _waiting_for_headers(self) -> bool:
         return self.conn.their_state is h11.IDLE
