@@ -499,14 +499,22 @@ def _hand_out(s: _Stream, new: str, drawn: int) -> StepOutput:
     return StepOutput(buf[: len(buf) - held], finished, drawn)
 
 
-def _compiled_rows(model: torch.nn.Module, device: torch.device):
-    """The compiled path's rows for this model, or None where it does not apply."""
+def runs_compiled(model: torch.nn.Module, device: torch.device | str) -> bool:
+    """Whether an `Engine` of this model on `device` runs the compiled kernels (`Engine.compiled`),
+    known without building one."""
     try:
         from charlstm.generate import kernels
     except ImportError:  # numba is missing: the reference path still works
+        return False
+    return kernels.supports(model, torch.device(device))
+
+
+def _compiled_rows(model: torch.nn.Module, device: torch.device):
+    """The compiled path's rows for this model, or None where it does not apply."""
+    if not runs_compiled(model, device):
         return None
-    if not kernels.supports(model, device):
-        return None
+    from charlstm.generate import kernels
+
     return kernels.LSTMRows(kernels.LSTMWeights.from_model(model))
 
 

@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 
-from charlstm.generate.engine import Engine, Prefix, StepOutput
+from charlstm.generate.engine import Engine, Prefix, StepOutput, runs_compiled
 from charlstm.generate.engine import Request as EngineRequest
 from charlstm.generate.textmodel import TextModel
 from charlstm.serve.schemas import GenerateResponse, GenerationFailed, Timing
@@ -436,12 +436,11 @@ class ModelWorker:
         self.prime_chars = prime_chars  # start-text characters primed per tick, at most
         self.max_chars = max_chars
         self.chunk_seconds = chunk_seconds  # text waits this long at most to go out (`Job.publish`)
-        self.max_batch = max_batch
-        self.shards = [Shard(self, 0, None)]
-        n = max(1, min(shards, max_batch)) if self.engine.compiled else 1
-        if n > 1:  # one engine per shard, each single-threaded, sharing the rows
-            self.max_batch = -(-max_batch // n)
-            self.shards = [Shard(self, i, 1) for i in range(n)]
+        compiled = runs_compiled(model.model, model.device)
+        n = max(1, min(shards, max_batch)) if compiled else 1
+        self.max_batch = -(-max_batch // n)  # rows per shard
+        # one shard: its engine's calls on every core; several: each single-threaded
+        self.shards = [Shard(self, i, 1 if n > 1 else None) for i in range(n)]
         self.jobs: set[Job] = set()
         self._timers: dict[Job, asyncio.TimerHandle] = {}  # each job's time limit
         self._homes: dict[Job, list[Shard | None]] = {}  # each stream's shard, until it leaves
